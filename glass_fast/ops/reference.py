@@ -41,8 +41,9 @@ def fused_step(base: torch.Tensor, out: torch.Tensor, coef: torch.Tensor,
     new = _per_sample(c, K_BASE, base) * base.to(acc) + _per_sample(c, K_OUT, out) * out.to(acc)
     if stage is not None:
         new = new + _per_sample(c, K_STAGE, stage) * stage.to(acc)
-    y = _per_sample(c, N_NEW, new) * new
-    if x_t is not None:
+    if x_t is None:
+        y = _per_sample(c, N_NEW, new) * new
+    else:
         xt = x_t.to(acc)
         new = new + _per_sample(c, K_XT, xt) * xt
         y = _per_sample(c, N_NEW, new) * new + _per_sample(c, N_XT, xt) * xt
