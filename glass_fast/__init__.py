@@ -1,0 +1,17 @@
+"""glass_fast: fast, exact GLASS transitions and reward alignment for flow and diffusion models."""
+from .schedules import CosineSchedule, CustomSchedule, LinearSchedule, Schedule, VPSchedule
+from .model import FlowModel
+from .plan import rho_ddpm
+from .transitions import glass_transition, ode_transition, plugin_transition, sde_transition
+from .sampling import Sampler, sample, time_grid
+from .mixtures import GaussianMixture
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Schedule", "LinearSchedule", "CosineSchedule", "VPSchedule", "CustomSchedule",
+    "FlowModel", "rho_ddpm",
+    "glass_transition", "ode_transition", "sde_transition", "plugin_transition",
+    "Sampler", "sample", "time_grid",
+    "GaussianMixture",
+]

@@ -1,0 +1,164 @@
+"""Gaussian mixtures: closed-form ground truth for every sampler (MATH.md section 5).
+
+Data z ~ sum_k pi_k N(m_k, s_k^2 I). Denoiser, marginals, the exact transition law p(x_t' | x_t) and the
+tilt by a linear reward are all exact; all math runs in float64.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .model import PREDICTIONS, FlowModel, output_from_denoised
+from .plan import resolve_rho
+from .schedules import Schedule
+
+
+class GaussianMixture:
+    """sum_k weights_k N(means_k, stds_k^2 I).
+
+    Args:
+        means: [C, d] component means.
+        stds: [C] isotropic standard deviations (> 0).
+        weights: [C] mixture weights (>= 0; normalised here).
+    """
+
+    def __init__(self, means, stds, weights):
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        self.stds = torch.as_tensor(stds, dtype=torch.float64)
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        if self.means.dim() != 2:
+            raise ValueError(f"means must be [C, d], got shape {tuple(self.means.shape)}")
+        C = self.means.shape[0]
+        if self.stds.shape != (C,) or w.shape != (C,):
+            raise ValueError(f"stds and weights must be [{C}], got {tuple(self.stds.shape)} and {tuple(w.shape)}")
+        if not bool(torch.all(self.stds > 0)):
+            raise ValueError(f"stds must be > 0, got {self.stds.tolist()}")
+        if not bool(torch.all(w >= 0)) or float(w.sum()) <= 0:
+            raise ValueError(f"weights must be >= 0 with a positive sum, got {w.tolist()}")
+        self.weights = w / w.sum()
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def __repr__(self) -> str:
+        return f"GaussianMixture(components={self.means.shape[0]}, dim={self.dim})"
+
+    # ---------------------------------------------------------------------------------------------- sampling
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[n, d] exact samples (float64)."""
+        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        eps = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
+        return self.means[comp] + self.stds[comp, None] * eps
+
+    def marginal_sample(self, schedule: Schedule, t: float, n: int, generator=None) -> torch.Tensor:
+        """[n, d] exact samples of x_t = alpha_t z + sigma_t eps."""
+        z = self.sample(n, generator)
+        eps = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
+        return schedule.alpha(t) * z + schedule.sigma(t) * eps
+
+    # ----------------------------------------------------------------------------------------------- posterior
+    def posterior(self, x: torch.Tensor, alpha, sigma):
+        """Component posteriors of z given x = alpha z + sigma eps.
+
+        Args:
+            x: [B, d]; alpha, sigma: floats or Tensor[B].
+        Returns:
+            (log responsibilities [B, C], posterior means [B, C, d], posterior variances [B, C]).
+        """
+        x = x.to(torch.float64)
+        a = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1)
+        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
+        v = a * a * self.stds ** 2 + s * s                                  # [B, C]
+        diff = x[:, None, :] - a[..., None] * self.means                     # [B, C, d]
+        logr = torch.log(self.weights) - 0.5 * self.dim * torch.log(v) - 0.5 * (diff ** 2).sum(-1) / v
+        logr = logr - torch.logsumexp(logr, dim=1, keepdim=True)
+        mean = self.means + (a * self.stds ** 2 / v)[..., None] * diff
+        var = self.stds ** 2 * s * s / v
+        return logr, mean, var
+
+    def denoise(self, x: torch.Tensor, t, schedule: Schedule) -> torch.Tensor:
+        """Exact D_t(x) = E[z | x_t = x], [B, d] in float64."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        logr, mean, _ = self.posterior(x, schedule.alpha(t), schedule.sigma(t))
+        return (logr.exp()[..., None] * mean).sum(1)
+
+    def flow_model(self, schedule: Schedule, prediction: str = "x0", dtype: torch.dtype | None = None) -> FlowModel:
+        """The exact model of this mixture in any parameterization.
+
+        Velocity outputs are evaluated at t <= 1 - 1e-9, where the conversion from D is still finite.
+        """
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+        def exact(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            flat = x.reshape(x.shape[0], -1)
+            tt = t.to(torch.float64).cpu()
+            if prediction == "velocity":
+                tt = tt.clamp(max=1 - 1e-9)
+            d = self.denoise(flat.cpu(), tt, schedule)
+            out = output_from_denoised(schedule, prediction, tt[:, None], flat.cpu().double(), d)
+            return out.to(device=x.device, dtype=x.dtype).reshape(x.shape)
+
+        exact.__name__ = f"exact_{prediction}"
+        return FlowModel(exact, schedule, prediction, dtype=dtype)
+
+    # ------------------------------------------------------------------------------------------ transitions
+    def transition_law(self, x_t: torch.Tensor, t: float, t_next: float, rho, schedule: Schedule):
+        """Exact p(x_t' | x_t) for the GLASS family: a mixture per conditioning point.
+
+        Args:
+            x_t: [B, d] conditioning points.
+            rho: float, "ddpm", ("ddpm", kappa) or callable, as in ``glass_transition``.
+        Returns:
+            (weights [B, C], means [B, C, d], variances [B, C]).
+        """
+        t64, tn64 = torch.tensor(float(t), dtype=torch.float64), torch.tensor(float(t_next), dtype=torch.float64)
+        r = resolve_rho(rho, schedule, t64, tn64)
+        gamma = r * schedule.sigma(tn64) / schedule.sigma(t64)
+        c = schedule.alpha(tn64) - gamma * schedule.alpha(t64)
+        sbar2 = schedule.sigma(tn64) ** 2 * (1 - r * r)
+        logr, mean, var = self.posterior(x_t, schedule.alpha(t64), schedule.sigma(t64))
+        return logr.exp(), c * mean + gamma * x_t.to(torch.float64)[:, None, :], c * c * var + sbar2
+
+    def marginal_law(self, schedule: Schedule, t: float):
+        """p_t as (weights [C], means [C, d], variances [C])."""
+        a, s = schedule.alpha(t), schedule.sigma(t)
+        return self.weights, a * self.means, a * a * self.stds ** 2 + s * s
+
+    def tilted(self, b) -> "GaussianMixture":
+        """p(z) exp(b.z), normalised: components move by s_k^2 b, weights scale by exp(b.m_k + s_k^2 |b|^2 / 2)."""
+        b = torch.as_tensor(b, dtype=torch.float64)
+        if b.shape != (self.dim,):
+            raise ValueError(f"b must be [{self.dim}], got shape {tuple(b.shape)}")
+        logw = torch.log(self.weights) + self.means @ b + 0.5 * self.stds ** 2 * (b @ b)
+        return GaussianMixture(self.means + self.stds[:, None] ** 2 * b, self.stds, torch.softmax(logw, 0))
+
+
+def mixture_cdf(y: torch.Tensor, weights: torch.Tensor, means: torch.Tensor, variances: torch.Tensor,
+                direction: torch.Tensor) -> torch.Tensor:
+    """CDF at y of direction . X for X ~ sum_k w_k N(means_k, variances_k I).
+
+    Args:
+        y: [n] points; weights [C], means [C, d], variances [C]; direction [d].
+    """
+    u = direction.to(torch.float64)
+    mu = means.to(torch.float64) @ u                          # [C]
+    sd = torch.sqrt(variances.to(torch.float64) * (u @ u))     # [C]
+    z = (y.to(torch.float64)[:, None] - mu) / sd
+    return (weights.to(torch.float64) * 0.5 * torch.erfc(-z / math.sqrt(2))).sum(-1)
+
+
+def ks_statistic(samples: torch.Tensor, cdf) -> float:
+    """One-sample Kolmogorov-Smirnov distance between 1-D ``samples`` and a callable CDF."""
+    y, _ = torch.sort(samples.to(torch.float64))
+    n = y.shape[0]
+    F = cdf(y)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return float(torch.maximum(i / n - F, F - (i - 1) / n).max())
+
+
+def ks_critical(n: int, alpha: float = 0.001) -> float:
+    """Asymptotic one-sample KS critical value sqrt(-log(alpha/2) / 2) / sqrt(n)."""
+    return math.sqrt(-0.5 * math.log(alpha / 2)) / math.sqrt(n)

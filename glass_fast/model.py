@@ -1,0 +1,146 @@
+"""FlowModel: a user network plus its schedule and parameterization. The one home of parameterization math.
+
+Every parameterization is linear in (x, output) at a fixed time, so conversions are pairs of float64
+coefficients computed on the host: D_t(x) = a_x x + a_o out (MATH.md section 1).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .schedules import Schedule
+
+PREDICTIONS = ("velocity", "x0", "epsilon", "score")
+
+# Times at which a parameterization is evaluated. Epsilon and score are singular at alpha = 0 (t = 0 on the
+# linear and cosine paths); score also at sigma = 0. The model is evaluated at the nearest time inside.
+_DEFAULT_TIME_RANGE = {
+    "velocity": (0.0, 1.0),
+    "x0": (0.0, 1.0),
+    "epsilon": (1e-4, 1.0),
+    "score": (1e-4, 1.0 - 1e-4),
+}
+
+
+def denoiser_coefficients(schedule: Schedule, prediction: str, t):
+    """(a_x, a_o) with D_t(x) = a_x x + a_o out for a model output ``out`` at time ``t`` (float64)."""
+    a, s = schedule.alpha(t), schedule.sigma(t)
+    if prediction == "x0":
+        return 0.0 * a, 1.0 + 0.0 * a
+    if prediction == "velocity":
+        da, ds = schedule.d_alpha(t), schedule.d_sigma(t)
+        den = da * s - a * ds
+        return -ds / den, s / den
+    if prediction == "epsilon":
+        return 1.0 / a, -s / a
+    if prediction == "score":
+        return 1.0 / a, s * s / a
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+def velocity_coefficients(schedule: Schedule, prediction: str, t):
+    """(b_x, b_o) with u_t(x) = b_x x + b_o out. Singular at sigma = 0 except for velocity models."""
+    if prediction == "velocity":
+        z = 0.0 * schedule.alpha(t)
+        return z, 1.0 + z
+    a, s = schedule.alpha(t), schedule.sigma(t)
+    da, ds = schedule.d_alpha(t), schedule.d_sigma(t)
+    a_x, a_o = denoiser_coefficients(schedule, prediction, t)
+    # u = (sigma'/sigma) x + (alpha' - alpha sigma'/sigma) D
+    k = da - a * ds / s
+    return ds / s + k * a_x, k * a_o
+
+
+def output_from_denoised(schedule: Schedule, prediction: str, t, x, d):
+    """The raw output a ``prediction`` model would give for denoiser value ``d`` at (x, t)."""
+    a_x, a_o = denoiser_coefficients(schedule, prediction, t)
+    return (d - a_x * x) / a_o
+
+
+class FlowModel:
+    """A network fn(x, t) with its schedule and what it predicts.
+
+    Args:
+        fn: callable(x [B, ...], t [B]) -> [B, ...]; t=0 is noise, t=1 is data. ``t`` is float32 on x's device.
+        schedule: the Gaussian path the network was trained on.
+        prediction: "velocity" | "x0" | "epsilon" | "score".
+        dtype: the dtype the network runs in (inputs are cast to it); None keeps the sampler state's dtype.
+        time_range: (lo, hi) times at which the network is evaluated; None uses a safe default for the
+            parameterization (epsilon and score are singular at alpha = 0, score also at sigma = 0).
+
+    Example:
+        >>> model = FlowModel(lambda x, t: -x, LinearSchedule(), prediction="velocity")
+    """
+
+    def __init__(self, fn: Callable, schedule: Schedule, prediction: str = "velocity", *,
+                 dtype: torch.dtype | None = None, time_range: tuple[float, float] | None = None):
+        if not callable(fn):
+            raise TypeError(f"FlowModel: fn must be callable, got {type(fn).__name__}")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"FlowModel: schedule must be a glass_fast Schedule, got {type(schedule).__name__}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"FlowModel: prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"FlowModel: dtype must be a floating dtype, got {dtype}")
+        lo, hi = time_range if time_range is not None else _DEFAULT_TIME_RANGE[prediction]
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"FlowModel: time_range must satisfy 0 <= lo < hi <= 1, got {(lo, hi)}")
+        self.fn, self.schedule, self.prediction, self.dtype = fn, schedule, prediction, dtype
+        self.time_range = (float(lo), float(hi))
+        self.calls = 0  # network evaluations (batched calls), for accounting
+
+    # -- the single call site -------------------------------------------------------------------------------
+    def input_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return self.dtype or x.dtype
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Raw network output at (x, t). ``t``: Tensor[B] or a 0-d tensor (broadcast to the batch)."""
+        x = x.to(self.input_dtype(x))
+        t = t.to(device=x.device, dtype=torch.float32)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        out = self.fn(x, t)
+        self.calls += 1
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"model output must be a Tensor, got {type(out).__name__}")
+        if out.shape != x.shape:
+            raise ValueError(f"model output has shape {tuple(out.shape)}, expected the input's shape {tuple(x.shape)}")
+        if out.dtype != x.dtype:
+            raise TypeError(f"model output has dtype {out.dtype}, expected the input's dtype {x.dtype}")
+        return out
+
+    def clamp_time(self, t):
+        lo, hi = self.time_range
+        if isinstance(t, torch.Tensor):
+            return t.clamp(lo, hi)
+        return min(max(float(t), lo), hi)
+
+    # -- conversions ----------------------------------------------------------------------------------------
+    def denoise(self, x: torch.Tensor, t) -> torch.Tensor:
+        """D_t(x) = E[z | x_t = x] (one network call). ``t``: float or Tensor[B]."""
+        tc = _as_times(self.clamp_time(t), x)
+        a_x, a_o = denoiser_coefficients(self.schedule, self.prediction, tc)
+        out = self(x, tc)
+        return (_bcast(a_x, x) * x.double() + _bcast(a_o, x) * out.double()).to(x.dtype)
+
+    def velocity(self, x: torch.Tensor, t) -> torch.Tensor:
+        """u_t(x), the marginal velocity (one network call). ``t``: float or Tensor[B]."""
+        tc = _as_times(self.clamp_time(t), x)
+        b_x, b_o = velocity_coefficients(self.schedule, self.prediction, tc)
+        out = self(x, tc)
+        return (_bcast(b_x, x) * x.double() + _bcast(b_o, x) * out.double()).to(x.dtype)
+
+    def __repr__(self) -> str:
+        return f"FlowModel({getattr(self.fn, '__name__', type(self.fn).__name__)}, {self.schedule!r}, prediction={self.prediction!r})"
+
+
+def _as_times(t, x: torch.Tensor) -> torch.Tensor:
+    """float or Tensor[B] -> float64 Tensor[B] on x's device."""
+    t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+    return t.expand(x.shape[0]) if t.dim() == 0 else t
+
+
+def _bcast(c, x: torch.Tensor) -> torch.Tensor:
+    c = torch.as_tensor(c, dtype=torch.float64, device=x.device)
+    return c.reshape((-1,) + (1,) * (x.dim() - 1)) if c.dim() == 1 else c

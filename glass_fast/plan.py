@@ -1,0 +1,273 @@
+"""Transition plans: every scalar of every stage of a transition, in float64 on the host (MATH.md sections 2-3).
+
+A plan is a list of stages. Each stage is one model call followed by one ``ops.fused_step``:
+
+    new    = k_base * base + k_stage * stage + k_xt * x_t + k_out * out
+    y_next = n_xt * x_t + n_new * new
+
+Stage kinds say where ``new`` goes and what fills the ``stage`` slot:
+    "step":    base <- new                         (Euler)
+    "predict": tmp  <- new                         (midpoint / Heun first stage; base unchanged)
+    "correct": base <- new, stage slot = tmp       (midpoint / Heun second stage)
+    "noisy":   base <- new, stage slot = N(0, I)   (SDE)
+
+The per-element work never sees a schedule, a rho or a parameterization: only these rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import FlowModel, denoiser_coefficients, velocity_coefficients
+from .ops import NUM_COEFS
+
+SOLVERS = ("euler", "midpoint", "heun")
+_F64 = dict(dtype=torch.float64, device="cpu")
+
+
+@dataclass
+class Plan:
+    """Stages of one transition. Tensors are float64 on the CPU; rows are [S, 6] or [S, B, 6]."""
+
+    kinds: tuple[str, ...]
+    times: torch.Tensor          # [S] or [S, B]: model evaluation time of each stage
+    coefs: torch.Tensor          # [S, 6] or [S, B, 6]
+    first_denoised: torch.Tensor  # stage 0's row when its model output is replaced by D_t(x_t)
+    init: torch.Tensor | None    # GLASS start row: xbar_0 = gamma x_t + sigmabar_0 eps (None for ODE / SDE)
+
+    @property
+    def calls(self) -> int:
+        return len(self.kinds)
+
+
+def _row(k_base=0.0, k_stage=0.0, k_xt=0.0, k_out=0.0, n_xt=0.0, n_new=0.0) -> torch.Tensor:
+    """Stack the six coefficients (floats or same-shaped tensors) into [..., 6]."""
+    cols = [torch.as_tensor(c, **_F64) for c in (k_base, k_stage, k_xt, k_out, n_xt, n_new)]
+    shape = torch.broadcast_shapes(*(c.shape for c in cols))
+    return torch.stack([c.expand(shape) for c in cols], dim=-1)
+
+
+def _stack(rows, times, kinds, first_denoised, init=None) -> Plan:
+    shape = torch.broadcast_shapes(*(r.shape for r in rows), *(t.shape + (NUM_COEFS,) for t in times))
+    coefs = torch.stack([r.expand(shape) for r in rows])
+    tshape = shape[:-1]
+    return Plan(tuple(kinds), torch.stack([t.expand(tshape) for t in times]), coefs,
+                first_denoised.expand(shape), None if init is None else init.expand(shape))
+
+
+def _steps(calls: int, solver: str) -> tuple[int, int]:
+    """(solver steps, model calls per step) for a budget of ``calls`` model calls."""
+    per = 1 if solver == "euler" else 2
+    if calls % per:
+        raise ValueError(f"solver {solver!r} makes {per} model calls per step: the number of model calls "
+                         f"must be a multiple of {per}, got {calls}")
+    return calls // per, per
+
+
+# ---------------------------------------------------------------------------------------------------- rho
+def rho_ddpm(schedule, t, t_next, kappa: float = 1.0):
+    """rho making the GLASS kernel the DDPM reverse transition: (alpha_t sigma_t') / (sigma_t alpha_t'), ^kappa."""
+    r = schedule.alpha(t) * schedule.sigma(t_next) / (schedule.sigma(t) * schedule.alpha(t_next))
+    return r if kappa == 1.0 else r ** kappa
+
+
+def resolve_rho(rho, schedule, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """rho as a float64 tensor: a float, "ddpm", ("ddpm", kappa) or a callable of (t, t_next)."""
+    if isinstance(rho, str) and rho == "ddpm":
+        r = rho_ddpm(schedule, t, t_next)
+    elif isinstance(rho, tuple) and len(rho) == 2 and rho[0] == "ddpm":
+        r = rho_ddpm(schedule, t, t_next, float(rho[1]))
+    elif callable(rho):
+        r = rho(t, t_next)
+    elif isinstance(rho, (int, float)) and not isinstance(rho, bool):
+        r = float(rho)
+    else:
+        raise ValueError(f"rho must be a float in [-1, 1], 'ddpm', ('ddpm', kappa) or a callable of (t, t_next), got {rho!r}")
+    r = torch.as_tensor(r, **_F64)
+    if not bool(torch.all((r >= -1) & (r <= 1))):
+        raise ValueError(f"rho must lie in [-1, 1], got {r.tolist() if r.dim() else float(r)}")
+    return r
+
+
+# -------------------------------------------------------------------------------------------------- GLASS
+class _Inner:
+    """The inner CondOT flow of one GLASS transition (MATH.md section 3), evaluated at inner time s."""
+
+    def __init__(self, model: FlowModel, t, t_next, rho, sigmabar0: float):
+        sch = model.schedule
+        self.model, self.t = model, t
+        self.a_t, self.s_t = sch.alpha(t), sch.sigma(t)
+        self.snr_t = self.a_t ** 2 / self.s_t ** 2
+        self.gamma = rho * sch.sigma(t_next) / self.s_t
+        self.alpha_bar = sch.alpha(t_next) - self.gamma * self.a_t
+        self.sigma_bar = sch.sigma(t_next) * torch.sqrt(1 - rho * rho)
+        self.sb0 = sigmabar0
+
+    def at(self, s: float):
+        """(model time, c_x, c_b, w1, w2, w3): model input y = c_x x_t + c_b xbar; u = w1 xbar + w2 D + w3 x_t."""
+        abar = s * self.alpha_bar
+        sbar = (1 - s) * self.sb0 + s * self.sigma_bar
+        w1 = (self.sigma_bar - self.sb0) / sbar
+        w2 = self.alpha_bar - abar * w1
+        w3 = -self.gamma * w1
+        if s == 0.0:
+            # P = SNR(t), t* = t and alpha_{t*} S = x_t exactly (also when alpha_t = 0, where S is 0/0).
+            tm = self.model.clamp_time(self.t)
+            return tm, torch.ones_like(tm), torch.zeros_like(tm), w1, w2, w3
+        prec = self.snr_t + abar ** 2 / sbar ** 2
+        sch = self.model.schedule
+        tm = self.model.clamp_time(torch.as_tensor(sch.time_at_snr(prec), **_F64))
+        k = sch.alpha(tm) / prec
+        c_x = k * (self.a_t / self.s_t ** 2 - abar * self.gamma / sbar ** 2)
+        c_b = k * abar / sbar ** 2
+        return tm, c_x, c_b, w1, w2, w3
+
+    def velocity_terms(self, s: float, scale: float, denoised: bool = False):
+        """(model time, A, X, O): scale * u_s(state, out) = A state + X x_t + O out."""
+        tm, c_x, c_b, w1, w2, w3 = self.at(s)
+        a_x, a_o = (0.0, 1.0) if denoised else denoiser_coefficients(self.model.schedule, self.model.prediction, tm)
+        return tm, scale * (w1 + w2 * a_x * c_b), scale * (w3 + w2 * a_x * c_x), scale * w2 * a_o
+
+    def input_at(self, s: float):
+        """(n_xt, n_new) producing the model input at inner time s; zeros where no call can follow (s = 1
+        with sigma_bar = 0, where the input's precision is infinite)."""
+        if s >= 1.0 and bool(torch.any(self.sigma_bar == 0)):
+            return 0.0, 0.0
+        _, c_x, c_b, *_ = self.at(s)
+        return c_x, c_b
+
+
+def glass_plan(model: FlowModel, t, t_next, rho, calls: int, solver: str, sigmabar0: float = 1.0) -> Plan:
+    """Stages of a GLASS transition t -> t_next spending ``calls`` model calls with ``solver``."""
+    inner = _Inner(model, t, t_next, rho, sigmabar0)
+    n, _ = _steps(calls, solver)
+    h = 1.0 / n
+    rows, times, kinds = [], [], []
+    # Heun's corrector evaluates at s + h; at s = 1 with sigma_bar = 0 the inner velocity is singular.
+    heun_last_euler = solver == "heun" and bool(torch.any(inner.sigma_bar == 0))
+    for j in range(n):
+        s = j * h
+        if solver == "euler" or (heun_last_euler and j == n - 1):
+            tm, A, X, O = inner.velocity_terms(s, h)
+            rows.append(_row(1 + A, 0.0, X, O, *inner.input_at(s + h)))
+            times.append(tm); kinds.append("step")
+        elif solver == "midpoint":
+            tm, A, X, O = inner.velocity_terms(s, h / 2)
+            rows.append(_row(A + 1, 0.0, X, O, *inner.input_at(s + h / 2)))
+            times.append(tm); kinds.append("predict")
+            tm, A, X, O = inner.velocity_terms(s + h / 2, h)
+            rows.append(_row(1.0, A, X, O, *inner.input_at(s + h)))
+            times.append(tm); kinds.append("correct")
+        else:  # heun
+            tm, A, X, O = inner.velocity_terms(s, h)
+            rows.append(_row(A + 1, 0.0, X, O, *inner.input_at(s + h)))
+            times.append(tm); kinds.append("predict")
+            tm, A, X, O = inner.velocity_terms(s + h, h / 2)
+            rows.append(_row(0.5, 0.5 + A, X, O, *inner.input_at(s + h)))
+            times.append(tm); kinds.append("correct")
+    # The first stage with D_t(x_t) handed in (reused from a reward evaluation) instead of the raw output.
+    _, A, X, O = inner.velocity_terms(0.0, h / 2 if solver == "midpoint" else h, denoised=True)
+    first = rows[0].clone()
+    first[..., 0], first[..., 2], first[..., 3] = 1 + A, X, O
+    init = _row(k_base=inner.gamma, k_out=sigmabar0)
+    return _stack(rows, times, kinds, first, init)
+
+
+# ---------------------------------------------------------------------------------------------------- ODE
+def ode_plan(model: FlowModel, t, t_next, calls: int, solver: str) -> Plan:
+    """Stages of ``calls`` model calls of an ODE solver from t to t_next."""
+    n, _ = _steps(calls, solver)
+    h = (t_next - t) / n
+    sch, pred = model.schedule, model.prediction
+
+    def vel(tau, scale, prediction=pred):
+        tm = model.clamp_time(tau)
+        b_x, b_o = velocity_coefficients(sch, prediction, tm)
+        return tm, scale * b_x, scale * b_o
+
+    rows, times, kinds = [], [], []
+    for j in range(n):
+        tau = t + j * h
+        last_singular = j == n - 1 and pred != "velocity" and bool(torch.any(sch.sigma(t_next) == 0))
+        if solver == "euler" or (solver == "heun" and last_singular):
+            tm, A, O = vel(tau, h)
+            rows.append(_row(1 + A, k_out=O, n_new=1.0)); times.append(tm); kinds.append("step")
+        elif solver == "midpoint":
+            tm, A, O = vel(tau, h / 2)
+            rows.append(_row(1 + A, k_out=O, n_new=1.0)); times.append(tm); kinds.append("predict")
+            tm, A, O = vel(tau + h / 2, h)
+            rows.append(_row(1.0, A, k_out=O, n_new=1.0)); times.append(tm); kinds.append("correct")
+        else:
+            tm, A, O = vel(tau, h)
+            rows.append(_row(1 + A, k_out=O, n_new=1.0)); times.append(tm); kinds.append("predict")
+            tm, A, O = vel(tau + h, h / 2)
+            rows.append(_row(0.5, 0.5 + A, k_out=O, n_new=1.0)); times.append(tm); kinds.append("correct")
+    _, A, O = vel(t, h / 2 if solver == "midpoint" else h, prediction="x0")
+    first = rows[0].clone()
+    first[..., 0], first[..., 3] = 1 + A, O
+    return _stack(rows, times, kinds, first)
+
+
+# ---------------------------------------------------------------------------------------------------- SDE
+def sde_plan(model: FlowModel, t, t_next, calls: int) -> Plan:
+    """Euler-Maruyama for dX = [u + (nu^2/2) grad log p_t] dt + nu dW; a DDPM plug-in step where alpha_t = 0."""
+    sch = model.schedule
+    h = (t_next - t) / calls
+    rows, times, firsts = [], [], []
+    for j in range(calls):
+        tau = t + j * h
+        tm = model.clamp_time(tau)
+        a, s, da, ds = sch.alpha(tm), sch.sigma(tm), sch.d_alpha(tm), sch.d_sigma(tm)
+        nu2 = 2 * (da / a) * s * s - 2 * s * ds
+        # Plug-in DDPM step: x' = gamma x + alpha_bar D + sigma_bar eps with rho_DDPM (finite at alpha = 0).
+        t1 = tau + h
+        rho = rho_ddpm(sch, tau, t1)
+        gamma = rho * sch.sigma(t1) / sch.sigma(tau)
+        abar = sch.alpha(t1) - gamma * sch.alpha(tau)
+        sbar = sch.sigma(t1) * torch.sqrt(1 - rho * rho)
+        for denoised, bucket in ((False, rows), (True, firsts)):
+            pred = "x0" if denoised else model.prediction
+            a_x, a_o = denoiser_coefficients(sch, pred, tm)
+            b_x, b_o = velocity_coefficients(sch, pred, tm)
+            d_x = b_x + 0.5 * nu2 * (a * a_x - 1) / (s * s)
+            d_o = b_o + 0.5 * nu2 * a * a_o / (s * s)
+            em = _row(1 + h * d_x, torch.sqrt(h * nu2), k_out=h * d_o, n_new=1.0)
+            plug = _row(gamma + abar * a_x, sbar, k_out=abar * a_o, n_new=1.0)
+            bucket.append(torch.where((a == 0).unsqueeze(-1), plug, em))
+        times.append(tm)
+    return _stack(rows, times, ["noisy"] * calls, firsts[0])
+
+
+def as_times(t, name: str, batch: int) -> torch.Tensor:
+    """Validate a time (float or Tensor[B]) and return it as float64 on the CPU, shape [] or [B]."""
+    if isinstance(t, torch.Tensor):
+        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != batch):
+            raise ValueError(f"{name} must be a float or a Tensor[{batch}], got shape {tuple(t.shape)}")
+        tt = t.detach().to(**_F64)
+    elif isinstance(t, (int, float)) and not isinstance(t, bool):
+        tt = torch.tensor(float(t), **_F64)
+    else:
+        raise TypeError(f"{name} must be a float or a Tensor, got {type(t).__name__}")
+    if not bool(torch.all((tt >= 0) & (tt <= 1))):
+        raise ValueError(f"{name} must lie in [0, 1], got {tt.tolist() if tt.dim() else float(tt)}")
+    return tt
+
+
+def check_interval(t: torch.Tensor, t_next: torch.Tensor) -> None:
+    if not bool(torch.all(t_next > t)):
+        raise ValueError(f"t_next must be greater than t, got t={t.tolist() if t.dim() else float(t)}, "
+                         f"t_next={t_next.tolist() if t_next.dim() else float(t_next)}")
+
+
+def check_calls(calls, name: str) -> int:
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {calls!r}")
+    return calls
+
+
+def check_solver(solver) -> str:
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    return solver
+

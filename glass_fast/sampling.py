@@ -1,0 +1,105 @@
+"""Generation from noise: a time grid and one transition per interval, planned up front.
+
+``Sampler`` is the reusable core: it plans every transition of a grid once (float64, host), moves the rows to
+the device once, and steps a state through transition k. ``sample``, FK steering and capture all build on it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .model import FlowModel
+from .plan import check_calls, check_solver, glass_plan, ode_plan, resolve_rho, sde_plan
+from .transitions import DevicePlan, FiniteGuard, check_state, execute
+
+METHODS = ("glass", "ode", "sde", "plugin")
+
+
+def time_grid(transitions: int) -> torch.Tensor:
+    """Uniform grid 0 = t_0 < ... < t_K = 1 in float64."""
+    return torch.linspace(0.0, 1.0, transitions + 1, dtype=torch.float64)
+
+
+class Sampler:
+    """Every transition of one sampling run, planned once.
+
+    Args:
+        model: the FlowModel.
+        method: "glass" | "ode" | "sde" | "plugin" (one-step GLASS kernel).
+        transitions: number of intervals of the uniform grid on [0, 1].
+        inner_steps: model calls per transition (the plug-in kernel always makes one).
+        rho, solver, sigmabar0: GLASS settings (solver also applies to "ode").
+        device, dtype: where the state lives and its dtype.
+        grid: optional float64 Tensor[K+1] of increasing times from 0 to 1, replacing the uniform grid.
+    """
+
+    def __init__(self, model: FlowModel, *, method: str = "glass", transitions: int = 5, inner_steps: int = 10,
+                 rho=0.4, solver: str = "euler", sigmabar0: float = 1.0, device=None, dtype=torch.float32,
+                 grid: torch.Tensor | None = None):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        check_calls(transitions, "transitions")
+        check_calls(inner_steps, "inner_steps")
+        check_solver(solver)
+        self.model, self.method = model, method
+        self.grid = time_grid(transitions) if grid is None else grid.to(torch.float64).cpu()
+        if self.grid.dim() != 1 or not bool(torch.all(self.grid[1:] > self.grid[:-1])):
+            raise ValueError("grid must be a 1-D tensor of strictly increasing times")
+        self.plans = []
+        for k in range(len(self.grid) - 1):
+            t, tn = self.grid[k], self.grid[k + 1]
+            if method in ("glass", "plugin"):
+                calls = 1 if method == "plugin" else inner_steps
+                sol = "euler" if method == "plugin" else solver
+                plan = glass_plan(model, t, tn, resolve_rho(rho, model.schedule, t, tn), calls, sol, sigmabar0)
+            elif method == "ode":
+                plan = ode_plan(model, t, tn, inner_steps, solver)
+            else:
+                plan = sde_plan(model, t, tn, inner_steps)
+            self.plans.append(DevicePlan(plan, torch.device(device or "cpu"), dtype))
+
+    @property
+    def transitions(self) -> int:
+        return len(self.plans)
+
+    @property
+    def calls(self) -> int:
+        """Model calls of a full run (per state)."""
+        return sum(len(p.kinds) for p in self.plans)
+
+    def step(self, k: int, x: torch.Tensor, *, generator=None, denoised=None, guard=None, guidance=None):
+        """Transition k: x at grid[k] -> a state at grid[k+1]."""
+        label = f"transition {k} (t={float(self.grid[k]):.4f} -> {float(self.grid[k + 1]):.4f}), "
+        return execute(self.model, self.plans[k], x, generator=generator, denoised=denoised, guard=guard,
+                       label=label, guidance=guidance)
+
+    def run(self, x: torch.Tensor, *, generator=None, guidance=None) -> torch.Tensor:
+        guard = FiniteGuard(x.device)
+        for k in range(self.transitions):
+            x = self.step(k, x, generator=generator, guard=guard, guidance=guidance)
+        guard.raise_if_bad()
+        return x
+
+
+def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", transitions: int = 5,
+           inner_steps: int = 10, rho=0.4, solver: str = "euler", generator: torch.Generator | None = None,
+           sigmabar0: float = 1.0, guidance=None) -> torch.Tensor:
+    """Generate data from noise with ``transitions`` transitions of ``inner_steps`` model calls each.
+
+    Args:
+        model: the FlowModel.
+        noise: [B, ...] draws from N(0, I) (the state at t = 0).
+        method: "glass" | "ode" | "sde" | "plugin".
+        transitions, inner_steps: grid size and model calls per transition (transitions * inner_steps calls).
+        rho, solver, sigmabar0: see ``glass_transition``; solver also selects the ODE solver.
+        generator: randomness for GLASS / SDE / plug-in transitions.
+        guidance: optional reward guidance (``glass_fast.RewardGuidance``).
+    Returns:
+        [B, ...] samples at t = 1.
+
+    Example:
+        >>> x = sample(model, torch.randn(64, 2), method="glass", transitions=5, inner_steps=10)
+    """
+    check_state(model, noise, generator)
+    sampler = Sampler(model, method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
+                      solver=solver, sigmabar0=sigmabar0, device=noise.device, dtype=noise.dtype)
+    return sampler.run(noise, generator=generator, guidance=guidance)

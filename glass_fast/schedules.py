@@ -1,0 +1,186 @@
+"""Gaussian probability paths x_t = alpha_t z + sigma_t eps, t=0 noise, t=1 data (MATH.md section 1).
+
+Every schedule works on Python floats and on tensors alike. The sampler evaluates them in float64 on the
+host once per transition, so the per-element work never sees a schedule.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+Time = "float | torch.Tensor"
+
+
+def _lib(t):
+    """The math namespace for ``t``: torch for tensors, math for floats."""
+    return torch if isinstance(t, torch.Tensor) else math
+
+
+class Schedule:
+    """A Gaussian path. Subclasses give alpha, sigma and their derivatives; SNR and its inverse follow."""
+
+    def alpha(self, t):
+        raise NotImplementedError
+
+    def sigma(self, t):
+        raise NotImplementedError
+
+    def d_alpha(self, t):
+        raise NotImplementedError
+
+    def d_sigma(self, t):
+        raise NotImplementedError
+
+    def snr(self, t):
+        """alpha_t^2 / sigma_t^2 (inf at t = 1)."""
+        a, s = self.alpha(t), self.sigma(t)
+        if isinstance(s, torch.Tensor):
+            return torch.where(s == 0, torch.full_like(s, math.inf), a * a / torch.where(s == 0, 1.0, s * s))
+        return math.inf if s == 0 else a * a / (s * s)
+
+    def time_at_snr(self, snr):
+        """The t with SNR(t) = snr, by a bracketed bisection in float64 (monotone SNR assumed)."""
+        return _bisect_time(self, snr)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _bisect_time(schedule: Schedule, snr, iters: int = 64):
+    """Invert a monotone SNR on [0, 1] in float64. 64 halvings reach float64 resolution."""
+    target = torch.as_tensor(snr, dtype=torch.float64)
+    lo = torch.zeros_like(target)
+    hi = torch.ones_like(target)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        below = schedule.snr(mid) < target
+        lo = torch.where(below, mid, lo)
+        hi = torch.where(below, hi, mid)
+    t = 0.5 * (lo + hi)
+    t = torch.where(torch.isinf(target), torch.ones_like(t), t)
+    return t if isinstance(snr, torch.Tensor) else float(t)
+
+
+class LinearSchedule(Schedule):
+    """CondOT / rectified flow: alpha = t, sigma = 1 - t."""
+
+    def alpha(self, t):
+        return t
+
+    def sigma(self, t):
+        return 1 - t
+
+    def d_alpha(self, t):
+        return torch.ones_like(t) if isinstance(t, torch.Tensor) else 1.0
+
+    def d_sigma(self, t):
+        return -torch.ones_like(t) if isinstance(t, torch.Tensor) else -1.0
+
+    def time_at_snr(self, snr):
+        # t / (1 - t) = sqrt(snr)  =>  t = r / (1 + r); inf -> 1.
+        m = _lib(snr)
+        r = m.sqrt(snr)
+        if isinstance(r, torch.Tensor):
+            return torch.where(torch.isinf(r), torch.ones_like(r), r / (1 + r))
+        return 1.0 if math.isinf(r) else r / (1 + r)
+
+
+class CosineSchedule(Schedule):
+    """alpha = sin(pi t / 2), sigma = cos(pi t / 2)."""
+
+    def alpha(self, t):
+        return _lib(t).sin(math.pi * t / 2)
+
+    def sigma(self, t):
+        # cos(pi/2) is 6e-17 in floating point; the path must end exactly at sigma = 0.
+        s = _lib(t).cos(math.pi * t / 2)
+        if isinstance(t, torch.Tensor):
+            return torch.where(t >= 1, torch.zeros_like(s), s)
+        return 0.0 if t >= 1 else s
+
+    def d_alpha(self, t):
+        return (math.pi / 2) * _lib(t).cos(math.pi * t / 2)
+
+    def d_sigma(self, t):
+        return -(math.pi / 2) * _lib(t).sin(math.pi * t / 2)
+
+    def time_at_snr(self, snr):
+        m = _lib(snr)
+        return (2 / math.pi) * m.atan(m.sqrt(snr))
+
+
+class VPSchedule(Schedule):
+    """Variance-preserving path of Song et al. in this time direction.
+
+    T(t) = 0.5 (1-t)^2 (beta_max - beta_min) + (1-t) beta_min, alpha = exp(-T/2), sigma = sqrt(1 - alpha^2).
+    Note alpha_0 = exp(-(beta_min + beta_max)/4) > 0: VP never reaches pure noise exactly.
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        if not 0 <= beta_min <= beta_max:
+            raise ValueError(f"VPSchedule needs 0 <= beta_min <= beta_max, got beta_min={beta_min}, beta_max={beta_max}")
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+
+    def _T(self, t):
+        u = 1 - t
+        return 0.5 * u * u * (self.beta_max - self.beta_min) + u * self.beta_min
+
+    def _dT(self, t):
+        # d/dt of T(t) = -[(1-t)(beta_max - beta_min) + beta_min]
+        return -((1 - t) * (self.beta_max - self.beta_min) + self.beta_min)
+
+    def alpha(self, t):
+        return _lib(t).exp(-0.5 * self._T(t))
+
+    def sigma(self, t):
+        m = _lib(t)
+        return m.sqrt(-m.expm1(-self._T(t)))
+
+    def d_alpha(self, t):
+        return -0.5 * self._dT(t) * self.alpha(t)
+
+    def d_sigma(self, t):
+        # sigma^2 = 1 - alpha^2  =>  sigma' = -alpha alpha' / sigma (infinite at t = 1, where sigma = 0).
+        a, s = self.alpha(t), self.sigma(t)
+        return -a * self.d_alpha(t) / s
+
+    def time_at_snr(self, snr):
+        # alpha^2 = snr / (1 + snr) => T = log1p(1/snr); solve 0.5 d u^2 + beta_min u - T = 0 for u = 1 - t.
+        m = _lib(snr)
+        T = m.log1p(1 / snr) if not isinstance(snr, torch.Tensor) else torch.log1p(1 / snr)
+        d = self.beta_max - self.beta_min
+        if d == 0:
+            u = T / self.beta_min
+        else:
+            u = (m.sqrt(self.beta_min ** 2 + 2 * d * T) - self.beta_min) / d
+        t = 1 - u
+        if isinstance(t, torch.Tensor):
+            return t.clamp(0.0, 1.0)
+        return min(max(t, 0.0), 1.0)
+
+    def __repr__(self) -> str:
+        return f"VPSchedule(beta_min={self.beta_min}, beta_max={self.beta_max})"
+
+
+class CustomSchedule(Schedule):
+    """A schedule from user callables. time_at_snr falls back to a float64 bisection."""
+
+    def __init__(self, alpha: Callable, sigma: Callable, d_alpha: Callable, d_sigma: Callable):
+        for name, f in (("alpha", alpha), ("sigma", sigma), ("d_alpha", d_alpha), ("d_sigma", d_sigma)):
+            if not callable(f):
+                raise TypeError(f"CustomSchedule: {name} must be callable, got {type(f).__name__}")
+        self._a, self._s, self._da, self._ds = alpha, sigma, d_alpha, d_sigma
+
+    def alpha(self, t):
+        return self._a(t)
+
+    def sigma(self, t):
+        return self._s(t)
+
+    def d_alpha(self, t):
+        return self._da(t)
+
+    def d_sigma(self, t):
+        return self._ds(t)
