@@ -48,3 +48,145 @@ def fused_step(base: torch.Tensor, out: torch.Tensor, coef: torch.Tensor,
         new = new + _per_sample(c, K_XT, xt) * xt
         y = _per_sample(c, N_NEW, new) * new + _per_sample(c, N_XT, xt) * xt
     return new.to(base.dtype), y.to(out.dtype)
+
+
+def fused_step_(base: torch.Tensor, out: torch.Tensor, coef: torch.Tensor,
+                x_t: torch.Tensor | None = None, stage: torch.Tensor | None = None,
+                y_out: torch.Tensor | None = None):
+    """In-place ``fused_step``: writes ``new`` into ``base`` and ``y_next`` into ``y_out``.
+
+    Args:
+        base, out, coef, x_t, stage: as in ``fused_step``; ``base`` is overwritten with ``new``.
+        y_out: [B, ...] buffer for ``y_next`` (dtype ``out.dtype``), or None to allocate one.
+    Returns:
+        y_out (the buffer written, or a new tensor).
+    """
+    new, y = fused_step(base, out, coef, x_t, stage)
+    base.copy_(new)
+    if y_out is None:
+        return y
+    y_out.copy_(y)
+    return y_out
+
+
+RESAMPLING_SCHEMES = ("multinomial", "stratified", "systematic", "residual")
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def normalize_log_weights(log_w: torch.Tensor):
+    """Normalise grouped log-weights and report the effective sample size.
+
+    Args:
+        log_w: [B, K] log-weights of K particles in each of B groups; -inf is a zero weight.
+    Returns:
+        (log_w - logsumexp_k log_w [B, K] in log_w.dtype, ess [B] in log_w.dtype) with
+        ess = 1 / sum_k w_k^2 = (sum w)^2 / sum w^2. A group whose weights are all -inf gives NaN.
+    """
+    lw = log_w.to(_acc_dtype(log_w))
+    lw = lw - torch.logsumexp(lw, dim=-1, keepdim=True)
+    ess = 1.0 / torch.exp(2.0 * lw).sum(dim=-1)
+    return lw.to(log_w.dtype), ess.to(log_w.dtype)
+
+
+def _normalized_weights(log_w: torch.Tensor) -> torch.Tensor:
+    """[B, K] weights exp(lw - max) / sum exp(lw - max), the formula every backend follows."""
+    lw = log_w.to(_acc_dtype(log_w))
+    e = torch.exp(lw - lw.amax(dim=-1, keepdim=True))
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def _closed_cdf(w: torch.Tensor) -> torch.Tensor:
+    """Cumulative sum over the last dim with its last entry forced to exactly 1."""
+    cdf = torch.cumsum(w, dim=-1)
+    return torch.cat([cdf[..., :-1], torch.ones_like(cdf[..., -1:])], dim=-1)
+
+
+def resampling_positions(uniforms: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Points in [0, 1) that select the ancestors of the cdf-based schemes.
+
+    Args:
+        uniforms: [B, K] uniforms in [0, 1).
+        scheme: "multinomial" (p_k = u_k), "stratified" (p_k = (k + u_k) / K) or
+            "systematic" (p_k = (k + u_{b,0}) / K).
+    Returns:
+        [B, K] positions in the dtype of the weights' accumulator (float32 or float64).
+    """
+    k = uniforms.shape[-1]
+    ar = torch.arange(k, device=uniforms.device, dtype=uniforms.dtype)
+    if scheme == "multinomial":
+        return uniforms
+    if scheme == "stratified":
+        return (ar + uniforms) / k
+    if scheme == "systematic":
+        return (ar + uniforms[..., :1]) / k
+    raise ValueError(f"scheme={scheme!r} has no positions; allowed: multinomial, stratified, systematic")
+
+
+def resample_indices(log_w: torch.Tensor, uniforms: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Ancestor indices for grouped resampling, on the device of ``log_w``, without host sync.
+
+    Weights w = exp(lw - max) / sum exp(lw - max) per group (float32, float64 for float64 input);
+    cdf = cumsum(w) with the last entry forced to 1; ancestor a_k = #{j : cdf_j <= p_k}, clamped to
+    K - 1 (searchsorted, right). Residual: n_j = floor(K w_j) copies of j fill slots k < D = sum n,
+    the rest draw multinomially (p_k = u_k) from the residual weights K w_j - n_j.
+
+    Args:
+        log_w: [B, K] unnormalised log-weights (-inf = zero weight).
+        uniforms: [B, K] uniforms in [0, 1) (systematic reads column 0 only).
+        scheme: one of ``RESAMPLING_SCHEMES``.
+    Returns:
+        [B, K] int64 ancestor indices in [0, K).
+    """
+    if scheme not in RESAMPLING_SCHEMES:
+        raise ValueError(f"scheme={scheme!r} is not a resampling scheme; allowed: {RESAMPLING_SCHEMES}")
+    k = log_w.shape[-1]
+    w = _normalized_weights(log_w)
+    u = uniforms.to(w.dtype)
+    if scheme != "residual":
+        cdf = _closed_cdf(w)
+        pos = resampling_positions(u, scheme).contiguous()
+        return torch.searchsorted(cdf, pos, right=True).clamp_max(k - 1)
+    kw = k * w
+    n = torch.floor(kw)
+    copies = torch.cumsum(n, dim=-1)
+    slots = torch.arange(k, device=w.device, dtype=w.dtype).expand_as(w).contiguous()
+    det = torch.searchsorted(copies, slots, right=True).clamp_max(k - 1)
+    r = kw - n
+    rcdf = _closed_cdf(r / r.sum(dim=-1, keepdim=True))
+    rand = torch.searchsorted(rcdf, u.contiguous(), right=True).clamp_max(k - 1)
+    return torch.where(slots < copies[..., -1:], det, rand)
+
+
+def gather_particles(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Select particles per group: result[b, k] = x[b, idx[b, k]].
+
+    Args:
+        x: [B, K, ...] particles.
+        idx: [B, K] int64 ancestor indices in [0, K).
+    Returns:
+        [B, K, ...] gathered particles (a new contiguous tensor).
+    """
+    b, k = idx.shape
+    flat = (idx + torch.arange(b, device=idx.device).unsqueeze(1) * x.shape[1]).reshape(-1)
+    return x.reshape((b * x.shape[1],) + tuple(x.shape[2:])).index_select(0, flat).reshape(x.shape)
+
+
+def gather_particles_(x: torch.Tensor, idx: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """In-place ``gather_particles``: x[b, k] <- x[b, idx[b, k]], staged through ``scratch``.
+
+    Args:
+        x: [B, K, ...] particles, overwritten.
+        idx: [B, K] int64 ancestor indices.
+        scratch: buffer with x's shape and dtype (its contents are clobbered).
+    Returns:
+        x.
+    """
+    scratch.copy_(x)
+    b = idx.shape[0]
+    flat = (idx + torch.arange(b, device=idx.device).unsqueeze(1) * x.shape[1]).reshape(-1)
+    src = scratch.reshape((b * x.shape[1],) + tuple(x.shape[2:]))
+    x.copy_(src.index_select(0, flat).reshape(x.shape))
+    return x

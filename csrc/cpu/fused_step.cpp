@@ -1,0 +1,185 @@
+// CPU fused_step: one pass over base, out, (x_t), (stage) writing new and y_next.
+//
+//   new    = k_base*base + k_stage*stage + k_xt*x_t + k_out*out
+//   y_next = n_xt*x_t + n_new*new
+//
+// Arithmetic in float (double for float64 state) with at::vec::Vectorized; work split over elements
+// with at::parallel_for. A chunk may straddle samples, so it is cut at sample boundaries and each
+// piece runs with that sample's coefficient row (per-sample coef) or the shared row.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "ops.h"
+
+namespace glass_fast::cpu {
+namespace {
+
+using at::vec::Vectorized;
+
+// Load / store Vectorized<Acc>::size() elements of T as Acc. Same-type and half/bfloat16 <-> float
+// use ATen's vector conversions; the remaining mixed pairs (e.g. float out with double state) go
+// through a small aligned buffer.
+template <typename T, typename Acc>
+struct VecIO {
+  static constexpr int kN = Vectorized<Acc>::size();
+  static Vectorized<Acc> load(const T* p) {
+    if constexpr (std::is_same_v<T, Acc>) {
+      return Vectorized<Acc>::loadu(p);
+    } else if constexpr (std::is_same_v<Acc, float> && at::vec::is_reduced_floating_point_v<T>) {
+      Vectorized<float> v;
+      at::vec::load_to_float<T>(p, v);
+      return v;
+    } else {
+      __at_align__ Acc buf[kN];
+      for (int i = 0; i < kN; ++i) buf[i] = static_cast<Acc>(p[i]);
+      return Vectorized<Acc>::loadu(buf);
+    }
+  }
+  static void store(T* p, const Vectorized<Acc>& v) {
+    if constexpr (std::is_same_v<T, Acc>) {
+      v.store(p);
+    } else if constexpr (std::is_same_v<Acc, float> && at::vec::is_reduced_floating_point_v<T>) {
+      at::vec::convert_from_float<T>(v, v).store(p, kN);
+    } else {
+      __at_align__ Acc buf[kN];
+      v.store(buf);
+      for (int i = 0; i < kN; ++i) p[i] = static_cast<T>(buf[i]);
+    }
+  }
+};
+
+struct Ptrs {
+  void* newp;
+  void* y;
+  const void* base;
+  const void* out;
+  const void* xt;     // nullptr when absent
+  const void* stage;  // nullptr when absent
+};
+
+// Elements [lo, hi) with one coefficient row c = (k_base, k_stage, k_xt, k_out, n_xt, n_new).
+template <typename S, typename O, typename Acc>
+void fused_range(const Ptrs& p, const Acc* c, int64_t lo, int64_t hi) {
+  const S* base = static_cast<const S*>(p.base) ;
+  const O* out = static_cast<const O*>(p.out);
+  const S* xt = static_cast<const S*>(p.xt);
+  const S* st = static_cast<const S*>(p.stage);
+  S* nw = static_cast<S*>(p.newp);
+  O* y = static_cast<O*>(p.y);
+  using V = Vectorized<Acc>;
+  constexpr int64_t kN = V::size();
+  const V kb(c[0]), ks(c[1]), kx(c[2]), ko(c[3]), nx(c[4]), nn(c[5]);
+  int64_t i = lo;
+  for (; i + kN <= hi; i += kN) {
+    V acc = kb * VecIO<S, Acc>::load(base + i) + ko * VecIO<O, Acc>::load(out + i);
+    if (st) acc = acc + ks * VecIO<S, Acc>::load(st + i);
+    V yv;
+    if (xt) {
+      const V x = VecIO<S, Acc>::load(xt + i);
+      acc = acc + kx * x;
+      yv = nn * acc + nx * x;
+    } else {
+      yv = nn * acc;
+    }
+    VecIO<S, Acc>::store(nw + i, acc);
+    VecIO<O, Acc>::store(y + i, yv);
+  }
+  for (; i < hi; ++i) {  // tail, same operation order as the vector body
+    Acc acc = c[0] * static_cast<Acc>(base[i]) + c[3] * static_cast<Acc>(out[i]);
+    if (st) acc = acc + c[1] * static_cast<Acc>(st[i]);
+    Acc yv;
+    if (xt) {
+      const Acc x = static_cast<Acc>(xt[i]);
+      acc = acc + c[2] * x;
+      yv = c[5] * acc + c[4] * x;
+    } else {
+      yv = c[5] * acc;
+    }
+    nw[i] = static_cast<S>(acc);
+    y[i] = static_cast<O>(yv);
+  }
+}
+
+// Calls f(S{}) for a floating dtype; keeps the 4 x 4 (state, out) instantiations explicit.
+template <typename F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    case at::kHalf: return f(c10::Half{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    default: TORCH_CHECK(false, "unsupported dtype ", t);
+  }
+}
+
+// Writes into contiguous new_ / y (same shape as base).
+void fused_step_into(const at::Tensor& base, const at::Tensor& out, const at::Tensor& coef,
+                     const std::optional<at::Tensor>& x_t, const std::optional<at::Tensor>& stage,
+                     const at::Tensor& new_, const at::Tensor& y, int64_t rows) {
+  const int64_t numel = base.numel();
+  if (numel == 0) return;
+  const bool f64 = base.scalar_type() == at::kDouble;
+  const at::Tensor c = coef.to(f64 ? at::kDouble : at::kFloat).contiguous();
+  const at::Tensor b = base.contiguous(), o = out.contiguous();
+  at::Tensor xt, st;
+  if (x_t.has_value()) xt = x_t->contiguous();
+  if (stage.has_value()) st = stage->contiguous();
+  const Ptrs p{new_.data_ptr(), y.data_ptr(), b.const_data_ptr(), o.const_data_ptr(),
+               xt.defined() ? xt.const_data_ptr() : nullptr,
+               st.defined() ? st.const_data_ptr() : nullptr};
+  const int64_t inner = numel / rows;  // elements per coefficient row
+  dispatch_float(base.scalar_type(), [&](auto s_tag) {
+    using S = decltype(s_tag);
+    dispatch_float(out.scalar_type(), [&](auto o_tag) {
+      using O = decltype(o_tag);
+      using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
+      const Acc* cp = c.const_data_ptr<Acc>();
+      at::parallel_for(0, numel, at::internal::GRAIN_SIZE, [&](int64_t lo, int64_t hi) {
+        while (lo < hi) {
+          const int64_t row = lo / inner;
+          const int64_t end = std::min(hi, (row + 1) * inner);
+          fused_range<S, O, Acc>(p, cp + 6 * row, lo, end);
+          lo = end;
+        }
+      });
+    });
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> fused_step(const at::Tensor& base, const at::Tensor& out,
+                                              const at::Tensor& coef,
+                                              const std::optional<at::Tensor>& x_t,
+                                              const std::optional<at::Tensor>& stage) {
+  const int64_t rows = check_fused_step(base, out, coef, x_t, stage);
+  at::Tensor new_ = at::empty(base.sizes(), base.options());
+  at::Tensor y = at::empty(base.sizes(), out.options());
+  fused_step_into(base, out, coef, x_t, stage, new_, y, rows);
+  return {new_, y};
+}
+
+void fused_step_(const at::Tensor& base, const at::Tensor& out, const at::Tensor& coef,
+                 const std::optional<at::Tensor>& x_t, const std::optional<at::Tensor>& stage,
+                 const at::Tensor& y_out) {
+  const int64_t rows = check_fused_step(base, out, coef, x_t, stage);
+  check_y_out(y_out, base, out);
+  // Element-wise in place is safe (each element is read before it is written); strided outputs are
+  // computed into contiguous buffers and copied back.
+  const at::Tensor new_ = base.is_contiguous() ? base : at::empty(base.sizes(), base.options());
+  const at::Tensor y = y_out.is_contiguous() ? y_out : at::empty(base.sizes(), y_out.options());
+  fused_step_into(base, out, coef, x_t, stage, new_, y, rows);
+  if (!new_.is_same(base)) base.copy_(new_);
+  if (!y.is_same(y_out)) y_out.copy_(y);
+}
+
+TORCH_LIBRARY_IMPL(glass_fast, CPU, m) {
+  m.impl("fused_step", &fused_step);
+  m.impl("fused_step_", &fused_step_);
+}
+
+}  // namespace glass_fast::cpu

@@ -1,0 +1,209 @@
+// CPU particle ops: grouped log-weight normalisation, resampling indices and particle gathers.
+// Groups (rows of [B, K]) are independent, so every op runs at::parallel_for over groups; within a
+// group the work is a few sequential passes over K, in the order the reference states
+// (glass_fast/ops/reference.py): w = exp(lw - max) / sum, cdf = cumsum(w) with cdf[K-1] = 1,
+// ancestor = #{j : cdf_j <= p} clamped to K - 1.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "checks.h"
+#include "ops.h"
+
+namespace glass_fast::cpu {
+namespace {
+
+// Number of entries of the sorted cdf[0..k) that are <= p, clamped to k - 1.
+template <typename Acc>
+int64_t search_right(const Acc* cdf, int64_t k, Acc p) {
+  const int64_t a = std::upper_bound(cdf, cdf + k, p) - cdf;
+  return std::min(a, k - 1);
+}
+
+// Normalised weights of one row: w = exp(lw - max) / sum.
+// A row without positive weight (all -inf) gives NaN weights.
+template <typename Acc, typename T>
+void row_weights(const T* lw, int64_t k, Acc* w) {
+  Acc m = -std::numeric_limits<Acc>::infinity();
+  for (int64_t j = 0; j < k; ++j) m = std::max(m, static_cast<Acc>(lw[j]));
+  Acc s = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    w[j] = std::exp(static_cast<Acc>(lw[j]) - m);
+    s += w[j];
+  }
+  for (int64_t j = 0; j < k; ++j) w[j] = w[j] / s;
+}
+
+template <typename Acc>
+void closed_cumsum(const Acc* w, int64_t k, Acc* cdf) {
+  Acc run = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    run += w[j];
+    cdf[j] = run;
+  }
+  cdf[k - 1] = 1;
+}
+
+template <typename Acc, typename T, typename U>
+void resample_row(const T* lw, const U* u, int64_t k, int scheme, int64_t* anc, Acc* w, Acc* cdf,
+                  Acc* aux) {
+  row_weights<Acc>(lw, k, w);
+  if (scheme != 3) {
+    closed_cumsum<Acc>(w, k, cdf);
+    for (int64_t i = 0; i < k; ++i) {
+      Acc p;
+      if (scheme == 0) p = static_cast<Acc>(u[i]);
+      else if (scheme == 1) p = (static_cast<Acc>(i) + static_cast<Acc>(u[i])) / static_cast<Acc>(k);
+      else p = (static_cast<Acc>(i) + static_cast<Acc>(u[0])) / static_cast<Acc>(k);
+      anc[i] = search_right<Acc>(cdf, k, p);
+    }
+    return;
+  }
+  // Residual: n_j = floor(K w_j) deterministic copies, the rest multinomial on K w_j - n_j.
+  Acc copies = 0, rsum = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    const Acc kw = static_cast<Acc>(k) * w[j];
+    const Acc n = std::floor(kw);
+    copies += n;
+    cdf[j] = copies;  // cumulative copies (exact small integers)
+    aux[j] = kw - n;  // residual weight
+    rsum += aux[j];
+  }
+  for (int64_t j = 0; j < k; ++j) aux[j] = aux[j] / rsum;
+  closed_cumsum<Acc>(aux, k, aux);
+  for (int64_t i = 0; i < k; ++i) {
+    if (static_cast<Acc>(i) < copies) anc[i] = search_right<Acc>(cdf, k, static_cast<Acc>(i));
+    else anc[i] = search_right<Acc>(aux, k, static_cast<Acc>(u[i]));
+  }
+}
+
+template <typename F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    case at::kHalf: return f(c10::Half{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    default: TORCH_CHECK(false, "unsupported dtype ", t);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> normalize_log_weights(const at::Tensor& log_w) {
+  check_log_w(log_w);
+  const at::Tensor lw = log_w.contiguous();
+  const int64_t b = lw.size(0), k = lw.size(1);
+  at::Tensor norm = at::empty({b, k}, lw.options());
+  at::Tensor ess = at::empty({b}, lw.options());
+  dispatch_float(lw.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    const T* src = lw.const_data_ptr<T>();
+    T* dst = norm.data_ptr<T>();
+    T* e = ess.data_ptr<T>();
+    at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const T* x = src + r * k;
+        Acc m = -std::numeric_limits<Acc>::infinity();
+        for (int64_t j = 0; j < k; ++j) m = std::max(m, static_cast<Acc>(x[j]));
+        // logsumexp = m + log(sum exp(x - m)); a row of -inf has m = -inf and yields NaN.
+        Acc s = 0;
+        for (int64_t j = 0; j < k; ++j) s += std::exp(static_cast<Acc>(x[j]) - m);
+        const Acc lse = m + std::log(s);
+        Acc s2 = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          const Acc v = static_cast<Acc>(x[j]) - lse;
+          dst[r * k + j] = static_cast<T>(v);
+          s2 += std::exp(2 * v);
+        }
+        e[r] = static_cast<T>(Acc(1) / s2);
+      }
+    });
+  });
+  return {norm, ess};
+}
+
+at::Tensor resample_indices(const at::Tensor& log_w, const at::Tensor& uniforms,
+                            const std::string& scheme) {
+  check_log_w(log_w);
+  check_uniforms(uniforms, log_w);
+  const int code = scheme_code(scheme);
+  const at::Tensor lw = log_w.contiguous(), u = uniforms.contiguous();
+  const int64_t b = lw.size(0), k = lw.size(1);
+  at::Tensor anc = at::empty({b, k}, lw.options().dtype(at::kLong));
+  dispatch_float(lw.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    dispatch_float(u.scalar_type(), [&](auto utag) {
+      using U = decltype(utag);
+      at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
+        std::vector<Acc> scratch(3 * k);  // w, cdf, residual cdf of one row
+        for (int64_t r = lo; r < hi; ++r) {
+          resample_row<Acc>(lw.const_data_ptr<T>() + r * k, u.const_data_ptr<U>() + r * k, k, code,
+                            anc.data_ptr<int64_t>() + r * k, scratch.data(), scratch.data() + k,
+                            scratch.data() + 2 * k);
+        }
+      });
+    });
+  });
+  return anc;
+}
+
+namespace {
+// dst[b, k] = src[b, idx[b, k]] for contiguous [B, K, inner] byte rows of `row_bytes` each.
+void gather_rows(const char* src, char* dst, const int64_t* idx, int64_t b, int64_t k,
+                 int64_t row_bytes) {
+  for (int64_t i = 0; i < b * k; ++i) {
+    const int64_t a = idx[i];
+    TORCH_CHECK(a >= 0 && a < k, "idx[", i / k, ", ", i % k, "] = ", a, " is out of range [0, ", k, ")");
+  }
+  at::parallel_for(0, b * k, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(row_bytes, 1)),
+                   [&](int64_t lo, int64_t hi) {
+                     for (int64_t i = lo; i < hi; ++i) {
+                       const int64_t g = i / k;
+                       std::memcpy(dst + i * row_bytes, src + (g * k + idx[i]) * row_bytes, row_bytes);
+                     }
+                   });
+}
+}  // namespace
+
+at::Tensor gather_particles(const at::Tensor& x, const at::Tensor& idx) {
+  check_gather(x, idx);
+  const at::Tensor xc = x.contiguous(), ic = idx.contiguous();
+  at::Tensor res = at::empty(x.sizes(), x.options());
+  const int64_t b = x.size(0), k = x.size(1);
+  if (res.numel() == 0) return res;
+  gather_rows(static_cast<const char*>(xc.const_data_ptr()), static_cast<char*>(res.data_ptr()),
+              ic.const_data_ptr<int64_t>(), b, k, (x.numel() / (b * k)) * x.element_size());
+  return res;
+}
+
+void gather_particles_(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& scratch) {
+  check_gather(x, idx);
+  check_scratch(scratch, x);
+  if (x.numel() == 0) return;
+  if (!scratch.is_contiguous() || !x.is_contiguous()) {
+    x.copy_(gather_particles(x, idx));
+    return;
+  }
+  scratch.copy_(x);
+  const int64_t b = x.size(0), k = x.size(1);
+  gather_rows(static_cast<const char*>(scratch.const_data_ptr()), static_cast<char*>(x.data_ptr()),
+              idx.contiguous().const_data_ptr<int64_t>(), b, k,
+              (x.numel() / (b * k)) * x.element_size());
+}
+
+TORCH_LIBRARY_IMPL(glass_fast, CPU, m) {
+  m.impl("normalize_log_weights", &normalize_log_weights);
+  m.impl("resample_indices", &resample_indices);
+  m.impl("gather_particles", &gather_particles);
+  m.impl("gather_particles_", &gather_particles_);
+}
+
+}  // namespace glass_fast::cpu

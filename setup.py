@@ -1,0 +1,111 @@
+"""Build and install glass_fast.
+
+    pip install --no-build-isolation -e ".[dev]"
+
+The compiled extension ``glass_fast._C`` is optional: every op has a plain-PyTorch reference, so a
+missing or failed build only narrows the set of backends (see ``glass_fast.ops.available_backends``).
+
+Environment variables read here:
+    GLASS_FAST_NO_EXT=1     skip the C++/CUDA extension entirely (pure-Python install).
+    GLASS_FAST_NO_CUDA=1    build only the CPU parts even where CUDA is available.
+    MAX_JOBS=N              parallel compile jobs (ninja), honoured by torch.utils.cpp_extension.
+    TORCH_CUDA_ARCH_LIST    CUDA architectures to build for, e.g. "9.0".
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import warnings
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _rel(paths):
+    # setuptools wants source paths relative to setup.py.
+    return sorted(os.path.relpath(p, HERE) for p in paths)
+
+
+def _extensions():
+    """(ext_modules, cmdclass) for the optional extension, or ([], {}) when it is skipped."""
+    if _flag("GLASS_FAST_NO_EXT"):
+        print("glass_fast: GLASS_FAST_NO_EXT=1, skipping the C++/CUDA extension.")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("glass_fast: torch is not importable at build time, skipping the C++/CUDA extension "
+              "(install torch first and use pip install --no-build-isolation).")
+        return [], {}
+
+    cpu_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp"))
+                       + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
+    cuda_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
+    cuda_home = cpp_extension.CUDA_HOME
+    with_cuda = (torch.version.cuda is not None and cuda_home is not None
+                 and os.path.isdir(cuda_home) and not _flag("GLASS_FAST_NO_CUDA"))
+    if not with_cuda:
+        why = ("GLASS_FAST_NO_CUDA=1" if _flag("GLASS_FAST_NO_CUDA") else
+               "torch has no CUDA (torch.version.cuda is None)" if torch.version.cuda is None else
+               "CUDA_HOME not found")
+        print(f"glass_fast: {why}; CUDA parts skipped, building the CPU extension only.")
+
+    cxx = ["-O3", "-std=c++17"] if os.name != "nt" else ["/O2", "/std:c++17"]
+    define_macros = [("GLASS_FAST_WITH_CUDA", "1")] if with_cuda else []
+    include_dirs = [os.path.join(HERE, "csrc")]
+    if with_cuda:
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr",
+                "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+        ext = cpp_extension.CUDAExtension(
+            "glass_fast._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
+            define_macros=define_macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    else:
+        ext = cpp_extension.CppExtension(
+            "glass_fast._C", cpu_sources, include_dirs=include_dirs,
+            define_macros=define_macros, extra_compile_args={"cxx": cxx})
+
+    class OptionalBuildExt(cpp_extension.BuildExtension):
+        """Build the extension with ninja; on failure warn and keep the pure-Python install."""
+
+        def build_extension(self, extension):
+            try:
+                super().build_extension(extension)
+            except Exception as exc:  # noqa: BLE001 - any compiler/linker failure is optional
+                msg = (f"glass_fast: building {extension.name} failed ({type(exc).__name__}: {exc}); "
+                       "installing without it, the reference backend stays available.")
+                warnings.warn(msg)
+                print(msg, file=sys.stderr)
+
+    return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="glass_fast",
+    version="0.1.0",
+    description="GLASS Flows transitions, ODE/SDE samplers and Feynman-Kac steering for flow models, "
+                "with fused per-element kernels.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["glass_fast", "glass_fast.*"]) + ["glass_fast.kernels"],
+    package_dir={"glass_fast.kernels": "kernels"},
+    package_data={"glass_fast": ["zoo/weights/*.safetensors"]},
+    include_package_data=False,
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "matplotlib"],
+    extras_require={
+        "diffusers": ["diffusers>=0.30"],
+        "dev": ["pytest", "pytest-benchmark", "scipy", "ninja", "scikit-learn"],
+    },
+    entry_points={"console_scripts": ["glass-fast = glass_fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
