@@ -1,0 +1,131 @@
+"""torch.library registration: fake kernels for the C++/CUDA ops and the Triton custom ops.
+
+The C++ extension declares every schema in csrc/glass_fast.cpp (namespace ``glass_fast``); its fake
+(shape-only) kernels are registered here once the extension loads. The Triton backend defines the
+same ops under ``glass_fast_triton`` with ``torch.library.custom_op``. Both namespaces share one set
+of fakes, so ``torch.compile(fullgraph=True)`` traces any backend without running it. Fakes allocate
+contiguous outputs, like the kernels.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _fake_fused_step(base: Tensor, out: Tensor, coef: Tensor, x_t: Tensor | None,
+                     stage: Tensor | None) -> tuple[Tensor, Tensor]:
+    new = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    y = torch.empty(base.shape, dtype=out.dtype, device=base.device)
+    return new, y
+
+
+def _fake_fused_step_(base: Tensor, out: Tensor, coef: Tensor, x_t: Tensor | None,
+                      stage: Tensor | None, y_out: Tensor) -> None:
+    return None
+
+
+def _fake_normalize(log_w: Tensor) -> tuple[Tensor, Tensor]:
+    return (torch.empty(log_w.shape, dtype=log_w.dtype, device=log_w.device),
+            torch.empty(log_w.shape[:1], dtype=log_w.dtype, device=log_w.device))
+
+
+def _fake_resample(log_w: Tensor, uniforms: Tensor, scheme: str) -> Tensor:
+    return torch.empty(log_w.shape, dtype=torch.int64, device=log_w.device)
+
+
+def _fake_gather(x: Tensor, idx: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _fake_gather_(x: Tensor, idx: Tensor, scratch: Tensor) -> None:
+    return None
+
+
+FAKES = {
+    "fused_step": _fake_fused_step,
+    "fused_step_": _fake_fused_step_,
+    "normalize_log_weights": _fake_normalize,
+    "resample_indices": _fake_resample,
+    "gather_particles": _fake_gather,
+    "gather_particles_": _fake_gather_,
+}
+
+_extension_fakes_done = False
+
+
+def register_extension_fakes() -> None:
+    """Register the fakes of torch.ops.glass_fast.* (called once, after glass_fast._C loads)."""
+    global _extension_fakes_done
+    if _extension_fakes_done:
+        return
+    for name, fn in FAKES.items():
+        torch.library.register_fake(f"glass_fast::{name}")(fn)
+    _extension_fakes_done = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton custom ops. The kernels module is imported on first use, so TRITON_INTERPRET set before
+# that first call decides whether the kernels run compiled (CUDA) or interpreted (CPU tests).
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("glass_fast_triton::fused_step", mutates_args=())
+def triton_fused_step(base: Tensor, out: Tensor, coef: Tensor, x_t: Tensor | None,
+                      stage: Tensor | None) -> tuple[Tensor, Tensor]:
+    from glass_fast.kernels.fused_step import fused_step_triton
+    new = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    y = torch.empty(base.shape, dtype=out.dtype, device=base.device)
+    fused_step_triton(base, out, coef, x_t, stage, new, y)
+    return new, y
+
+
+@torch.library.custom_op("glass_fast_triton::fused_step_", mutates_args=("base", "y_out"))
+def triton_fused_step_(base: Tensor, out: Tensor, coef: Tensor, x_t: Tensor | None,
+                       stage: Tensor | None, y_out: Tensor) -> None:
+    from glass_fast.kernels.fused_step import fused_step_triton
+    new = base if base.is_contiguous() else torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    y = y_out if y_out.is_contiguous() else torch.empty(base.shape, dtype=y_out.dtype, device=base.device)
+    fused_step_triton(base, out, coef, x_t, stage, new, y)
+    if new is not base:
+        base.copy_(new)
+    if y is not y_out:
+        y_out.copy_(y)
+
+
+@torch.library.custom_op("glass_fast_triton::normalize_log_weights", mutates_args=())
+def triton_normalize_log_weights(log_w: Tensor) -> tuple[Tensor, Tensor]:
+    from glass_fast.kernels.resample import normalize_log_weights_triton
+    return normalize_log_weights_triton(log_w)
+
+
+@torch.library.custom_op("glass_fast_triton::resample_indices", mutates_args=())
+def triton_resample_indices(log_w: Tensor, uniforms: Tensor, scheme: str) -> Tensor:
+    from glass_fast.kernels.resample import resample_indices_triton
+    return resample_indices_triton(log_w, uniforms, scheme)
+
+
+@torch.library.custom_op("glass_fast_triton::gather_particles", mutates_args=())
+def triton_gather_particles(x: Tensor, idx: Tensor) -> Tensor:
+    from glass_fast.kernels.gather import gather_particles_triton
+    res = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    gather_particles_triton(x, idx, res)
+    return res
+
+
+@torch.library.custom_op("glass_fast_triton::gather_particles_", mutates_args=("x", "scratch"))
+def triton_gather_particles_(x: Tensor, idx: Tensor, scratch: Tensor) -> None:
+    from glass_fast.kernels.gather import gather_particles_triton
+    scratch.copy_(x)
+    if x.is_contiguous():
+        gather_particles_triton(scratch, idx, x)
+    else:
+        x.copy_(triton_gather_particles(scratch, idx))
+
+
+for _name, _fn in FAKES.items():
+    torch.library.register_fake(f"glass_fast_triton::{_name}")(_fn)
+
+
+def op(backend: str, name: str):
+    """The OpOverloadPacket running op ``name`` on ``backend`` ("cpp", "cuda" or "triton")."""
+    ns = torch.ops.glass_fast_triton if backend == "triton" else torch.ops.glass_fast
+    return getattr(ns, name)

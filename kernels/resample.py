@@ -1,0 +1,120 @@
+"""Triton particle-weight kernels: log-weight normalisation and grouped resampling indices.
+
+Math, per group b (one program per group, the K weights of a group held in one block):
+    normalize:  lse = m + log sum_j exp(lw_j - m), m = max_j lw_j;  lw_j - lse;  ess = 1 / sum exp(2 (lw_j - lse))
+    weights:    w_j = exp(lw_j - m) / sum_j exp(lw_j - m);  cdf = cumsum(w), cdf_{K-1} = 1
+    ancestors:  a_k = #{j : cdf_j <= p_k}, clamped to K - 1   (torch.searchsorted(..., right=True))
+    residual:   n_j = floor(K w_j); slots k < sum n take #{j : cumsum(n)_j <= k}; the others take a
+                multinomial ancestor from the cdf of the residual weights K w_j - n_j.
+The search counts the cdf entries below each position in tiles of the cdf, so any K fits.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _normalize_kernel(lw_ptr, norm_ptr, ess_ptr, K, ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    lw = tl.load(lw_ptr + row * K + offs, mask=mask, other=float("-inf")).to(ACC)
+    m = tl.max(lw, axis=0)
+    lse = m + tl.log(tl.sum(tl.where(mask, tl.exp(lw - m), 0.0), axis=0))
+    norm = lw - lse
+    ess = 1.0 / tl.sum(tl.where(mask, tl.exp(2.0 * norm), 0.0), axis=0)
+    tl.store(norm_ptr + row * K + offs, norm.to(norm_ptr.dtype.element_ty), mask=mask)
+    tl.store(ess_ptr + row, ess.to(ess_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _cdf_kernel(lw_ptr, cdf_ptr, rcdf_ptr, copies_ptr, total_ptr, K,
+                RESIDUAL: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    last = offs == K - 1
+    lw = tl.load(lw_ptr + row * K + offs, mask=mask, other=float("-inf")).to(ACC)
+    e = tl.where(mask, tl.exp(lw - tl.max(lw, axis=0)), 0.0)
+    w = e / tl.sum(e, axis=0)
+    if RESIDUAL:
+        kw = K * w
+        n = tl.floor(kw)
+        copies = tl.cumsum(n, axis=0)
+        r = kw - n
+        rcdf = tl.where(last, 1.0, tl.cumsum(r / tl.sum(r, axis=0), axis=0))
+        tl.store(copies_ptr + row * K + offs, copies, mask=mask)
+        tl.store(rcdf_ptr + row * K + offs, rcdf, mask=mask)
+        tl.store(total_ptr + row, tl.sum(n, axis=0))
+    else:
+        tl.store(cdf_ptr + row * K + offs, tl.where(last, 1.0, tl.cumsum(w, axis=0)), mask=mask)
+
+
+@triton.jit
+def _search_kernel(sorted_ptr, pos_ptr, idx_ptr, K, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr):
+    # idx[b, k] = min(#{j : sorted[b, j] <= pos[b, k]}, K - 1); tiles of BLOCK_P positions.
+    row = tl.program_id(0).to(tl.int64)
+    p_offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p_offs < K
+    pos = tl.load(pos_ptr + row * K + p_offs, mask=p_mask, other=0.0)
+    count = tl.zeros([BLOCK_P], dtype=tl.int32)
+    for j0 in range(0, K, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        cdf = tl.load(sorted_ptr + row * K + j, mask=j < K, other=float("inf"))
+        count += tl.sum((cdf[None, :] <= pos[:, None]).to(tl.int32), axis=1)
+    tl.store(idx_ptr + row * K + p_offs, tl.minimum(count, K - 1).to(tl.int64), mask=p_mask)
+
+
+def _acc(log_w: torch.Tensor):
+    return (torch.float64, tl.float64) if log_w.dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def normalize_log_weights_triton(log_w: torch.Tensor):
+    """(log_w - logsumexp, ess) per group for log_w [B, K] (checked by the caller)."""
+    lw = log_w.contiguous()
+    b, k = lw.shape
+    norm, ess = torch.empty_like(lw), torch.empty(b, dtype=lw.dtype, device=lw.device)
+    if b > 0:
+        _normalize_kernel[(b,)](lw, norm, ess, k, ACC=_acc(lw)[1], BLOCK_K=triton.next_power_of_2(k))
+    return norm, ess
+
+
+def _search(sorted_: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    b, k = pos.shape
+    idx = torch.empty((b, k), dtype=torch.int64, device=pos.device)
+    block_p = min(64, triton.next_power_of_2(k))
+    _search_kernel[(b, triton.cdiv(k, block_p))](sorted_, pos.contiguous(), idx, k,
+                                                  BLOCK_P=block_p, BLOCK_J=min(64, triton.next_power_of_2(k)))
+    return idx
+
+
+def resample_indices_triton(log_w: torch.Tensor, uniforms: torch.Tensor, scheme: str) -> torch.Tensor:
+    """[B, K] int64 ancestors for log_w, uniforms [B, K] and a scheme name (checked by the caller)."""
+    lw = log_w.contiguous()
+    b, k = lw.shape
+    if b == 0:
+        return torch.empty((0, k), dtype=torch.int64, device=lw.device)
+    acc, tl_acc = _acc(lw)
+    u = uniforms.to(acc)
+    block_k = triton.next_power_of_2(k)
+    if scheme != "residual":
+        cdf = torch.empty((b, k), dtype=acc, device=lw.device)
+        _cdf_kernel[(b,)](lw, cdf, cdf, cdf, cdf, k, RESIDUAL=False, ACC=tl_acc, BLOCK_K=block_k)
+        slots = torch.arange(k, device=lw.device, dtype=acc)
+        if scheme == "multinomial":
+            pos = u
+        elif scheme == "stratified":
+            pos = (slots + u) / k
+        else:
+            pos = (slots + u[:, :1]) / k
+        return _search(cdf, pos)
+    copies = torch.empty((b, k), dtype=acc, device=lw.device)
+    rcdf = torch.empty_like(copies)
+    total = torch.empty((b, 1), dtype=acc, device=lw.device)
+    _cdf_kernel[(b,)](lw, rcdf, rcdf, copies, total, k, RESIDUAL=True, ACC=tl_acc, BLOCK_K=block_k)
+    slots = torch.arange(k, device=lw.device, dtype=acc).expand(b, k)
+    det = _search(copies, slots)
+    rand = _search(rcdf, u)
+    return torch.where(slots < total, det, rand)
