@@ -1,0 +1,119 @@
+"""Full generation from noise, call accounting, bad input and non-finite model outputs."""
+import pytest
+import torch
+
+import glass_fast as gf
+from glass_fast.mixtures import ks_critical, ks_statistic, mixture_cdf
+
+U = torch.tensor([0.6, 0.8], dtype=torch.float64)
+
+
+class Counting:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        return self.fn(x, t)
+
+
+@pytest.mark.parametrize("method,solver,rho", [("glass", "euler", 0.4), ("glass", "midpoint", "ddpm"),
+                                               ("glass", "heun", 0.9), ("ode", "euler", 0.4), ("sde", "euler", 0.4)])
+def test_generation_reaches_the_data(mixture, method, solver, rho):
+    n = 4000
+    m = mixture.flow_model(gf.LinearSchedule(), "velocity")
+    noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(1))
+    x = gf.sample(m, noise, method=method, transitions=5, inner_steps=20, rho=rho, solver=solver,
+                  generator=torch.Generator().manual_seed(2))
+    W, M, V = mixture.marginal_law(gf.LinearSchedule(), 1.0)
+    assert ks_statistic(x.double() @ U, lambda y: mixture_cdf(y, W, M, V, U)) < ks_critical(n, 0.001)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sch", [gf.LinearSchedule(), gf.CosineSchedule(), gf.VPSchedule()], ids=repr)
+@pytest.mark.parametrize("method", ["glass", "ode", "sde"])
+def test_generation_reaches_the_data_large(mixture, sch, method):
+    n = 20000
+    m = mixture.flow_model(sch, "velocity")
+    # VP starts at alpha_0 > 0: draw the start from the exact p_0 instead of N(0, I).
+    noise = mixture.marginal_sample(sch, 0.0, n, torch.Generator().manual_seed(1)).float()
+    x = gf.sample(m, noise, method=method, transitions=5, inner_steps=40, solver="midpoint" if method != "sde" else "euler",
+                  generator=torch.Generator().manual_seed(2))
+    W, M, V = mixture.marginal_law(sch, 1.0)
+    for u in (U, torch.tensor([1.0, 0.0], dtype=torch.float64)):
+        assert ks_statistic(x.double() @ u, lambda y: mixture_cdf(y, W, M, V, u)) < ks_critical(n, 0.0005)
+
+
+@pytest.mark.parametrize("method,solver,calls", [("glass", "euler", 30), ("glass", "midpoint", 30), ("ode", "heun", 30),
+                                                 ("sde", "euler", 30), ("plugin", "euler", 3)])
+def test_every_method_spends_transitions_times_inner_steps_calls(mixture, method, solver, calls):
+    exact = mixture.flow_model(gf.LinearSchedule(), "velocity")
+    fn = Counting(exact.fn)
+    m = gf.FlowModel(fn, gf.LinearSchedule(), "velocity")
+    gf.sample(m, torch.randn(8, 2), method=method, transitions=3, inner_steps=10, solver=solver)
+    assert fn.calls == calls == m.calls
+
+
+def test_image_shaped_states(mixture):
+    # Any trailing shape: a [B, C, H, W] state through a per-pixel model.
+    m = gf.FlowModel(lambda x, t: -x * t.view(-1, 1, 1, 1), gf.LinearSchedule(), "x0")
+    x = gf.sample(m, torch.randn(3, 2, 5, 7), transitions=2, inner_steps=3, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (3, 2, 5, 7) and torch.isfinite(x).all()
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.fixture
+def model(mixture):
+    return mixture.flow_model(gf.LinearSchedule(), "velocity")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(t=0.5, t_next=0.5), "t_next must be greater than t"),
+    (dict(t=0.6, t_next=0.2), "t_next must be greater than t"),
+    (dict(t=-0.1, t_next=0.2), r"t must lie in \[0, 1\]"),
+    (dict(t=0.1, t_next=1.2), r"t_next must lie in \[0, 1\]"),
+    (dict(rho=1.5), r"rho must lie in \[-1, 1\]"),
+    (dict(rho="cosine"), "rho must be a float"),
+    (dict(inner_steps=0), "inner_steps must be an integer >= 1"),
+    (dict(solver="rk4"), "solver must be one of"),
+    (dict(solver="midpoint", inner_steps=5), "multiple of 2"),
+])
+def test_glass_bad_arguments(model, kwargs, match):
+    args = dict(t=0.2, t_next=0.5) | kwargs
+    t, tn = args.pop("t"), args.pop("t_next")
+    with pytest.raises(ValueError, match=match):
+        gf.glass_transition(model, torch.zeros(4, 2), t, tn, **args)
+
+
+def test_unknown_method_and_prediction(model):
+    with pytest.raises(ValueError, match="method must be one of"):
+        gf.sample(model, torch.zeros(4, 2), method="ddim")
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        gf.FlowModel(lambda x, t: x, gf.LinearSchedule(), prediction="v")
+
+
+def test_wrong_model_output_shape_or_dtype():
+    bad_shape = gf.FlowModel(lambda x, t: x[:, :1], gf.LinearSchedule())
+    with pytest.raises(ValueError, match=r"model output has shape \(4, 1\), expected .*\(4, 2\)"):
+        gf.sample(bad_shape, torch.zeros(4, 2))
+    bad_dtype = gf.FlowModel(lambda x, t: x.double(), gf.LinearSchedule())
+    with pytest.raises(TypeError, match="model output has dtype torch.float64"):
+        gf.sample(bad_dtype, torch.zeros(4, 2))
+
+
+def test_generator_on_another_device(model):
+    # Only CPU generators exist on this machine: put the state on another device instead.
+    with pytest.raises(ValueError, match="generator is on cpu but x is on meta"):
+        gf.glass_transition(model, torch.zeros(4, 2, device="meta"), 0.1, 0.2, generator=torch.Generator())
+
+
+def test_nan_is_reported_with_transition_and_stage(mixture):
+    exact = mixture.flow_model(gf.LinearSchedule(), "velocity")
+    def poisoned(x, t):
+        out = exact.fn(x, t)
+        return out.masked_fill(t.view(-1, 1) > 0.55, float("nan"))
+    m = gf.FlowModel(poisoned, gf.LinearSchedule(), "velocity")
+    with pytest.raises(FloatingPointError, match=r"transition 2 \(t=0\.4000 -> 0\.6000\), stage 3 \(model time 0\.5500"):
+        gf.sample(m, torch.randn(4, 2), method="ode", transitions=5, inner_steps=4)
+    with pytest.raises(FloatingPointError, match="glass transition"):
+        gf.glass_transition(m, torch.randn(4, 2), 0.5, 0.9)

@@ -1,0 +1,136 @@
+"""GLASS, ODE, SDE and plug-in transitions against the closed-form transition law (MATH.md section 5)."""
+import math
+
+import pytest
+import torch
+
+import glass_fast as gf
+from glass_fast.mixtures import ks_critical, ks_statistic, mixture_cdf
+
+DIRECTIONS = [torch.tensor(d, dtype=torch.float64) for d in ([1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-0.8, 0.6])]
+
+
+def transition_ks(mixture, model, x_cond, t, t_next, rho, sampler, n):
+    """Max KS distance over projections between n transitions from x_cond and the exact law."""
+    w, mu, var = mixture.transition_law(x_cond, t, t_next, rho, model.schedule)
+    x = x_cond.float().repeat(n, 1)
+    y = sampler(model, x, t, t_next, rho).double()
+    return max(ks_statistic(y @ u, lambda v, u=u: mixture_cdf(v, w[0], mu[0], var[0], u)) for u in DIRECTIONS)
+
+
+def glass(steps, solver):
+    def run(model, x, t, t_next, rho):
+        return gf.glass_transition(model, x, t, t_next, rho=rho, inner_steps=steps, solver=solver,
+                                   generator=torch.Generator().manual_seed(11))
+    return run
+
+
+CASES = [  # (schedule, t, t_next): t = 0 and t' = 1 included
+    (gf.LinearSchedule(), 0.0, 0.3), (gf.LinearSchedule(), 0.4, 0.7), (gf.LinearSchedule(), 0.6, 1.0),
+    (gf.CosineSchedule(), 0.2, 0.5), (gf.VPSchedule(), 0.3, 0.8),
+]
+
+
+@pytest.mark.parametrize("rho", ["ddpm", 0.0, 0.4, 0.9])
+@pytest.mark.parametrize("sch,t,t_next", CASES, ids=lambda c: repr(c) if not isinstance(c, float) else str(c))
+def test_glass_matches_exact_transition(mixture, sch, t, t_next, rho):
+    n = 4000
+    model = mixture.flow_model(sch, "x0")
+    x_cond = mixture.marginal_sample(sch, t, 1, torch.Generator().manual_seed(3))
+    ks = transition_ks(mixture, model, x_cond, t, t_next, rho, glass(16, "midpoint"), n)
+    # Four projections: Bonferroni over the 0.1% level.
+    assert ks < ks_critical(n, 0.001 / len(DIRECTIONS)), ks
+
+
+@pytest.mark.parametrize("solver", ["euler", "midpoint", "heun"])
+def test_error_falls_as_inner_steps_grow(mixture, solver):
+    sch, n = gf.LinearSchedule(), 6000
+    model = mixture.flow_model(sch, "velocity")
+    x_cond = mixture.marginal_sample(sch, 0.3, 1, torch.Generator().manual_seed(4))
+    coarse = transition_ks(mixture, model, x_cond, 0.3, 0.8, 0.4, glass(2, solver), n)
+    fine = transition_ks(mixture, model, x_cond, 0.3, 0.8, 0.4, glass(32, solver), n)
+    assert coarse > ks_critical(n, 0.001)  # two calls are visibly wrong ...
+    assert fine < ks_critical(n, 0.001 / len(DIRECTIONS))  # ... and the refined transition is not.
+
+
+def test_sde_converges_to_the_ddpm_transition(mixture):
+    sch, n = gf.LinearSchedule(), 4000
+    model = mixture.flow_model(sch, "velocity")
+    x_cond = mixture.marginal_sample(sch, 0.0, 1, torch.Generator().manual_seed(5))
+    def sde(model, x, t, t_next, rho):
+        return gf.sde_transition(model, x, t, t_next, steps=64, generator=torch.Generator().manual_seed(2))
+    assert transition_ks(mixture, model, x_cond, 0.0, 0.5, "ddpm", sde, n) < ks_critical(n, 0.001 / 4)
+
+
+def test_plugin_is_one_step_glass(mixture):
+    sch = gf.LinearSchedule()
+    model = mixture.flow_model(sch, "x0")
+    x = mixture.marginal_sample(sch, 0.4, 16).float()
+    a = gf.plugin_transition(model, x, 0.4, 0.6, rho=0.3, generator=torch.Generator().manual_seed(1))
+    b = gf.glass_transition(model, x, 0.4, 0.6, rho=0.3, inner_steps=1, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    # And it is the closed form gamma x + alpha_bar D(x) + sigma_bar eps.
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    rho, s = 0.3, sch
+    gamma = rho * s.sigma(0.6) / s.sigma(0.4)
+    abar = s.alpha(0.6) - gamma * s.alpha(0.4)
+    sbar = s.sigma(0.6) * math.sqrt(1 - rho ** 2)
+    expect = gamma * x + abar * mixture.denoise(x, 0.4, sch).float() + sbar * eps
+    torch.testing.assert_close(a, expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sch", [gf.LinearSchedule(), gf.CosineSchedule(), gf.VPSchedule()], ids=repr)
+@pytest.mark.parametrize("solver", ["euler", "midpoint", "heun"])
+def test_parameterizations_give_the_same_transition(mixture, sch, solver):
+    x = mixture.marginal_sample(sch, 0.35, 32, torch.Generator().manual_seed(6)).float()
+    results = {}
+    for pred in ["x0", "velocity", "epsilon", "score"]:
+        m = mixture.flow_model(sch, pred)
+        results[pred] = (
+            gf.glass_transition(m, x, 0.35, 0.7, inner_steps=8, solver=solver, generator=torch.Generator().manual_seed(1)),
+            gf.ode_transition(m, x, 0.35, 0.7, steps=4, solver=solver),
+            gf.sde_transition(m, x, 0.35, 0.7, steps=4, generator=torch.Generator().manual_seed(1)),
+        )
+    for pred in ["velocity", "epsilon", "score"]:
+        for a, b in zip(results[pred], results["x0"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_per_sample_times_equal_scalar_times(mixture):
+    sch = gf.LinearSchedule()
+    m = mixture.flow_model(sch, "velocity")
+    x = mixture.marginal_sample(sch, 0.2, 6).float()
+    t = torch.tensor([0.2, 0.2, 0.5, 0.5, 0.0, 0.0], dtype=torch.float64)
+    tn = torch.tensor([0.6, 0.6, 0.9, 0.9, 1.0, 1.0], dtype=torch.float64)
+    batched = gf.glass_transition(m, x, t, tn, rho="ddpm", inner_steps=4, solver="midpoint",
+                                  generator=torch.Generator().manual_seed(9))
+    for i in range(0, 6, 2):
+        # The only randomness is one N(0, I) draw per transition: feed each pair the same rows of it.
+        g = torch.Generator().manual_seed(9)
+        one = gf.glass_transition(m, x, float(t[i]), float(tn[i]), rho="ddpm", inner_steps=4, solver="midpoint", generator=g)
+        torch.testing.assert_close(batched[i:i + 2], one[i:i + 2], rtol=1e-5, atol=1e-5)
+
+
+def test_same_seed_is_bit_identical(mixture):
+    m = mixture.flow_model(gf.LinearSchedule(), "velocity")
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    for method in ["glass", "sde", "plugin"]:
+        a = gf.sample(m, noise, method=method, transitions=3, inner_steps=4, generator=torch.Generator().manual_seed(5))
+        b = gf.sample(m, noise, method=method, transitions=3, inner_steps=4, generator=torch.Generator().manual_seed(5))
+        c = gf.sample(m, noise, method=method, transitions=3, inner_steps=4, generator=torch.Generator().manual_seed(6))
+        assert torch.equal(a, b)
+        assert not torch.equal(a, c)
+
+
+def test_bf16_model_runs_in_its_dtype(mixture):
+    exact = mixture.flow_model(gf.LinearSchedule(), "velocity")
+    seen = []
+    def bf16_net(x, t):
+        seen.append(x.dtype)
+        return exact.fn(x, t)
+    m = gf.FlowModel(bf16_net, gf.LinearSchedule(), "velocity", dtype=torch.bfloat16)
+    noise = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
+    x = gf.sample(m, noise, transitions=2, inner_steps=4, generator=torch.Generator().manual_seed(1))
+    ref = gf.sample(exact, noise, transitions=2, inner_steps=4, generator=torch.Generator().manual_seed(1))
+    assert set(seen) == {torch.bfloat16} and x.dtype == torch.float32
+    assert float((x - ref).abs().mean()) < 0.05  # bf16 rounding, not a different sampler
