@@ -1,0 +1,198 @@
+"""Feynman-Kac steering: sequential Monte Carlo over any proposal, towards p_r proportional to p exp(lmbda r).
+
+Particles x [B, K, ...] (B groups of K) run flattened as [B*K, ...] through one ``Sampler``. After each
+transition k -> k+1 the reward of the x0-prediction r(D_{t_{k+1}}(x_{k+1})) updates the log-weights through a
+potential (``potentials``); at t = 1 the reward of x_1 itself, with the final correction by default.
+
+Model calls: D_{t_{k+1}}(x_{k+1}) is exactly the first model call (s = 0, or the first ODE / SDE stage) of
+transition k+1, so it is computed once and handed to ``Sampler.step(k+1, x, denoised=...)``; D_{t_0}(x_0)
+likewise feeds transition 0. Steering with GLASS therefore costs transitions * inner_steps model calls per
+particle, the same as plain sampling. (The "value" potential adds samples * (inner_steps - 1) per particle
+and transition for its posterior draws.)
+
+No host synchronisation in the loop: log-weights accumulate on the device, every group computes ancestors
+and keeps the identity unless its ESS fell below the threshold (``torch.where``), resetting only resampled
+groups to log(1/K). Which steps may resample (window on t, every n-th transition) is fixed before the loop.
+Failures are recorded on the device and raised once after the loop: non-finite model outputs, groups whose
+particles all have zero weight (named with the first transition where it happened), and a warning counting
+non-finite rewards (each gives its particle zero weight).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from ..model import FlowModel, denoiser_coefficients
+from ..sampling import METHODS, Sampler
+from ..transitions import FiniteGuard
+from .potentials import PotentialState, check_potential
+from .resampling import AdaptiveResampler, check_scheme, gather, normalize_log_weights
+from .result import Meter, SteeringResult, best_of_groups, check_particles
+from .value import PosteriorValue
+
+
+def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "glass", transitions: int = 5,
+                inner_steps: int = 10, rho=0.4, solver: str = "euler", potential: str = "diff",
+                lmbda: float = 1.0, resample: str = "systematic", ess_threshold: float = 0.5,
+                resample_window=(0.0, 1.0), resample_every: int = 1, final_correction: bool = True,
+                guidance=None, generator: torch.Generator | None = None, progress: bool = False,
+                value_samples: int = 4, timings: bool | None = None) -> SteeringResult:
+    """Steer B groups of K particles towards p_r(z) proportional to p(z) exp(lmbda r(z)).
+
+    Args:
+        model: the FlowModel.
+        reward: callable(x [N, ...]) -> Tensor[N] on x's device, larger is better.
+        noise: [B, K, ...] initial particles drawn from N(0, I).
+        method: proposal "glass" | "sde" | "ode" | "plugin".
+        transitions, inner_steps, rho, solver: the sampler (model calls per particle: transitions * inner_steps).
+        potential: "diff" | "max" | "add" | "immediate" | "value" (see ``glass_fast.steering.potentials``).
+        lmbda: reward temperature, >= 0.
+        resample: "multinomial" | "stratified" | "systematic" | "residual".
+        ess_threshold: in [0, 1]; a group resamples when its ESS < ess_threshold * K (0: never, 1: always).
+        resample_window: (lo, hi): resample only after transitions ending at a time t_{k+1} in [lo, hi], t < 1.
+        resample_every: resample only after every n-th transition (k+1 divisible by n).
+        final_correction: make the weighted particles target p_r for any potential (default).
+        guidance: optional hook (e.g. ``RewardGuidance``) applied after every model call of the proposal.
+        generator: randomness of the proposal and of the resampling.
+        progress: show a tqdm bar over transitions.
+        value_samples: posterior draws per particle for potential="value".
+        timings: measure seconds in model / reward / sampler; None: on CPU only (CUDA needs syncs).
+    Returns:
+        SteeringResult with samples [B, K, ...], per-group normalised log_weights [B, K] (the weighted
+        system targets p_r), rewards [B, K], best [B, ...], nfe, reward_calls, timings.
+
+    Raises:
+        FloatingPointError: the model returned NaN / Inf.
+        RuntimeError: every particle of a group reached zero weight (non-finite rewards).
+
+    Example:
+        >>> res = fk_steering(model, lambda x: x[:, 0], torch.randn(4, 8, 2), method="glass")
+        >>> res.best.shape, res.nfe   # (torch.Size([4, 2]), 50.0)
+    """
+    b, k_part = check_particles(model, reward, noise, generator)
+    _check_options(method, potential, lmbda, resample, ess_threshold, resample_window, resample_every,
+                   value_samples, guidance)
+    n, rest, dev = b * k_part, tuple(noise.shape[2:]), noise.device
+    meter = Meter(model, dev, timings)
+    m = meter.model
+    sampler = Sampler(m, method=method, transitions=transitions, inner_steps=inner_steps, rho=rho, solver=solver,
+                      device=dev, dtype=noise.dtype)
+    grid, steps = sampler.grid, sampler.transitions
+    lo, hi = float(resample_window[0]), float(resample_window[1])
+    due = [0 < k + 1 < steps and lo <= float(grid[k + 1]) <= hi and (k + 1) % resample_every == 0
+           for k in range(steps)]
+    resampler = AdaptiveResampler(b, k_part, resample, float(ess_threshold), dev) if ess_threshold > 0 else None
+    values = ({k: PosteriorValue(m, float(grid[k]), samples=value_samples, inner_steps=inner_steps, rho=rho,
+                                 solver=solver, device=dev, dtype=noise.dtype) for k in range(1, steps)}
+              if potential == "value" else {})
+    guard = FiniteGuard(dev)
+
+    def score(z):  # lmbda r(z) in float64, shape [M]
+        return lmbda * meter.reward(reward, z, "in fk_steering").to(torch.float64)
+
+    def grouped(t):
+        return t.reshape((b, k_part) + tuple(t.shape[1:]))
+
+    x = noise.reshape((n,) + rest)
+    d = m.denoise(x, float(grid[0]))
+    guard.check(d, f"the denoiser at t={float(grid[0]):.4f}")
+    # At t_0 the value is the same constant for every particle when alpha_0 = 0 (the posterior is the prior),
+    # so 0 is used; with alpha_0 > 0 the final correction removes the difference.
+    score0 = torch.zeros(n, dtype=torch.float64, device=dev) if potential == "value" else score(d)
+    state = PotentialState(potential, grouped(score0), final_correction)
+    log_w = torch.full((b, k_part), -math.log(k_part), dtype=torch.float64, device=dev)
+    dead_at = torch.full((b,), -1, dtype=torch.int64, device=dev)
+    r_final = None
+    for k in _progress(range(steps), progress):
+        x = sampler.step(k, x, generator=generator, denoised=_guided(guidance, m, x, d, grid[k]), guard=guard,
+                         guidance=guidance)
+        if k + 1 < steps:
+            t_next = float(grid[k + 1])
+            d = m.denoise(x, t_next)
+            guard.check(d, f"the denoiser at t={t_next:.4f}")
+            s = values[k + 1](x, score, denoised=d, generator=generator, guard=guard) if values else score(d)
+            log_g = state.step(grouped(s))
+        else:
+            r_final = meter.reward(reward, x, "in fk_steering at t = 1")
+            log_g = state.final(grouped(lmbda * r_final.to(torch.float64)))
+        log_w = log_w + log_g
+        log_w = torch.where(torch.isnan(log_w), torch.full_like(log_w, -math.inf), log_w)
+        dead = torch.isneginf(log_w).all(dim=-1)
+        dead_at = torch.where(dead & (dead_at < 0), torch.full_like(dead_at, k), dead_at)
+        if resampler is not None and due[k]:
+            idx, log_w = resampler(log_w, generator)
+            x = gather(grouped(x), idx).reshape((n,) + rest)
+            d = gather(grouped(d), idx).reshape((n,) + rest)
+            state.gather(idx, gather)
+    guard.raise_if_bad()
+    _raise_dead(dead_at, grid)
+    bad = int(state.bad)
+    if bad:
+        warnings.warn(f"fk_steering: the reward was NaN or Inf for {bad} particle evaluations; those particles "
+                      f"were given zero weight", UserWarning, stacklevel=2)
+    lw, _ = normalize_log_weights(log_w)
+    nfe, reward_calls, secs = meter.close(n)
+    samples, rewards = grouped(x), grouped(r_final)
+    return SteeringResult(samples=samples, log_weights=lw, rewards=rewards, best=best_of_groups(samples, rewards),
+                          nfe=nfe, reward_calls=reward_calls, timings=secs)
+
+
+def _guided(guidance, model: FlowModel, x: torch.Tensor, d: torch.Tensor, t) -> torch.Tensor:
+    """The denoiser handed to a transition's first stage, with the guidance that stage's model call would get."""
+    if guidance is None:
+        return d
+    t_host = torch.as_tensor(model.clamp_time(float(t)), dtype=torch.float64)
+    t_dev = t_host.to(device=x.device, dtype=torch.float32)
+    y = x.to(model.input_dtype(x))
+    if hasattr(guidance, "shift"):
+        return guidance.shift(model, y, t_dev, t_host, d)
+    # A generic hook edits the raw output: convert D -> output -> hook -> D.
+    a_x, a_o = (float(c) for c in denoiser_coefficients(model.schedule, model.prediction, t_host))
+    out = ((d - a_x * x) / a_o).to(y.dtype)
+    return (a_x * x + a_o * guidance(model, y, t_dev, t_host, out)).to(d.dtype)
+
+
+def _raise_dead(dead_at: torch.Tensor, grid: torch.Tensor) -> None:
+    dead_at = dead_at.cpu()
+    groups = torch.nonzero(dead_at >= 0).flatten().tolist()
+    if groups:
+        g = groups[0]
+        k = int(dead_at[g])
+        more = f" (and {len(groups) - 1} more groups: {groups[1:8]})" if len(groups) > 1 else ""
+        raise RuntimeError(f"fk_steering: every particle of group {g} has zero weight after transition {k} "
+                           f"(t={float(grid[k]):.4f} -> {float(grid[k + 1]):.4f}){more}: the reward was NaN or "
+                           f"Inf for all of them")
+
+
+def _progress(it, on: bool):
+    if not on:
+        return it
+    from tqdm.auto import tqdm
+    return tqdm(it, desc="fk_steering", unit="transition")
+
+
+def _check_options(method, potential, lmbda, resample, ess_threshold, window, every, value_samples, guidance):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_potential(potential)
+    check_scheme(resample)
+    if isinstance(lmbda, bool) or not isinstance(lmbda, (int, float)) or not math.isfinite(lmbda) or lmbda < 0:
+        raise ValueError(f"lmbda must be a finite number >= 0, got {lmbda!r}")
+    if (isinstance(ess_threshold, bool) or not isinstance(ess_threshold, (int, float))
+            or not 0.0 <= ess_threshold <= 1.0):
+        raise ValueError(f"ess_threshold must be a number in [0, 1], got {ess_threshold!r}")
+    try:
+        lo, hi = (float(w) for w in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"resample_window must be a pair (lo, hi) of times, got {window!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"resample_window must satisfy 0 <= lo <= hi <= 1, got {window!r}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"resample_every must be an integer >= 1, got {every!r}")
+    if isinstance(value_samples, bool) or not isinstance(value_samples, int) or value_samples < 1:
+        raise ValueError(f"value_samples must be an integer >= 1, got {value_samples!r}")
+    if guidance is not None and not callable(guidance):
+        raise TypeError(f"guidance must be callable(model, y, t, t_host, out) -> out (e.g. RewardGuidance), "
+                        f"got {type(guidance).__name__}")

@@ -1,0 +1,123 @@
+"""Reward guidance: gradient steering of the denoiser, for plain sampling and inside FK steering.
+
+Every guidance form of MATH.md section 4 is the same shift of the denoiser at the model's time t:
+
+    D'_t(y) = D_t(y) + scale * (sigma_t^2 / alpha_t) * grad r
+
+- flow guidance u_r = u + c_t grad r with c_t = lmbda nu_t^2 / 2: since u is affine in D with slope
+  (alpha' - alpha sigma'/sigma), the shift of D is c_t / (alpha' - alpha sigma'/sigma) = lmbda sigma^2/alpha;
+- SDE guidance adds the same term to the drift, i.e. the same shift of the D the drift is built from;
+- GLASS guidance inside the inner flow: beta_{t*} (sigma_{t*}^2 / alpha_{t*}) w2 grad, and w2 is the inner
+  velocity's slope in D, so again a shift of D by beta sigma^2/alpha at the shifted time t*.
+
+``scale`` plays lmbda (flow / SDE) or beta (GLASS). The sampler calls the hook after every model call with
+the model input y and the raw output; since D = a_x y + a_o out, the hook returns out + shift / a_o.
+
+Gradient: detached (default) is grad r at D, not through the network (the paper's choice at large
+scale: no backward pass through the model); ``detach=False`` is grad_y r(D_t(y)) through the network,
+which re-runs the model with gradients enabled: one extra model call per guided stage, counted in NFE.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..model import FlowModel, denoiser_coefficients
+from .result import check_reward
+
+
+class RewardGuidance:
+    """Shift the denoiser along the reward gradient on a window of model times.
+
+    Args:
+        reward: callable(x [N, ...]) -> Tensor[N], differentiable; larger is better.
+        scale: guidance strength (lmbda for flow / SDE guidance, beta for GLASS guidance), finite.
+        window: (lo, hi) model times t in [0, 1] where guidance is on (the paper: (0.2, 0.7)).
+        detach: True: gradient of r at D (no backward through the network); False: through the network.
+
+    Example:
+        >>> g = RewardGuidance(lambda x: x[:, 0], scale=0.5)
+        >>> x = glass_fast.sample(model, torch.randn(64, 2), guidance=g)
+        >>> res = glass_fast.fk_steering(model, reward, torch.randn(4, 8, 2), guidance=g)
+    """
+
+    def __init__(self, reward, scale: float, window=(0.2, 0.7), detach: bool = True):
+        if not callable(reward):
+            raise TypeError(f"RewardGuidance: reward must be callable, got {type(reward).__name__}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"RewardGuidance: scale must be a finite number, got {scale!r}")
+        try:
+            lo, hi = (float(w) for w in window)
+        except (TypeError, ValueError):
+            raise ValueError(f"RewardGuidance: window must be a pair (lo, hi) of times, got {window!r}") from None
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"RewardGuidance: window must satisfy 0 <= lo <= hi <= 1, got {window!r}")
+        self.reward, self.scale, self.window, self.detach = reward, float(scale), (lo, hi), bool(detach)
+
+    def __repr__(self) -> str:
+        return f"RewardGuidance(scale={self.scale}, window={self.window}, detach={self.detach})"
+
+    def active(self, t_host: torch.Tensor) -> bool:
+        """Whether any model time in ``t_host`` (host float64) lies in the window."""
+        lo, hi = self.window
+        return bool(torch.any((t_host >= lo) & (t_host <= hi)))
+
+    def _coefficient(self, model: FlowModel, t_host: torch.Tensor, like: torch.Tensor):
+        """scale * sigma^2 / alpha inside the window (0 outside or where alpha = 0), shaped for ``like``."""
+        lo, hi = self.window
+        t = t_host.to(torch.float64)
+        a, s = model.schedule.alpha(t), model.schedule.sigma(t)
+        a, s = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(s, dtype=torch.float64)
+        on = (t >= lo) & (t <= hi) & (a > 0)
+        c = torch.where(on, self.scale * s * s / torch.where(a > 0, a, 1.0), 0.0)
+        return _host_or_device(c, like)
+
+    def _gradient(self, model: FlowModel, y: torch.Tensor, t_dev: torch.Tensor, t_host: torch.Tensor,
+                  d: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            if self.detach:
+                leaf = d.detach().requires_grad_(True)
+                target = leaf
+            else:
+                leaf = y.detach().requires_grad_(True)
+                a_x, a_o = denoiser_coefficients(model.schedule, model.prediction, t_host)
+                out = model(leaf, t_dev)
+                target = _host_or_device(a_x, leaf) * leaf + _host_or_device(a_o, leaf) * out
+            r = check_reward(self.reward(target), target, "in RewardGuidance")
+            (g,) = torch.autograd.grad(r.sum(), leaf)
+        return g.detach()
+
+    def shift(self, model: FlowModel, y: torch.Tensor, t_dev: torch.Tensor, t_host: torch.Tensor,
+              d: torch.Tensor) -> torch.Tensor:
+        """The guided denoiser D'(y) from D(y) = ``d`` at model time t (no-op outside the window).
+
+        Args:
+            y: [N, ...] model input; t_dev: model time on y's device (0-d or [N]); t_host: the same in
+            float64 on the host; d: [N, ...] D_t(y).
+        """
+        if not self.active(t_host):
+            return d
+        return d + (self._coefficient(model, t_host, d) * self._gradient(model, y, t_dev, t_host, d)).to(d.dtype)
+
+    def __call__(self, model: FlowModel, y: torch.Tensor, t_dev: torch.Tensor, t_host: torch.Tensor,
+                 out: torch.Tensor) -> torch.Tensor:
+        """The sampler's hook: the raw output whose denoiser is the guided one."""
+        if not self.active(t_host):
+            return out
+        a_x, a_o = denoiser_coefficients(model.schedule, model.prediction, t_host.to(torch.float64))
+        a_o = torch.as_tensor(a_o, dtype=torch.float64)
+        ax, ao = _host_or_device(a_x, out), _host_or_device(a_o, out)
+        d = ax * y.to(out.dtype) + ao * out
+        shift = self._coefficient(model, t_host, out) * self._gradient(model, y, t_dev, t_host, d)
+        # a_o = 0 only where the network output does not enter D (velocity at sigma = 0): no shift there.
+        safe = _host_or_device(torch.where(a_o == 0, 1.0, a_o), out)
+        return out + (shift / safe).to(out.dtype)
+
+
+def _host_or_device(c, like: torch.Tensor):
+    """A float64 host coefficient as a Python float (0-d: no device copy) or a [N, 1, ...] tensor on like's device."""
+    c = torch.as_tensor(c, dtype=torch.float64)
+    if c.dim() == 0:
+        return float(c)
+    return c.to(device=like.device, dtype=like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))

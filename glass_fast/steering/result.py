@@ -1,0 +1,157 @@
+"""The value every steering routine returns, and the accounting shared by them (model / reward meters)."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model import FlowModel
+
+
+@dataclass
+class SteeringResult:
+    """Particles at t = 1 with their weights and what they cost.
+
+    Attributes:
+        samples: [B, K, ...] final particles of B groups of K.
+        log_weights: [B, K] log-weights normalised per group (logsumexp over K is 0). Together with
+            ``samples`` they represent the target; equal weights after best-of-N.
+        rewards: [B, K] reward of each final particle.
+        best: [B, ...] the highest-reward particle of each group.
+        nfe: model evaluations per particle (rows the network saw / (B * K)).
+        reward_calls: reward evaluations per particle (rows the reward saw / (B * K)).
+        timings: seconds spent in the model, the reward and the sampler itself (everything else), and
+            their sum "total". NaN where not measured (CUDA without ``timings=True``; see ``Meter``).
+    """
+
+    samples: torch.Tensor
+    log_weights: torch.Tensor
+    rewards: torch.Tensor
+    best: torch.Tensor
+    nfe: float
+    reward_calls: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """[B, K] normalised weights exp(log_weights)."""
+        return self.log_weights.exp()
+
+    def resample(self, scheme: str = "multinomial", generator: torch.Generator | None = None) -> torch.Tensor:
+        """[B, K, ...] equally weighted particles drawn from the weighted system (the final selection).
+
+        Args:
+            scheme: "multinomial" | "stratified" | "systematic" | "residual".
+            generator: randomness of the draw.
+        """
+        from .resampling import gather, resample
+        return gather(self.samples, resample(self.log_weights, scheme, generator))
+
+    def select(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[B, ...] one particle per group drawn with probability equal to its weight."""
+        u = torch.rand(self.log_weights.shape[0], 1, generator=generator, device=self.log_weights.device,
+                       dtype=torch.float64)
+        cdf = torch.cumsum(self.log_weights.double().exp(), dim=-1)
+        idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(cdf.shape[-1] - 1)
+        return self.samples[torch.arange(self.samples.shape[0], device=idx.device), idx[:, 0]]
+
+
+class Meter:
+    """Counts and times the model and the reward for one steering run.
+
+    ``FlowModel`` counts batched calls; steering needs evaluations per particle (a value estimate runs
+    the network on ``samples`` copies of each particle at once), so the meter runs the network through
+    a twin ``FlowModel`` whose function counts rows. The user's ``model.calls`` is advanced by the
+    twin's calls at ``close``.
+
+    Timing: on CPU the wall clock around each call is exact without any synchronisation. On CUDA a
+    call returns before the GPU finishes, so honest per-part seconds need a ``torch.cuda.synchronize``
+    around every call; that is done only when asked (``timings=True``), since it stalls the pipeline
+    and breaks graph capture. Unmeasured parts are NaN.
+    """
+
+    def __init__(self, model: FlowModel, device: torch.device, timings: bool | None):
+        self.user = model
+        self.measure = (device.type == "cpu") if timings is None else bool(timings)
+        self.sync = self.measure and device.type == "cuda"
+        self.device = device
+        self.rows = self.reward_rows = 0
+        self.model_s = self.reward_s = 0.0
+        meter = self
+
+        def metered(x, t):
+            meter.rows += x.shape[0]
+            if not meter.measure:
+                return model.fn(x, t)
+            start = meter._now()
+            out = model.fn(x, t)
+            meter.model_s += meter._now() - start
+            return out
+
+        metered.__name__ = getattr(model.fn, "__name__", type(model.fn).__name__)
+        self.model = FlowModel(metered, model.schedule, model.prediction, dtype=model.dtype,
+                               time_range=model.time_range)
+        self._start = self._now()
+
+    def _now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def reward(self, reward, x: torch.Tensor, what: str) -> torch.Tensor:
+        """reward(x) checked for shape, dtype and device; ``what`` names the call site in errors."""
+        self.reward_rows += x.shape[0]
+        start = self._now() if self.measure else 0.0
+        r = reward(x)
+        if self.measure:
+            self.reward_s += self._now() - start
+        return check_reward(r, x, what)
+
+    def close(self, particles: int) -> tuple[float, float, dict]:
+        """(nfe per particle, reward calls per particle, timings) and the user model's call count."""
+        total = self._now() - self._start if self.measure else math.nan
+        self.user.calls += self.model.calls
+        if self.measure:
+            timings = {"model": self.model_s, "reward": self.reward_s,
+                       "sampler": max(total - self.model_s - self.reward_s, 0.0), "total": total}
+        else:
+            timings = {"model": math.nan, "reward": math.nan, "sampler": math.nan, "total": math.nan}
+        return self.rows / particles, self.reward_rows / particles, timings
+
+
+def check_reward(r, x: torch.Tensor, what: str) -> torch.Tensor:
+    """Validate a reward's output against its input x [N, ...]: a floating Tensor[N] on x's device."""
+    if not isinstance(r, torch.Tensor):
+        raise TypeError(f"reward must return a Tensor[{x.shape[0]}], got {type(r).__name__} ({what})")
+    if r.shape != (x.shape[0],):
+        raise ValueError(f"reward must return a Tensor of shape [{x.shape[0]}] (one value per particle), "
+                         f"got shape {tuple(r.shape)} ({what})")
+    if not r.is_floating_point():
+        raise TypeError(f"reward must return a floating-point Tensor, got dtype {r.dtype} ({what})")
+    if r.device != x.device:
+        raise ValueError(f"reward must return a Tensor on the particles' device {x.device}, got {r.device} ({what})")
+    return r
+
+
+def check_particles(model, reward, noise, generator) -> tuple[int, int]:
+    """Validate grouped noise [B, K, ...] and the reward; return (B, K)."""
+    from ..transitions import check_state
+    if not isinstance(noise, torch.Tensor) or noise.dim() < 3:
+        got = f"shape {tuple(noise.shape)}" if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"noise must be a Tensor[B, K, ...] (B groups of K particles, data dims after), got {got}")
+    check_state(model, noise, generator)
+    b, k = noise.shape[:2]
+    if b < 1 or k < 1:
+        raise ValueError(f"noise must hold B >= 1 groups of K >= 1 particles, got B={b}, K={k}")
+    if not callable(reward):
+        raise TypeError(f"reward must be callable(x [N, ...]) -> Tensor[N], got {type(reward).__name__}")
+    return b, k
+
+
+def best_of_groups(samples: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """[B, ...] the highest-reward particle of each group; NaN rewards never win."""
+    r = torch.nan_to_num(rewards.to(torch.float64), nan=-math.inf)
+    idx = r.argmax(dim=-1)
+    return samples[torch.arange(samples.shape[0], device=samples.device), idx]
