@@ -1,0 +1,272 @@
+"""FLUX and Stable Diffusion 3 pipelines sampled and steered with GLASS, ODE and SDE transitions.
+
+    pip install "glass_fast[diffusers]"
+
+    >>> from glass_fast.integrations.diffusers import sample, steer
+    >>> images = sample(pipe, "a red bicycle", method="glass", transitions=5, inner_steps=10)
+    >>> images, result = steer(pipe, "a red bicycle", reward, particles=8)
+
+The transition grid is the pipeline's own (shifted) sigma schedule with ``transitions`` steps, read as
+glass_fast times t = 1 - sigma; ``method="ode", inner_steps=1`` is then the pipeline's Euler loop. The
+sampler state is float32 in the transformer's latent layout (see ``diffusers_adapter``); the transformer
+runs in its own dtype. Prompts are encoded once and shared by all rows (images, particles) of a prompt.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..sampling import Sampler
+from ..transitions import check_state
+from .diffusers_adapter import Conditioning, DiffusersFlow, transformer_kind  # noqa: F401 (public names)
+from .rewards import CLIPScoreReward, ImageReward, LatentReward  # noqa: F401
+
+OUTPUT_TYPES = ("pt", "np", "pil", "latent")
+
+
+def as_flow(pipe) -> DiffusersFlow:
+    """The ``DiffusersFlow`` adapter of a pipeline (or the adapter itself)."""
+    return DiffusersFlow.from_pipeline(pipe)
+
+
+def _prompts(prompt):
+    if prompt is None:
+        return None
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise TypeError(f"prompt must be a string, a non-empty list of strings or None, got {prompt!r}")
+
+
+def _check_embeds(name: str, value, dims: int, rows: int | None):
+    if not isinstance(value, torch.Tensor) or value.dim() != dims:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{name} must be a Tensor with {dims} dimensions, got {got}")
+    if rows is not None and value.shape[0] != rows:
+        raise ValueError(f"{name} has {value.shape[0]} rows but there are {rows} prompts")
+
+
+def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt=None,
+           negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, cfg: bool = False,
+           max_sequence_length: int = 512) -> Conditioning:
+    """Prompt conditioning, one row per prompt: precomputed embeddings, or the pipeline's text encoders.
+
+    Args:
+        flow: the adapter.
+        prompt: str or list of P strings (kept for rewards even when embeddings are given).
+        prompt_embeds, pooled_prompt_embeds: [P, S, D] and [P, Dp], replacing the text encoders.
+        negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds: the unconditional branch.
+        cfg: whether classifier-free guidance will run (then an unconditional branch is required).
+        max_sequence_length: T5 token budget when encoding.
+    Returns:
+        Conditioning on the transformer's device and dtype.
+    """
+    prompts = _prompts(prompt)
+    pipe = flow.pipeline
+    if prompt_embeds is None and prompts is None:
+        raise ValueError("pass prompt or prompt_embeds (with pooled_prompt_embeds)")
+    if prompt_embeds is not None and pooled_prompt_embeds is None:
+        raise ValueError("pooled_prompt_embeds is required with prompt_embeds")
+    if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+        raise ValueError("negative_pooled_prompt_embeds is required with negative_prompt_embeds")
+    need_neg = cfg and negative_prompt_embeds is None
+    if prompt_embeds is None or need_neg:
+        if pipe is None or getattr(pipe, "text_encoder", None) is None or not hasattr(pipe, "encode_prompt"):
+            what = "prompt_embeds and pooled_prompt_embeds" if prompt_embeds is None else \
+                "classifier-free guidance needs negative_prompt_embeds and negative_pooled_prompt_embeds"
+            raise ValueError(f"{what} are required when the pipeline has no text encoders (text_encoder is None)")
+    dev = flow.device
+    with torch.no_grad():
+        if flow.kind == "flux":
+            if prompt_embeds is None:
+                prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
+                    prompt=prompts, prompt_2=None, device=dev, num_images_per_prompt=1,
+                    max_sequence_length=max_sequence_length)
+            if need_neg:
+                negs = _prompts(negative_prompt)
+                negs = negs * prompt_embeds.shape[0] if len(negs) == 1 else negs
+                negative_prompt_embeds, negative_pooled_prompt_embeds, _ = pipe.encode_prompt(
+                    prompt=negs, prompt_2=None, device=dev, num_images_per_prompt=1,
+                    max_sequence_length=max_sequence_length)
+        elif prompt_embeds is None or need_neg:
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = \
+                pipe.encode_prompt(prompt=prompts if prompt_embeds is None else None, prompt_2=None, prompt_3=None,
+                                   device=dev, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+                                   prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                                   negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
+                                   negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                                   max_sequence_length=max_sequence_length)
+    _check_embeds("prompt_embeds", prompt_embeds, 3, None)
+    n = prompt_embeds.shape[0]
+    _check_embeds("pooled_prompt_embeds", pooled_prompt_embeds, 2, n)
+    if prompts is not None and len(prompts) != n:
+        raise ValueError(f"prompt has {len(prompts)} entries but prompt_embeds has {n} rows: they must match")
+    if cfg:
+        _check_embeds("negative_prompt_embeds", negative_prompt_embeds, 3, n)
+        _check_embeds("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, 2, n)
+    to = dict(device=dev, dtype=flow.dtype)
+    return Conditioning(prompt_embeds.to(**to), pooled_prompt_embeds.to(**to),
+                        negative_prompt_embeds.to(**to) if cfg else None,
+                        negative_pooled_prompt_embeds.to(**to) if cfg else None, prompts)
+
+
+def _setup(pipe, prompt, embeds: dict, per_prompt: int, height, width, guidance_scale, true_cfg_scale, max_batch):
+    """(adapter, conditioning, FlowModel, height, width, cfg scale) shared by sample and steer."""
+    flow = as_flow(pipe)
+    if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
+        raise ValueError(f"rows per prompt must be an integer >= 1, got {per_prompt!r}")
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+        raise ValueError(f"max_batch must be an integer >= 1 or None, got {max_batch!r}")
+    height = flow.default_size() if height is None else height
+    width = flow.default_size() if width is None else width
+    flow.latent_hw(height, width)
+    if flow.kind == "flux":
+        cfg_scale = float(true_cfg_scale)
+        cfg = cfg_scale > 1.0 and (embeds.get("negative_prompt") is not None
+                                   or embeds.get("negative_prompt_embeds") is not None)
+        distilled = guidance_scale
+    else:
+        cfg_scale = 7.0 if guidance_scale is None else float(guidance_scale)
+        cfg = cfg_scale > 1.0
+        distilled = None
+    cond = encode(flow, prompt, cfg=cfg, **embeds)
+    model = flow.flow_model(cond, per_prompt, height, width, guidance_scale=distilled,
+                            cfg_scale=cfg_scale if cfg else 1.0, max_batch=max_batch)
+    return flow, cond, model, height, width
+
+
+def _start(flow: DiffusersFlow, latents, rows: int, height: int, width: int, generator) -> torch.Tensor:
+    shape = (rows,) + flow.state_shape(height, width)
+    if latents is None:
+        return flow.noise(rows, height, width, generator)
+    if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+        got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents must have shape {shape} (prompts x rows per prompt, then the "
+                         f"{flow.kind.upper()} state layout), got {got}")
+    return latents.to(device=flow.device, dtype=torch.float32)
+
+
+def postprocess(flow: DiffusersFlow, x: torch.Tensor, height: int, width: int, output_type: str,
+                max_batch: int | None = None):
+    """Final states -> output_type: "latent" (the states), "pt" ([N, 3, H, W] in [0, 1]), "np" or "pil"."""
+    if output_type == "latent":
+        return x
+    from diffusers.image_processor import VaeImageProcessor
+    with torch.no_grad():
+        img = flow.decode(x, height, width, max_batch)
+    return VaeImageProcessor(vae_scale_factor=flow.vae_scale_factor).postprocess(img, output_type=output_type)
+
+
+def _check_output(output_type):
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+
+def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt=None,
+           negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, method: str = "glass",
+           transitions: int = 5, inner_steps: int = 10, rho=0.4, solver: str = "euler",
+           guidance_scale: float | None = None, true_cfg_scale: float = 1.0, num_images_per_prompt: int = 1,
+           height: int | None = None, width: int | None = None, grid: torch.Tensor | None = None,
+           latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
+           max_batch: int | None = None, output_type: str = "pt", max_sequence_length: int = 512):
+    """Generate images from a FLUX or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
+
+    Args:
+        pipe: FluxPipeline / StableDiffusion3Pipeline, an object with .transformer/.scheduler/.vae, or a
+            DiffusersFlow.
+        prompt: str or list of P strings (needs text encoders unless prompt_embeds are given).
+        prompt_embeds, pooled_prompt_embeds: [P, S, D] and [P, Dp] precomputed embeddings.
+        negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds: classifier-free guidance's
+            unconditional branch (SD3 with guidance_scale > 1, FLUX with true_cfg_scale > 1).
+        method: "glass" | "ode" | "sde" | "plugin".
+        transitions: steps of the pipeline's sigma schedule used as the transition grid.
+        inner_steps: model calls per transition (ODE: Euler steps inside each transition).
+        rho, solver: GLASS correlation and inner solver (see ``glass_fast.glass_transition``).
+        guidance_scale: SD3: CFG weight (default 7.0); FLUX: distilled guidance embedding (default 3.5).
+        true_cfg_scale: FLUX only: real CFG weight, active above 1 with a negative prompt.
+        num_images_per_prompt: images per prompt; rows are prompt-major.
+        height, width: image size in pixels (default: the pipeline's).
+        grid: optional float64 Tensor[K+1] of increasing glass_fast times, replacing the sigma schedule.
+        latents: optional starting noise [P * num_images_per_prompt, *state_shape] (float32).
+        generator: randomness for the starting noise and the stochastic transitions.
+        max_batch: most rows per transformer or VAE call (guided rows count twice).
+        output_type: "pt" ([N, 3, H, W] in [0, 1]), "np", "pil" or "latent" (final states).
+    Returns:
+        The images (or latents) of the P * num_images_per_prompt rows.
+    """
+    _check_output(output_type)
+    embeds = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                  negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
+                  negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                  max_sequence_length=max_sequence_length)
+    flow, cond, model, height, width = _setup(pipe, prompt, embeds, num_images_per_prompt, height, width,
+                                              guidance_scale, true_cfg_scale, max_batch)
+    x = _start(flow, latents, cond.num_prompts * num_images_per_prompt, height, width, generator)
+    check_state(model, x, generator)
+    grid = flow.time_grid(transitions, height, width) if grid is None else grid
+    sampler = Sampler(model, method=method, transitions=len(grid) - 1, inner_steps=inner_steps, rho=rho,
+                      solver=solver, grid=grid, device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        x = sampler.run(x, generator=generator)
+    return postprocess(flow, x, height, width, output_type, max_batch)
+
+
+def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=None, pooled_prompt_embeds=None,
+          negative_prompt=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+          method: str = "glass", transitions: int = 5, inner_steps: int = 10, rho=0.4, solver: str = "euler",
+          potential: str = "diff", lmbda: float = 1.0, resample: str = "systematic", ess_threshold: float = 0.5,
+          guidance_scale: float | None = None, true_cfg_scale: float = 1.0, height: int | None = None,
+          width: int | None = None, latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
+          max_batch: int | None = None, output_type: str = "pt", progress: bool = False,
+          max_sequence_length: int = 512, **steering_options):
+    """Feynman-Kac steering of a FLUX or SD3 pipeline towards p(image | prompt) exp(lmbda reward(image)).
+
+    Each of the P prompts gets a group of ``particles`` particles. After every transition the x0-prediction
+    of every particle is decoded through the VAE (under ``max_batch`` rows) and scored by ``reward``;
+    particles are reweighted and resampled within their group (``glass_fast.fk_steering``).
+
+    Args:
+        pipe, prompt, prompt_embeds, ..., max_sequence_length: as in ``sample``.
+        reward: an ``ImageReward``: reward(images [N, 3, H, W] in [0, 1], prompts list of N) -> Tensor[N].
+        particles: K particles per prompt.
+        method, transitions, inner_steps, rho, solver: the proposal (see ``sample``).
+        potential, lmbda, resample, ess_threshold: see ``glass_fast.fk_steering``.
+        latents: optional starting noise [P, K, *state_shape].
+        output_type: how the best particle of each group is returned ("pt", "np", "pil", "latent").
+        steering_options: further ``fk_steering`` options (resample_window, final_correction, ...).
+    Returns:
+        (images of the P highest-reward particles, SteeringResult with latent samples [P, K, *state_shape]).
+
+    The transition grid is the pipeline's sigma schedule where ``fk_steering`` accepts a ``grid``; otherwise
+    glass_fast's uniform grid on [0, 1] (every grid gives exact GLASS transitions; only the step placement
+    differs).
+    """
+    from ..steering import fk_steering
+    _check_output(output_type)
+    if not callable(reward):
+        raise TypeError(f"reward must be callable(images, prompts) -> Tensor[N], got {type(reward).__name__}")
+    embeds = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                  negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
+                  negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                  max_sequence_length=max_sequence_length)
+    flow, cond, model, height, width = _setup(pipe, prompt, embeds, particles, height, width, guidance_scale,
+                                              true_cfg_scale, max_batch)
+    p, shape = cond.num_prompts, flow.state_shape(height, width)
+    if latents is not None and (not isinstance(latents, torch.Tensor) or latents.dim() < 2
+                                or tuple(latents.shape[:2]) != (p, particles)):
+        got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents must have shape {(p, particles) + shape} ([prompts, particles, state]), "
+                         f"got {got}")
+    flat = None if latents is None else latents.reshape((p * particles,) + tuple(latents.shape[2:]))
+    noise = _start(flow, flat, p * particles, height, width, generator).reshape((p, particles) + shape)
+    scorer = LatentReward(flow, reward, cond.prompts, p, particles, height, width, max_batch)
+    if "grid" in inspect.signature(fk_steering).parameters and "grid" not in steering_options:
+        steering_options["grid"] = flow.time_grid(transitions, height, width)
+    with torch.no_grad():
+        result = fk_steering(model, scorer, noise, method=method, transitions=transitions, inner_steps=inner_steps,
+                             rho=rho, solver=solver, potential=potential, lmbda=lmbda, resample=resample,
+                             ess_threshold=ess_threshold, generator=generator, progress=progress,
+                             **steering_options)
+    return postprocess(flow, result.best, height, width, output_type, max_batch), result

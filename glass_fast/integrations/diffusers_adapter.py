@@ -1,0 +1,294 @@
+"""A diffusers flow-matching transformer (FLUX or Stable Diffusion 3) as a glass_fast velocity model.
+
+Conventions at the boundary (MATH.md section 1):
+
+    diffusers:  x = (1 - sigma) z + sigma eps, sigma = 1 is noise; the transformer predicts v = eps - z
+    glass_fast: x_t = t z + (1 - t) eps, t = 0 is noise (LinearSchedule); velocity u = dx/dt = z - eps
+    so          t = 1 - sigma and u = -v.
+
+Timestep inputs: the FLUX transformer takes sigma in [0, 1] and multiplies it (and the distilled guidance
+scale) by 1000 itself; the SD3 transformer takes sigma * num_train_timesteps.
+
+State layout: the transformer's own. FLUX works on packed latents [N, (h/2)(w/2), 4C] (2x2 patches, as
+the FLUX pipeline's ``latents`` argument); SD3 on [N, C, h, w]. Noise is drawn in the unpacked layout and
+packed like the pipeline does, so one generator seed gives the pipeline's starting point.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+try:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("glass_fast.integrations.diffusers needs the diffusers package: "
+                      "pip install \"glass_fast[diffusers]\"") from exc
+
+from ..model import FlowModel
+from ..schedules import LinearSchedule
+
+KINDS = {"flux": FluxTransformer2DModel, "sd3": SD3Transformer2DModel}
+
+
+@dataclass
+class Conditioning:
+    """Prompt embeddings, one row per prompt (encoded once, shared by every particle of the prompt).
+
+    Attributes:
+        prompt_embeds: [P, S, D] text token embeddings.
+        pooled: [P, Dp] pooled text embeddings.
+        negative_embeds, negative_pooled: the same for the unconditional branch of classifier-free
+            guidance, or None when no guidance branch is run.
+        prompts: the P prompt strings where known (rewards such as CLIP score read them), else None.
+    """
+
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+    negative_embeds: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+    prompts: list | None = None
+
+    @property
+    def num_prompts(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+
+def transformer_kind(transformer) -> str:
+    """"flux" or "sd3" for a supported transformer; TypeError naming what is supported otherwise."""
+    for kind, cls in KINDS.items():
+        if isinstance(transformer, cls):
+            return kind
+    raise TypeError(f"unsupported transformer {type(transformer).__name__}: glass_fast supports FLUX "
+                    f"(FluxTransformer2DModel) and Stable Diffusion 3 (SD3Transformer2DModel) pipelines")
+
+
+class DiffusersFlow:
+    """A FLUX or SD3 transformer, its flow-matching scheduler config and (optionally) its VAE.
+
+    Args:
+        transformer: FluxTransformer2DModel or SD3Transformer2DModel.
+        scheduler: a FlowMatchEulerDiscreteScheduler (only its config is read; it is never stepped).
+        vae: AutoencoderKL for decoding, or None (then only latents can be produced).
+        pipeline: the pipeline these came from, used for prompt encoding and default sizes; may be None.
+
+    Example:
+        >>> flow = DiffusersFlow.from_pipeline(pipe)
+        >>> model = flow.flow_model(flow.encode(prompt_embeds=pe, pooled_prompt_embeds=pp), 4, 512, 512)
+    """
+
+    def __init__(self, transformer, scheduler, vae=None, *, pipeline=None):
+        self.kind = transformer_kind(transformer)
+        config = getattr(scheduler, "config", None)
+        if config is None or "shift" not in config or "use_dynamic_shifting" not in config:
+            raise TypeError(f"scheduler must be a flow-matching scheduler (FlowMatchEulerDiscreteScheduler), "
+                            f"got {type(scheduler).__name__}")
+        if config.get("stochastic_sampling", False) or config.get("invert_sigmas", False):
+            raise ValueError("scheduler configs with stochastic_sampling or invert_sigmas are not supported: "
+                             "their sigmas are not the flow-matching noise levels of the sampled states")
+        self.transformer, self.scheduler_config, self.vae, self.pipeline = transformer, config, vae, pipeline
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+
+    @classmethod
+    def from_pipeline(cls, pipe) -> "DiffusersFlow":
+        """The adapter of a loaded FluxPipeline / StableDiffusion3Pipeline (or any object with
+        ``transformer``, ``scheduler`` and optionally ``vae`` attributes)."""
+        if isinstance(pipe, DiffusersFlow):
+            return pipe
+        if not hasattr(pipe, "transformer") or not hasattr(pipe, "scheduler"):
+            raise TypeError(f"pipe must be a FLUX or Stable Diffusion 3 pipeline (with .transformer and "
+                            f".scheduler), got {type(pipe).__name__}")
+        return cls(pipe.transformer, pipe.scheduler, getattr(pipe, "vae", None), pipeline=pipe)
+
+    # -- geometry -------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def default_size(self) -> int:
+        """The pipeline's default image side in pixels."""
+        sample = getattr(self.pipeline, "default_sample_size", None)
+        if sample is None:
+            sample = 128 if self.kind == "flux" else self.transformer.config.sample_size
+        return sample * self.vae_scale_factor
+
+    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        """Unpacked latent (h, w) of an image; ValueError for sizes the transformer cannot tile."""
+        step = self.vae_scale_factor * (2 if self.kind == "flux" else self.transformer.config.patch_size)
+        for name, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % step:
+                raise ValueError(f"{name} must be a positive multiple of {step} pixels for this "
+                                 f"{self.kind.upper()} model, got {v!r}")
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def latent_channels(self) -> int:
+        c = self.transformer.config.in_channels
+        return c // 4 if self.kind == "flux" else c
+
+    def pack(self, lat: torch.Tensor) -> torch.Tensor:
+        """[N, C, h, w] -> the state layout (FLUX: [N, (h/2)(w/2), 4C] of 2x2 patches; SD3: unchanged)."""
+        if self.kind != "flux":
+            return lat
+        n, c, h, w = lat.shape
+        return lat.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), 4 * c)
+
+    def unpack(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The state layout -> [N, C, h, w]."""
+        if self.kind != "flux":
+            return x
+        h, w = self.latent_hw(height, width)
+        n, _, c4 = x.shape
+        return x.reshape(n, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c4 // 4, h, w)
+
+    def state_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one state (no batch dimension)."""
+        h, w = self.latent_hw(height, width)
+        c = self.latent_channels()
+        return ((h // 2) * (w // 2), 4 * c) if self.kind == "flux" else (c, h, w)
+
+    def noise(self, n: int, height: int, width: int, generator=None, dtype=torch.float32) -> torch.Tensor:
+        """[n, *state_shape] draws of N(0, I), drawn unpacked then packed (the pipelines' order)."""
+        h, w = self.latent_hw(height, width)
+        lat = torch.randn((n, self.latent_channels(), h, w), generator=generator, device=self.device, dtype=dtype)
+        return self.pack(lat)
+
+    # -- time grid ------------------------------------------------------------------------------------------
+    def sigmas(self, steps: int, height: int, width: int) -> torch.Tensor:
+        """The pipeline's sigma schedule for ``steps`` steps: float32 [steps + 1], decreasing to 0.
+
+        Shifts (FLUX's resolution-dependent mu, SD3's static shift) are applied exactly as the pipelines do,
+        by a fresh scheduler built from the same config (the pipeline's own scheduler is not touched).
+        """
+        cfg = self.scheduler_config
+        sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+        h, w = self.latent_hw(height, width)
+        kwargs = {}
+        if self.kind == "flux":
+            seq_len = (h // 2) * (w // 2)
+            if not cfg.get("use_flow_sigmas", False):
+                kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+        else:
+            p = self.transformer.config.patch_size
+            seq_len = (h // p) * (w // p)
+        if cfg.get("use_dynamic_shifting", False):
+            kwargs["mu"] = _shift_mu(seq_len, cfg, 1.15 if self.kind == "flux" else 1.16)
+        sched.set_timesteps(steps, device="cpu", **kwargs)
+        return sched.sigmas.to(torch.float32)
+
+    def time_grid(self, steps: int, height: int, width: int) -> torch.Tensor:
+        """The same schedule as glass_fast times t = 1 - sigma: float64 [steps + 1], increasing to 1."""
+        return 1.0 - self.sigmas(steps, height, width).to(torch.float64)
+
+    # -- the network ----------------------------------------------------------------------------------------
+    def predict(self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
+                height: int, width: int, guidance_scale: float | None = None) -> torch.Tensor:
+        """One transformer call, diffusers' convention: v = eps - z at noise level ``sigma``.
+
+        Args:
+            x: [N, *state_shape] in the transformer's dtype.
+            sigma: [N] noise levels in [0, 1].
+            embeds, pooled: [N, S, D] and [N, Dp] conditioning rows.
+            guidance_scale: FLUX's distilled guidance value (ignored by models without a guidance embedding).
+        Returns:
+            [N, *state_shape] raw transformer output.
+        """
+        tr = self.transformer
+        if self.kind == "flux":
+            h, w = self.latent_hw(height, width)
+            img_ids = _flux_image_ids(h // 2, w // 2, x.device, x.dtype)
+            txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype)
+            guidance = None
+            if tr.config.guidance_embeds:
+                g = 3.5 if guidance_scale is None else float(guidance_scale)
+                guidance = torch.full((x.shape[0],), g, device=x.device, dtype=torch.float32)
+            return tr(hidden_states=x, timestep=sigma.to(x.dtype), guidance=guidance, pooled_projections=pooled,
+                      encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        timestep = sigma.to(torch.float32) * self.scheduler_config.get("num_train_timesteps", 1000)
+        return tr(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled,
+                  return_dict=False)[0]
+
+    def flow_model(self, cond: Conditioning, per_prompt: int, height: int, width: int, *,
+                   guidance_scale: float | None = None, cfg_scale: float = 1.0,
+                   max_batch: int | None = None) -> FlowModel:
+        """The glass_fast FlowModel of this transformer under ``cond``.
+
+        Rows are prompt-major: row r belongs to prompt r // per_prompt, so the model expects exactly
+        P * per_prompt rows. With classifier-free guidance (cfg_scale != 1 and negative embeddings) the
+        model is the guided field u_uncond + cfg_scale (u_cond - u_uncond), from one transformer call on the
+        stacked (uncond, cond) rows.
+
+        Args:
+            cond: prompt conditioning of P prompts.
+            per_prompt: rows (particles, images) per prompt.
+            height, width: image size in pixels.
+            guidance_scale: FLUX's distilled guidance embedding value.
+            cfg_scale: classifier-free guidance weight (SD3's guidance_scale, FLUX's true_cfg_scale).
+            max_batch: most rows per transformer call (guided rows count twice); None = all at once.
+        Returns:
+            FlowModel(prediction="velocity", LinearSchedule()) running in the transformer's dtype.
+        """
+        rows = cond.num_prompts * per_prompt
+        use_cfg = cfg_scale != 1.0 and cond.negative_embeds is not None
+        per_call = None if max_batch is None else max(1, max_batch // (2 if use_cfg else 1))
+
+        def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] != rows:
+                raise ValueError(f"this model was built for {cond.num_prompts} prompt(s) x {per_prompt} rows = "
+                                 f"{rows} rows (prompt-major), got a batch of {x.shape[0]}")
+            outs = []
+            size = rows if per_call is None else per_call
+            for lo in range(0, rows, size):
+                idx = torch.arange(lo, min(lo + size, rows), device=cond.prompt_embeds.device) // per_prompt
+                xc, sc = x[lo:lo + size], 1.0 - t[lo:lo + size]
+                if use_cfg:
+                    both = self.predict(torch.cat([xc, xc]), torch.cat([sc, sc]),
+                                        torch.cat([cond.negative_embeds[idx], cond.prompt_embeds[idx]]),
+                                        torch.cat([cond.negative_pooled[idx], cond.pooled[idx]]),
+                                        height, width, guidance_scale).float()
+                    unc, con = both.chunk(2)
+                    v = unc + cfg_scale * (con - unc)
+                else:
+                    v = self.predict(xc, sc, cond.prompt_embeds[idx], cond.pooled[idx], height, width,
+                                     guidance_scale)
+                outs.append((-v).to(x.dtype))  # u = dx/dt = z - eps = -v
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+        fn.__name__ = f"{self.kind}_transformer"
+        return FlowModel(fn, LinearSchedule(), prediction="velocity", dtype=self.dtype)
+
+    # -- decoding -------------------------------------------------------------------------------------------
+    def decode(self, x: torch.Tensor, height: int, width: int, max_batch: int | None = None) -> torch.Tensor:
+        """States -> images [N, 3, height, width] in [-1, 1] (float32), decoded under ``max_batch`` rows."""
+        if self.vae is None:
+            raise ValueError("decoding needs a VAE: build the adapter with vae=... or use output_type='latent'")
+        cfg = self.vae.config
+        shift = cfg.get("shift_factor", None) or 0.0
+        size = x.shape[0] if max_batch is None else max(1, int(max_batch))
+        out = []
+        for lo in range(0, x.shape[0], size):
+            lat = self.unpack(x[lo:lo + size], height, width)
+            lat = lat / cfg.scaling_factor + shift
+            vae_param = next(self.vae.parameters())
+            img = self.vae.decode(lat.to(device=vae_param.device, dtype=vae_param.dtype), return_dict=False)[0]
+            out.append(img.float())
+        return torch.cat(out)
+
+
+def _shift_mu(seq_len: int, cfg, default_max_shift: float) -> float:
+    """Resolution-dependent shift: mu linear in the token count (the pipelines' calculate_shift)."""
+    lo_len, hi_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+    lo, hi = cfg.get("base_shift", 0.5), cfg.get("max_shift", default_max_shift)
+    slope = (hi - lo) / (hi_len - lo_len)
+    return seq_len * slope + (lo - slope * lo_len)
+
+
+def _flux_image_ids(h2: int, w2: int, device, dtype) -> torch.Tensor:
+    """FLUX's positional ids of the packed image tokens: [(h/2)(w/2), 3] = (0, row, column)."""
+    rows = torch.arange(h2).repeat_interleave(w2)
+    cols = torch.arange(w2).repeat(h2)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(device=device, dtype=dtype)

@@ -1,0 +1,160 @@
+"""Image rewards for steering diffusers pipelines: decoded images (and prompts) -> scores.
+
+The protocol is one callable::
+
+    reward(images: Tensor[N, 3, H, W] in [0, 1], prompts: list[str | None] of length N) -> Tensor[N]
+
+``LatentReward`` turns such a reward into the latent reward glass_fast's steering calls on x0-predictions:
+it decodes through the VAE under ``max_batch`` rows and hands each row its prompt. ``CLIPScoreReward``
+adapts a CLIP model (``transformers``) whose weights are already on disk; nothing is downloaded.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# The image normalisation CLIP models were trained with.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageReward(Protocol):
+    """reward(images [N, 3, H, W] in [0, 1], prompts list of N str or None) -> Tensor[N]."""
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str | None]) -> torch.Tensor: ...
+
+
+def check_scores(scores, rows: int, name: str = "reward") -> torch.Tensor:
+    """A reward's output as float32 [rows]; ValueError naming the shape otherwise."""
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"{name} must return a Tensor[{rows}], got {type(scores).__name__}")
+    if scores.shape != (rows,):
+        raise ValueError(f"{name} must return a Tensor of shape [{rows}] (one score per image), "
+                         f"got shape {list(scores.shape)}")
+    if not scores.is_floating_point():
+        scores = scores.float()
+    return scores.float()
+
+
+class LatentReward:
+    """An image reward evaluated on latent states: decode, rescale to [0, 1], score.
+
+    Args:
+        flow: the DiffusersFlow adapter (with a VAE).
+        reward: an ``ImageReward``.
+        prompts: the P prompt strings, or None (then every row's prompt is None).
+        num_prompts: P.
+        per_prompt: rows per prompt; row r belongs to prompt r // per_prompt.
+        height, width: image size in pixels.
+        max_batch: most rows decoded and scored at once (None: all).
+    """
+
+    def __init__(self, flow, reward, prompts, num_prompts: int, per_prompt: int, height: int, width: int,
+                 max_batch=None):
+        if not callable(reward):
+            raise TypeError(f"reward must be callable(images, prompts) -> Tensor[N], got {type(reward).__name__}")
+        if flow.vae is None:
+            raise ValueError("image rewards need the pipeline's VAE to decode x0-predictions; the adapter has none")
+        self.flow, self.reward, self.prompts, self.per_prompt = flow, reward, prompts, per_prompt
+        self.rows = num_prompts * per_prompt
+        self.height, self.width, self.max_batch = height, width, max_batch
+        self.calls = 0
+
+    def row_prompts(self, lo: int, hi: int) -> list:
+        if self.prompts is None:
+            return [None] * (hi - lo)
+        return [self.prompts[r // self.per_prompt] for r in range(lo, hi)]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, *state_shape] x0-predictions -> Tensor[N] float32 on x's device."""
+        n = x.shape[0]
+        if n != self.rows:
+            raise ValueError(f"the reward was built for {self.rows // self.per_prompt} prompt(s) x "
+                             f"{self.per_prompt} rows = {self.rows} rows (prompt-major), got a batch of {n}")
+        size = n if self.max_batch is None else self.max_batch
+        out = []
+        with torch.no_grad():
+            for lo in range(0, n, size):
+                hi = min(lo + size, n)
+                img = (self.flow.decode(x[lo:hi], self.height, self.width) / 2 + 0.5).clamp(0, 1)
+                out.append(check_scores(self.reward(img, self.row_prompts(lo, hi)), hi - lo).to(x.device))
+        self.calls += 1
+        return torch.cat(out)
+
+
+class CLIPScoreReward:
+    """Cosine similarity of CLIP image and text features (a CLIP score, unscaled, in [-1, 1]).
+
+    Args:
+        model: a ``transformers`` CLIPModel (any size).
+        tokenizer: callable(list[str], padding=True, truncation=True, return_tensors="pt") -> mapping with
+            ``input_ids`` (and optionally ``attention_mask``), e.g. a CLIPTokenizer.
+        image_size: side the images are resized to (default: the model's vision config).
+
+    Example:
+        >>> reward = CLIPScoreReward.from_pretrained("/models/clip-vit-large-patch14", device="cuda")
+    """
+
+    def __init__(self, model, tokenizer, *, image_size: int | None = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.image_size = image_size or model.config.vision_config.image_size
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, device="cpu", dtype=torch.float32) -> "CLIPScoreReward":
+        """Load a CLIP model and tokenizer from local files only (never downloads).
+
+        Raises:
+            ImportError: transformers is not installed.
+            FileNotFoundError: the weights are not available locally.
+        """
+        try:
+            from transformers import CLIPModel, CLIPTokenizer
+        except ImportError as exc:
+            raise ImportError("CLIPScoreReward needs the transformers package (pip install transformers)") from exc
+        try:
+            model = CLIPModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype).to(device)
+            tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise FileNotFoundError(f"no CLIP weights found locally at {path!r} (nothing is downloaded): {exc}") from exc
+        return cls(model, tokenizer)
+
+    def _param(self) -> torch.Tensor:
+        return next(self.model.parameters())
+
+    def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Unit-norm text features [N, E], each distinct prompt encoded once."""
+        todo = sorted({p for p in prompts if p not in self._text_cache})
+        if todo:
+            tok = self.tokenizer(todo, padding=True, truncation=True, return_tensors="pt")
+            p = self._param()
+            kwargs = {k: v.to(p.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+            feats = F.normalize(_features(self.model.get_text_features(**kwargs)).float(), dim=-1)
+            self._text_cache.update(zip(todo, feats))
+        return torch.stack([self._text_cache[q] for q in prompts])
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str | None]) -> torch.Tensor:
+        if any(q is None for q in prompts):
+            raise ValueError("CLIPScoreReward needs a prompt string for every image; pass prompt= to steer")
+        p = self._param()
+        img = F.interpolate(images.float(), size=(self.image_size, self.image_size), mode="bicubic",
+                            align_corners=False, antialias=True).clamp(0, 1)
+        mean = torch.tensor(CLIP_MEAN, device=img.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=img.device).view(1, 3, 1, 1)
+        with torch.no_grad():
+            feats = self.model.get_image_features(pixel_values=((img - mean) / std).to(p.device, p.dtype))
+            im = F.normalize(_features(feats).float(), dim=-1)
+            return (im * self.text_features(list(prompts)).to(im.device)).sum(-1).to(images.device)
+
+
+def _features(out) -> torch.Tensor:
+    """Newer transformers return a model output object from get_*_features; older ones a Tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for name in ("image_embeds", "text_embeds", "pooler_output"):
+        v = getattr(out, name, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError(f"unexpected CLIP feature output {type(out).__name__}")

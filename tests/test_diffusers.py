@@ -1,0 +1,329 @@
+"""The diffusers integration on tiny randomly initialised FLUX / SD3 transformers and VAEs built from configs.
+
+Nothing is downloaded. The cross-check against diffusers itself: glass_fast's ODE (one Euler step per
+transition on the pipeline's sigma grid) against diffusers' FlowMatchEulerDiscreteScheduler loop driving the
+same transformer the way the pipelines do, and against the pipeline objects where transformers (needed
+to build them) is installed.
+"""
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,  # noqa: E402
+                       SD3Transformer2DModel)
+
+from glass_fast.integrations import diffusers as gd  # noqa: E402
+from glass_fast.integrations.rewards import CLIPScoreReward, LatentReward  # noqa: E402
+
+SIZE = 32          # image side in pixels; the tiny VAE downsamples by 2, so latents are 16 x 16
+SEQ, DIM = 7, 32   # text tokens and their width
+# float32 on CPU: diffusers' loop and glass_fast's sum the same terms in a different order.
+ATOL = 2e-5
+
+
+def _vae():
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=4, norm_num_groups=4, sample_size=SIZE, scaling_factor=1.5,
+                         shift_factor=0.06).eval()
+
+
+@pytest.fixture(scope="module")
+def flux():
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=DIM,
+                                pooled_projection_dim=DIM, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+    # FLUX's resolution-dependent shift, with token counts scaled to the tiny image (64 tokens).
+    sch = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=16,
+                                          max_image_seq_len=256, base_shift=0.5, max_shift=1.15)
+    return types.SimpleNamespace(transformer=tr, scheduler=sch, vae=_vae())
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    torch.manual_seed(1)
+    tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                               num_attention_heads=2, joint_attention_dim=DIM, caption_projection_dim=16,
+                               pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16).eval()
+    return types.SimpleNamespace(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae())
+
+
+def _embeds(prompts: int, pooled: int, seed: int = 0, negative: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    out = dict(prompt_embeds=torch.randn(prompts, SEQ, DIM, generator=g),
+               pooled_prompt_embeds=torch.randn(prompts, pooled, generator=g))
+    if negative:
+        out.update(negative_prompt_embeds=torch.randn(prompts, SEQ, DIM, generator=g),
+                   negative_pooled_prompt_embeds=torch.randn(prompts, pooled, generator=g))
+    return out
+
+
+def _flux_ids(n_txt: int, h2: int, w2: int):
+    img = torch.zeros(h2, w2, 3)
+    img[..., 1] += torch.arange(h2)[:, None]
+    img[..., 2] += torch.arange(w2)[None, :]
+    return torch.zeros(n_txt, 3), img.reshape(h2 * w2, 3)
+
+
+def _flux_raw(tr, x, sigma, emb, pooled, guidance):
+    txt_ids, img_ids = _flux_ids(emb.shape[1], SIZE // 4, SIZE // 4)
+    return tr(hidden_states=x, timestep=sigma, guidance=torch.full((x.shape[0],), guidance), pooled_projections=pooled,
+              encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+
+
+def _sd3_raw(tr, x, timestep, emb, pooled, neg, neg_pooled, w):
+    out = tr(hidden_states=torch.cat([x, x]), timestep=torch.cat([timestep, timestep]),
+             encoder_hidden_states=torch.cat([neg, emb]), pooled_projections=torch.cat([neg_pooled, pooled]),
+             return_dict=False)[0]
+    unc, con = out.chunk(2)
+    return unc + w * (con - unc)
+
+
+# ------------------------------------------------------------------------------------------- the adapter
+def test_import_is_lazy_and_names_the_extra(monkeypatch):
+    code = "import sys, glass_fast, glass_fast.integrations; assert 'diffusers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    for name in [m for m in sys.modules if m.startswith("glass_fast.integrations.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(ImportError, match=r"glass_fast\[diffusers\]"):
+        importlib.import_module("glass_fast.integrations.diffusers")
+
+
+def test_flux_velocity_and_denoiser_are_the_sign_flipped_transformer(flux):
+    flow = gd.as_flow(flux)
+    cond = gd.encode(flow, **_embeds(2, DIM))
+    model = flow.flow_model(cond, 3, SIZE, SIZE, guidance_scale=2.5)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 64, 16, generator=g)
+    t = torch.rand(6, generator=g)
+    rows = torch.arange(6) // 3
+    with torch.no_grad():
+        raw = _flux_raw(flux.transformer, x, 1 - t, cond.prompt_embeds[rows], cond.pooled[rows], 2.5)
+        u, d = model.velocity(x, t), model.denoise(x, t)
+    torch.testing.assert_close(u, -raw, atol=1e-6, rtol=1e-5)
+    # Linear path: D = x + (1 - t) u = x - sigma v, the diffusers x0-prediction.
+    torch.testing.assert_close(d, x - (1 - t)[:, None, None] * raw, atol=1e-6, rtol=1e-5)
+
+
+def test_sd3_guided_velocity_is_the_sign_flipped_cfg_combination(sd3):
+    flow = gd.as_flow(sd3)
+    cond = gd.encode(flow, cfg=True, **_embeds(2, 16, negative=True))
+    model = flow.flow_model(cond, 2, SIZE, SIZE, cfg_scale=4.0)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 4, 16, 16, generator=g)
+    t = torch.rand(4, generator=g)
+    rows = torch.tensor([0, 0, 1, 1])
+    with torch.no_grad():
+        raw = _sd3_raw(sd3.transformer, x, (1 - t) * 1000, cond.prompt_embeds[rows], cond.pooled[rows],
+                       cond.negative_embeds[rows], cond.negative_pooled[rows], 4.0)
+        u, d = model.velocity(x, t), model.denoise(x, t)
+    torch.testing.assert_close(u, -raw, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(d, x - (1 - t)[:, None, None, None] * raw, atol=1e-5, rtol=1e-5)
+
+
+def test_max_batch_chunks_give_the_same_field(sd3):
+    flow = gd.as_flow(sd3)
+    cond = gd.encode(flow, cfg=True, **_embeds(3, 16, negative=True))
+    x, t = torch.randn(6, 4, 16, 16), torch.rand(6)
+    whole = flow.flow_model(cond, 2, SIZE, SIZE, cfg_scale=3.0)
+    chunked = flow.flow_model(cond, 2, SIZE, SIZE, cfg_scale=3.0, max_batch=4)  # 2 latents (x2 for CFG) per call
+    with torch.no_grad():
+        torch.testing.assert_close(chunked.velocity(x, t), whole.velocity(x, t), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------- the diffusers cross-check
+def test_flux_ode_reproduces_the_diffusers_euler_loop(flux):
+    steps, emb = 6, _embeds(1, DIM, seed=5)
+    flow = gd.as_flow(flux)
+    lat = flow.noise(2, SIZE, SIZE, torch.Generator().manual_seed(6))
+    # The pipeline's schedule: sigmas linspace(1, 1/N, N) shifted with mu linear in the token count.
+    mu = 64 * (1.15 - 0.5) / (256 - 16) + 0.5 - 16 * (1.15 - 0.5) / (256 - 16)
+    sched = FlowMatchEulerDiscreteScheduler.from_config(flux.scheduler.config)
+    sched.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    torch.testing.assert_close(flow.time_grid(steps, SIZE, SIZE), 1 - sched.sigmas.double(), atol=0, rtol=0)
+    x = lat.clone()
+    rows = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        for ts in sched.timesteps:
+            v = _flux_raw(flux.transformer, x, ts.expand(2) / 1000, emb["prompt_embeds"][rows],
+                          emb["pooled_prompt_embeds"][rows], 3.5)
+            x = sched.step(v, ts, x, return_dict=False)[0]
+    ours = gd.sample(flux, method="ode", transitions=steps, inner_steps=1, num_images_per_prompt=2, height=SIZE,
+                     width=SIZE, latents=lat, output_type="latent", **emb)
+    assert ours.shape == x.shape == (2, 64, 16)
+    torch.testing.assert_close(ours, x, atol=ATOL, rtol=0)
+
+
+def test_sd3_ode_with_cfg_reproduces_the_diffusers_euler_loop(sd3):
+    steps, w, emb = 5, 5.0, _embeds(2, 16, seed=7, negative=True)
+    flow = gd.as_flow(sd3)
+    lat = flow.noise(2, SIZE, SIZE, torch.Generator().manual_seed(8))
+    sched = FlowMatchEulerDiscreteScheduler.from_config(sd3.scheduler.config)
+    sched.set_timesteps(steps)
+    torch.testing.assert_close(flow.time_grid(steps, SIZE, SIZE), 1 - sched.sigmas.double(), atol=0, rtol=0)
+    x = lat.clone()
+    with torch.no_grad():
+        for ts in sched.timesteps:
+            v = _sd3_raw(sd3.transformer, x, ts.expand(2), emb["prompt_embeds"], emb["pooled_prompt_embeds"],
+                         emb["negative_prompt_embeds"], emb["negative_pooled_prompt_embeds"], w)
+            x = sched.step(v, ts, x, return_dict=False)[0]
+    ours = gd.sample(sd3, method="ode", transitions=steps, inner_steps=1, guidance_scale=w, height=SIZE,
+                     width=SIZE, latents=lat, output_type="latent", **emb)
+    torch.testing.assert_close(ours, x, atol=ATOL, rtol=0)
+
+
+def test_flux_ode_reproduces_the_pipeline_itself(flux):
+    pytest.importorskip("transformers")  # diffusers' pipeline classes need it even with no text encoders
+    from diffusers import FluxPipeline
+    pipe = FluxPipeline(scheduler=flux.scheduler, vae=flux.vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=flux.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    emb = _embeds(1, DIM, seed=9)
+    lat = gd.as_flow(pipe).noise(1, SIZE, SIZE, torch.Generator().manual_seed(10))
+    theirs = pipe(prompt_embeds=emb["prompt_embeds"], pooled_prompt_embeds=emb["pooled_prompt_embeds"],
+                  num_inference_steps=4, guidance_scale=3.5, height=SIZE, width=SIZE, latents=lat.clone(),
+                  output_type="latent").images
+    ours = gd.sample(pipe, method="ode", transitions=4, inner_steps=1, guidance_scale=3.5, height=SIZE,
+                     width=SIZE, latents=lat, output_type="latent", **emb)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.parametrize("method", ["glass", "sde"])
+def test_stochastic_methods_give_finite_images_of_the_right_size(flux, sd3, method):
+    for pipe, pooled, extra in ((flux, DIM, {}), (sd3, 16, {"guidance_scale": 3.0})):
+        emb = _embeds(2, pooled, negative=pipe is sd3)
+        imgs = gd.sample(pipe, method=method, transitions=3, inner_steps=2, num_images_per_prompt=2, height=SIZE,
+                         width=SIZE, generator=torch.Generator().manual_seed(11), output_type="pt", **emb, **extra)
+        assert imgs.shape == (4, 3, SIZE, SIZE)
+        assert torch.isfinite(imgs).all() and imgs.min() >= 0 and imgs.max() <= 1
+
+
+def test_glass_is_reproducible_per_seed_and_random_across_seeds(flux):
+    emb = _embeds(1, DIM)
+    lat = gd.as_flow(flux).noise(2, SIZE, SIZE, torch.Generator().manual_seed(12))
+
+    def run(seed):
+        return gd.sample(flux, method="glass", transitions=3, inner_steps=2, num_images_per_prompt=2, height=SIZE,
+                         width=SIZE, latents=lat, generator=torch.Generator().manual_seed(seed),
+                         output_type="latent", **emb)
+
+    a, b, c = run(1), run(1), run(2)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert (a - c).abs().max() > 1e-3  # same start, different transition noise
+
+
+def test_pil_output(flux):
+    imgs = gd.sample(flux, method="glass", transitions=2, inner_steps=1, height=SIZE, width=SIZE,
+                     generator=torch.Generator().manual_seed(0), output_type="pil", **_embeds(2, DIM))
+    assert len(imgs) == 2 and imgs[0].size == (SIZE, SIZE)
+
+
+def test_fk_steering_end_to_end(flux):
+    seen = []
+
+    def brightness(images, prompts):  # an image-only reward: mean intensity
+        seen.append((images.shape, list(prompts)))
+        return images.mean(dim=(1, 2, 3))
+
+    emb = _embeds(2, DIM)
+    imgs, res = gd.steer(flux, ["a cat", "a dog"], brightness, particles=3, transitions=3, inner_steps=2,
+                         height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(13), max_batch=4, **emb)
+    assert imgs.shape == (2, 3, SIZE, SIZE) and torch.isfinite(imgs).all()
+    assert res.samples.shape == (2, 3, 64, 16) and res.rewards.shape == (2, 3)
+    assert torch.isfinite(res.rewards).all() and torch.isfinite(res.log_weights).all()
+    assert res.nfe == 6.0  # GLASS steering reuses the reward's x0-prediction: transitions x inner_steps
+    # Scored under max_batch = 4 rows, each row with its own group's prompt.
+    assert all(shape[0] <= 4 and shape[1:] == (3, SIZE, SIZE) for shape, _ in seen)
+    assert seen[0][1] == ["a cat"] * 3 + ["a dog"]
+    # The returned image is the decoded highest-reward particle of its group.
+    best = res.rewards.argmax(dim=1)
+    torch.testing.assert_close(res.best, res.samples[torch.arange(2), best])
+
+
+# --------------------------------------------------------------------------------------------- bad input
+def test_unsupported_pipelines_are_rejected(flux):
+    with pytest.raises(TypeError, match="FluxTransformer2DModel"):
+        gd.sample(types.SimpleNamespace(transformer=torch.nn.Linear(2, 2), scheduler=flux.scheduler),
+                  **_embeds(1, DIM))
+    with pytest.raises(TypeError, match="pipe must be a FLUX or Stable Diffusion 3 pipeline"):
+        gd.sample(object(), **_embeds(1, DIM))
+    with pytest.raises(TypeError, match="flow-matching scheduler"):
+        gd.sample(types.SimpleNamespace(transformer=flux.transformer, scheduler=object()), **_embeds(1, DIM))
+
+
+def test_prompt_layout_mismatches_are_named(flux):
+    with pytest.raises(ValueError, match="prompt has 3 entries but prompt_embeds has 2 rows"):
+        gd.sample(flux, ["a", "b", "c"], height=SIZE, width=SIZE, **_embeds(2, DIM))
+    with pytest.raises(ValueError, match=r"latents must have shape \(2, 3, 64, 16\)"):
+        gd.steer(flux, None, lambda im, p: im.mean((1, 2, 3)), particles=3, height=SIZE, width=SIZE,
+                 latents=torch.randn(3, 3, 64, 16), **_embeds(2, DIM))
+    with pytest.raises(ValueError, match=r"latents must have shape \(4, 64, 16\)"):
+        gd.sample(flux, num_images_per_prompt=2, height=SIZE, width=SIZE, latents=torch.randn(3, 64, 16),
+                  **_embeds(2, DIM))
+    model = gd.as_flow(flux).flow_model(gd.encode(gd.as_flow(flux), **_embeds(2, DIM)), 3, SIZE, SIZE)
+    with pytest.raises(ValueError, match=r"2 prompt\(s\) x 3 rows = 6 rows"):
+        model.velocity(torch.randn(5, 64, 16), 0.5)
+
+
+def test_missing_encoders_and_bad_sizes_are_named(flux, sd3):
+    with pytest.raises(ValueError, match="prompt_embeds and pooled_prompt_embeds are required"):
+        gd.sample(flux, "a cat", height=SIZE, width=SIZE)
+    with pytest.raises(ValueError, match="negative_prompt_embeds"):
+        gd.sample(sd3, guidance_scale=5.0, height=SIZE, width=SIZE, **_embeds(1, 16))
+    with pytest.raises(ValueError, match="height must be a positive multiple of 4"):
+        gd.sample(flux, height=30, width=SIZE, **_embeds(1, DIM))
+    with pytest.raises(ValueError, match="output_type must be one of"):
+        gd.sample(flux, height=SIZE, width=SIZE, output_type="jpg", **_embeds(1, DIM))
+    with pytest.raises(ValueError, match="pooled_prompt_embeds is required"):
+        gd.sample(flux, height=SIZE, width=SIZE, prompt_embeds=torch.randn(1, SEQ, DIM))
+
+
+def test_reward_of_the_wrong_shape_is_named(flux):
+    with pytest.raises(ValueError, match=r"reward must return a Tensor of shape \[2\].*got shape \[2, 1\]"):
+        gd.steer(flux, None, lambda im, p: im.mean((2, 3))[:, :1], particles=2, transitions=2, inner_steps=1,
+                 height=SIZE, width=SIZE, **_embeds(1, DIM))
+    with pytest.raises(TypeError, match="reward must be callable"):
+        gd.steer(flux, None, "clip", particles=2, height=SIZE, width=SIZE, **_embeds(1, DIM))
+    scorer = LatentReward(gd.as_flow(flux), lambda im, p: im.mean((1, 2, 3)), None, 1, 2, SIZE, SIZE)
+    with pytest.raises(ValueError, match=r"1 prompt\(s\) x 2 rows = 2 rows"):
+        scorer(torch.randn(3, 64, 16))
+
+
+# -------------------------------------------------------------------------------------------------- rewards
+def test_clip_score_reward_on_a_tiny_clip():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        projection_dim=8)
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(cfg)
+
+    def tokenize(texts, **_):  # byte-level ids, padded: enough for a randomly initialised text tower
+        ids = [[b % 60 + 2 for b in t.encode()][:14] for t in texts]
+        n = max(map(len, ids))
+        return {"input_ids": torch.tensor([i + [1] * (n - len(i)) for i in ids]),
+                "attention_mask": torch.tensor([[1] * len(i) + [0] * (n - len(i)) for i in ids])}
+
+    reward = CLIPScoreReward(model, tokenize)
+    imgs = torch.rand(3, 3, SIZE, SIZE)
+    s = reward(imgs, ["a cat", "a dog", "a cat"])
+    assert s.shape == (3,) and torch.all(s.abs() <= 1 + 1e-5)
+    # Each score is the cosine of that image's and that prompt's features.
+    single = reward(imgs[1:2], ["a dog"])
+    torch.testing.assert_close(single, s[1:2], atol=1e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        CLIPScoreReward.from_pretrained("/nonexistent/clip")
