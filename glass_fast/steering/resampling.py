@@ -10,10 +10,7 @@ import math
 
 import torch
 
-try:  # the dispatching ops (compiled kernels when built); the reference module has the same signatures
-    from ..ops import gather_particles, normalize_log_weights, resample_indices
-except ImportError:  # pragma: no cover - only while the dispatch layer does not export them
-    from ..ops.reference import gather_particles, normalize_log_weights, resample_indices
+from ..ops import gather_particles, normalize_log_weights, resample_indices
 
 SCHEMES = ("multinomial", "stratified", "systematic", "residual")
 

@@ -1,0 +1,248 @@
+"""FK steering mechanics: model-call reuse, weight bookkeeping, best-of-N, accounting and bad input."""
+import math
+
+import pytest
+import torch
+
+import glass_fast as gf
+from glass_fast.steering import POTENTIALS, best_of_n, fk_steering
+
+B_VEC = torch.tensor([0.8, -0.6], dtype=torch.float64)
+SCH = gf.LinearSchedule()
+
+
+def linear_reward(x):
+    return x @ B_VEC.to(x.dtype)
+
+
+class Counting:
+    """Wraps a network: counts calls and rows (particle evaluations)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls, self.rows = fn, 0, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        self.rows += x.shape[0]
+        return self.fn(x, t)
+
+
+class Recording:
+    """A reward that keeps every output it returned."""
+
+    def __init__(self, fn=linear_reward):
+        self.fn, self.outputs = fn, []
+
+    def __call__(self, x):
+        r = self.fn(x)
+        self.outputs.append(r.clone())
+        return r
+
+
+def _noise(b, k, seed=0):
+    return torch.randn(b, k, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def _counting_model(mixture, prediction="x0"):
+    exact = mixture.flow_model(SCH, prediction)
+    fn = Counting(exact.fn)
+    return gf.FlowModel(fn, SCH, prediction), fn
+
+
+@pytest.mark.parametrize("method,solver,expected", [("glass", "euler", 50), ("glass", "midpoint", 50),
+                                                    ("ode", "euler", 50), ("sde", "euler", 50),
+                                                    ("plugin", "euler", 5)])
+def test_fk_steering_costs_transitions_times_inner_steps(mixture, method, solver, expected):
+    model, fn = _counting_model(mixture)
+    b, k = 2, 3
+    res = fk_steering(model, linear_reward, _noise(b, k), method=method, solver=solver, transitions=5,
+                      inner_steps=10, ess_threshold=1.0, generator=torch.Generator().manual_seed(1))
+    assert fn.calls == expected                      # every network call sees all B * K particles at once
+    assert fn.rows == expected * b * k
+    assert res.nfe == expected and model.calls == expected
+    assert res.reward_calls == 5 + 1                 # t_0, the four inner grid times and t = 1
+
+
+def test_value_potential_cost(mixture):
+    model, fn = _counting_model(mixture)
+    res = fk_steering(model, linear_reward, _noise(1, 4), potential="value", value_samples=3, transitions=5,
+                      inner_steps=10, generator=torch.Generator().manual_seed(1))
+    # 4 inner grid times x 3 posterior draws x 9 calls (the first is the reused denoiser)
+    assert res.nfe == 50 + 4 * 3 * 9 and fn.rows == res.nfe * 4
+
+
+@pytest.mark.parametrize("method", ["glass", "sde", "ode", "plugin"])
+def test_without_reward_fk_is_the_plain_sampler(mixture, method):
+    # lmbda = 0 and no resampling: the reused denoiser must reproduce the sampler's own first call exactly.
+    model = mixture.flow_model(SCH, "velocity")
+    noise = _noise(2, 5)
+    res = fk_steering(model, linear_reward, noise, method=method, lmbda=0.0, ess_threshold=0.0,
+                      generator=torch.Generator().manual_seed(7))
+    ref = gf.sample(model, noise.reshape(10, 2), method=method, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(res.samples.reshape(10, 2), ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(res.log_weights, torch.full((2, 5), -math.log(5), dtype=torch.float64))
+
+
+def _normalized(lw):
+    return lw - torch.logsumexp(lw, dim=-1, keepdim=True)
+
+
+def test_weights_accumulate_without_resampling(mixture):
+    # ess_threshold = 0 never resamples: the final log-weights are the summed potentials.
+    model = mixture.flow_model(SCH, "x0")
+    rec, lmbda = Recording(), 0.7
+    res = fk_steering(model, rec, _noise(2, 6), potential="immediate", lmbda=lmbda, ess_threshold=0.0,
+                      final_correction=False, generator=torch.Generator().manual_seed(2))
+    summed = sum(lmbda * r for r in rec.outputs[1:]).reshape(2, 6)   # every score after t_0
+    torch.testing.assert_close(res.log_weights, _normalized(summed))
+    rec, res = Recording(), None
+    res = fk_steering(model, rec, _noise(2, 6), potential="add", lmbda=lmbda, ess_threshold=0.0,
+                      final_correction=False, generator=torch.Generator().manual_seed(2))
+    s = [lmbda * r.reshape(2, 6) for r in rec.outputs]
+    expected = sum(sum(s[: j + 1]) for j in range(1, len(s)))       # log G_j = s_j + sum_{i<j} s_i
+    torch.testing.assert_close(res.log_weights, _normalized(expected))
+
+
+def test_weights_reset_after_resampling(mixture):
+    # ess_threshold = 1 resamples after every inner transition: only the last potential remains.
+    model = mixture.flow_model(SCH, "x0")
+    rec = Recording()
+    res = fk_steering(model, rec, _noise(2, 6), potential="immediate", ess_threshold=1.0,
+                      final_correction=False, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(res.log_weights, _normalized(rec.outputs[-1].reshape(2, 6)))
+    assert torch.equal(res.rewards, rec.outputs[-1].reshape(2, 6))
+
+
+@pytest.mark.parametrize("potential", POTENTIALS)
+def test_final_correction_leaves_exp_lambda_r(mixture, potential):
+    # Without resampling, the corrected weight of every path is exp(lmbda r(x_1)) whatever the potential.
+    model = mixture.flow_model(SCH, "x0")
+    lmbda = 1.3
+    res = fk_steering(model, linear_reward, _noise(3, 4), potential=potential, lmbda=lmbda, ess_threshold=0.0,
+                      value_samples=2, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(res.log_weights, _normalized(lmbda * res.rewards))
+
+
+def test_diff_telescopes_without_correction(mixture):
+    # D_0(x_0) = E[z] for every particle (alpha_0 = 0), so "diff" alone already weights by exp(lmbda r(x_1)).
+    model = mixture.flow_model(SCH, "x0")
+    res = fk_steering(model, linear_reward, _noise(2, 5), potential="diff", ess_threshold=0.0,
+                      final_correction=False, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(res.log_weights, _normalized(res.rewards))
+
+
+def test_resampling_window_and_frequency(mixture):
+    # A window that excludes every inner grid time draws no uniforms: identical to never resampling.
+    model = mixture.flow_model(SCH, "x0")
+    kw = dict(potential="immediate", final_correction=False)
+    never = fk_steering(model, linear_reward, _noise(2, 6), ess_threshold=0.0,
+                        generator=torch.Generator().manual_seed(2), **kw)
+    outside = fk_steering(model, linear_reward, _noise(2, 6), ess_threshold=1.0, resample_window=(0.9, 1.0),
+                          generator=torch.Generator().manual_seed(2), **kw)
+    sparse = fk_steering(model, linear_reward, _noise(2, 6), ess_threshold=1.0, resample_every=10,
+                         generator=torch.Generator().manual_seed(2), **kw)
+    for other in (outside, sparse):
+        torch.testing.assert_close(other.samples, never.samples)
+        torch.testing.assert_close(other.log_weights, never.log_weights)
+
+
+def test_result_fields(mixture):
+    model = mixture.flow_model(SCH, "x0")
+    res = fk_steering(model, linear_reward, _noise(3, 4), generator=torch.Generator().manual_seed(0),
+                      progress=True)
+    assert res.samples.shape == (3, 4, 2) and res.log_weights.shape == (3, 4) and res.rewards.shape == (3, 4)
+    torch.testing.assert_close(torch.logsumexp(res.log_weights, -1), torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(res.best, res.samples[torch.arange(3), res.rewards.argmax(-1)])
+    assert set(res.timings) == {"model", "reward", "sampler", "total"}
+    assert all(v >= 0 for v in res.timings.values())
+    assert res.resample(generator=torch.Generator().manual_seed(0)).shape == (3, 4, 2)
+    assert res.select(generator=torch.Generator().manual_seed(0)).shape == (3, 2)
+
+
+@pytest.mark.parametrize("method", ["glass", "ode", "sde"])
+def test_best_of_n(mixture, method):
+    model, fn = _counting_model(mixture, "velocity")
+    noise = _noise(3, 8)
+    res = best_of_n(model, linear_reward, noise, method=method, transitions=5, inner_steps=10,
+                    generator=torch.Generator().manual_seed(1))
+    ref = gf.sample(mixture.flow_model(SCH, "velocity"), noise.reshape(24, 2), method=method,
+                    generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(res.samples.reshape(24, 2), ref)
+    torch.testing.assert_close(res.rewards, linear_reward(ref).reshape(3, 8))
+    torch.testing.assert_close(res.best, res.samples[torch.arange(3), res.rewards.argmax(-1)])
+    assert res.nfe == 50 and fn.calls == 50 and res.reward_calls == 1
+    torch.testing.assert_close(res.log_weights, torch.full((3, 8), -math.log(8), dtype=torch.float64))
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        best_of_n(model, linear_reward, noise, potential="diff")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(potential="best"), "potential must be one of"),
+    (dict(resample="bogus"), "resample must be one of"),
+    (dict(lmbda=-1.0), "lmbda must be a finite number >= 0"),
+    (dict(ess_threshold=1.5), r"ess_threshold must be a number in \[0, 1\]"),
+    (dict(resample_window=(0.7, 0.2)), "resample_window must satisfy"),
+    (dict(resample_every=0), "resample_every must be an integer >= 1"),
+    (dict(method="euler"), "method must be one of"),
+])
+def test_bad_options(mixture, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fk_steering(mixture.flow_model(SCH, "x0"), linear_reward, _noise(1, 2), **kwargs)
+
+
+def test_bad_noise(mixture):
+    model = mixture.flow_model(SCH, "x0")
+    with pytest.raises(ValueError, match="K >= 1"):
+        fk_steering(model, linear_reward, torch.zeros(2, 0, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"noise must be a Tensor\[B, K, ...\]"):
+        fk_steering(model, linear_reward, torch.zeros(4, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("reward,err,match", [
+    (lambda x: linear_reward(x)[:, None], ValueError, r"shape \[6\]"),
+    (lambda x: linear_reward(x)[:3], ValueError, r"shape \[6\]"),
+    (lambda x: (x[:, 0] > 0).long(), TypeError, "floating-point"),
+    (lambda x: torch.zeros(x.shape[0], device="meta"), ValueError, "device"),
+    (lambda x: x[:, 0].tolist(), TypeError, "must return a Tensor"),
+])
+def test_bad_reward(mixture, reward, err, match):
+    with pytest.raises(err, match=match):
+        fk_steering(mixture.flow_model(SCH, "x0"), reward, _noise(2, 3))
+    with pytest.raises(err, match=match):
+        best_of_n(mixture.flow_model(SCH, "x0"), reward, _noise(2, 3))
+
+
+def test_nan_reward_gives_zero_weight_and_warns(mixture):
+    def reward(x):
+        r = linear_reward(x).clone()
+        r[0] = math.nan                          # group 0, particle 0, at every evaluation
+        return r
+
+    with pytest.warns(UserWarning, match="NaN or Inf for 6 particle evaluations"):
+        res = fk_steering(mixture.flow_model(SCH, "x0"), reward, _noise(2, 3), ess_threshold=0.0)
+    assert math.isinf(float(res.log_weights[0, 0])) and torch.all(torch.isfinite(res.log_weights[0, 1:]))
+    assert torch.all(torch.isfinite(res.log_weights[1]))
+    assert not torch.equal(res.best[0], res.samples[0, 0])     # a NaN reward never wins
+
+
+def test_nan_reward_with_resampling_is_dropped(mixture):
+    def reward(x):
+        r = linear_reward(x).clone()
+        r[1] = math.nan
+        return r
+
+    with pytest.warns(UserWarning, match="NaN or Inf"):
+        res = fk_steering(mixture.flow_model(SCH, "x0"), reward, _noise(1, 4), ess_threshold=1.0,
+                          generator=torch.Generator().manual_seed(0))
+    assert torch.isneginf(res.log_weights[0, 1]) and torch.all(torch.isfinite(res.log_weights[0, [0, 2, 3]]))
+
+
+def test_group_with_only_nan_rewards_raises(mixture):
+    def reward(x):
+        r = linear_reward(x).clone()
+        r[3:6] = math.nan                        # all of group 1
+        return r
+
+    with pytest.raises(RuntimeError, match=r"group 1 has zero weight after transition 0 \(t=0.0000 -> 0.2000\)"):
+        fk_steering(mixture.flow_model(SCH, "x0"), reward, _noise(2, 3))
