@@ -162,3 +162,8 @@ def ks_statistic(samples: torch.Tensor, cdf) -> float:
 def ks_critical(n: int, alpha: float = 0.001) -> float:
     """Asymptotic one-sample KS critical value sqrt(-log(alpha/2) / 2) / sqrt(n)."""
     return math.sqrt(-0.5 * math.log(alpha / 2)) / math.sqrt(n)
+
+
+def standard_mixture() -> GaussianMixture:
+    """The 2-D, three-component mixture used by the tests, benchmarks and demos (unequal weights and widths)."""
+    return GaussianMixture([[2.0, 0.0], [-1.0, 1.5], [0.0, -2.0]], [0.3, 0.5, 0.4], [0.3, 0.5, 0.2])

@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-import glass_fast as gf
+from glass_fast.mixtures import standard_mixture
 
 
 @pytest.fixture(scope="session")
 def mixture():
     """A 2-D, three-component mixture with unequal weights and widths: the ground truth of the sampler tests."""
-    return gf.GaussianMixture([[2.0, 0.0], [-1.0, 1.5], [0.0, -2.0]], [0.3, 0.5, 0.4], [0.3, 0.5, 0.2])
+    return standard_mixture()
 
 
 @pytest.fixture(autouse=True)
