@@ -141,6 +141,19 @@ def test_max_batch_chunks_give_the_same_field(sd3):
         torch.testing.assert_close(chunked.velocity(x, t), whole.velocity(x, t), atol=1e-5, rtol=1e-5)
 
 
+def test_flux_decoding_is_the_pipelines_unpack_scale_and_shift(flux):
+    flow = gd.as_flow(flux)
+    x = torch.randn(2, 64, 16)
+    # The pipeline's unpacking: tokens of 2x2 patches back to [N, C, h, w].
+    lat = x.view(2, 8, 8, 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(2, 4, 16, 16)
+    torch.testing.assert_close(flow.unpack(x, SIZE, SIZE), lat, atol=0, rtol=0)
+    torch.testing.assert_close(flow.pack(lat), x, atol=0, rtol=0)
+    with torch.no_grad():
+        want = (flux.vae.decode(lat / 1.5 + 0.06).sample / 2 + 0.5).clamp(0, 1)
+        got = gd.postprocess(flow, x, SIZE, SIZE, "pt", max_batch=1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 # --------------------------------------------------------------------------------- the diffusers cross-check
 def test_flux_ode_reproduces_the_diffusers_euler_loop(flux):
     steps, emb = 6, _embeds(1, DIM, seed=5)
@@ -194,6 +207,28 @@ def test_flux_ode_reproduces_the_pipeline_itself(flux):
                   num_inference_steps=4, guidance_scale=3.5, height=SIZE, width=SIZE, latents=lat.clone(),
                   output_type="latent").images
     ours = gd.sample(pipe, method="ode", transitions=4, inner_steps=1, guidance_scale=3.5, height=SIZE,
+                     width=SIZE, latents=lat, output_type="latent", **emb)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    # Decoding too: unpacking, the VAE's scaling and shift, and the [0, 1] postprocessing.
+    with torch.no_grad():
+        img_theirs = pipe(prompt_embeds=emb["prompt_embeds"], pooled_prompt_embeds=emb["pooled_prompt_embeds"],
+                          num_inference_steps=4, height=SIZE, width=SIZE, latents=lat.clone(), output_type="pt").images
+    img_ours = gd.postprocess(gd.as_flow(pipe), theirs, SIZE, SIZE, "pt")
+    torch.testing.assert_close(img_ours, img_theirs, atol=1e-5, rtol=0)
+
+
+def test_sd3_ode_with_cfg_reproduces_the_pipeline_itself(sd3):
+    pytest.importorskip("transformers")
+    from diffusers import StableDiffusion3Pipeline
+    pipe = StableDiffusion3Pipeline(transformer=sd3.transformer, scheduler=sd3.scheduler, vae=sd3.vae,
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    emb = _embeds(2, 16, seed=11, negative=True)
+    lat = gd.as_flow(pipe).noise(2, SIZE, SIZE, torch.Generator().manual_seed(12))
+    theirs = pipe(num_inference_steps=4, guidance_scale=4.0, height=SIZE, width=SIZE, latents=lat.clone(),
+                  output_type="latent", **emb).images
+    ours = gd.sample(pipe, method="ode", transitions=4, inner_steps=1, guidance_scale=4.0, height=SIZE,
                      width=SIZE, latents=lat, output_type="latent", **emb)
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
 
