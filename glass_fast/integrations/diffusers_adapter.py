@@ -104,7 +104,10 @@ class DiffusersFlow:
     # -- geometry -------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        """Where the transformer runs: the pipeline's execution device (right under CPU offload), else the
+        transformer's."""
+        dev = getattr(self.pipeline, "_execution_device", None)
+        return torch.device(dev) if dev is not None else self.transformer.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -273,8 +276,8 @@ class DiffusersFlow:
         for lo in range(0, x.shape[0], size):
             lat = self.unpack(x[lo:lo + size], height, width)
             lat = lat / cfg.scaling_factor + shift
-            vae_param = next(self.vae.parameters())
-            img = self.vae.decode(lat.to(device=vae_param.device, dtype=vae_param.dtype), return_dict=False)[0]
+            # Under CPU offload the VAE's weights sit on the CPU until its hook moves them for the call.
+            img = self.vae.decode(lat.to(device=self.device, dtype=self.vae.dtype), return_dict=False)[0]
             out.append(img.float())
         return torch.cat(out)
 
