@@ -246,3 +246,14 @@ def test_group_with_only_nan_rewards_raises(mixture):
 
     with pytest.raises(RuntimeError, match=r"group 1 has zero weight after transition 0 \(t=0.0000 -> 0.2000\)"):
         fk_steering(mixture.flow_model(SCH, "x0"), reward, _noise(2, 3))
+
+
+def test_max_batch_splits_calls_without_changing_results(mixture):
+    model, fn = _counting_model(mixture)
+    kw = dict(potential="value", value_samples=2, generator=None)
+    a = fk_steering(model, linear_reward, _noise(2, 4), **{**kw, "generator": torch.Generator().manual_seed(0)})
+    calls = fn.calls
+    b = fk_steering(model, linear_reward, _noise(2, 4), max_batch=3,
+                    **{**kw, "generator": torch.Generator().manual_seed(0)})
+    torch.testing.assert_close(a.samples, b.samples)
+    assert a.nfe == b.nfe and fn.calls - calls > calls     # more, smaller network calls; same evaluations

@@ -11,7 +11,7 @@ from ..transitions import FiniteGuard
 from .result import Meter, SteeringResult, best_of_groups, check_particles
 
 _SAMPLER_KWARGS = ("transitions", "inner_steps", "rho", "solver", "sigmabar0", "generator", "guidance",
-                   "timings", "progress")
+                   "timings", "progress", "compile", "cuda_graph", "max_batch")
 
 
 def best_of_n(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "glass",
@@ -24,7 +24,8 @@ def best_of_n(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "g
         noise: [B, K, ...] initial noise (K = N candidates per group).
         method: "glass" | "ode" | "sde" | "plugin".
         **sampler_kwargs: transitions, inner_steps, rho, solver, sigmabar0, generator, guidance (as in
-            ``glass_fast.sample``); timings (see ``fk_steering``); progress (tqdm bar).
+            ``glass_fast.sample``); compile, cuda_graph, max_batch (see ``Sampler``); timings (see
+            ``fk_steering``); progress (tqdm bar).
     Returns:
         SteeringResult: samples [B, K, ...] with equal log_weights (the samples are draws of p, not p_r),
         rewards [B, K], best [B, ...] (the argmax), nfe, reward_calls (1), timings.
@@ -43,7 +44,8 @@ def best_of_n(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "g
     progress = sampler_kwargs.pop("progress", False)
     b, k = check_particles(model, reward, noise, generator)
     n, rest = b * k, tuple(noise.shape[2:])
-    meter = Meter(model, noise.device, timings)
+    meter = Meter(model, noise.device, timings, max_batch=sampler_kwargs.pop("max_batch", None),
+                  graphs=bool(sampler_kwargs.get("cuda_graph", False)))
     sampler = Sampler(meter.model, method=method, device=noise.device, dtype=noise.dtype, **sampler_kwargs)
     guard = FiniteGuard(noise.device)
     x = noise.reshape((n,) + rest)

@@ -38,7 +38,8 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
                 lmbda: float = 1.0, resample: str = "systematic", ess_threshold: float = 0.5,
                 resample_window=(0.0, 1.0), resample_every: int = 1, final_correction: bool = True,
                 guidance=None, generator: torch.Generator | None = None, progress: bool = False,
-                value_samples: int = 4, timings: bool | None = None) -> SteeringResult:
+                value_samples: int = 4, timings: bool | None = None, compile=None, cuda_graph: bool = False,
+                max_batch: int | None = None) -> SteeringResult:
     """Steer B groups of K particles towards p_r(z) proportional to p(z) exp(lmbda r(z)).
 
     Args:
@@ -59,6 +60,10 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
         progress: show a tqdm bar over transitions.
         value_samples: posterior draws per particle for potential="value".
         timings: measure seconds in model / reward / sampler; None: on CPU only (CUDA needs syncs).
+        compile, cuda_graph: run every proposal transition compiled or as a replayed CUDA graph (see
+            ``Sampler``; not with ``guidance``). The reward, potentials and resampling stay eager, and
+            host-sync free, between transitions.
+        max_batch: call the network in chunks of at most this many rows (value draws included).
     Returns:
         SteeringResult with samples [B, K, ...], per-group normalised log_weights [B, K] (the weighted
         system targets p_r), rewards [B, K], best [B, ...], nfe, reward_calls, timings.
@@ -75,10 +80,10 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
     _check_options(method, potential, lmbda, resample, ess_threshold, resample_window, resample_every,
                    value_samples, guidance)
     n, rest, dev = b * k_part, tuple(noise.shape[2:]), noise.device
-    meter = Meter(model, dev, timings)
+    meter = Meter(model, dev, timings, max_batch=max_batch, graphs=cuda_graph)
     m = meter.model
     sampler = Sampler(m, method=method, transitions=transitions, inner_steps=inner_steps, rho=rho, solver=solver,
-                      device=dev, dtype=noise.dtype)
+                      device=dev, dtype=noise.dtype, compile=compile, cuda_graph=cuda_graph)
     grid, steps = sampler.grid, sampler.transitions
     lo, hi = float(resample_window[0]), float(resample_window[1])
     due = [0 < k + 1 < steps and lo <= float(grid[k + 1]) <= hi and (k + 1) % resample_every == 0
@@ -112,7 +117,12 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
             t_next = float(grid[k + 1])
             d = m.denoise(x, t_next)
             guard.check(d, f"the denoiser at t={t_next:.4f}")
-            s = values[k + 1](x, score, denoised=d, generator=generator, guard=guard) if values else score(d)
+            if values:
+                calls = m.calls
+                s = values[k + 1](x, score, denoised=d, generator=generator, guard=guard)
+                meter.extra += (m.calls - calls) * (value_samples - 1)   # each call saw value_samples rows per particle
+            else:
+                s = score(d)
             log_g = state.step(grouped(s))
         else:
             r_final = meter.reward(reward, x, "in fk_steering at t = 1")

@@ -20,7 +20,8 @@ class SteeringResult:
             ``samples`` they represent the target; equal weights after best-of-N.
         rewards: [B, K] reward of each final particle.
         best: [B, ...] the highest-reward particle of each group.
-        nfe: model evaluations per particle (rows the network saw / (B * K)).
+        nfe: model evaluations per particle (batched model calls; a call on several copies of every
+            particle, as in value estimates, counts once per copy).
         reward_calls: reward evaluations per particle (rows the reward saw / (B * K)).
         timings: seconds spent in the model, the reward and the sampler itself (everything else), and
             their sum "total". NaN where not measured (CUDA without ``timings=True``; see ``Meter``).
@@ -61,29 +62,32 @@ class SteeringResult:
 class Meter:
     """Counts and times the model and the reward for one steering run.
 
-    ``FlowModel`` counts batched calls; steering needs evaluations per particle (a value estimate runs
-    the network on ``samples`` copies of each particle at once), so the meter runs the network through
-    a twin ``FlowModel`` whose function counts rows. The user's ``model.calls`` is advanced by the
-    twin's calls at ``close``.
+    The network runs through a twin ``FlowModel`` (same function, schedule, parameterization, dtype, time
+    range, optionally another ``max_batch``) whose function is wrapped by a timer; the twin's ``calls``
+    are the run's batched model calls, and the user's ``model.calls`` is advanced by them at ``close``.
+    Model evaluations per particle (``nfe``) are those calls, plus ``extra`` for calls whose batch holds
+    several rows per particle (value estimates run ``samples`` copies of every particle at once).
 
     Timing: on CPU the wall clock around each call is exact without any synchronisation. On CUDA a
     call returns before the GPU finishes, so honest per-part seconds need a ``torch.cuda.synchronize``
-    around every call; that is done only when asked (``timings=True``), since it stalls the pipeline
-    and breaks graph capture. Unmeasured parts are NaN.
+    around every call; that is done only when asked (``timings=True``), since it stalls the pipeline.
+    Unmeasured parts are NaN. Inside replayed CUDA graphs the network is not called from Python: its
+    time is then part of "sampler".
     """
 
-    def __init__(self, model: FlowModel, device: torch.device, timings: bool | None):
+    def __init__(self, model: FlowModel, device: torch.device, timings: bool | None, *,
+                 max_batch: int | None = None, graphs: bool = False):
         self.user = model
         self.measure = (device.type == "cpu") if timings is None else bool(timings)
         self.sync = self.measure and device.type == "cuda"
         self.device = device
-        self.rows = self.reward_rows = 0
+        self.extra = 0
+        self.reward_rows = 0
         self.model_s = self.reward_s = 0.0
-        meter = self
+        meter, time_model = self, self.measure and not graphs   # no synchronisation inside a capture
 
         def metered(x, t):
-            meter.rows += x.shape[0]
-            if not meter.measure:
+            if not time_model:
                 return model.fn(x, t)
             start = meter._now()
             out = model.fn(x, t)
@@ -92,7 +96,8 @@ class Meter:
 
         metered.__name__ = getattr(model.fn, "__name__", type(model.fn).__name__)
         self.model = FlowModel(metered, model.schedule, model.prediction, dtype=model.dtype,
-                               time_range=model.time_range)
+                               time_range=model.time_range,
+                               max_batch=max_batch if max_batch is not None else getattr(model, "max_batch", None))
         self._start = self._now()
 
     def _now(self) -> float:
@@ -110,7 +115,7 @@ class Meter:
         return check_reward(r, x, what)
 
     def close(self, particles: int) -> tuple[float, float, dict]:
-        """(nfe per particle, reward calls per particle, timings) and the user model's call count."""
+        """(nfe per particle, reward calls per particle, timings); advances the user model's call count."""
         total = self._now() - self._start if self.measure else math.nan
         self.user.calls += self.model.calls
         if self.measure:
@@ -118,7 +123,7 @@ class Meter:
                        "sampler": max(total - self.model_s - self.reward_s, 0.0), "total": total}
         else:
             timings = {"model": math.nan, "reward": math.nan, "sampler": math.nan, "total": math.nan}
-        return self.rows / particles, self.reward_rows / particles, timings
+        return float(self.model.calls + self.extra), self.reward_rows / particles, timings
 
 
 def check_reward(r, x: torch.Tensor, what: str) -> torch.Tensor:
