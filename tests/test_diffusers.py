@@ -131,6 +131,28 @@ def test_sd3_guided_velocity_is_the_sign_flipped_cfg_combination(sd3):
     torch.testing.assert_close(d, x - (1 - t)[:, None, None, None] * raw, atol=1e-5, rtol=1e-5)
 
 
+def test_flux_true_cfg_is_the_guided_field_of_one_stacked_call(flux):
+    emb = _embeds(1, DIM, seed=14, negative=True)
+    lat = gd.as_flow(flux).noise(2, SIZE, SIZE, torch.Generator().manual_seed(15))
+    kw = dict(method="ode", transitions=2, inner_steps=1, num_images_per_prompt=2, height=SIZE, width=SIZE,
+              latents=lat, output_type="latent")
+    guided = gd.sample(flux, true_cfg_scale=3.0, **kw, **emb)
+    # By hand: sigma grid, u = -(v_neg + 3 (v_pos - v_neg)), Euler.
+    sigmas = gd.as_flow(flux).sigmas(2, SIZE, SIZE)
+    x, rows = lat.clone(), torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        for s0, s1 in zip(sigmas[:-1], sigmas[1:]):
+            pos = _flux_raw(flux.transformer, x, s0.expand(2), emb["prompt_embeds"][rows],
+                            emb["pooled_prompt_embeds"][rows], 3.5)
+            neg = _flux_raw(flux.transformer, x, s0.expand(2), emb["negative_prompt_embeds"][rows],
+                            emb["negative_pooled_prompt_embeds"][rows], 3.5)
+            x = x + (s1 - s0) * (neg + 3.0 * (pos - neg))
+    torch.testing.assert_close(guided, x, atol=ATOL, rtol=0)
+    # Without true_cfg_scale > 1 the negative branch is not run.
+    plain = gd.sample(flux, **kw, **emb)
+    assert (plain - guided).abs().max() > 1e-3
+
+
 def test_max_batch_chunks_give_the_same_field(sd3):
     flow = gd.as_flow(sd3)
     cond = gd.encode(flow, cfg=True, **_embeds(3, 16, negative=True))
@@ -230,6 +252,39 @@ def test_sd3_ode_with_cfg_reproduces_the_pipeline_itself(sd3):
                   output_type="latent", **emb).images
     ours = gd.sample(pipe, method="ode", transitions=4, inner_steps=1, guidance_scale=4.0, height=SIZE,
                      width=SIZE, latents=lat, output_type="latent", **emb)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+def _word_tokenizer(transformers, max_length):
+    """A real fast tokenizer over a tiny word vocabulary (built in memory, no files)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["[PAD]", "[UNK]", "a", "cat", "dog", "red", "on", "mat", "</s>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                                model_max_length=max_length)
+
+
+def test_flux_prompts_through_text_encoders_match_the_pipeline(flux):
+    transformers = pytest.importorskip("transformers")
+    from diffusers import FluxPipeline
+    torch.manual_seed(2)
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=16, hidden_size=DIM, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=12, projection_dim=DIM)).eval()
+    t5 = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=16, d_model=DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
+    pipe = FluxPipeline(scheduler=flux.scheduler, vae=flux.vae, text_encoder=clip,
+                        tokenizer=_word_tokenizer(transformers, 12), text_encoder_2=t5,
+                        tokenizer_2=_word_tokenizer(transformers, 8), transformer=flux.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red cat", "a dog on a mat"]
+    lat = gd.as_flow(pipe).noise(4, SIZE, SIZE, torch.Generator().manual_seed(3))
+    theirs = pipe(prompt=prompts, num_images_per_prompt=2, num_inference_steps=3, height=SIZE, width=SIZE,
+                  latents=lat.clone(), max_sequence_length=8, output_type="latent").images
+    # Each prompt encoded once and shared by its two rows (prompt-major, like the pipeline's repeat).
+    ours = gd.sample(pipe, prompts, method="ode", transitions=3, inner_steps=1, num_images_per_prompt=2,
+                     height=SIZE, width=SIZE, latents=lat, max_sequence_length=8, output_type="latent")
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
 
 

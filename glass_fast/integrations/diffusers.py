@@ -74,9 +74,13 @@ def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_promp
     need_neg = cfg and negative_prompt_embeds is None
     if prompt_embeds is None or need_neg:
         if pipe is None or getattr(pipe, "text_encoder", None) is None or not hasattr(pipe, "encode_prompt"):
-            what = "prompt_embeds and pooled_prompt_embeds" if prompt_embeds is None else \
-                "classifier-free guidance needs negative_prompt_embeds and negative_pooled_prompt_embeds"
-            raise ValueError(f"{what} are required when the pipeline has no text encoders (text_encoder is None)")
+            if prompt_embeds is None:
+                raise ValueError("prompt_embeds and pooled_prompt_embeds are required when the pipeline has no "
+                                 "text encoders (text_encoder is None)")
+            raise ValueError("classifier-free guidance needs negative_prompt_embeds and "
+                             "negative_pooled_prompt_embeds when the pipeline has no text encoders (text_encoder "
+                             "is None); pass them, or guidance_scale=1.0 (SD3) / true_cfg_scale=1.0 (FLUX) to run "
+                             "without guidance")
     dev = flow.device
     with torch.no_grad():
         if flow.kind == "flux":
