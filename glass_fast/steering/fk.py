@@ -66,7 +66,9 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
         max_batch: call the network in chunks of at most this many rows (value draws included).
     Returns:
         SteeringResult with samples [B, K, ...], per-group normalised log_weights [B, K] (the weighted
-        system targets p_r), rewards [B, K], best [B, ...], nfe, reward_calls, timings.
+        system targets p_r), rewards [B, K], best [B, ...], nfe, reward_calls, timings. The particles are
+        not resampled at t = 1: the final selection is ``result.resample()`` (K equally weighted particles
+        per group) or ``result.select()`` (one per group, drawn by weight); ``result.best`` is the argmax.
 
     Raises:
         FloatingPointError: the model returned NaN / Inf.
@@ -100,8 +102,10 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
     def grouped(t):
         return t.reshape((b, k_part) + tuple(t.shape[1:]))
 
+    # Grid times on the device, copied once here: a Python float would be copied host-to-device per call.
+    times = torch.as_tensor(grid, dtype=torch.float64).to(dev).unbind(0)
     x = noise.reshape((n,) + rest)
-    d = m.denoise(x, float(grid[0]))
+    d = m.denoise(x, times[0])
     guard.check(d, f"the denoiser at t={float(grid[0]):.4f}")
     # At t_0 the value is the same constant for every particle when alpha_0 = 0 (the posterior is the prior),
     # so 0 is used; with alpha_0 > 0 the final correction removes the difference.
@@ -115,7 +119,7 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
                          guidance=guidance)
         if k + 1 < steps:
             t_next = float(grid[k + 1])
-            d = m.denoise(x, t_next)
+            d = m.denoise(x, times[k + 1])
             guard.check(d, f"the denoiser at t={t_next:.4f}")
             if values:
                 calls = m.calls
