@@ -417,3 +417,27 @@ def test_clip_score_reward_on_a_tiny_clip():
     torch.testing.assert_close(single, s[1:2], atol=1e-5, rtol=1e-5)
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         CLIPScoreReward.from_pretrained("/nonexistent/clip")
+
+
+def test_clip_score_reward_loads_local_files(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import json
+    # A byte-pair vocabulary of single letters (no merges) in CLIP's file format, and a tiny CLIP beside it.
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in letters:
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        projection_dim=8)
+    torch.manual_seed(0)
+    transformers.CLIPModel(cfg).save_pretrained(tmp_path)
+    reward = CLIPScoreReward.from_pretrained(str(tmp_path))
+    s = reward(torch.rand(2, 3, SIZE, SIZE), ["a cat", "a dog"])
+    assert s.shape == (2,) and torch.isfinite(s).all()

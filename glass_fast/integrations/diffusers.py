@@ -116,11 +116,12 @@ def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_promp
                         negative_pooled_prompt_embeds.to(**to) if cfg else None, prompts)
 
 
-def _setup(pipe, prompt, embeds: dict, per_prompt: int, height, width, guidance_scale, true_cfg_scale, max_batch):
-    """(adapter, conditioning, FlowModel, height, width, cfg scale) shared by sample and steer."""
+def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, width, guidance_scale,
+           true_cfg_scale, max_batch):
+    """(adapter, conditioning, FlowModel, height, width), shared by sample and steer."""
     flow = as_flow(pipe)
     if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
-        raise ValueError(f"rows per prompt must be an integer >= 1, got {per_prompt!r}")
+        raise ValueError(f"{per_name} must be an integer >= 1, got {per_prompt!r}")
     if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
         raise ValueError(f"max_batch must be an integer >= 1 or None, got {max_batch!r}")
     height = flow.default_size() if height is None else height
@@ -205,8 +206,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
                   negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
                   negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                   max_sequence_length=max_sequence_length)
-    flow, cond, model, height, width = _setup(pipe, prompt, embeds, num_images_per_prompt, height, width,
-                                              guidance_scale, true_cfg_scale, max_batch)
+    flow, cond, model, height, width = _setup(pipe, prompt, embeds, num_images_per_prompt, "num_images_per_prompt",
+                                              height, width, guidance_scale, true_cfg_scale, max_batch)
     x = _start(flow, latents, cond.num_prompts * num_images_per_prompt, height, width, generator)
     check_state(model, x, generator)
     grid = flow.time_grid(transitions, height, width) if grid is None else grid
@@ -255,8 +256,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
                   negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
                   negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                   max_sequence_length=max_sequence_length)
-    flow, cond, model, height, width = _setup(pipe, prompt, embeds, particles, height, width, guidance_scale,
-                                              true_cfg_scale, max_batch)
+    flow, cond, model, height, width = _setup(pipe, prompt, embeds, particles, "particles", height, width,
+                                              guidance_scale, true_cfg_scale, max_batch)
     p, shape = cond.num_prompts, flow.state_shape(height, width)
     if latents is not None and (not isinstance(latents, torch.Tensor) or latents.dim() < 2
                                 or tuple(latents.shape[:2]) != (p, particles)):

@@ -115,10 +115,11 @@ class CLIPScoreReward:
         except ImportError as exc:
             raise ImportError("CLIPScoreReward needs the transformers package (pip install transformers)") from exc
         try:
-            model = CLIPModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype).to(device)
+            model = CLIPModel.from_pretrained(path, local_files_only=True).to(device=device, dtype=dtype)
             tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise FileNotFoundError(f"no CLIP weights found locally at {path!r} (nothing is downloaded): {exc}") from exc
+            raise FileNotFoundError(f"no CLIP weights found locally at {path!r} (nothing is downloaded): "
+                                    f"{exc}") from exc
         return cls(model, tokenizer)
 
     def _param(self) -> torch.Tensor:
