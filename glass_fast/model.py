@@ -68,13 +68,16 @@ class FlowModel:
         dtype: the dtype the network runs in (inputs are cast to it); None keeps the sampler state's dtype.
         time_range: (lo, hi) times at which the network is evaluated; None uses a safe default for the
             parameterization (epsilon and score are singular at alpha = 0, score also at sigma = 0).
+        max_batch: split each call into chunks of at most this many rows (memory-bounded particles);
+            results equal an unsplit call for any network that treats rows independently.
 
     Example:
         >>> model = FlowModel(lambda x, t: -x, LinearSchedule(), prediction="velocity")
     """
 
     def __init__(self, fn: Callable, schedule: Schedule, prediction: str = "velocity", *,
-                 dtype: torch.dtype | None = None, time_range: tuple[float, float] | None = None):
+                 dtype: torch.dtype | None = None, time_range: tuple[float, float] | None = None,
+                 max_batch: int | None = None):
         if not callable(fn):
             raise TypeError(f"FlowModel: fn must be callable, got {type(fn).__name__}")
         if not isinstance(schedule, Schedule):
@@ -88,6 +91,9 @@ class FlowModel:
             raise ValueError(f"FlowModel: time_range must satisfy 0 <= lo < hi <= 1, got {(lo, hi)}")
         self.fn, self.schedule, self.prediction, self.dtype = fn, schedule, prediction, dtype
         self.time_range = (float(lo), float(hi))
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"FlowModel: max_batch must be None or an integer >= 1, got {max_batch!r}")
+        self.max_batch = max_batch
         self.calls = 0  # network evaluations (batched calls), for accounting
 
     # -- the single call site -------------------------------------------------------------------------------
@@ -100,7 +106,10 @@ class FlowModel:
         t = t.to(device=x.device, dtype=torch.float32)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        out = self.fn(x, t)
+        if self.max_batch is not None and x.shape[0] > self.max_batch:
+            out = torch.cat([self.fn(xc, tc) for xc, tc in zip(x.split(self.max_batch), t.split(self.max_batch))])
+        else:
+            out = self.fn(x, t)
         self.calls += 1
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"model output must be a Tensor, got {type(out).__name__}")
@@ -109,6 +118,11 @@ class FlowModel:
         if out.dtype != x.dtype:
             raise TypeError(f"model output has dtype {out.dtype}, expected the input's dtype {x.dtype}")
         return out
+
+    def with_max_batch(self, max_batch: int | None) -> "FlowModel":
+        """The same model, calling the network in chunks of at most ``max_batch`` rows."""
+        return FlowModel(self.fn, self.schedule, self.prediction, dtype=self.dtype, time_range=self.time_range,
+                         max_batch=max_batch)
 
     def clamp_time(self, t):
         lo, hi = self.time_range

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
+from .capture import GraphedTransition, compile_transition
 from .model import FlowModel
 from .plan import check_calls, check_solver, glass_plan, ode_plan, resolve_rho, sde_plan
-from .transitions import DevicePlan, FiniteGuard, check_state, execute
+from .transitions import DevicePlan, FiniteGuard, check_state, draw_noise, execute, stage_labels
 
 METHODS = ("glass", "ode", "sde", "plugin")
 
@@ -30,17 +31,38 @@ class Sampler:
         rho, solver, sigmabar0: GLASS settings (solver also applies to "ode").
         device, dtype: where the state lives and its dtype.
         grid: optional float64 Tensor[K+1] of increasing times from 0 to 1, replacing the uniform grid.
+        compile: None / False (eager), True, a torch.compile mode ("reduce-overhead",
+            "max-autotune-no-cudagraphs", ...) or a dict of torch.compile arguments: each transition, model
+            calls included, runs compiled.
+        cuda_graph: capture one whole transition as a CUDA graph (per state shape) and replay it for every
+            transition. The network must be capturable (no host synchronisation inside).
+        max_batch: split every model call into chunks of at most this many rows (None: no split).
+
+    A Sampler is reusable: keep it to serve many batches of the same shape (graphs and compiled code are built
+    on first use and kept).
     """
 
     def __init__(self, model: FlowModel, *, method: str = "glass", transitions: int = 5, inner_steps: int = 10,
                  rho=0.4, solver: str = "euler", sigmabar0: float = 1.0, device=None, dtype=torch.float32,
-                 grid: torch.Tensor | None = None):
+                 grid: torch.Tensor | None = None, compile=None, cuda_graph: bool = False,
+                 max_batch: int | None = None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         check_calls(transitions, "transitions")
         check_calls(inner_steps, "inner_steps")
         check_solver(solver)
-        self.model, self.method = model, method
+        if compile not in (None, False, True) and not isinstance(compile, (str, dict)):
+            raise ValueError(f"compile must be None, a bool, a torch.compile mode string or a dict of torch.compile "
+                             f"arguments, got {compile!r}")
+        if compile and cuda_graph:
+            raise ValueError("choose one of compile= and cuda_graph= (compile='reduce-overhead' also uses CUDA graphs)")
+        self.model = model if max_batch is None else model.with_max_batch(max_batch)
+        self.method = method
+        self.compiled = bool(compile)
+        self.compile_kwargs = {"mode": compile} if isinstance(compile, str) else dict(compile) if compile else {}
+        self.cuda_graph = bool(cuda_graph)
+        self._runners: dict = {}
+        model = self.model
         self.grid = time_grid(transitions) if grid is None else grid.to(torch.float64).cpu()
         if self.grid.dim() != 1 or not bool(torch.all(self.grid[1:] > self.grid[:-1])):
             raise ValueError("grid must be a 1-D tensor of strictly increasing times")
@@ -56,6 +78,8 @@ class Sampler:
             else:
                 plan = sde_plan(model, t, tn, inner_steps)
             self.plans.append(DevicePlan(plan, torch.device(device or "cpu"), dtype))
+        self.labels = [stage_labels(p, f"transition {k} (t={float(self.grid[k]):.4f} -> "
+                                       f"{float(self.grid[k + 1]):.4f}), ") for k, p in enumerate(self.plans)]
 
     @property
     def transitions(self) -> int:
@@ -66,11 +90,40 @@ class Sampler:
         """Model calls of a full run (per state)."""
         return sum(len(p.kinds) for p in self.plans)
 
+    def _runner(self, k: int, x: torch.Tensor, noise: torch.Tensor, denoised):
+        """The compiled or captured transition for plan k's shape (built on first use)."""
+        plan = self.plans[k]
+        key = (plan.kinds, plan.init is None, denoised is not None, tuple(x.shape), x.dtype, x.device)
+        if key not in self._runners:
+            if self.cuda_graph:
+                pool = next(iter(self._runners.values())).graph.pool() if self._runners else None
+                self._runners[key] = GraphedTransition(self.model, plan, x, noise, denoised is not None, pool=pool)
+            else:
+                self._runners[key] = compile_transition(self.model, plan.kinds, **self.compile_kwargs)
+        return self._runners[key]
+
     def step(self, k: int, x: torch.Tensor, *, generator=None, denoised=None, guard=None, guidance=None):
-        """Transition k: x at grid[k] -> a state at grid[k+1]."""
-        label = f"transition {k} (t={float(self.grid[k]):.4f} -> {float(self.grid[k + 1]):.4f}), "
-        return execute(self.model, self.plans[k], x, generator=generator, denoised=denoised, guard=guard,
-                       label=label, guidance=guidance)
+        """Transition k: x at grid[k] -> a state at grid[k+1].
+
+        Args:
+            x: [N, ...] states at grid[k]. denoised: D_{grid[k]}(x) if already known (saves one model call).
+            guard: a FiniteGuard collecting non-finite model outputs (checked by the caller after the loop).
+            guidance: reward guidance hook (eager only).
+        """
+        plan = self.plans[k]
+        noise = draw_noise(plan, x, generator)
+        if (self.cuda_graph or self.compiled) and guidance is not None:
+            raise ValueError("guidance is not supported with compile= or cuda_graph=: run it eagerly")
+        if self.cuda_graph or self.compiled:
+            runner = self._runner(k, x, noise, denoised)
+            x_next, finite = runner(plan, x, noise, denoised)
+            if self.cuda_graph:
+                self.model.calls += runner.model_calls
+        else:
+            x_next, finite = execute(self.model, plan, x, noise, denoised=denoised, guidance=guidance)
+        if guard is not None:
+            guard.extend(finite, self.labels[k])
+        return x_next
 
     def run(self, x: torch.Tensor, *, generator=None, guidance=None) -> torch.Tensor:
         guard = FiniteGuard(x.device)
@@ -82,7 +135,8 @@ class Sampler:
 
 def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", transitions: int = 5,
            inner_steps: int = 10, rho=0.4, solver: str = "euler", generator: torch.Generator | None = None,
-           sigmabar0: float = 1.0, guidance=None) -> torch.Tensor:
+           sigmabar0: float = 1.0, guidance=None, compile=None, cuda_graph: bool = False,
+           max_batch: int | None = None) -> torch.Tensor:
     """Generate data from noise with ``transitions`` transitions of ``inner_steps`` model calls each.
 
     Args:
@@ -93,6 +147,8 @@ def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", tran
         rho, solver, sigmabar0: see ``glass_transition``; solver also selects the ODE solver.
         generator: randomness for GLASS / SDE / plug-in transitions.
         guidance: optional reward guidance (``glass_fast.RewardGuidance``).
+        compile, cuda_graph, max_batch: see ``Sampler``. To reuse compiled code or graphs across calls, keep a
+            ``Sampler`` and call its ``run``.
     Returns:
         [B, ...] samples at t = 1.
 
@@ -101,5 +157,6 @@ def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", tran
     """
     check_state(model, noise, generator)
     sampler = Sampler(model, method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
-                      solver=solver, sigmabar0=sigmabar0, device=noise.device, dtype=noise.dtype)
+                      solver=solver, sigmabar0=sigmabar0, device=noise.device, dtype=noise.dtype, compile=compile,
+                      cuda_graph=cuda_graph, max_batch=max_batch)
     return sampler.run(noise, generator=generator, guidance=guidance)

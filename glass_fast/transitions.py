@@ -12,24 +12,32 @@ from .plan import Plan, as_times, check_calls, check_interval, check_solver, gla
 
 
 class FiniteGuard:
-    """Records the first stage whose model output is not finite, without synchronising the host.
+    """Records which model outputs were finite, without synchronising the host.
 
-    ``check`` folds a device-side flag per call; ``raise_if_bad`` reads it once, after the loop.
+    ``check`` / ``extend`` keep device-side flags; ``raise_if_bad`` reads them once, after the loop, and names
+    the first non-finite output.
     """
 
     def __init__(self, device: torch.device):
-        self.first = torch.full((), -1, dtype=torch.int64, device=device)
+        self.device = device
+        self.flags: list[torch.Tensor] = []
         self.labels: list[str] = []
 
     def check(self, out: torch.Tensor, label: str) -> None:
-        bad = ~torch.isfinite(out).all()
-        code = torch.full((), len(self.labels), dtype=torch.int64, device=out.device)
-        self.first = torch.where(bad & (self.first < 0), code, self.first)
+        self.flags.append(torch.isfinite(out).all().reshape(1))
         self.labels.append(label)
 
+    def extend(self, flags: torch.Tensor, labels: list[str]) -> None:
+        """Add flags [S] computed elsewhere (e.g. inside a compiled or captured transition)."""
+        self.flags.append(flags.reshape(-1))
+        self.labels.extend(labels)
+
     def raise_if_bad(self) -> None:
-        i = int(self.first)
-        if i >= 0:
+        if not self.flags:
+            return
+        ok = torch.cat([f.to(self.device) for f in self.flags])
+        if not bool(ok.all()):
+            i = int((~ok).nonzero()[0, 0])
             raise FloatingPointError(f"the model returned NaN or Inf at {self.labels[i]}")
 
 
@@ -46,19 +54,39 @@ class DevicePlan:
         self.init = None if plan.init is None else plan.init.to(device=device, dtype=acc)
 
 
-def _randn(x: torch.Tensor, generator) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def noise_draws(plan) -> int:
+    """How many N(0, I) draws of the state's shape one transition consumes."""
+    return (plan.init is not None) + sum(k == "noisy" for k in plan.kinds)
 
 
-def execute(model: FlowModel, plan: DevicePlan, x: torch.Tensor, *, generator=None, denoised=None,
-            guard: FiniteGuard | None = None, label: str = "", guidance=None) -> torch.Tensor:
-    """Run one transition's stages from state ``x``. ``denoised``: D_t(x) if already known (saves a call)."""
+def draw_noise(plan, x: torch.Tensor, generator) -> torch.Tensor:
+    """[draws, *x.shape] standard normal noise for one transition, drawn in one call."""
+    return torch.randn((noise_draws(plan),) + tuple(x.shape), generator=generator, device=x.device, dtype=x.dtype)
+
+
+def stage_labels(plan, prefix: str = "") -> list[str]:
+    return [f"{prefix}stage {i} (model time {_fmt(plan.host_times[i])})" for i in range(len(plan.kinds))]
+
+
+def execute(model: FlowModel, plan, x: torch.Tensor, noise: torch.Tensor, *, denoised=None, guidance=None):
+    """Run one transition's stages from state ``x``. Pure given its inputs, so it compiles and captures.
+
+    Args:
+        plan: a DevicePlan (or buffers with the same fields).
+        x: [B, ...] state at the transition's start.
+        noise: [draws, B, ...] standard normal noise (``draw_noise``).
+        denoised: D_t(x) if already known: replaces the first model call.
+        guidance: optional hook guidance(model, y, t_dev, t_host, out) -> out after each model call.
+    Returns:
+        (x_next [B, ...], finite [S] bool: whether each stage's model output was finite).
+    """
+    draws = iter(noise.unbind(0))
     if plan.init is not None:  # GLASS: xbar_0 = gamma x_t + sigmabar_0 eps_0, the transition's only noise
-        base, _ = ops.fused_step(x, _randn(x, generator), plan.init)
+        base, _ = ops.fused_step(x, next(draws), plan.init)
         x_t = x
     else:
         base, x_t = x, None
-    y, tmp = x, None
+    y, tmp, finite = x, None, []
     for i, kind in enumerate(plan.kinds):
         if i == 0 and denoised is not None:
             out, coef = denoised, plan.first_denoised
@@ -66,16 +94,15 @@ def execute(model: FlowModel, plan: DevicePlan, x: torch.Tensor, *, generator=No
             out = model(y, plan.times[i])
             if guidance is not None:
                 out = guidance(model, y.to(model.input_dtype(y)), plan.times[i], plan.host_times[i], out)
-            if guard is not None:
-                guard.check(out, f"{label}stage {i} (model time {_fmt(plan.host_times[i])})")
             coef = plan.coefs[i]
-        stage = _randn(x, generator) if kind == "noisy" else tmp if kind == "correct" else None
+        finite.append(torch.isfinite(out).all())
+        stage = next(draws) if kind == "noisy" else tmp if kind == "correct" else None
         new, y = ops.fused_step(base, out, coef, x_t=x_t, stage=stage)
         if kind == "predict":
             tmp = new
         else:
             base = new
-    return base
+    return base, torch.stack(finite)
 
 
 def _fmt(t: torch.Tensor) -> str:
@@ -105,9 +132,10 @@ def _interval(x, t, t_next):
 
 
 def _run(model, plan: Plan, x, generator, denoised, label: str) -> torch.Tensor:
+    dplan = DevicePlan(plan, x.device, x.dtype)
+    x_next, finite = execute(model, dplan, x, draw_noise(dplan, x, generator), denoised=denoised)
     guard = FiniteGuard(x.device)
-    x_next = execute(model, DevicePlan(plan, x.device, x.dtype), x, generator=generator, denoised=denoised,
-                     guard=guard, label=label)
+    guard.extend(finite, stage_labels(dplan, label))
     guard.raise_if_bad()
     return x_next
 

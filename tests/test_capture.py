@@ -1,0 +1,143 @@
+"""Compiled and captured transitions give the eager samples; max_batch gives the unsplit results."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import glass_fast as gf
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_cache():
+    # Each test builds a new network; dynamo would count those as recompilations of one code object.
+    torch.compiler.reset()
+    yield
+
+
+def mlp_model(max_batch=None):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 2))
+
+    def fn(x, t):
+        return net(torch.cat([x, t[:, None].to(x.dtype)], 1))
+    return gf.FlowModel(fn, gf.LinearSchedule(), max_batch=max_batch)
+
+
+@pytest.mark.parametrize("method,solver", [("glass", "euler"), ("glass", "midpoint"), ("sde", "euler"), ("ode", "heun")])
+@torch.no_grad()
+def test_compiled_equals_eager(method, solver):
+    m = mlp_model()
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    kw = dict(method=method, solver=solver, transitions=3, inner_steps=4)
+    eager = gf.sample(m, noise, generator=torch.Generator().manual_seed(1), **kw)
+    sampler = gf.Sampler(m, compile={"backend": "aot_eager", "fullgraph": True}, **kw)
+    calls = m.calls
+    compiled = sampler.run(noise, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    assert m.calls - calls == 12  # call accounting survives compilation
+    # Reused for the next batch of the same shape, as in a serving loop.
+    again = sampler.run(noise, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again, compiled)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_inductor_compiled_transition_equals_eager():
+    m = mlp_model()
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    eager = gf.sample(m, noise, transitions=2, inner_steps=4, generator=torch.Generator().manual_seed(1))
+    compiled = gf.sample(m, noise, transitions=2, inner_steps=4, generator=torch.Generator().manual_seed(1),
+                         compile={"fullgraph": True})
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_capture_arguments_are_checked():
+    m = mlp_model()
+    with pytest.raises(ValueError, match="compile must be"):
+        gf.Sampler(m, compile=3)
+    with pytest.raises(ValueError, match="choose one of compile= and cuda_graph="):
+        gf.Sampler(m, compile=True, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph=True needs CUDA tensors"):
+        gf.sample(m, torch.randn(4, 2), cuda_graph=True)
+    with pytest.raises(ValueError, match="max_batch must be None or an integer >= 1"):
+        gf.sample(m, torch.randn(4, 2), max_batch=0)
+
+
+@pytest.mark.parametrize("method", ["glass", "sde", "ode"])
+@torch.no_grad()
+def test_max_batch_equals_unsplit(method):
+    noise = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
+    full = gf.sample(mlp_model(), noise, method=method, transitions=2, inner_steps=3,
+                     generator=torch.Generator().manual_seed(1))
+    split = gf.sample(mlp_model(), noise, method=method, transitions=2, inner_steps=3, max_batch=7,
+                      generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(split, full, rtol=1e-6, atol=1e-6)
+
+
+_PEAK = r"""
+import json, resource, sys, torch, glass_fast as gf
+torch.set_num_threads(1)
+max_batch = None if sys.argv[1] == "none" else int(sys.argv[1])
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(16, 4096), torch.nn.SiLU(), torch.nn.Linear(4096, 16))
+m = gf.FlowModel(lambda x, t: net(x), gf.LinearSchedule(), max_batch=max_batch)
+with torch.no_grad():
+    gf.sample(m, torch.randn(8192, 16), transitions=1, inner_steps=2)
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+"""
+
+
+def _peak_kib(max_batch):
+    out = subprocess.run([sys.executable, "-c", _PEAK, str(max_batch)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_peak_memory_falls_with_max_batch():
+    # One call on 8192 rows materialises [8192, 4096] fp32 activations (128 MiB each); chunks of 512 rows
+    # hold 8 MiB ones. Require the peak to fall by at least half of one full activation.
+    unsplit, split = _peak_kib("none"), _peak_kib(512)
+    assert split < unsplit - 64 * 1024, (unsplit, split)
+
+
+# ------------------------------------------------------------------------------------------------- GPU only
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["glass", "sde"])
+@torch.no_grad()
+def test_cuda_graph_equals_eager_and_never_syncs(method):
+    net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 2)).cuda()
+    model = gf.FlowModel(lambda x, t: net(torch.cat([x, t[:, None]], 1)), gf.LinearSchedule())
+    noise = torch.randn(256, 2, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    kw = dict(method=method, transitions=4, inner_steps=6)
+    eager = gf.sample(model, noise, generator=torch.Generator("cuda").manual_seed(1), **kw)
+    sampler = gf.Sampler(model, cuda_graph=True, device="cuda", **kw)
+    sampler.run(noise, generator=torch.Generator("cuda").manual_seed(1))  # capture
+    gen = torch.Generator("cuda").manual_seed(1)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x = noise
+        for k in range(sampler.transitions):
+            x = sampler.step(k, x, generator=gen)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(x, eager, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+@pytest.mark.gpu
+@torch.no_grad()
+def test_reduce_overhead_compile_equals_eager_on_gpu():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 2)).cuda()
+    model = gf.FlowModel(lambda x, t: net(torch.cat([x, t[:, None]], 1)), gf.LinearSchedule())
+    noise = torch.randn(256, 2, device="cuda")
+    eager = gf.sample(model, noise, transitions=3, inner_steps=4, generator=torch.Generator("cuda").manual_seed(1))
+    comp = gf.sample(model, noise, transitions=3, inner_steps=4, generator=torch.Generator("cuda").manual_seed(1),
+                     compile="reduce-overhead")
+    torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-4)
