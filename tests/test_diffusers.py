@@ -341,6 +341,34 @@ def test_fk_steering_end_to_end(flux):
     torch.testing.assert_close(res.best, res.samples[torch.arange(2), best])
 
 
+def test_sd3_steering_with_cfg_and_the_value_potential(sd3):
+    seen = []
+
+    def redness(images, prompts):
+        seen.append(list(prompts))
+        return images[:, 0].mean(dim=(1, 2)) - images[:, 1:].mean(dim=(1, 2, 3))
+
+    emb = _embeds(2, 16, seed=16, negative=True)
+    imgs, res = gd.steer(sd3, ["red", "blue"], redness, particles=2, transitions=2, inner_steps=2,
+                         guidance_scale=3.0, potential="value", value_samples=2, height=SIZE, width=SIZE,
+                         generator=torch.Generator().manual_seed(17), **emb)
+    assert imgs.shape == (2, 3, SIZE, SIZE) and torch.isfinite(imgs).all()
+    assert res.samples.shape == (2, 2, 4, 16, 16) and torch.isfinite(res.log_weights).all()
+    # Posterior-value draws score 2 copies of each particle, in place: prompts stay with their rows.
+    assert ["red"] * 4 + ["blue"] * 4 in seen
+
+
+def test_rows_map_to_prompts_for_repeated_batches(flux):
+    flow = gd.as_flow(flux)
+    cond = gd.encode(flow, **_embeds(2, DIM, seed=18))
+    model = flow.flow_model(cond, 2, SIZE, SIZE)
+    x, t = torch.randn(4, 64, 16), torch.rand(4)
+    with torch.no_grad():
+        once = model.velocity(x, t)
+        twice = model.velocity(x.repeat_interleave(2, dim=0), t.repeat_interleave(2))
+    torch.testing.assert_close(twice, once.repeat_interleave(2, dim=0), atol=1e-6, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------- bad input
 def test_unsupported_pipelines_are_rejected(flux):
     with pytest.raises(TypeError, match="FluxTransformer2DModel"):
@@ -362,7 +390,7 @@ def test_prompt_layout_mismatches_are_named(flux):
         gd.sample(flux, num_images_per_prompt=2, height=SIZE, width=SIZE, latents=torch.randn(3, 64, 16),
                   **_embeds(2, DIM))
     model = gd.as_flow(flux).flow_model(gd.encode(gd.as_flow(flux), **_embeds(2, DIM)), 3, SIZE, SIZE)
-    with pytest.raises(ValueError, match=r"2 prompt\(s\) x 3 rows = 6 rows"):
+    with pytest.raises(ValueError, match=r"2 prompt\(s\) x 3 rows = 6 rows \(prompt-major\) or a multiple"):
         model.velocity(torch.randn(5, 64, 16), 0.5)
 
 

@@ -220,8 +220,9 @@ class DiffusersFlow:
                    max_batch: int | None = None) -> FlowModel:
         """The glass_fast FlowModel of this transformer under ``cond``.
 
-        Rows are prompt-major: row r belongs to prompt r // per_prompt, so the model expects exactly
-        P * per_prompt rows. With classifier-free guidance (cfg_scale != 1 and negative embeddings) the
+        Rows are prompt-major: row r belongs to prompt r // per_prompt, so the model expects P * per_prompt
+        rows, or a multiple m of that with every row repeated m times in place (``repeat_interleave``, as
+        posterior-value estimates do): then row r belongs to prompt r // (m * per_prompt). With classifier-free guidance (cfg_scale != 1 and negative embeddings) the
         model is the guided field u_uncond + cfg_scale (u_cond - u_uncond), from one transformer call on the
         stacked (uncond, cond) rows.
 
@@ -240,13 +241,15 @@ class DiffusersFlow:
         per_call = None if max_batch is None else max(1, max_batch // (2 if use_cfg else 1))
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if x.shape[0] != rows:
+            n = x.shape[0]
+            if n % rows:
                 raise ValueError(f"this model was built for {cond.num_prompts} prompt(s) x {per_prompt} rows = "
-                                 f"{rows} rows (prompt-major), got a batch of {x.shape[0]}")
+                                 f"{rows} rows (prompt-major) or a multiple of that, got a batch of {n}")
+            block = per_prompt * (n // rows)
             outs = []
-            size = rows if per_call is None else per_call
-            for lo in range(0, rows, size):
-                idx = torch.arange(lo, min(lo + size, rows), device=cond.prompt_embeds.device) // per_prompt
+            size = n if per_call is None else per_call
+            for lo in range(0, n, size):
+                idx = torch.arange(lo, min(lo + size, n), device=cond.prompt_embeds.device) // block
                 xc, sc = x[lo:lo + size], 1.0 - t[lo:lo + size]
                 if use_cfg:
                     both = self.predict(torch.cat([xc, xc]), torch.cat([sc, sc]),

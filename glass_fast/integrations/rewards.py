@@ -62,24 +62,30 @@ class LatentReward:
         self.height, self.width, self.max_batch = height, width, max_batch
         self.calls = 0
 
-    def row_prompts(self, lo: int, hi: int) -> list:
+    def row_prompts(self, lo: int, hi: int, block: int) -> list:
         if self.prompts is None:
             return [None] * (hi - lo)
-        return [self.prompts[r // self.per_prompt] for r in range(lo, hi)]
+        return [self.prompts[r // block] for r in range(lo, hi)]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, *state_shape] x0-predictions -> Tensor[N] float32 on x's device."""
+        """x: [N, *state_shape] x0-predictions -> Tensor[N] float32 on x's device.
+
+        N is P * per_prompt, or a multiple m of it with rows repeated m times in place (posterior-value
+        draws), where row r belongs to prompt r // (m * per_prompt).
+        """
         n = x.shape[0]
-        if n != self.rows:
+        if n % self.rows:
             raise ValueError(f"the reward was built for {self.rows // self.per_prompt} prompt(s) x "
-                             f"{self.per_prompt} rows = {self.rows} rows (prompt-major), got a batch of {n}")
+                             f"{self.per_prompt} rows = {self.rows} rows (prompt-major) or a multiple of that, "
+                             f"got a batch of {n}")
+        block = self.per_prompt * (n // self.rows)
         size = n if self.max_batch is None else self.max_batch
         out = []
         with torch.no_grad():
             for lo in range(0, n, size):
                 hi = min(lo + size, n)
                 img = (self.flow.decode(x[lo:hi], self.height, self.width) / 2 + 0.5).clamp(0, 1)
-                out.append(check_scores(self.reward(img, self.row_prompts(lo, hi)), hi - lo).to(x.device))
+                out.append(check_scores(self.reward(img, self.row_prompts(lo, hi, block)), hi - lo).to(x.device))
         self.calls += 1
         return torch.cat(out)
 
