@@ -81,6 +81,11 @@ def _line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pa
         ax.plot(list(xs), list(ys), marker="o", markersize=4, label=name)
     if logx:
         ax.set_xscale("log")
+        # Label the measured call counts themselves rather than powers of ten.
+        ticks = sorted({float(x) for xs, _ in series.values() for x in xs})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}" for t in ticks])
+        ax.minorticks_off()
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)

@@ -79,8 +79,9 @@ def digits_flow_model(device="cpu", dtype=torch.float32):
     """
     from glass_fast import FlowModel, LinearSchedule  # the core API; imported late to avoid a cycle
 
+    device, dtype = _resolve(device, dtype)
     net = load_digits_velocity_net(device, dtype)
-    return FlowModel(net, LinearSchedule(), prediction="velocity")
+    return FlowModel(net, LinearSchedule(), prediction="velocity", dtype=dtype)
 
 
 def _check_digit(digit) -> int:

@@ -82,15 +82,15 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, *, epochs: int = 40, batc
 
 
 def train_flow(x: torch.Tensor, *, steps: int = 4000, batch: int = 256, seed: int = 0,
-               ema_decay: float = 0.999, log=print) -> DigitsVelocityNet:
+               ema_decay: float = 0.999, width: int = 256, depth: int = 4, lr: float = 1e-3, log=print) -> DigitsVelocityNet:
     """Flow matching on x [N, 1, 8, 8]: x_t = t z + (1 - t) eps, regress u = z - eps. Returns the EMA net."""
     gen = torch.Generator().manual_seed(seed + 1)
     torch.manual_seed(seed + 1)
-    net = DigitsVelocityNet()
-    ema = DigitsVelocityNet()
+    net = DigitsVelocityNet(width=width, depth=depth)
+    ema = DigitsVelocityNet(width=width, depth=depth)
     ema.load_state_dict(net.state_dict())
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     for step in range(steps):
         z = x[torch.randint(0, len(x), (batch,), generator=gen)]
         eps = torch.randn(z.shape, generator=gen)
@@ -122,6 +122,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--flow-steps", type=int, default=4000)
     p.add_argument("--classifier-epochs", type=int, default=40)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
@@ -134,7 +137,7 @@ def main(argv=None) -> None:
     save_file(_state(clf), os.path.join(args.out, "classifier.safetensors"),
               metadata={"config": json.dumps(clf.config), "seed": str(args.seed)})
     print(f"classifier saved ({time.time() - start:.0f}s)")
-    flow = train_flow(x, steps=args.flow_steps, seed=args.seed)
+    flow = train_flow(x, steps=args.flow_steps, seed=args.seed, width=args.width, depth=args.depth, lr=args.lr)
     save_file(_state(flow), os.path.join(args.out, "flow.safetensors"),
               metadata={"config": json.dumps(flow.config), "seed": str(args.seed),
                         "prediction": "velocity", "schedule": "linear"})

@@ -1,0 +1,344 @@
+"""``glass-fast``: the digits demo, sampling, steering and the miniature paper tables from the command line.
+
+    glass-fast                      # = glass-fast demo: steer toward a 3, compare with baselines, write PNGs
+    glass-fast sample --method glass --n 64
+    glass-fast steer --digit 7 --method glass --particles 8
+    glass-fast bench --table all --out bench_out
+
+Bad arguments exit with status 2 and one line on stderr (no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+PROG = "glass-fast"
+COMMANDS = ("demo", "sample", "steer", "bench")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+class UsageError(Exception):
+    """A bad command-line value; reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints the whole usage block; one line is enough
+        raise UsageError(message)
+
+
+# ------------------------------------------------------------------------------------------- arguments
+def _positive(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {value}")
+        return value
+    return parse
+
+
+def _digit(text):
+    if text not in [str(d) for d in range(10)]:
+        raise argparse.ArgumentTypeError(f"--digit must be one of 0..9, got {text!r}")
+    return int(text)
+
+
+def _rho(text):
+    if text == "ddpm":
+        return "ddpm"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rho must be 'ddpm' or a number in [-1, 1], got {text!r}") from None
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"--rho must be 'ddpm' or a number in [-1, 1], got {value}")
+    return value
+
+
+def _nonneg_float(name):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number >= 0, got {text!r}") from None
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a number >= 0, got {value}")
+        return value
+    return parse
+
+
+def _common(p: argparse.ArgumentParser, *, out: str) -> None:
+    g = p.add_argument_group("common options")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    g.add_argument("--dtype", default="float32", choices=DTYPES, help="sampler dtype (default: float32)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--particles", type=_positive("--particles"), default=8,
+                   help="particles per group for best-of-N / FK steering (default: 8)")
+    g.add_argument("--transitions", type=_positive("--transitions"), default=5, help="transitions (default: 5)")
+    g.add_argument("--inner-steps", type=_positive("--inner-steps"), default=10,
+                   help="model calls per transition (default: 10)")
+    g.add_argument("--rho", type=_rho, default=0.4, help="GLASS correlation: a number in [-1, 1] or 'ddpm' (default: 0.4)")
+    g.add_argument("--solver", default="euler", choices=("euler", "midpoint", "heun"),
+                   help="GLASS inner solver / ODE solver (default: euler)")
+    g.add_argument("--out", default=out, help=f"output folder (default: {out})")
+    g.add_argument("--quiet", action="store_true", help="no progress bars, print only the results")
+    g.add_argument("--threads", type=_positive("--threads"), default=1,
+                   help="CPU threads for torch (default: 1; the digits model is so small that more threads "
+                        "mostly add synchronisation)")
+
+
+def _steer_options(p):
+    p.add_argument("--digit", type=_digit, default=3, help="target digit 0..9 (default: 3)")
+    p.add_argument("--groups", type=_positive("--groups"), default=16, help="outputs per method (default: 16)")
+    p.add_argument("--lmbda", type=_nonneg_float("--lmbda"), default=1.0,
+                   help="FK reward temperature; 1 targets p(x | digit) exactly (default: 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="GLASS Flows on a small digits model: sample, steer, benchmark.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{demo,sample,steer,bench}")
+
+    p = sub.add_parser("demo", help="steer toward a digit with every method at equal model calls (default)")
+    _steer_options(p)
+    _common(p, out="demo_out")
+
+    p = sub.add_parser("sample", help="plain sampling; prints quality metrics, writes a grid")
+    p.add_argument("--method", default="glass", choices=("glass", "ode", "sde", "plugin"))
+    p.add_argument("--n", type=_positive("--n"), default=64, help="number of samples (default: 64)")
+    _common(p, out="out")
+
+    p = sub.add_parser("steer", help="one steering run; prints rewards, writes a grid")
+    p.add_argument("--method", default="fks-glass", choices=("fks-glass", "fks-sde", "fks-ode", "bon-glass",
+                                                             "bon-sde", "bon-ode"))
+    p.add_argument("--potential", default="diff", choices=("diff", "max", "add", "immediate"))
+    _steer_options(p)
+    _common(p, out="out")
+
+    p = sub.add_parser("bench", help="the miniature paper tables (markdown) and plots")
+    p.add_argument("--table", default="all", choices=("quality", "steering", "accuracy", "all"))
+    p.add_argument("--n", type=_positive("--n"), default=1000, help="samples per method, quality table (default: 1000)")
+    p.add_argument("--groups", type=_positive("--groups"), default=32,
+                   help="outputs per method and digit, steering table (default: 32)")
+    p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated target digits")
+    p.add_argument("--lmbda", type=_nonneg_float("--lmbda"), default=1.0, help="FK reward temperature (default: 1)")
+    p.add_argument("--ks-samples", type=_positive("--ks-samples"), default=20000,
+                   help="samples per KS estimate, accuracy table (default: 20000)")
+    _common(p, out="bench_out")
+    return parser
+
+
+def _parse(argv) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # No subcommand (or only options): the demo is the default job.
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["demo"] + argv
+    args = build_parser().parse_args(argv)
+    if args.device != "cpu":
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device {args.device!r} is not a torch device; use e.g. cpu or cuda") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device!r} is not available here (torch sees no CUDA device); use cpu")
+    if getattr(args, "digits", None) is not None:
+        try:
+            args.digits = [_digit(d.strip()) for d in args.digits.split(",") if d.strip()]
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"--digits: {exc}") from None
+        if not args.digits:
+            raise UsageError("--digits must list at least one digit 0..9")
+    args.torch_dtype = getattr(torch, args.dtype)
+    torch.set_num_threads(args.threads)
+    return args
+
+
+# ------------------------------------------------------------------------------------------- commands
+def _settings(args, **overrides):
+    from .zoo.experiments import Settings
+
+    kw = dict(transitions=args.transitions, inner_steps=args.inner_steps, rho=args.rho, solver=args.solver,
+              particles=args.particles, lmbda=getattr(args, "lmbda", 1.0),
+              potential=getattr(args, "potential", "diff"))
+    kw.update(overrides)
+    return Settings(**kw)
+
+
+def _say(args, text: str) -> None:
+    print(text, flush=True)
+
+
+def _write(args, name: str, text: str) -> str:
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, name)
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    return path
+
+
+def cmd_demo(args) -> None:
+    """Steer toward ``--digit`` with FK over GLASS and every baseline at equal model calls."""
+    from .plots import save_sample_grid
+    from .zoo.experiments import STEERING_LABELS, steering_comparison
+    from .zoo.report import steering_table
+
+    settings = _settings(args)
+    if not args.quiet:
+        _say(args, f"steering {args.groups} groups x {settings.particles} particles toward digit {args.digit}, "
+                   f"{settings.transitions} transitions x {settings.inner_steps} model calls, rho={settings.rho}, "
+                   f"solver={settings.solver}, lambda={settings.lmbda}")
+    rows, best = steering_comparison(args.digit, settings, groups=args.groups, seed=args.seed, device=args.device,
+                                     dtype=args.torch_dtype, progress=not args.quiet)
+    table = steering_table(rows)
+    _say(args, table)
+    _write(args, "demo.md", table)
+    captions = {STEERING_LABELS[m]: f"success {r['success']:.2f}" for m, r in zip(best, rows)}
+    grid = save_sample_grid({STEERING_LABELS[m]: x for m, x in best.items()}, os.path.join(args.out, "demo.png"),
+                            title=f"best of each group, steering toward {args.digit}", captions=captions)
+    if not args.quiet:
+        _say(args, f"wrote {grid}")
+
+
+def cmd_sample(args) -> None:
+    """Plain sampling with one method; quality metrics against the real digits."""
+    import glass_fast
+
+    from .plots import save_sample_grid
+    from .zoo import class_diversity, confident_rate, digits_flow_model, frechet_to_real
+
+    model = digits_flow_model(args.device, args.torch_dtype)
+    gen = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(args.n, 1, 8, 8, generator=gen).to(device=args.device, dtype=args.torch_dtype)
+    dev_gen = torch.Generator(device=args.device).manual_seed(args.seed + 1)
+    start = time.perf_counter()
+    x = glass_fast.sample(model, noise, method=args.method, transitions=args.transitions,
+                          inner_steps=args.inner_steps, rho=args.rho, solver=args.solver, generator=dev_gen)
+    seconds = time.perf_counter() - start
+    calls = args.transitions * (1 if args.method == "plugin" else args.inner_steps)
+    fd = frechet_to_real(x, split="all") if args.n >= 2 else float("nan")
+    _say(args, f"method={args.method} samples={args.n} model calls={calls} seconds={seconds:.2f} "
+               f"frechet={fd:.2f} diversity={class_diversity(x):.2f} confident={confident_rate(x):.3f}")
+    os.makedirs(args.out, exist_ok=True)
+    torch.save(x.float().cpu(), os.path.join(args.out, "samples.pt"))
+    rows = {f"{i * 16}-{min(args.n, (i + 1) * 16) - 1}": x[i * 16:(i + 1) * 16] for i in range(min(4, -(-args.n // 16)))}
+    path = save_sample_grid(rows, os.path.join(args.out, "samples.png"), title=f"{args.method}, {calls} model calls")
+    if not args.quiet:
+        _say(args, f"wrote {path} and samples.pt")
+
+
+def cmd_steer(args) -> None:
+    """One steering method; per-group best outputs and the particles of the first groups."""
+    from .plots import save_sample_grid
+    from .zoo import digit_log_probs, digits_flow_model
+    from .zoo.experiments import _noise, run_steering_method
+
+    settings = _settings(args)
+    model = digits_flow_model(args.device, args.torch_dtype)
+    noise, gen = _noise((args.groups, settings.particles, 1, 8, 8), args.seed, args.device, args.torch_dtype)
+    start = time.perf_counter()
+    best, nfe = run_steering_method(args.method, model, args.digit, noise, settings, gen)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        logp = digit_log_probs(best.float())
+    success = float((logp.argmax(-1) == args.digit).float().mean())
+    _say(args, f"method={args.method} digit={args.digit} groups={args.groups} particles={settings.particles} "
+               f"model calls/output={nfe:.0f} mean log p={float(logp[:, args.digit].mean()):.3f} "
+               f"success={success:.3f} seconds={seconds:.2f}")
+    path = save_sample_grid({"best per group": best}, os.path.join(args.out, "steer.png"),
+                            title=f"{args.method} toward {args.digit}")
+    if not args.quiet:
+        _say(args, f"wrote {path}")
+
+
+def cmd_bench(args) -> None:
+    """The miniature paper tables (markdown in OUT/bench.md) and their plots."""
+    from .plots import save_ks_vs_nfe, save_reward_vs_nfe, save_sample_grid
+    from .zoo import experiments as ex
+    from .zoo import report
+
+    settings = _settings(args)
+    progress = not args.quiet
+    parts = []
+    common = dict(seed=args.seed, device=args.device, dtype=args.torch_dtype, progress=progress)
+    if args.table in ("quality", "all"):
+        rows, samples = ex.sampler_quality(settings, n=args.n, **common)
+        rows.append(ex.real_reference_row())
+        parts.append(f"### Plain samplers at {settings.calls} model calls ({args.n} samples each)\n\n"
+                     + report.quality_table(rows))
+        save_sample_grid({k: v[:16] for k, v in samples.items()}, os.path.join(args.out, "quality_samples.png"),
+                         title=f"plain samplers, {settings.calls} model calls, same noise")
+    if args.table in ("steering", "all"):
+        rows = []
+        for d in args.digits:
+            r, best = ex.steering_comparison(d, settings, groups=args.groups, **common)
+            rows += r
+            if d == args.digits[0]:
+                save_sample_grid({ex.STEERING_LABELS[m]: x for m, x in best.items()},
+                                 os.path.join(args.out, f"steering_{d}.png"), title=f"steering toward {d}")
+        parts.append(f"### Steering, {settings.particles} particles x {settings.calls} model calls, "
+                     f"{args.groups} outputs per digit and method (lambda = {settings.lmbda})\n\n"
+                     + report.steering_summary(rows)
+                     + "\n\nMean log p(target) per target digit:\n\n" + report.steering_per_digit(rows)
+                     + "\n\nSuccess rate per target digit:\n\n" + report.steering_per_digit(rows, "success"))
+        # Reward against model calls for the first digit: same grid, fewer inner steps.
+        series = {}
+        for inner in sorted({max(1, settings.inner_steps // 5), max(1, settings.inner_steps // 2), settings.inner_steps}):
+            r, _ = ex.steering_comparison(args.digits[0], ex.replace(settings, inner_steps=inner),
+                                          groups=args.groups, **common)
+            for row in r:
+                xs, ys = series.setdefault(row["method"], ([], []))
+                xs.append(row["nfe"])
+                ys.append(row["log_prob"])
+        save_reward_vs_nfe(series, os.path.join(args.out, "reward_vs_nfe.png"), ylabel="mean log p(target)",
+                           title=f"steering toward {args.digits[0]}: reward vs model calls per output")
+    if args.table in ("accuracy", "all"):
+        try:
+            from .accuracy import accuracy_table, format_table
+        except ImportError:
+            parts.append("(accuracy-per-model-call table not available in this version)")
+        else:
+            acc = accuracy_table(n=args.ks_samples)
+            parts.append("### Accuracy per model call (Gaussian mixture, KS to the exact transition)\n\n"
+                         + format_table(acc))
+            series = {m: (list(v), list(v.values())) for m, v in acc["interior"].items()}
+            save_ks_vs_nfe(series, os.path.join(args.out, "ks_vs_nfe.png"),
+                           title="worst interior transition: KS vs model calls")
+    cmd = "glass-fast " + " ".join(sys.argv[1:]) if sys.argv and "glass" in os.path.basename(sys.argv[0]) else ""
+    text = "\n\n".join(parts) + (f"\n\nProduced by `{cmd}`." if cmd else "")
+    _say(args, text)
+    _write(args, "bench.md", text)
+
+
+COMMAND_FUNCTIONS = {"demo": cmd_demo, "sample": cmd_sample, "steer": cmd_steer, "bench": cmd_bench}
+
+
+# ------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    """Entry point of ``glass-fast`` / ``python -m glass_fast``. Returns the exit status."""
+    try:
+        args = _parse(argv)
+        run = COMMAND_FUNCTIONS[args.command]
+        start = time.perf_counter()
+        run(args)
+        if not args.quiet:
+            print(f"done in {time.perf_counter() - start:.1f}s; outputs in {os.path.abspath(args.out)}")
+        return 0
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as exc:
+        # Library argument checks name the argument and what is allowed; show that line only.
+        print(f"{PROG}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

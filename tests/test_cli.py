@@ -1,0 +1,97 @@
+"""The glass-fast command line, run as a user would: a subprocess per subcommand with tiny settings."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--transitions", "2", "--inner-steps", "2", "--particles", "2", "--quiet"]
+
+
+def run_cli(*args, timeout=240):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "glass_fast", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def assert_ok(res):
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_demo_writes_table_and_grid(tmp_path):
+    res = run_cli("demo", "--groups", "2", "--digit", "7", "--out", str(tmp_path), *TINY)
+    assert_ok(res)
+    for label in ("flow baseline (ODE)", "BoN-ODE", "BoN-SDE", "BoN-GLASS", "FKS-SDE", "FKS-GLASS"):
+        assert f"| {label} |" in res.stdout
+    assert (tmp_path / "demo.png").stat().st_size > 0
+    assert "FKS-GLASS" in (tmp_path / "demo.md").read_text()
+
+
+def test_no_subcommand_means_demo():
+    from glass_fast.cli import _parse
+
+    assert _parse([]).command == "demo"
+    args = _parse(["--digit", "5", "--quiet"])
+    assert args.command == "demo" and args.digit == 5 and args.quiet
+
+
+def test_sample(tmp_path):
+    method = "sde"
+    res = run_cli("sample", "--method", method, "--n", "8", "--rho", "ddpm", "--out", str(tmp_path), *TINY)
+    assert_ok(res)
+    assert f"method={method} samples=8 model calls=4" in res.stdout
+    assert (tmp_path / "samples.png").exists() and (tmp_path / "samples.pt").exists()
+
+
+def test_steer(tmp_path):
+    res = run_cli("steer", "--method", "fks-glass", "--digit", "0", "--groups", "2", "--solver", "midpoint",
+                  "--out", str(tmp_path), *TINY)
+    assert_ok(res)
+    assert "method=fks-glass digit=0 groups=2 particles=2 model calls/output=8" in res.stdout
+    assert (tmp_path / "steer.png").exists()
+
+
+def test_bench_writes_every_table_and_plot(tmp_path):
+    res = run_cli("bench", "--table", "all", "--n", "16", "--groups", "2", "--digits", "1,2", "--ks-samples", "200",
+                  "--out", str(tmp_path), *TINY, timeout=400)
+    assert_ok(res)
+    text = (tmp_path / "bench.md").read_text()
+    assert "Plain samplers" in text and "GLASS (rho = DDPM)" in text and "real digits" in text
+    assert "Steering" in text and "FKS-GLASS" in text
+    for png in ("quality_samples.png", "steering_1.png", "reward_vs_nfe.png"):
+        assert (tmp_path / png).stat().st_size > 0
+
+
+BAD_ARGUMENTS = [
+    (["demo", "--particles", "0"], "--particles"),
+    (["demo", "--rho", "1.5"], "--rho"),
+    (["steer", "--digit", "11"], "--digit"),
+    (["sample", "--method", "magic"], "--method"),
+    (["demo", "--dtype", "int8"], "--dtype"),
+    (["bench", "--digits", "1,x"], "--digits"),
+    (["demo", "--no-such-flag"], "--no-such-flag"),
+    (["sample", "--n", "many"], "--n"),
+    (["demo", "--device", "cuda:7" if not shutil.which("nvidia-smi") else "nonsense"], "--device"),
+]
+
+
+@pytest.mark.parametrize("args, needle", BAD_ARGUMENTS)
+def test_bad_arguments_give_one_line_and_status_2(capsys, args, needle):
+    from glass_fast.cli import main
+
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("glass-fast: error:") and needle in lines[0]
+    assert out == ""
+
+
+def test_bad_argument_in_a_real_process():
+    res = run_cli("steer", "--particles", "-3", timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "glass-fast: error: argument --particles: --particles must be an integer >= 1, got -3"
+    assert res.stdout == ""
