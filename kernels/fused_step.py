@@ -45,6 +45,8 @@ def _fused_step_kernel(base_ptr, out_ptr, xt_ptr, stage_ptr, coef_ptr, new_ptr, 
     else:
         y = n_new * new
     tl.store(new_ptr + offs, new.to(new_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+    if y_ptr.dtype.element_ty != tl.float64:  # float64 state, reduced-precision out: via float32
+        y = y.to(tl.float32)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 

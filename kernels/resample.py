@@ -49,7 +49,8 @@ def _cdf_kernel(lw_ptr, cdf_ptr, rcdf_ptr, copies_ptr, total_ptr, K,
         tl.store(rcdf_ptr + row * K + offs, rcdf, mask=mask)
         tl.store(total_ptr + row, tl.sum(n, axis=0))
     else:
-        tl.store(cdf_ptr + row * K + offs, tl.where(last, 1.0, tl.cumsum(w, axis=0)), mask=mask)
+        cdf = tl.where(last, 1.0, tl.cumsum(w, axis=0))
+        tl.store(cdf_ptr + row * K + offs, cdf, mask=mask)
 
 
 @triton.jit

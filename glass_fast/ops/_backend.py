@@ -148,7 +148,6 @@ def resolve_backend(device_type: str) -> str:
     return _resolve(_override, device_type)
 
 
-@torch.compiler.assume_constant_result
 def _resolve(override: str | None, device_type: str) -> str:
     name = requested_backend(override)
     if name != "auto":
@@ -181,3 +180,9 @@ def available_backends(device_type: str | None = None) -> list[str]:
         return [b for b in BACKENDS[1:] if unavailable_reason(b, device_type) is None]
     types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return [b for b in BACKENDS[1:] if any(unavailable_reason(b, t) is None for t in types)]
+
+
+# torch.compile runs _resolve at trace time and bakes its result into the graph (what
+# torch.compiler.assume_constant_result does, by setting this attribute). Setting it directly keeps
+# `import glass_fast` from importing the compiler stack (and with it triton) at import time.
+_resolve._dynamo_marked_constant = True

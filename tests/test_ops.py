@@ -1,0 +1,144 @@
+"""fused_step / fused_step_ on every available backend against the plain-PyTorch reference."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors through the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from glass_fast import ops  # noqa: E402
+from glass_fast.ops import reference as R  # noqa: E402
+from glass_fast.ops.testing import (INTERPRETER_BF16_ULPS, assert_within_reference_error,  # noqa: E402
+                                    backend_devices, interpreted)
+
+
+def _param(backend, device):
+    marks = [pytest.mark.gpu] if device == "cuda" else []
+    return pytest.param(backend, device, id=f"{backend}-{device}", marks=marks)
+
+
+PAIRS = [_param(b, d) for b, d in backend_devices()]
+if not PAIRS:  # keep the parametrized tests visible as skipped rather than absent
+    PAIRS = [pytest.param("cpp", "cpu", marks=pytest.mark.skip(reason="no compiled backend built"))]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+# (shape, per_sample coef, with x_t, with stage, non-contiguous inputs, out dtype or None = state's)
+CASES = {
+    "euler-shared": ((3, 5, 7), False, True, False, False, None),
+    "batch1-odd": ((1, 1001), True, True, True, False, None),
+    "no-xt-no-stage": ((2, 3, 11), False, False, False, False, None),
+    "per-sample-stage": ((4, 33), True, False, True, False, None),
+    "non-contiguous": ((3, 6, 10), True, True, True, True, None),
+    "fp32-out": ((2, 17), True, True, False, False, torch.float32),
+    "bf16-out": ((5, 9), False, True, True, False, torch.bfloat16),
+}
+
+
+def _inputs(case, dtype, device, seed=0):
+    shape, per_sample, with_xt, with_stage, strided, out_dtype = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+
+    def make(dt):
+        if strided:  # every other column of a wider tensor, then transposed: no contiguous view
+            t = torch.randn(shape[:-1] + (2 * shape[-1],), generator=g)[..., ::2].transpose(0, -1)
+            return t.to(device=device, dtype=dt)
+        return torch.randn(shape, generator=g).to(device=device, dtype=dt)
+
+    base = make(dtype)
+    out = make(out_dtype or dtype)
+    x_t = make(dtype) if with_xt else None
+    stage = make(dtype) if with_stage else None
+    rows = (base.shape[0], 6) if per_sample else (6,)
+    coef = torch.randn(rows, generator=g, dtype=torch.float64).to(device)
+    return base, out, coef, x_t, stage
+
+
+def _truth(base, out, coef, x_t, stage):
+    f = (lambda t: None if t is None else t.to(torch.float64))
+    return R.fused_step(f(base), f(out), coef.double(), f(x_t), f(stage))
+
+
+def _extra_ulps(backend, device, dtype):
+    return INTERPRETER_BF16_ULPS if interpreted(backend, device) and dtype == torch.bfloat16 else 0.0
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_fused_step_matches_reference(backend, device, dtype, case):
+    args = _inputs(case, dtype, device)
+    ref_new, ref_y = R.fused_step(*args)
+    true_new, true_y = _truth(*args)
+    with ops.use_backend(backend):
+        new, y = ops.fused_step(*args)
+    assert new.dtype == args[0].dtype and y.dtype == args[1].dtype
+    assert new.device == args[0].device
+    assert_within_reference_error(new, ref_new, true_new, "new",
+                                  _extra_ulps(backend, device, new.dtype))
+    assert_within_reference_error(y, ref_y, true_y, "y_next", _extra_ulps(backend, device, y.dtype))
+
+
+@pytest.mark.parametrize("case", ["euler-shared", "non-contiguous", "bf16-out"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_fused_step_inplace(backend, device, dtype, case):
+    base, out, coef, x_t, stage = _inputs(case, dtype, device)
+    ref_new, ref_y = R.fused_step(base, out, coef, x_t, stage)
+    true_new, true_y = _truth(base, out, coef, x_t, stage)
+    extra_new = _extra_ulps(backend, device, base.dtype)
+    extra_y = _extra_ulps(backend, device, out.dtype)
+    with ops.use_backend(backend):
+        state = base.clone()  # clone keeps the strides of a non-contiguous input
+        y_buf = torch.empty_like(out)
+        got = ops.fused_step_(state, out, coef, x_t, stage, y_out=y_buf)
+        assert got is y_buf
+        assert_within_reference_error(state, ref_new, true_new, "new", extra_new)
+        assert_within_reference_error(y_buf, ref_y, true_y, "y_next", extra_y)
+        state = base.clone()
+        y_alloc = ops.fused_step_(state, out, coef, x_t, stage)
+        assert_within_reference_error(y_alloc, ref_y, true_y, "y_next", extra_y)
+        # y_next may overwrite the model output buffer (the captured-loop pattern)
+        state, out_buf = base.clone(), out.clone()
+        ops.fused_step_(state, out_buf, coef, x_t, stage, y_out=out_buf)
+        assert_within_reference_error(out_buf, ref_y, true_y, "y_next into out", extra_y)
+
+
+def test_reference_inplace_matches_functional():
+    base, out, coef, x_t, stage = _inputs("per-sample-stage", torch.float32, "cpu")
+    new, y = R.fused_step(base, out, coef, x_t, stage)
+    state = base.clone()
+    y2 = R.fused_step_(state, out, coef, x_t, stage)
+    assert torch.equal(state, new) and torch.equal(y2, y)
+
+
+def test_fused_step_euler_by_hand():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    v = torch.tensor([[10.0, 20.0], [30.0, 40.0]])
+    xt = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    coef = torch.tensor([[1.0, 0.0, 0.5, 0.1, 2.0, 3.0], [2.0, 0.0, 0.0, 1.0, 0.0, 1.0]])
+    for backend in ["reference"] + [b for b, d in backend_devices() if d == "cpu"]:
+        with ops.use_backend(backend):
+            new, y = ops.fused_step(x, v, coef, x_t=xt)
+        # row 0: new = x + 0.5 + 0.1 v ; y = 3 new + 2 ; row 1: new = 2x + v ; y = new
+        assert torch.allclose(new, torch.tensor([[2.5, 4.5], [36.0, 48.0]])), backend
+        assert torch.allclose(y, torch.tensor([[9.5, 15.5], [36.0, 48.0]])), backend
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [b for b, d in backend_devices() if d == "cpu"])
+def test_fused_step_rejects_bad_arguments(backend):
+    x = torch.randn(3, 4)
+    with ops.use_backend(backend):
+        with pytest.raises(ValueError, match=r"coef has shape \(5,\)"):
+            ops.fused_step(x, x, torch.zeros(5))
+        with pytest.raises(ValueError, match=r"coef has shape \(2, 6\).*B = 3"):
+            ops.fused_step(x, x, torch.zeros(2, 6))
+        with pytest.raises(ValueError, match="out has shape"):
+            ops.fused_step(x, torch.randn(3, 5), torch.zeros(6))
+        with pytest.raises(TypeError, match="x_t has dtype torch.float16 but base has dtype"):
+            ops.fused_step(x, x, torch.zeros(6), x_t=x.half())
+        with pytest.raises(TypeError, match="coef has dtype torch.int64"):
+            ops.fused_step(x, x, torch.zeros(6, dtype=torch.long))
+        with pytest.raises(TypeError, match="y_out has dtype"):
+            ops.fused_step_(x.clone(), x, torch.zeros(6), y_out=x.half())
