@@ -1,0 +1,63 @@
+"""Sampler overhead: wall time of a full GLASS sample / (model calls x one model forward measured alone).
+
+    python benchmarks/bench_overhead.py          # prints the ratio for the CPU MLP
+    pytest benchmarks/bench_overhead.py --benchmark-enable
+A ratio of 1.00 means the sampler adds nothing beyond the model's own time.
+"""
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import glass_fast as gf  # noqa: E402
+from models import MLP  # noqa: E402
+
+BATCH, DIM, TRANSITIONS, INNER = 256, 64, 5, 10
+
+
+def _setup(device="cpu"):
+    torch.manual_seed(0)
+    net = MLP(DIM).to(device).eval()
+    model = gf.FlowModel(net, gf.LinearSchedule())
+    noise = torch.randn(BATCH, DIM, device=device)
+    return net, model, noise
+
+
+def _time(fn, repeats: int) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+@torch.no_grad()
+def overhead_ratio(repeats: int = 5) -> dict:
+    net, model, noise = _setup()
+    t = torch.full((BATCH,), 0.5)
+    forward = _time(lambda: net(noise, t), repeats * 20)
+    sampler = gf.Sampler(model, transitions=TRANSITIONS, inner_steps=INNER)
+    gen = torch.Generator().manual_seed(0)
+    full = _time(lambda: sampler.run(noise, generator=gen), repeats)
+    return {"forward_s": forward, "sample_s": full, "calls": sampler.calls, "ratio": full / (sampler.calls * forward)}
+
+
+@pytest.mark.parametrize("provider", ["forward", "sample"])
+@torch.no_grad()
+def test_overhead(benchmark, provider):
+    net, model, noise = _setup()
+    sampler = gf.Sampler(model, transitions=TRANSITIONS, inner_steps=INNER)
+    t = torch.full((BATCH,), 0.5)
+    fn = (lambda: net(noise, t)) if provider == "forward" else (lambda: sampler.run(noise))
+    benchmark(fn)
+    benchmark.extra_info.update(provider=provider, batch=BATCH, dim=DIM, calls=sampler.calls, device="cpu",
+                                backend=gf.ops.requested_backend())
+
+
+if __name__ == "__main__":
+    r = overhead_ratio()
+    print(f"CPU MLP (batch {BATCH}, dim {DIM}): one forward {r['forward_s'] * 1e3:.3f} ms, "
+          f"full GLASS sample ({r['calls']} calls) {r['sample_s'] * 1e3:.1f} ms, overhead ratio {r['ratio']:.3f}")
