@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One GPU check: build the CUDA extension, run the GPU tests, print the timing tables.
+# Usage on a CUDA machine, from the repository root:  bash benchmarks/gpu_check.sh [LOG_DIR]
+# Optional wheels in .whl/ (e.g. diffusers) are installed into /tmp/site first.
+set -uo pipefail
+LOG_DIR="${1:-${OUT:-/tmp}}"
+export PYTHONUNBUFFERED=1
+PY=python3
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+step() { echo; echo "=== $1 ($(date +%T))"; }
+
+step "build"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+$PY -m pip install -q --no-build-isolation --no-deps -e . > "$LOG_DIR/build.log" 2>&1 || { tail -30 "$LOG_DIR/build.log"; }
+$PY -c "import torch, glass_fast.ops as o; print('torch', torch.__version__, 'backends', o.available_backends())"
+
+step "GPU tests"
+timeout 240 $PY -m pytest -q -x -p no:cacheprovider -m "not slow" tests/test_ops.py tests/test_ops_particles.py \
+  tests/test_capture.py tests/test_transitions.py -k "gpu or cuda or triton or capture or graph or bit_identical" \
+  2>&1 | tail -15
+
+step "op bandwidth"
+[ -f benchmarks/gpu_ops.py ] && timeout 150 $PY benchmarks/gpu_ops.py
+
+step "sampler overhead"
+timeout 150 $PY benchmarks/gpu_capture.py
+
+step "diffusers"
+[ -f benchmarks/gpu_diffusers.py ] && timeout 90 $PY benchmarks/gpu_diffusers.py
+echo; echo "=== done ($(date +%T))"
