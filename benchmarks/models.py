@@ -30,8 +30,10 @@ class MLP(nn.Module):
 class DiTBlock(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
+        self.heads = heads
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
         self.ada = nn.Linear(width, 6 * width)  # adaLN-style modulation from the time embedding
@@ -39,7 +41,10 @@ class DiTBlock(nn.Module):
     def forward(self, h, c):
         s1, b1, g1, s2, b2, g2 = self.ada(c)[:, None].chunk(6, dim=-1)
         a = self.norm1(h) * (1 + s1) + b1
-        h = h + g1 * self.attn(a, a, a, need_weights=False)[0]
+        b, n, w = a.shape
+        q, k, v = self.qkv(a).reshape(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, w)
+        h = h + g1 * self.proj(a)
         return h + g2 * self.mlp(self.norm2(h) * (1 + s2) + b2)
 
 
