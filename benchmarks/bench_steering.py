@@ -39,6 +39,7 @@ METHODS = {
     "BoN-GLASS": ("bon", dict(method="glass")),
     "FKS-SDE": ("fks", dict(method="sde")),
     "FKS-GLASS": ("fks", dict(method="glass")),
+    "FKS-GLASS, midpoint inner solver": ("fks", dict(method="glass", solver="midpoint")),
     "FKS-GLASS + guidance": ("fks", dict(method="glass", guidance=True)),
     "FKS-GLASS, potential max": ("fks", dict(method="glass", potential="max")),
     "FKS-GLASS, potential add": ("fks", dict(method="glass", potential="add")),
