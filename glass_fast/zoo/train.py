@@ -5,8 +5,11 @@ Writes into ``glass_fast/zoo/weights/`` (or ``--out``):
   classifier.safetensors  DigitClassifier trained on the train split with noise/shift augmentation
   flow.safetensors        DigitsVelocityNet (EMA weights), flow matching on the train split
 
-Needs scikit-learn (only here: loading the shipped files does not). Seeded end to end; exact bitwise
-reproduction also needs the same torch version and thread count.
+Needs scikit-learn (only here: loading the shipped files does not). Seeded end to end; bitwise
+reproduction also needs the same torch version and thread count: the shipped files were made with
+``--threads 1`` (a few minutes on an idle core; one thread is also the faster choice on a busy machine,
+since this network is too small for intra-op parallelism to pay). Other thread counts give weights of the
+same quality that differ in the last bits.
 """
 from __future__ import annotations
 
@@ -81,8 +84,8 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, *, epochs: int = 40, batc
     return net.eval()
 
 
-def train_flow(x: torch.Tensor, *, steps: int = 4000, batch: int = 256, seed: int = 0,
-               ema_decay: float = 0.999, width: int = 256, depth: int = 4, lr: float = 1e-3, log=print) -> DigitsVelocityNet:
+def train_flow(x: torch.Tensor, *, steps: int = 10000, batch: int = 256, seed: int = 0,
+               ema_decay: float = 0.999, width: int = 256, depth: int = 4, lr: float = 2e-3, log=print) -> DigitsVelocityNet:
     """Flow matching on x [N, 1, 8, 8]: x_t = t z + (1 - t) eps, regress u = z - eps. Returns the EMA net."""
     gen = torch.Generator().manual_seed(seed + 1)
     torch.manual_seed(seed + 1)
@@ -120,11 +123,11 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=WEIGHTS_DIR, help="output folder (default: the package's weights/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--flow-steps", type=int, default=4000)
+    p.add_argument("--flow-steps", type=int, default=10000)
     p.add_argument("--classifier-epochs", type=int, default=40)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
@@ -135,11 +138,12 @@ def main(argv=None) -> None:
     y = raw["labels"][train].long()
     clf = train_classifier(x, y, epochs=args.classifier_epochs, seed=args.seed)
     save_file(_state(clf), os.path.join(args.out, "classifier.safetensors"),
-              metadata={"config": json.dumps(clf.config), "seed": str(args.seed)})
+              metadata={"config": json.dumps(clf.config), "seed": str(args.seed), "threads": str(args.threads)})
     print(f"classifier saved ({time.time() - start:.0f}s)")
     flow = train_flow(x, steps=args.flow_steps, seed=args.seed, width=args.width, depth=args.depth, lr=args.lr)
     save_file(_state(flow), os.path.join(args.out, "flow.safetensors"),
-              metadata={"config": json.dumps(flow.config), "seed": str(args.seed),
+              metadata={"config": json.dumps(flow.config), "seed": str(args.seed), "threads": str(args.threads),
+                        "steps": str(args.flow_steps),
                         "prediction": "velocity", "schedule": "linear"})
     print(f"flow model saved ({time.time() - start:.0f}s) to {args.out}")
 
