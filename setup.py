@@ -57,11 +57,13 @@ def _extensions():
                "CUDA_HOME not found")
         print(f"glass_fast: {why}; CUDA parts skipped, building the CPU extension only.")
 
-    cxx = ["-O3", "-std=c++17"] if os.name != "nt" else ["/O2", "/std:c++17"]
+    # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 or C++20).
+    cxx = ["-O3"] if os.name != "nt" else ["/O2"]
     define_macros = [("GLASS_FAST_WITH_CUDA", "1")] if with_cuda else []
     include_dirs = [os.path.join(HERE, "csrc")]
     if with_cuda:
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr",
+        # No --use_fast_math: resampling must round exp/log like the reference does.
+        nvcc = ["-O3", "--expt-relaxed-constexpr",
                 "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                 "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
         ext = cpp_extension.CUDAExtension(

@@ -187,3 +187,24 @@ def test_compile_inductor_with_cpp_ops_and_backend_switch_retraces():
     for e, a, b in zip(expected, got_cpp, got_ref):
         torch.testing.assert_close(a, e)
         torch.testing.assert_close(b, e)
+
+
+GPU_PAIRS = [p for p in PAIRS if p.values[1] == "cuda"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_PAIRS, reason="needs CUDA and a CUDA-capable backend (cuda or triton)")
+@pytest.mark.parametrize("backend", [p.values[0] for p in GPU_PAIRS] or ["none"])
+def test_cuda_ops_never_sync_the_host(backend):
+    args = _pipeline_args("cuda")
+    with ops.use_backend(backend):
+        _pipeline(*[a.clone() for a in args])  # first call: compile / load kernels
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for scheme in ops.RESAMPLING_SCHEMES:
+                ops.resample_indices(args[3], args[4], scheme)
+            _pipeline(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()

@@ -1,0 +1,231 @@
+// CUDA launchers of the glass_fast ops (kernels in kernels.cuh). Every launch goes to the current
+// stream; nothing here copies to the host or waits on the device, so the ops are safe inside CUDA
+// graphs and under torch.cuda.set_sync_debug_mode("error").
+// (c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream forwards to; the c10
+// headers keep this file free of the cuBLAS/cuSPARSE headers that ATen/cuda/CUDAContext.h pulls in.)
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <array>
+
+#include "checks.h"
+#include "cuda/kernels.cuh"
+
+namespace glass_fast::cuda {
+namespace {
+
+// Map ATen scalar types to the raw CUDA types used by the kernels (same bit layout).
+template <typename T> struct Raw { using type = T; };
+template <> struct Raw<c10::Half> { using type = __half; };
+template <> struct Raw<c10::BFloat16> { using type = __nv_bfloat16; };
+
+template <typename F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    case at::kHalf: return f(__half{});
+    case at::kBFloat16: return f(__nv_bfloat16{});
+    default: TORCH_CHECK(false, "unsupported dtype ", t);
+  }
+}
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+int sm_count() {
+  // Cached per device: cudaDeviceGetAttribute is a host query (no device synchronisation).
+  static std::array<int, 64> cache{};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 64 && cache[dev] > 0) return cache[dev];
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  if (dev < 64) cache[dev] = sms;
+  return sms;
+}
+
+int blocks_for(int64_t work, int threads) {
+  // Enough blocks to fill the device a few times over; the kernels stride over the rest.
+  const int sms = sm_count();
+  const int64_t need = (work + threads - 1) / threads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(need, int64_t(sms) * 32)));
+}
+
+void fused_step_into(const at::Tensor& base, const at::Tensor& out, const at::Tensor& coef,
+                     const std::optional<at::Tensor>& x_t, const std::optional<at::Tensor>& stage,
+                     const at::Tensor& new_, const at::Tensor& y, int64_t rows) {
+  const int64_t n = base.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(base.device());
+  const bool f64 = base.scalar_type() == at::kDouble;
+  const at::Tensor c = coef.to(f64 ? at::kDouble : at::kFloat).contiguous();
+  const at::Tensor b = base.contiguous(), o = out.contiguous();
+  const at::Tensor xt = x_t.has_value() ? x_t->contiguous() : at::Tensor();
+  const at::Tensor st = stage.has_value() ? stage->contiguous() : at::Tensor();
+  const int64_t inner = n / rows;
+  const bool per_sample = rows > 1;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int kThreads = 256;
+  dispatch_float(base.scalar_type(), [&](auto s_tag) {
+    using S = decltype(s_tag);
+    dispatch_float(out.scalar_type(), [&](auto o_tag) {
+      using O = decltype(o_tag);
+      using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
+      constexpr int V = 4;
+      const bool vec = (!per_sample || inner % V == 0) && aligned(b.const_data_ptr(), sizeof(S) * V) &&
+                       aligned(o.const_data_ptr(), sizeof(O) * V) &&
+                       aligned(new_.data_ptr(), sizeof(S) * V) && aligned(y.data_ptr(), sizeof(O) * V) &&
+                       (!xt.defined() || aligned(xt.const_data_ptr(), sizeof(S) * V)) &&
+                       (!st.defined() || aligned(st.const_data_ptr(), sizeof(S) * V));
+      const Acc* cp = reinterpret_cast<const Acc*>(c.const_data_ptr());
+      if (vec) {
+        fused_step_kernel<S, O, Acc, V><<<blocks_for(n / V, kThreads), kThreads, 0, stream>>>(
+            ptr<S>(b), ptr<O>(o), ptr<S>(xt), ptr<S>(st), cp, reinterpret_cast<S*>(new_.data_ptr()),
+            reinterpret_cast<O*>(y.data_ptr()), n, inner, per_sample);
+      } else {
+        fused_step_kernel<S, O, Acc, 1><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+            ptr<S>(b), ptr<O>(o), ptr<S>(xt), ptr<S>(st), cp, reinterpret_cast<S*>(new_.data_ptr()),
+            reinterpret_cast<O*>(y.data_ptr()), n, inner, per_sample);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_step(const at::Tensor& base, const at::Tensor& out,
+                                              const at::Tensor& coef,
+                                              const std::optional<at::Tensor>& x_t,
+                                              const std::optional<at::Tensor>& stage) {
+  const int64_t rows = check_fused_step(base, out, coef, x_t, stage);
+  at::Tensor new_ = at::empty(base.sizes(), base.options());
+  at::Tensor y = at::empty(base.sizes(), out.options());
+  fused_step_into(base, out, coef, x_t, stage, new_, y, rows);
+  return {new_, y};
+}
+
+void fused_step_(const at::Tensor& base, const at::Tensor& out, const at::Tensor& coef,
+                 const std::optional<at::Tensor>& x_t, const std::optional<at::Tensor>& stage,
+                 const at::Tensor& y_out) {
+  const int64_t rows = check_fused_step(base, out, coef, x_t, stage);
+  check_y_out(y_out, base, out);
+  const at::Tensor new_ = base.is_contiguous() ? base : at::empty(base.sizes(), base.options());
+  const at::Tensor y = y_out.is_contiguous() ? y_out : at::empty(base.sizes(), y_out.options());
+  fused_step_into(base, out, coef, x_t, stage, new_, y, rows);
+  if (!new_.is_same(base)) base.copy_(new_);
+  if (!y.is_same(y_out)) y_out.copy_(y);
+}
+
+std::tuple<at::Tensor, at::Tensor> normalize_log_weights(const at::Tensor& log_w) {
+  check_log_w(log_w);
+  const c10::cuda::CUDAGuard guard(log_w.device());
+  const at::Tensor lw = log_w.contiguous();
+  const int64_t b = lw.size(0), k = lw.size(1);
+  at::Tensor norm = at::empty({b, k}, lw.options());
+  at::Tensor ess = at::empty({b}, lw.options());
+  if (b == 0) return {norm, ess};
+  TORCH_CHECK(b <= 2147483647, "log_w has ", b, " groups; at most 2^31 - 1 are supported");
+  dispatch_float(lw.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    normalize_kernel<T, Acc><<<static_cast<unsigned>(b), kRowThreads, 0,
+                               c10::cuda::getCurrentCUDAStream()>>>(
+        ptr<T>(lw), reinterpret_cast<T*>(norm.data_ptr()), reinterpret_cast<T*>(ess.data_ptr()), k);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {norm, ess};
+}
+
+at::Tensor resample_indices(const at::Tensor& log_w, const at::Tensor& uniforms,
+                            const std::string& scheme) {
+  check_log_w(log_w);
+  check_uniforms(uniforms, log_w);
+  const int code = scheme_code(scheme);
+  const c10::cuda::CUDAGuard guard(log_w.device());
+  const at::Tensor lw = log_w.contiguous(), u = uniforms.contiguous();
+  const int64_t b = lw.size(0), k = lw.size(1);
+  at::Tensor anc = at::empty({b, k}, lw.options().dtype(at::kLong));
+  if (b == 0) return anc;
+  const bool f64 = lw.scalar_type() == at::kDouble;
+  at::Tensor scratch = at::empty({b, 2 * k}, lw.options().dtype(f64 ? at::kDouble : at::kFloat));
+  dispatch_float(lw.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    dispatch_float(u.scalar_type(), [&](auto utag) {
+      using U = decltype(utag);
+      resample_kernel<T, U, Acc><<<static_cast<unsigned>(b), kRowThreads, 0,
+                                   c10::cuda::getCurrentCUDAStream()>>>(
+          ptr<T>(lw), ptr<U>(u), anc.data_ptr<int64_t>(),
+          reinterpret_cast<Acc*>(scratch.data_ptr()), k, code);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return anc;
+}
+
+void gather_into(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& res) {
+  const int64_t b = x.size(0), k = x.size(1), rows = b * k;
+  if (res.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), ic = idx.contiguous();
+  const int64_t row_bytes = (x.numel() / rows) * x.element_size();
+  const void* src = xc.const_data_ptr();
+  void* dst = res.data_ptr();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto launch = [&](auto chunk_tag) {
+    using C = decltype(chunk_tag);
+    const int64_t chunks = row_bytes / static_cast<int64_t>(sizeof(C));
+    const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, chunks)));
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>((chunks + threads - 1) / threads, 65535)),
+                    static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+    gather_kernel<C><<<grid, threads, 0, stream>>>(reinterpret_cast<const C*>(src), ic.const_data_ptr<int64_t>(),
+                                                  reinterpret_cast<C*>(dst), rows, k, chunks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  // Widest unit that divides the row and keeps every row aligned.
+  auto fits = [&](size_t bytes) { return row_bytes % bytes == 0 && aligned(src, bytes) && aligned(dst, bytes); };
+  if (fits(16)) launch(uint4{});
+  else if (fits(8)) launch(uint2{});
+  else if (fits(4)) launch(static_cast<unsigned int>(0));
+  else if (fits(2)) launch(static_cast<unsigned short>(0));
+  else launch(static_cast<unsigned char>(0));
+}
+
+at::Tensor gather_particles(const at::Tensor& x, const at::Tensor& idx) {
+  check_gather(x, idx);
+  at::Tensor res = at::empty(x.sizes(), x.options());
+  gather_into(x, idx, res);
+  return res;
+}
+
+void gather_particles_(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& scratch) {
+  check_gather(x, idx);
+  check_scratch(scratch, x);
+  scratch.copy_(x);
+  if (x.is_contiguous()) {
+    gather_into(scratch, idx, x);
+  } else {
+    x.copy_(gather_particles(scratch, idx));
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(glass_fast, CUDA, m) {
+  m.impl("fused_step", &fused_step);
+  m.impl("fused_step_", &fused_step_);
+  m.impl("normalize_log_weights", &normalize_log_weights);
+  m.impl("resample_indices", &resample_indices);
+  m.impl("gather_particles", &gather_particles);
+  m.impl("gather_particles_", &gather_particles_);
+}
+
+}  // namespace glass_fast::cuda
