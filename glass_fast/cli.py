@@ -10,6 +10,7 @@ Bad arguments exit with status 2 and one line on stderr (no traceback).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -122,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="the miniature paper tables (markdown) and plots")
     p.add_argument("--table", default="all", choices=("quality", "steering", "accuracy", "all"))
-    p.add_argument("--n", type=_positive("--n"), default=1000, help="samples per method, quality table (default: 1000)")
-    p.add_argument("--groups", type=_positive("--groups"), default=32,
-                   help="outputs per method and digit, steering table (default: 32)")
+    p.add_argument("--n", type=_positive("--n"), default=2000, help="samples per method, quality table (default: 2000)")
+    p.add_argument("--groups", type=_positive("--groups"), default=64,
+                   help="outputs per method and digit, steering table (default: 64)")
     p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated target digits")
     p.add_argument("--lmbda", type=_nonneg_float("--lmbda"), default=1.0, help="FK reward temperature (default: 1)")
     p.add_argument("--ks-samples", type=_positive("--ks-samples"), default=20000,
@@ -139,6 +140,7 @@ def _parse(argv) -> argparse.Namespace:
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["demo"] + argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     if args.device != "cpu":
         try:
             device = torch.device(args.device)
@@ -235,11 +237,11 @@ def cmd_steer(args) -> None:
     """One steering method; per-group best outputs and the particles of the first groups."""
     from .plots import save_sample_grid
     from .zoo import digit_log_probs, digits_flow_model
-    from .zoo.experiments import _noise, run_steering_method
+    from .zoo.experiments import make_noise, run_steering_method
 
     settings = _settings(args)
     model = digits_flow_model(args.device, args.torch_dtype)
-    noise, gen = _noise((args.groups, settings.particles, 1, 8, 8), args.seed, args.device, args.torch_dtype)
+    noise, gen = make_noise((args.groups, settings.particles, 1, 8, 8), args.seed, args.device, args.torch_dtype)
     start = time.perf_counter()
     best, nfe = run_steering_method(args.method, model, args.digit, noise, settings, gen)
     seconds = time.perf_counter() - start
@@ -288,7 +290,7 @@ def cmd_bench(args) -> None:
         # Reward against model calls for the first digit: same grid, fewer inner steps.
         series = {}
         for inner in sorted({max(1, settings.inner_steps // 5), max(1, settings.inner_steps // 2), settings.inner_steps}):
-            r, _ = ex.steering_comparison(args.digits[0], ex.replace(settings, inner_steps=inner),
+            r, _ = ex.steering_comparison(args.digits[0], dataclasses.replace(settings, inner_steps=inner),
                                           groups=args.groups, **common)
             for row in r:
                 xs, ys = series.setdefault(row["method"], ([], []))
@@ -308,10 +310,15 @@ def cmd_bench(args) -> None:
             series = {m: (list(v), list(v.values())) for m, v in acc["interior"].items()}
             save_ks_vs_nfe(series, os.path.join(args.out, "ks_vs_nfe.png"),
                            title="worst interior transition: KS vs model calls")
-    cmd = "glass-fast " + " ".join(sys.argv[1:]) if sys.argv and "glass" in os.path.basename(sys.argv[0]) else ""
-    text = "\n\n".join(parts) + (f"\n\nProduced by `{cmd}`." if cmd else "")
+    text = "\n\n".join(parts) + f"\n\nProduced by `glass-fast {' '.join(args.argv)}` ({_machine()})."
     _say(args, text)
     _write(args, "bench.md", text)
+
+
+def _machine() -> str:
+    import platform
+
+    return f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} thread(s)"
 
 
 COMMAND_FUNCTIONS = {"demo": cmd_demo, "sample": cmd_sample, "steer": cmd_steer, "bench": cmd_bench}

@@ -64,7 +64,7 @@ def save_sample_grid(rows: Mapping[str, torch.Tensor], path: str, *, max_per_row
         fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=1.8 / (0.62 * n_cols + 1.9), right=0.99, wspace=0.08, hspace=0.12)
     _prepare(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return path
 
