@@ -70,7 +70,7 @@ def save_sample_grid(rows: Mapping[str, torch.Tensor], path: str, *, max_per_row
 
 
 def _line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str, *, xlabel: str,
-               ylabel: str, title: str | None, logx: bool, logy: bool) -> str:
+               ylabel: str, title: str | None, logx: bool, logy: bool, hline: tuple[float, str] | None = None) -> str:
     if not series:
         raise ValueError("series is empty; pass at least one name -> (x values, y values) entry")
     plt = _pyplot()
@@ -79,6 +79,8 @@ def _line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pa
         if len(xs) != len(ys):
             raise ValueError(f"series {name!r} has {len(xs)} x values but {len(ys)} y values")
         ax.plot(list(xs), list(ys), marker="o", markersize=4, label=name)
+    if hline is not None:
+        ax.axhline(hline[0], color="gray", linestyle="--", linewidth=1, label=hline[1])
     if logx:
         ax.set_xscale("log")
         # Label the measured call counts themselves rather than powers of ten.
@@ -118,16 +120,17 @@ def save_reward_vs_nfe(series: Mapping[str, tuple[Sequence[float], Sequence[floa
 
 
 def save_ks_vs_nfe(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str, *,
-                   title: str | None = None) -> str:
+                   title: str | None = None, critical: float | None = None) -> str:
     """Save Kolmogorov-Smirnov statistic against model calls, log-log.
 
     Args:
         series: solver name -> (NFE values, KS values), equal lengths.
         path: output PNG path.
         title: figure title.
+        critical: optional KS critical value, drawn as a dashed line (below it: indistinguishable from exact).
 
     Returns:
         ``path``.
     """
     return _line_plot(series, path, xlabel="model calls (NFE)", ylabel="KS statistic", title=title,
-                      logx=True, logy=True)
+                      logx=True, logy=True, hline=None if critical is None else (critical, "critical value (0.1%)"))
