@@ -95,3 +95,21 @@ def test_bad_argument_in_a_real_process():
     assert res.returncode == 2
     assert res.stderr.strip() == "glass-fast: error: argument --particles: --particles must be an integer >= 1, got -3"
     assert res.stdout == ""
+
+
+def test_plots_write_pngs_and_reject_bad_input(tmp_path):
+    import torch
+
+    from glass_fast.plots import save_ks_vs_nfe, save_reward_vs_nfe, save_sample_grid
+
+    grid = save_sample_grid({"a": torch.zeros(3, 1, 8, 8), "b": torch.ones(5, 1, 8, 8)}, str(tmp_path / "g" / "grid.png"),
+                            captions={"a": "x"})
+    line = save_reward_vs_nfe({"m": ([10, 20], [-1.0, -0.5])}, str(tmp_path / "r.png"))
+    ks = save_ks_vs_nfe({"euler": ([2, 4], [0.1, 0.05])}, str(tmp_path / "k.png"), critical=0.02)
+    for path in (grid, line, ks):
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="rows is empty"):
+        save_sample_grid({}, str(tmp_path / "x.png"))
+    with pytest.raises(ValueError, match="series 'm' has 2 x values but 1 y values"):
+        save_reward_vs_nfe({"m": ([1, 2], [0.0])}, str(tmp_path / "y.png"))
