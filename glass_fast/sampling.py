@@ -119,6 +119,10 @@ class Sampler:
             x_next, finite = runner(plan, x, noise, denoised)
             if self.cuda_graph:
                 self.model.calls += runner.model_calls
+            else:
+                # Compiled code may replay CUDA graphs ("reduce-overhead") whose outputs the next call
+                # overwrites; the state outlives the call, so it is copied out.
+                x_next, finite = x_next.clone(), finite.clone()
         else:
             x_next, finite = execute(self.model, plan, x, noise, denoised=denoised, guidance=guidance)
         if guard is not None:
