@@ -9,9 +9,11 @@ unset GLASS_FAST_NO_EXT GLASS_FAST_NO_CUDA
 PY="${PYTHON:-python3}"
 mkdir -p build
 "$PY" -c "import torch; assert torch.version.cuda, 'this torch has no CUDA'; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-# Editable install: builds glass_fast._C in place and maps glass_fast.kernels to kernels/.
-# A failed optional build only warns, so the log is kept and shown when the CUDA kernels are missing.
-"$PY" -m pip install --no-build-isolation --no-deps -v -e . > build/build_cuda.log 2>&1 || true
+# Builds glass_fast._C in place (glass_fast.kernels then loads from kernels/ of the checkout; after
+# `pip install --no-build-isolation -e .` it is installed). A failed optional build only warns, so
+# the log is kept and shown when the CUDA kernels are missing.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" setup.py build_ext --inplace > build/build_cuda.log 2>&1 || true
 tail -n 3 build/build_cuda.log
 { "$PY" - <<'PY'
 import torch

@@ -8,8 +8,30 @@ contiguous outputs, like the kernels.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import pathlib
+import sys
+
 import torch
 from torch import Tensor
+
+
+def _kernels(name: str):
+    """glass_fast.kernels.<name>; from a source checkout (kernels/ beside glass_fast/, not installed,
+    e.g. after `python setup.py build_ext --inplace`) the package is loaded from that folder."""
+    try:
+        return importlib.import_module(f"glass_fast.kernels.{name}")
+    except ModuleNotFoundError as exc:
+        src = pathlib.Path(__file__).resolve().parents[2] / "kernels"
+        if exc.name != "glass_fast.kernels" or not (src / "__init__.py").is_file():
+            raise
+        spec = importlib.util.spec_from_file_location("glass_fast.kernels", src / "__init__.py",
+                                                      submodule_search_locations=[str(src)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["glass_fast.kernels"] = module
+        spec.loader.exec_module(module)
+        return importlib.import_module(f"glass_fast.kernels.{name}")
 
 
 def _fake_fused_step(base: Tensor, out: Tensor, coef: Tensor, x_t: Tensor | None,
@@ -71,7 +93,7 @@ def register_extension_fakes() -> None:
 @torch.library.custom_op("glass_fast_triton::fused_step", mutates_args=())
 def triton_fused_step(base: Tensor, out: Tensor, coef: Tensor, x_t: Tensor | None,
                       stage: Tensor | None) -> tuple[Tensor, Tensor]:
-    from glass_fast.kernels.fused_step import fused_step_triton
+    fused_step_triton = _kernels("fused_step").fused_step_triton
     new = torch.empty(base.shape, dtype=base.dtype, device=base.device)
     y = torch.empty(base.shape, dtype=out.dtype, device=base.device)
     fused_step_triton(base, out, coef, x_t, stage, new, y)
@@ -81,7 +103,7 @@ def triton_fused_step(base: Tensor, out: Tensor, coef: Tensor, x_t: Tensor | Non
 @torch.library.custom_op("glass_fast_triton::fused_step_", mutates_args=("base", "y_out"))
 def triton_fused_step_(base: Tensor, out: Tensor, coef: Tensor, x_t: Tensor | None,
                        stage: Tensor | None, y_out: Tensor) -> None:
-    from glass_fast.kernels.fused_step import fused_step_triton
+    fused_step_triton = _kernels("fused_step").fused_step_triton
     new = base if base.is_contiguous() else torch.empty(base.shape, dtype=base.dtype, device=base.device)
     y = y_out if y_out.is_contiguous() else torch.empty(base.shape, dtype=y_out.dtype, device=base.device)
     fused_step_triton(base, out, coef, x_t, stage, new, y)
@@ -93,19 +115,17 @@ def triton_fused_step_(base: Tensor, out: Tensor, coef: Tensor, x_t: Tensor | No
 
 @torch.library.custom_op("glass_fast_triton::normalize_log_weights", mutates_args=())
 def triton_normalize_log_weights(log_w: Tensor) -> tuple[Tensor, Tensor]:
-    from glass_fast.kernels.resample import normalize_log_weights_triton
-    return normalize_log_weights_triton(log_w)
+    return _kernels("resample").normalize_log_weights_triton(log_w)
 
 
 @torch.library.custom_op("glass_fast_triton::resample_indices", mutates_args=())
 def triton_resample_indices(log_w: Tensor, uniforms: Tensor, scheme: str) -> Tensor:
-    from glass_fast.kernels.resample import resample_indices_triton
-    return resample_indices_triton(log_w, uniforms, scheme)
+    return _kernels("resample").resample_indices_triton(log_w, uniforms, scheme)
 
 
 @torch.library.custom_op("glass_fast_triton::gather_particles", mutates_args=())
 def triton_gather_particles(x: Tensor, idx: Tensor) -> Tensor:
-    from glass_fast.kernels.gather import gather_particles_triton
+    gather_particles_triton = _kernels("gather").gather_particles_triton
     res = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     gather_particles_triton(x, idx, res)
     return res
@@ -113,7 +133,7 @@ def triton_gather_particles(x: Tensor, idx: Tensor) -> Tensor:
 
 @torch.library.custom_op("glass_fast_triton::gather_particles_", mutates_args=("x", "scratch"))
 def triton_gather_particles_(x: Tensor, idx: Tensor, scratch: Tensor) -> None:
-    from glass_fast.kernels.gather import gather_particles_triton
+    gather_particles_triton = _kernels("gather").gather_particles_triton
     scratch.copy_(x)
     if x.is_contiguous():
         gather_particles_triton(scratch, idx, x)

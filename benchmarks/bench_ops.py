@@ -1,0 +1,129 @@
+"""pytest-benchmark of the fused sampler step and the particle ops, per provider.
+
+    python -m pytest benchmarks/bench_ops.py --benchmark-enable --benchmark-group-by=group
+
+Providers: ``reference`` (eager plain PyTorch), ``compile`` (torch.compile of the reference),
+``cpp`` (C++ CPU kernels), ``triton`` and ``cuda`` (GPU only). Each group holds one op at one shape;
+pytest-benchmark's table gives every provider's time relative to the fastest in its group, and
+``extra_info`` records shape, dtype, device, provider and commit.
+"""
+from __future__ import annotations
+
+import functools
+import subprocess
+
+import pytest
+import torch
+
+from glass_fast import ops
+from glass_fast.ops import reference as R
+
+CPU_NUMEL = 4 * 2 ** 20  # the fused GLASS Euler step at 4M float32 elements
+GPU_NUMEL = 64 * 2 ** 20
+
+
+@functools.lru_cache(None)
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _providers(device: str):
+    names = ["reference", "compile"]
+    names += [b for b in ("cpp", "triton", "cuda") if b != "triton" or device == "cuda"]
+    params = []
+    for name in names:
+        why = None
+        if device == "cuda" and not torch.cuda.is_available():
+            why = "no CUDA device"
+        elif name in ("cpp", "triton", "cuda"):
+            why = ops._backend.unavailable_reason(name, device)
+        marks = [pytest.mark.skip(reason=f"{name} on {device}: {why}")] if why else []
+        params.append(pytest.param(name, device, id=f"{name}-{device}", marks=marks))
+    return params
+
+
+PROVIDERS = _providers("cpu") + _providers("cuda")
+
+
+def _run(provider: str, ref_fn, op_fn):
+    """The callable to time for ``provider``: eager reference, compiled reference, or the op."""
+    if provider == "reference":
+        return ref_fn
+    if provider == "compile":
+        compiled = torch.compile(ref_fn, fullgraph=True)
+        compiled()  # compile outside the timed region
+        return compiled
+
+    def run():
+        with ops.use_backend(provider):
+            return op_fn()
+    return run
+
+
+def _sync(device):
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def _bench(benchmark, fn, device):
+    sync = _sync(device)
+
+    def timed():
+        out = fn()
+        sync()
+        return out
+
+    timed()  # warm-up: first-call kernel loading and allocator growth
+    return benchmark.pedantic(timed, rounds=10 if device == "cpu" else 30, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("provider,device", PROVIDERS)
+def test_fused_glass_euler_step(benchmark, provider, device):
+    """new = base + h*(w1 base + w2 out + w3 x_t) folded into coef; y = c_x x_t + c_b new."""
+    numel = CPU_NUMEL if device == "cpu" else GPU_NUMEL
+    g = torch.Generator().manual_seed(0)
+    shape = (16, numel // 16)
+    base, out, xt = (torch.randn(shape, generator=g).to(device) for _ in range(3))
+    coef = torch.tensor([0.98, 0.0, 0.01, 0.05, 0.3, 0.7], device=device)
+    benchmark.group = f"fused_step glass-euler {device} {numel} fp32"
+    benchmark.extra_info.update(op="fused_step", provider=provider, shape=list(shape),
+                                dtype="float32", device=device, commit=_commit(),
+                                bytes=5 * numel * 4)
+    fn = _run(provider, lambda: R.fused_step(base, out, coef, xt),
+              lambda: ops.fused_step(base, out, coef, x_t=xt))
+    new, y = _bench(benchmark, fn, device)
+    ref_new, ref_y = R.fused_step(base, out, coef, xt)
+    torch.testing.assert_close(new, ref_new)
+    torch.testing.assert_close(y, ref_y)
+
+
+@pytest.mark.parametrize("provider,device", PROVIDERS)
+def test_gather_particles(benchmark, provider, device):
+    b, k = 8, 64
+    d = (CPU_NUMEL if device == "cpu" else GPU_NUMEL) // (b * k)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((b, k, d), generator=g).to(device)
+    idx = torch.randint(0, k, (b, k), generator=g).to(device)
+    benchmark.group = f"gather_particles {device} {x.numel()} fp32"
+    benchmark.extra_info.update(op="gather_particles", provider=provider, shape=[b, k, d],
+                                dtype="float32", device=device, commit=_commit(),
+                                bytes=2 * x.numel() * 4)
+    fn = _run(provider, lambda: R.gather_particles(x, idx), lambda: ops.gather_particles(x, idx))
+    assert torch.equal(_bench(benchmark, fn, device), R.gather_particles(x, idx))
+
+
+@pytest.mark.parametrize("provider,device", PROVIDERS)
+def test_resample_indices(benchmark, provider, device):
+    b, k = 64, 256
+    g = torch.Generator().manual_seed(2)
+    lw, u = (3 * torch.randn((b, k), generator=g)).to(device), torch.rand((b, k), generator=g).to(device)
+    benchmark.group = f"resample_indices systematic {device} B={b} K={k}"
+    benchmark.extra_info.update(op="resample_indices", provider=provider, shape=[b, k],
+                                dtype="float32", device=device, commit=_commit())
+    fn = _run(provider, lambda: R.resample_indices(lw, u, "systematic"),
+              lambda: ops.resample_indices(lw, u, "systematic"))
+    got = _bench(benchmark, fn, device)
+    assert got.shape == (b, k) and got.dtype == torch.int64
