@@ -84,7 +84,7 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, *, epochs: int = 40, batc
     return net.eval()
 
 
-def train_flow(x: torch.Tensor, *, steps: int = 10000, batch: int = 256, seed: int = 0,
+def train_flow(x: torch.Tensor, *, steps: int = 16000, batch: int = 256, seed: int = 0,
                ema_decay: float = 0.999, width: int = 256, depth: int = 4, lr: float = 2e-3, log=print) -> DigitsVelocityNet:
     """Flow matching on x [N, 1, 8, 8]: x_t = t z + (1 - t) eps, regress u = z - eps. Returns the EMA net."""
     gen = torch.Generator().manual_seed(seed + 1)
@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=WEIGHTS_DIR, help="output folder (default: the package's weights/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--flow-steps", type=int, default=10000)
+    p.add_argument("--flow-steps", type=int, default=16000)
     p.add_argument("--classifier-epochs", type=int, default=40)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--depth", type=int, default=4)
