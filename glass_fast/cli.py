@@ -293,23 +293,26 @@ def cmd_bench(args) -> None:
                        "method and digit."
                      + "\n\nMean log p(target) per target digit:\n\n" + report.steering_per_digit(rows)
                      + "\n\nSuccess rate per target digit:\n\n" + report.steering_per_digit(rows, "success"))
-        # Reward against total model calls for the first digit: the same sampler, 1/4x .. 2x the particles.
-        d0, series = args.digits[0], {}
-        k = settings.particles
+        # Reward against total model calls, averaged over the digits: the same sampler, 1/4x .. 2x the particles.
+        series, k = {}, settings.particles
         for kk in sorted({max(1, k // 4), max(1, k // 2), k, 2 * k}):
             if kk == k:
-                r = [row for row in rows if row["digit"] == d0]  # already measured above, same seed
+                r = rows  # already measured above, same seeds
             else:
-                r, _ = ex.steering_comparison(d0, dataclasses.replace(settings, particles=kk), groups=args.groups,
-                                              methods=ex.STEERING_METHODS[1:], **common)
-            for row in r:
-                xs, ys = series.setdefault(row["method"], ([], []))
-                xs.append(row["nfe"])
-                ys.append(row["log_prob"])
+                r = []
+                for d in args.digits:
+                    r += ex.steering_comparison(d, dataclasses.replace(settings, particles=kk), groups=args.groups,
+                                                methods=ex.STEERING_METHODS[1:], **common)[0]
+            for method in dict.fromkeys(row["method"] for row in r):
+                vals = [row["log_prob"] for row in r if row["method"] == method]
+                xs, ys = series.setdefault(method, ([], []))
+                xs.append(next(row["nfe"] for row in r if row["method"] == method))
+                ys.append(sum(vals) / len(vals))
         order = [ex.STEERING_LABELS[m] for m in ex.STEERING_METHODS]  # same colours as everywhere else
         series = {m: tuple(zip(*sorted(zip(*series[m])))) for m in order if m in series}
+        digits = ",".join(str(d) for d in args.digits)
         save_reward_vs_nfe(series, os.path.join(args.out, "reward_vs_nfe.png"), ylabel="mean log p(target)",
-                           title=f"steering toward {d0}: {settings.calls} calls per particle, "
+                           title=f"steering, digits {digits}: {settings.calls} calls per particle, "
                                  f"{max(1, k // 4)}-{2 * k} particles")
     if args.table in ("accuracy", "all"):
         try:
