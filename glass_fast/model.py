@@ -133,28 +133,29 @@ class FlowModel:
     # -- conversions ----------------------------------------------------------------------------------------
     def denoise(self, x: torch.Tensor, t) -> torch.Tensor:
         """D_t(x) = E[z | x_t = x] (one network call). ``t``: float or Tensor[B]."""
-        tc = _as_times(self.clamp_time(t), x)
-        a_x, a_o = denoiser_coefficients(self.schedule, self.prediction, tc)
-        out = self(x, tc)
-        return (_bcast(a_x, x) * x.double() + _bcast(a_o, x) * out.double()).to(x.dtype)
+        return self._linear(x, t, denoiser_coefficients)
 
     def velocity(self, x: torch.Tensor, t) -> torch.Tensor:
         """u_t(x), the marginal velocity (one network call). ``t``: float or Tensor[B]."""
-        tc = _as_times(self.clamp_time(t), x)
-        b_x, b_o = velocity_coefficients(self.schedule, self.prediction, tc)
-        out = self(x, tc)
-        return (_bcast(b_x, x) * x.double() + _bcast(b_o, x) * out.double()).to(x.dtype)
+        return self._linear(x, t, velocity_coefficients)
+
+    def _linear(self, x: torch.Tensor, t, coefficients) -> torch.Tensor:
+        """c_x x + c_o out with (c_x, c_o) = coefficients(schedule, prediction, t), in float64.
+
+        A float ``t`` stays on the host (no copy to the device: nothing here synchronises a CUDA stream).
+        """
+        if isinstance(t, torch.Tensor):
+            tc = self.clamp_time(t.to(device=x.device, dtype=torch.float64))
+            tc = tc.expand(x.shape[0]) if tc.dim() == 0 else tc
+            c_x, c_o = (c.reshape((-1,) + (1,) * (x.dim() - 1)) for c in coefficients(self.schedule, self.prediction, tc))
+            t_net = tc
+        else:
+            tc = self.clamp_time(float(t))
+            host_t = torch.tensor(tc, dtype=torch.float64)  # CPU tensor: inf, not ZeroDivisionError, at singularities
+            c_x, c_o = (float(c) for c in coefficients(self.schedule, self.prediction, host_t))
+            t_net = torch.full((x.shape[0],), tc, dtype=torch.float32, device=x.device)
+        out = self(x, t_net)
+        return (c_x * x.double() + c_o * out.double()).to(x.dtype)
 
     def __repr__(self) -> str:
         return f"FlowModel({getattr(self.fn, '__name__', type(self.fn).__name__)}, {self.schedule!r}, prediction={self.prediction!r})"
-
-
-def _as_times(t, x: torch.Tensor) -> torch.Tensor:
-    """float or Tensor[B] -> float64 Tensor[B] on x's device."""
-    t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
-    return t.expand(x.shape[0]) if t.dim() == 0 else t
-
-
-def _bcast(c, x: torch.Tensor) -> torch.Tensor:
-    c = torch.as_tensor(c, dtype=torch.float64, device=x.device)
-    return c.reshape((-1,) + (1,) * (x.dim() - 1)) if c.dim() == 1 else c
