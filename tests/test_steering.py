@@ -257,3 +257,19 @@ def test_max_batch_splits_calls_without_changing_results(mixture):
                     **{**kw, "generator": torch.Generator().manual_seed(0)})
     torch.testing.assert_close(a.samples, b.samples)
     assert a.nfe == b.nfe and fn.calls - calls > calls     # more, smaller network calls; same evaluations
+
+
+def test_custom_grid_is_used_by_steering_and_best_of_n(mixture):
+    m = mixture.flow_model(gf.LinearSchedule(), "x0")
+    noise = torch.randn(2, 4, 2, generator=torch.Generator().manual_seed(0))
+    uniform = torch.linspace(0, 1, 4, dtype=torch.float64)
+    shifted = torch.tensor([0.0, 0.5, 0.8, 1.0], dtype=torch.float64)
+    runs = {}
+    for name, grid in (("default", None), ("uniform", uniform), ("shifted", shifted)):
+        kw = dict(transitions=3, inner_steps=2, generator=torch.Generator().manual_seed(1))
+        if grid is not None:
+            kw["grid"] = grid
+        runs[name] = gf.fk_steering(m, lambda x: x[:, 0], noise, **kw).samples
+        assert gf.best_of_n(m, lambda x: x[:, 0], noise, **kw).samples.shape == noise.shape
+    torch.testing.assert_close(runs["uniform"], runs["default"])
+    assert not torch.allclose(runs["shifted"], runs["default"])

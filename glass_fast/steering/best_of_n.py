@@ -11,7 +11,7 @@ from ..transitions import FiniteGuard
 from .result import Meter, SteeringResult, best_of_groups, check_particles
 
 _SAMPLER_KWARGS = ("transitions", "inner_steps", "rho", "solver", "sigmabar0", "generator", "guidance",
-                   "timings", "progress", "compile", "cuda_graph", "max_batch")
+                   "timings", "progress", "compile", "cuda_graph", "max_batch", "grid")
 
 
 def best_of_n(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "glass",

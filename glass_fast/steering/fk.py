@@ -39,7 +39,7 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
                 resample_window=(0.0, 1.0), resample_every: int = 1, final_correction: bool = True,
                 guidance=None, generator: torch.Generator | None = None, progress: bool = False,
                 value_samples: int = 4, timings: bool | None = None, compile=None, cuda_graph: bool = False,
-                max_batch: int | None = None) -> SteeringResult:
+                max_batch: int | None = None, grid: torch.Tensor | None = None) -> SteeringResult:
     """Steer B groups of K particles towards p_r(z) proportional to p(z) exp(lmbda r(z)).
 
     Args:
@@ -64,6 +64,8 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
             ``Sampler``; not with ``guidance``). The reward, potentials and resampling stay eager, and
             host-sync free, between transitions.
         max_batch: call the network in chunks of at most this many rows (value draws included).
+        grid: optional increasing float64 Tensor[K+1] of transition times from 0 to 1 (e.g. a pipeline's
+            shifted schedule), replacing the uniform grid of ``transitions`` intervals.
     Returns:
         SteeringResult with samples [B, K, ...], per-group normalised log_weights [B, K] (the weighted
         system targets p_r), rewards [B, K], best [B, ...], nfe, reward_calls, timings. The particles are
@@ -85,7 +87,7 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
     meter = Meter(model, dev, timings, max_batch=max_batch, graphs=cuda_graph)
     m = meter.model
     sampler = Sampler(m, method=method, transitions=transitions, inner_steps=inner_steps, rho=rho, solver=solver,
-                      device=dev, dtype=noise.dtype, compile=compile, cuda_graph=cuda_graph)
+                      device=dev, dtype=noise.dtype, compile=compile, cuda_graph=cuda_graph, grid=grid)
     grid, steps = sampler.grid, sampler.transitions
     lo, hi = float(resample_window[0]), float(resample_window[1])
     due = [0 < k + 1 < steps and lo <= float(grid[k + 1]) <= hi and (k + 1) % resample_every == 0
