@@ -32,8 +32,7 @@ def _commit() -> str:
 
 
 def _providers(device: str):
-    names = ["reference", "compile"]
-    names += [b for b in ("cpp", "triton", "cuda") if b != "triton" or device == "cuda"]
+    names = ["reference", "compile"] + (["cpp"] if device == "cpu" else ["triton", "cuda"])
     params = []
     for name in names:
         why = None

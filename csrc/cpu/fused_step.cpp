@@ -64,7 +64,7 @@ struct Ptrs {
 // Elements [lo, hi) with one coefficient row c = (k_base, k_stage, k_xt, k_out, n_xt, n_new).
 template <typename S, typename O, typename Acc>
 void fused_range(const Ptrs& p, const Acc* c, int64_t lo, int64_t hi) {
-  const S* base = static_cast<const S*>(p.base) ;
+  const S* base = static_cast<const S*>(p.base);
   const O* out = static_cast<const O*>(p.out);
   const S* xt = static_cast<const S*>(p.xt);
   const S* st = static_cast<const S*>(p.stage);
