@@ -8,6 +8,7 @@ missing or failed build only narrows the set of backends (see ``glass_fast.ops.a
 Environment variables read here:
     GLASS_FAST_NO_EXT=1     skip the C++/CUDA extension entirely (pure-Python install).
     GLASS_FAST_NO_CUDA=1    build only the CPU parts even where CUDA is available.
+    GLASS_FAST_NO_AVX2=1    build the CPU kernels without AVX2 even where the build host has it.
     MAX_JOBS=N              parallel compile jobs (ninja), honoured by torch.utils.cpp_extension.
     TORCH_CUDA_ARCH_LIST    CUDA architectures to build for, e.g. "9.0".
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 import sys
 import warnings
 
@@ -30,6 +32,28 @@ def _flag(name: str) -> bool:
 def _rel(paths):
     # setuptools wants source paths relative to setup.py.
     return sorted(os.path.relpath(p, HERE) for p in paths)
+
+
+def _cpu_vector_flags() -> list[str]:
+    """Compiler flags that let at::vec::Vectorized use AVX2 in the CPU kernels.
+
+    The extension is built from source on the machine that runs it, so it uses AVX2/FMA/F16C when
+    this x86-64 build host has them (GLASS_FAST_NO_AVX2=1 opts out, e.g. to build for older CPUs).
+    Without them at::vec falls back to its generic (compiler auto-vectorised) implementation.
+    """
+    if os.name == "nt" or _flag("GLASS_FAST_NO_AVX2"):
+        return []
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    if not {"avx2", "fma", "f16c"} <= set(flags):
+        return []
+    # CPU_CAPABILITY names the inline namespace of at::vec (as in PyTorch's own AVX2 kernels).
+    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 
 def _extensions():
@@ -58,7 +82,7 @@ def _extensions():
         print(f"glass_fast: {why}; CUDA parts skipped, building the CPU extension only.")
 
     # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 or C++20).
-    cxx = ["-O3"] if os.name != "nt" else ["/O2"]
+    cxx = (["-O3"] if os.name != "nt" else ["/O2"]) + _cpu_vector_flags()
     define_macros = [("GLASS_FAST_WITH_CUDA", "1")] if with_cuda else []
     include_dirs = [os.path.join(HERE, "csrc")]
     if with_cuda:
