@@ -83,6 +83,12 @@ def _extensions():
 
     # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 or C++20).
     cxx = (["-O3"] if os.name != "nt" else ["/O2"]) + _cpu_vector_flags()
+    link = []
+    if torch._C.has_openmp and sys.platform.startswith("linux"):
+        # at::parallel_for expands to `#pragma omp parallel` in *our* code: without -fopenmp the
+        # CPU kernels would silently run on one thread. libgomp.so.1 is the one torch already loaded.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     define_macros = [("GLASS_FAST_WITH_CUDA", "1")] if with_cuda else []
     include_dirs = [os.path.join(HERE, "csrc")]
     if with_cuda:
@@ -92,11 +98,12 @@ def _extensions():
                 "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
         ext = cpp_extension.CUDAExtension(
             "glass_fast._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
-            define_macros=define_macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+            define_macros=define_macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link)
     else:
         ext = cpp_extension.CppExtension(
             "glass_fast._C", cpu_sources, include_dirs=include_dirs,
-            define_macros=define_macros, extra_compile_args={"cxx": cxx})
+            define_macros=define_macros, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
     class OptionalBuildExt(cpp_extension.BuildExtension):
         """Build the extension with ninja; on failure warn and keep the pure-Python install."""
