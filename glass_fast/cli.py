@@ -310,10 +310,13 @@ def cmd_bench(args) -> None:
                 ys.append(sum(vals) / len(vals))
         order = [ex.STEERING_LABELS[m] for m in ex.STEERING_METHODS]  # same colours as everywhere else
         series = {m: tuple(zip(*sorted(zip(*series[m])))) for m in order if m in series}
-        digits = ",".join(str(d) for d in args.digits)
+        digits = "0-9" if sorted(args.digits) == list(range(10)) else ",".join(str(d) for d in args.digits)
+        parts.append(f"Mean log p(target) over digits {digits} against total model calls per output "
+                     f"({settings.calls} per particle, particles = calls / {settings.calls}):\n\n"
+                     + report.curve_table(series))
         save_reward_vs_nfe(series, os.path.join(args.out, "reward_vs_nfe.png"), ylabel="mean log p(target)",
-                           title=f"steering, digits {digits}: {settings.calls} calls per particle, "
-                                 f"{max(1, k // 4)}-{2 * k} particles")
+                           title=f"steering, mean over digits {digits}\n{settings.calls} calls per particle, "
+                                 f"{max(1, k // 4)}-{2 * k} particles per group")
     if args.table in ("accuracy", "all"):
         try:
             from .accuracy import accuracy_table, format_table

@@ -49,3 +49,13 @@ def steering_per_digit(rows: list[dict], metric: str = "log_prob") -> str:
     fmt = "{:.2f}" if metric == "frechet" else "{:.3f}"
     body = [[m] + [fmt.format(cell[(m, d)]) for d in digits] for m in methods]
     return _table(["method"] + [str(d) for d in digits], body)
+
+
+def curve_table(series: dict) -> str:
+    """name -> (x values, y values) as a table: one row per name, one column per x (blank where absent)."""
+    xs = sorted({x for xv, _ in series.values() for x in xv})
+    body = []
+    for name, (xv, yv) in series.items():
+        vals = dict(zip(xv, yv))
+        body.append([name] + [f"{vals[x]:.3f}" if x in vals else "" for x in xs])
+    return _table(["method"] + [f"{x:g} calls" for x in xs], body)
