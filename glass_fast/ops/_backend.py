@@ -153,7 +153,8 @@ def _resolve(override: str | None, device_type: str) -> str:
     if name != "auto":
         why = unavailable_reason(name, device_type)
         if why is not None:
-            raise BackendUnavailableError(f"{ENV_VAR}={name!r} cannot run: {why}")
+            source = ENV_VAR if override is None else "set_backend/use_backend"
+            raise BackendUnavailableError(f"backend {name!r} (from {source}) cannot run: {why}")
         return name
     prefs = _PREFERENCE.get(device_type, ("reference",))
     for cand in prefs:
