@@ -11,17 +11,10 @@ import pytest  # noqa: E402
 from glass_fast import ops  # noqa: E402
 from glass_fast.ops import reference as R  # noqa: E402
 from glass_fast.ops.testing import (INTERPRETER_BF16_ULPS, assert_within_reference_error,  # noqa: E402
-                                    backend_devices, interpreted)
+                                    backend_device_params, backend_devices, interpreted)
 
 
-def _param(backend, device):
-    marks = [pytest.mark.gpu] if device == "cuda" else []
-    return pytest.param(backend, device, id=f"{backend}-{device}", marks=marks)
-
-
-PAIRS = [_param(b, d) for b, d in backend_devices()]
-if not PAIRS:  # keep the parametrized tests visible as skipped rather than absent
-    PAIRS = [pytest.param("cpp", "cpu", marks=pytest.mark.skip(reason="no compiled backend built"))]
+PAIRS = backend_device_params()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 # (shape, per_sample coef, with x_t, with stage, non-contiguous inputs, out dtype or None = state's)

@@ -12,10 +12,9 @@ import pytest  # noqa: E402
 from glass_fast import ops  # noqa: E402
 from glass_fast.ops import _backend  # noqa: E402
 from glass_fast.ops import _library  # noqa: E402
-from glass_fast.ops.testing import backend_devices  # noqa: E402
+from glass_fast.ops.testing import backend_device_params, backend_devices  # noqa: E402
 
-PAIRS = [pytest.param(b, d, id=f"{b}-{d}", marks=[pytest.mark.gpu] if d == "cuda" else [])
-         for b, d in backend_devices()]
+PAIRS = backend_device_params()
 CPU_COMPILED = [b for b, d in backend_devices() if d == "cpu"]
 needs_cpp = pytest.mark.skipif("cpp" not in CPU_COMPILED,
                                reason="glass_fast._C (cpp backend) is not built here")
@@ -162,7 +161,8 @@ def _pipeline_args(device):
             torch.empty_like(x))
 
 
-@pytest.mark.parametrize("backend,device", PAIRS + [pytest.param("reference", "cpu")])
+@pytest.mark.parametrize("backend,device",
+                         PAIRS + [pytest.param("reference", "cpu", id="reference-cpu")])
 def test_compile_fullgraph_traces_every_op(backend, device):
     args = _pipeline_args(device)
     torch._dynamo.reset()
@@ -189,13 +189,8 @@ def test_compile_inductor_with_cpp_ops_and_backend_switch_retraces():
         torch.testing.assert_close(b, e)
 
 
-GPU_PAIRS = [p for p in PAIRS if p.values[1] == "cuda"]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not GPU_PAIRS, reason="needs CUDA and a CUDA-capable backend (cuda or triton)")
-@pytest.mark.parametrize("backend", [p.values[0] for p in GPU_PAIRS] or ["none"])
-def test_cuda_ops_never_sync_the_host(backend):
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if p.values[1] == "cuda"])
+def test_cuda_ops_never_sync_the_host(backend, device):
     args = _pipeline_args("cuda")
     with ops.use_backend(backend):
         _pipeline(*[a.clone() for a in args])  # first call: compile / load kernels

@@ -11,17 +11,10 @@ import pytest  # noqa: E402
 
 from glass_fast import ops  # noqa: E402
 from glass_fast.ops import reference as R  # noqa: E402
-from glass_fast.ops.testing import backend_devices  # noqa: E402
+from glass_fast.ops.testing import backend_device_params, backend_devices  # noqa: E402
 
 
-def _param(backend, device):
-    marks = [pytest.mark.gpu] if device == "cuda" else []
-    return pytest.param(backend, device, id=f"{backend}-{device}", marks=marks)
-
-
-PAIRS = [_param(b, d) for b, d in backend_devices()]
-if not PAIRS:
-    PAIRS = [pytest.param("cpp", "cpu", marks=pytest.mark.skip(reason="no compiled backend built"))]
+PAIRS = backend_device_params()
 SCHEMES = list(R.RESAMPLING_SCHEMES)
 # All -inf groups and exactly-integer residual weights divide 0 by 0 by design (NaN, then unused);
 # Triton's CPU interpreter reports that through numpy.

@@ -49,6 +49,31 @@ def backend_devices() -> list[tuple[str, str]]:
     return pairs
 
 
+ALL_PAIRS = (("cpp", "cpu"), ("triton", "cpu"), ("cuda", "cuda"), ("triton", "cuda"))
+
+
+def backend_device_params():
+    """pytest params (backend, device) for every compiled backend; those that cannot run here are
+    skipped with the reason, and the CUDA ones carry the ``gpu`` mark."""
+    import pytest
+
+    available = backend_devices()
+    params = []
+    for backend, device in ALL_PAIRS:
+        marks = [pytest.mark.gpu] if device == "cuda" else []
+        if (backend, device) not in available:
+            if device == "cuda" and not torch.cuda.is_available():
+                why = "no CUDA device"
+            elif backend == "triton" and device == "cpu" and not triton_interpreter_active():
+                why = ("Triton CPU runs need TRITON_INTERPRET=1 set before triton is imported (see "
+                       "test_triton_cpu_kernels_in_a_fresh_interpreter)")
+            else:
+                why = unavailable_reason(backend, device) or "not available"
+            marks.append(pytest.mark.skip(reason=f"{backend} on {device}: {why}"))
+        params.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=marks))
+    return params
+
+
 def interpreted(backend: str, device: str) -> bool:
     """True when Triton runs under its CPU interpreter."""
     return backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
