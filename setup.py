@@ -108,14 +108,35 @@ def _extensions():
     class OptionalBuildExt(cpp_extension.BuildExtension):
         """Build the extension with ninja; on failure warn and keep the pure-Python install."""
 
+        failed: set = set()
+
         def build_extension(self, extension):
             try:
                 super().build_extension(extension)
             except Exception as exc:  # noqa: BLE001 - any compiler/linker failure is optional
+                self.failed.add(extension.name)
                 msg = (f"glass_fast: building {extension.name} failed ({type(exc).__name__}: {exc}); "
                        "installing without it, the reference backend stays available.")
                 warnings.warn(msg)
                 print(msg, file=sys.stderr)
+
+        def _built_only(self, method, *args):
+            # Later steps (in-place copy, output lists of wheels) must not look for a failed build.
+            every = self.extensions
+            self.extensions = [e for e in every if e.name not in self.failed]
+            try:
+                return method(*args)
+            finally:
+                self.extensions = every
+
+        def copy_extensions_to_source(self):
+            return self._built_only(super().copy_extensions_to_source)
+
+        def get_outputs(self):
+            return self._built_only(super().get_outputs)
+
+        def get_output_mapping(self):
+            return self._built_only(super().get_output_mapping)
 
     return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
 
