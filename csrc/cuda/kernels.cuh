@@ -240,18 +240,33 @@ __global__ void resample_kernel(const T* __restrict__ lw, const U* __restrict__ 
 // ---------------------------------------------------------------- gather
 
 // out rows r = b*K + k copy source row b*K + idx[r]; rows are `chunks` units of type C (a 16-, 8-,
-// 4-, 2- or 1-byte type chosen from the row size and alignment). Grid: x over chunks, y over rows.
+// 4-, 2- or 1-byte type chosen from the row size and alignment). Grid: x over tiles of a row,
+// y over rows. Each thread moves kGatherUnroll units per tile, all loads issued before the stores,
+// so several independent memory requests are in flight per thread.
+constexpr int kGatherUnroll = 4;
+
 template <typename C>
 __global__ void gather_kernel(const C* __restrict__ x, const int64_t* __restrict__ idx, C* out,
                               int64_t rows, int64_t k, int64_t chunks) {
+  const int64_t tile = static_cast<int64_t>(blockDim.x) * kGatherUnroll;
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    const int64_t src = r - r % k + idx[r];
-    assert(idx[r] >= 0 && idx[r] < k);
-    const C* from = x + src * chunks;
+    const int64_t a = idx[r];
+    assert(a >= 0 && a < k);
+    const C* from = x + (r - r % k + a) * chunks;
     C* to = out + r * chunks;
-    for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < chunks;
-         c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      to[c] = from[c];
+    for (int64_t c0 = static_cast<int64_t>(blockIdx.x) * tile + threadIdx.x; c0 < chunks;
+         c0 += static_cast<int64_t>(gridDim.x) * tile) {
+      C v[kGatherUnroll];
+#pragma unroll
+      for (int u = 0; u < kGatherUnroll; ++u) {
+        const int64_t c = c0 + static_cast<int64_t>(u) * blockDim.x;
+        if (c < chunks) v[u] = from[c];
+      }
+#pragma unroll
+      for (int u = 0; u < kGatherUnroll; ++u) {
+        const int64_t c = c0 + static_cast<int64_t>(u) * blockDim.x;
+        if (c < chunks) to[c] = v[u];
+      }
     }
   }
 }

@@ -184,7 +184,8 @@ void gather_into(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& r
     using C = decltype(chunk_tag);
     const int64_t chunks = row_bytes / static_cast<int64_t>(sizeof(C));
     const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, chunks)));
-    const dim3 grid(static_cast<unsigned>(std::min<int64_t>((chunks + threads - 1) / threads, 65535)),
+    const int64_t tile = int64_t(threads) * kGatherUnroll;  // units one block moves per pass
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>((chunks + tile - 1) / tile, 65535)),
                     static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
     gather_kernel<C><<<grid, threads, 0, stream>>>(reinterpret_cast<const C*>(src), ic.const_data_ptr<int64_t>(),
                                                   reinterpret_cast<C*>(dst), rows, k, chunks);
