@@ -1,7 +1,14 @@
-import pytest
+import os
+
 import torch
 
-from glass_fast.mixtures import standard_mixture
+# Without a GPU the Triton kernels run under the interpreter, which must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from glass_fast.mixtures import standard_mixture  # noqa: E402
 
 
 @pytest.fixture(scope="session")
