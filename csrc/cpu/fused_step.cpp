@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/dispatch.h"
 #include "ops.h"
 
 namespace glass_fast::cpu {
@@ -104,17 +105,6 @@ void fused_range(const Ptrs& p, const Acc* c, int64_t lo, int64_t hi) {
   }
 }
 
-// Calls f(S{}) for a floating dtype; keeps the 4 x 4 (state, out) instantiations explicit.
-template <typename F>
-void dispatch_float(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: return f(float{});
-    case at::kDouble: return f(double{});
-    case at::kHalf: return f(c10::Half{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    default: TORCH_CHECK(false, "unsupported dtype ", t);
-  }
-}
 
 // Writes into contiguous new_ / y (same shape as base).
 void fused_step_into(const at::Tensor& base, const at::Tensor& out, const at::Tensor& coef,

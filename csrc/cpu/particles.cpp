@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/dispatch.h"
 #include "ops.h"
 
 namespace glass_fast::cpu {
@@ -82,16 +83,6 @@ void resample_row(const T* lw, const U* u, int64_t k, int scheme, int64_t* anc, 
   }
 }
 
-template <typename F>
-void dispatch_float(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: return f(float{});
-    case at::kDouble: return f(double{});
-    case at::kHalf: return f(c10::Half{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    default: TORCH_CHECK(false, "unsupported dtype ", t);
-  }
-}
 
 }  // namespace
 

@@ -27,6 +27,7 @@ import torch
 from ..model import FlowModel, denoiser_coefficients
 from ..sampling import METHODS, Sampler
 from ..transitions import FiniteGuard
+from .guidance import time_window
 from .potentials import PotentialState, check_potential
 from .resampling import AdaptiveResampler, check_scheme, gather, normalize_log_weights
 from .result import Meter, SteeringResult, best_of_groups, check_particles
@@ -199,12 +200,7 @@ def _check_options(method, potential, lmbda, resample, ess_threshold, window, ev
     if (isinstance(ess_threshold, bool) or not isinstance(ess_threshold, (int, float))
             or not 0.0 <= ess_threshold <= 1.0):
         raise ValueError(f"ess_threshold must be a number in [0, 1], got {ess_threshold!r}")
-    try:
-        lo, hi = (float(w) for w in window)
-    except (TypeError, ValueError):
-        raise ValueError(f"resample_window must be a pair (lo, hi) of times, got {window!r}") from None
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"resample_window must satisfy 0 <= lo <= hi <= 1, got {window!r}")
+    time_window(window, "resample_window")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"resample_every must be an integer >= 1, got {every!r}")
     if isinstance(value_samples, bool) or not isinstance(value_samples, int) or value_samples < 1:

@@ -27,6 +27,17 @@ from ..model import FlowModel, denoiser_coefficients
 from .result import check_reward
 
 
+def time_window(window, name: str) -> tuple[float, float]:
+    """Validate a (lo, hi) pair of times with 0 <= lo <= hi <= 1."""
+    try:
+        lo, hi = (float(w) for w in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (lo, hi) of times, got {window!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"{name} must satisfy 0 <= lo <= hi <= 1, got {window!r}")
+    return lo, hi
+
+
 class RewardGuidance:
     """Shift the denoiser along the reward gradient on a window of model times.
 
@@ -47,13 +58,8 @@ class RewardGuidance:
             raise TypeError(f"RewardGuidance: reward must be callable, got {type(reward).__name__}")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ValueError(f"RewardGuidance: scale must be a finite number, got {scale!r}")
-        try:
-            lo, hi = (float(w) for w in window)
-        except (TypeError, ValueError):
-            raise ValueError(f"RewardGuidance: window must be a pair (lo, hi) of times, got {window!r}") from None
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"RewardGuidance: window must satisfy 0 <= lo <= hi <= 1, got {window!r}")
-        self.reward, self.scale, self.window, self.detach = reward, float(scale), (lo, hi), bool(detach)
+        self.reward, self.scale, self.detach = reward, float(scale), bool(detach)
+        self.window = time_window(window, "RewardGuidance: window")
 
     def __repr__(self) -> str:
         return f"RewardGuidance(scale={self.scale}, window={self.window}, detach={self.detach})"
