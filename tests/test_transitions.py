@@ -31,12 +31,13 @@ CASES = [  # (schedule, t, t_next): t = 0 and t' = 1 included
 ]
 
 
+@pytest.mark.parametrize("point", [3, 8])  # two conditioning points x_t ~ p_t per case
 @pytest.mark.parametrize("rho", ["ddpm", 0.0, 0.4, 0.9])
 @pytest.mark.parametrize("sch,t,t_next", CASES, ids=lambda c: repr(c) if not isinstance(c, float) else str(c))
-def test_glass_matches_exact_transition(mixture, sch, t, t_next, rho):
+def test_glass_matches_exact_transition(mixture, sch, t, t_next, rho, point):
     n = 4000
     model = mixture.flow_model(sch, "x0")
-    x_cond = mixture.marginal_sample(sch, t, 1, torch.Generator().manual_seed(3))
+    x_cond = mixture.marginal_sample(sch, t, 1, torch.Generator().manual_seed(point))
     ks = transition_ks(mixture, model, x_cond, t, t_next, rho, glass(16, "midpoint"), n)
     # Four projections: Bonferroni over the 0.1% level.
     assert ks < ks_critical(n, 0.001 / len(DIRECTIONS)), ks
