@@ -82,15 +82,14 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
         >>> res.best.shape, res.nfe   # (torch.Size([4, 2]), 50.0)
     """
     b, k_part = check_particles(model, reward, noise, generator)
-    _check_options(method, potential, lmbda, resample, ess_threshold, resample_window, resample_every,
-                   value_samples, guidance)
+    lo, hi = _check_options(method, potential, lmbda, resample, ess_threshold, resample_window, resample_every,
+                            value_samples, guidance)
     n, rest, dev = b * k_part, tuple(noise.shape[2:]), noise.device
     meter = Meter(model, dev, timings, max_batch=max_batch, graphs=cuda_graph)
     m = meter.model
     sampler = Sampler(m, method=method, transitions=transitions, inner_steps=inner_steps, rho=rho, solver=solver,
                       device=dev, dtype=noise.dtype, compile=compile, cuda_graph=cuda_graph, grid=grid)
     grid, steps = sampler.grid, sampler.transitions
-    lo, hi = float(resample_window[0]), float(resample_window[1])
     due = [0 < k + 1 < steps and lo <= float(grid[k + 1]) <= hi and (k + 1) % resample_every == 0
            for k in range(steps)]
     resampler = AdaptiveResampler(b, k_part, resample, float(ess_threshold), dev) if ess_threshold > 0 else None
@@ -191,6 +190,7 @@ def _progress(it, on: bool):
 
 
 def _check_options(method, potential, lmbda, resample, ess_threshold, window, every, value_samples, guidance):
+    """Validate the steering options; returns the resampling window as floats (lo, hi)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_potential(potential)
@@ -200,7 +200,7 @@ def _check_options(method, potential, lmbda, resample, ess_threshold, window, ev
     if (isinstance(ess_threshold, bool) or not isinstance(ess_threshold, (int, float))
             or not 0.0 <= ess_threshold <= 1.0):
         raise ValueError(f"ess_threshold must be a number in [0, 1], got {ess_threshold!r}")
-    time_window(window, "resample_window")
+    lo, hi = time_window(window, "resample_window")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"resample_every must be an integer >= 1, got {every!r}")
     if isinstance(value_samples, bool) or not isinstance(value_samples, int) or value_samples < 1:
@@ -208,3 +208,4 @@ def _check_options(method, potential, lmbda, resample, ess_threshold, window, ev
     if guidance is not None and not callable(guidance):
         raise TypeError(f"guidance must be callable(model, y, t, t_host, out) -> out (e.g. RewardGuidance), "
                         f"got {type(guidance).__name__}")
+    return lo, hi
