@@ -19,7 +19,7 @@ from glass_fast import ops
 from glass_fast.ops import reference as R
 
 
-def time_cuda(fn, warmup: int = 3, iters: int = 20) -> float:
+def time_cuda(fn, warmup: int = 5, iters: int = 50) -> float:
     """Median seconds per call of ``fn`` timed with CUDA events."""
     for _ in range(warmup):
         fn()
@@ -126,6 +126,8 @@ def main():
 
     src = torch.randn(args.numel, device="cuda")
     dst = torch.empty_like(src)
+    for _ in range(500):  # about 70 ms of copies first, so clocks have settled before anything is timed
+        dst.copy_(src)
     t_copy = time_cuda(lambda: dst.copy_(src))
     copy_bw = 2 * src.numel() * src.element_size() / t_copy
     del src, dst

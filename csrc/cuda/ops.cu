@@ -185,10 +185,14 @@ void gather_into(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& r
     const int64_t chunks = row_bytes / static_cast<int64_t>(sizeof(C));
     const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, chunks)));
     const int64_t tile = int64_t(threads) * kGatherUnroll;  // units one block moves per pass
-    const dim3 grid(static_cast<unsigned>(std::min<int64_t>((chunks + tile - 1) / tile, 65535)),
-                    static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
-    gather_kernel<C><<<grid, threads, 0, stream>>>(reinterpret_cast<const C*>(src), ic.const_data_ptr<int64_t>(),
-                                                  reinterpret_cast<C*>(dst), rows, k, chunks);
+    const int64_t tiles_per_row = (chunks + tile - 1) / tile, tiles = rows * tiles_per_row;
+    // As many blocks as are resident at once (an occupancy query, no device synchronisation).
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gather_kernel<C>, threads, 0));
+    const int64_t blocks = std::min<int64_t>(tiles, int64_t(sm_count()) * std::max(per_sm, 1));
+    gather_kernel<C><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+        reinterpret_cast<const C*>(src), ic.const_data_ptr<int64_t>(), reinterpret_cast<C*>(dst), k,
+        chunks, tiles_per_row, tiles);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   // Widest unit that divides the row and keeps every row aligned.
