@@ -19,8 +19,10 @@ from glass_fast import ops
 from glass_fast.ops import reference as R
 
 
-def time_cuda(fn, warmup: int = 5, iters: int = 50) -> float:
-    """Median seconds per call of ``fn`` timed with CUDA events."""
+def time_cuda(fn, warmup: int = 5, iters: int = 20, reps: int = 10) -> float:
+    """Median seconds per call of ``fn``: CUDA events around ``reps`` back-to-back calls, so the
+    device time is measured with the launch queue ahead of it (the host's per-call overhead hidden
+    as it is in a sampler loop)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -28,10 +30,11 @@ def time_cuda(fn, warmup: int = 5, iters: int = 50) -> float:
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(reps):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        times.append(start.elapsed_time(end) / 1e3 / reps)
     return statistics.median(times)
 
 
@@ -72,18 +75,22 @@ def bench_fused_step(numel: int, rows: list, per_sample: bool):
 
 
 def bench_gather(numel: int, rows: list):
+    # A permutation reads every source row once (comparable with a copy); resampled ancestors
+    # (drawn with replacement) read some rows several times, and repeats can come from L2.
     b, k = 64, 256
     d = numel // (b * k)
     g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn((b, k, d), device="cuda", generator=g)
-    idx = torch.randint(0, k, (b, k), device="cuda", generator=g)
+    patterns = {"permutation": torch.stack([torch.randperm(k, device="cuda", generator=g) for _ in range(b)]),
+                "resampled": torch.randint(0, k, (b, k), device="cuda", generator=g).sort(1).values}
     bytes_moved = 2 * x.numel() * x.element_size()
-    label = "gather_particles fp32"
-    ref = (lambda: R.gather_particles(x, idx))
-    expected = R.gather_particles(x, idx)
-    for name, fn in providers(label, ref, lambda: ops.gather_particles(x, idx)):
-        assert torch.equal(fn(), expected), name
-        rows.append((label, name, time_cuda(fn), bytes_moved, (b, k, d)))
+    for pattern, idx in patterns.items():
+        label = f"gather_particles fp32 {pattern}"
+        ref = (lambda i=idx: R.gather_particles(x, i))
+        expected = ref()
+        for name, fn in providers(label, ref, lambda i=idx: ops.gather_particles(x, i)):
+            assert torch.equal(fn(), expected), name
+            rows.append((label, name, time_cuda(fn), bytes_moved, (b, k, d)))
     del x
 
 
@@ -104,7 +111,7 @@ def check_resample_no_sync() -> list:
             try:
                 got = {s: ops.resample_indices(lw, u, s) for s in ops.RESAMPLING_SCHEMES}
                 lw_n, ess = ops.normalize_log_weights(lw)
-                t = time_cuda(lambda: ops.resample_indices(lw, u, "systematic"), warmup=1, iters=10)
+                t = time_cuda(lambda: ops.resample_indices(lw, u, "systematic"), warmup=1, iters=10, reps=1)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
         same = {s: int((got[s] == R.resample_indices(lw, u, s)).sum()) for s in got}

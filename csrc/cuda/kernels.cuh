@@ -241,10 +241,9 @@ __global__ void resample_kernel(const T* __restrict__ lw, const U* __restrict__ 
 
 // out rows r = b*K + k copy source row b*K + idx[r]; rows are `chunks` units of type C (a 16-, 8-,
 // 4-, 2- or 1-byte type chosen from the row size and alignment). A tile is kGatherUnroll * blockDim.x
-// units of one row; a row holds `tiles_per_row` tiles. Blocks stride over all tiles (the launcher
-// sizes the grid to what the device holds at once), so each block fetches the next tile's ancestor
-// while the current tile's loads are in flight: the index load never stalls the copy. Each thread
-// issues all of its loads before its stores, several independent requests in flight per thread.
+// units of one row and a row holds `tiles_per_row` tiles; the launcher gives each tile its own block
+// (short blocks, many resident per SM, so one block's index load overlaps others' copies). Each
+// thread issues all its loads before its stores: several independent requests in flight per thread.
 constexpr int kGatherUnroll = 4;
 
 template <typename C>
@@ -252,23 +251,19 @@ __global__ void gather_kernel(const C* __restrict__ x, const int64_t* __restrict
                               C* __restrict__ out, int64_t k, int64_t chunks, int64_t tiles_per_row,
                               int64_t tiles) {
   const int64_t tile = static_cast<int64_t>(blockDim.x) * kGatherUnroll;
-  int64_t w = blockIdx.x;
-  if (w >= tiles) return;
-  int64_t a = __ldg(idx + w / tiles_per_row);
-  for (; w < tiles; w += gridDim.x) {
+  for (int64_t w = blockIdx.x; w < tiles; w += gridDim.x) {
     const int64_t r = w / tiles_per_row;
-    const int64_t c0 = (w - r * tiles_per_row) * tile + threadIdx.x;
+    const int64_t a = __ldg(idx + r);
     assert(a >= 0 && a < k);
     const C* from = x + (r - r % k + a) * chunks;
     C* to = out + r * chunks;
+    const int64_t c0 = (w - r * tiles_per_row) * tile + threadIdx.x;
     C v[kGatherUnroll];
 #pragma unroll
     for (int u = 0; u < kGatherUnroll; ++u) {
       const int64_t c = c0 + static_cast<int64_t>(u) * blockDim.x;
       if (c < chunks) v[u] = from[c];
     }
-    const int64_t next = w + gridDim.x;
-    if (next < tiles) a = __ldg(idx + next / tiles_per_row);
 #pragma unroll
     for (int u = 0; u < kGatherUnroll; ++u) {
       const int64_t c = c0 + static_cast<int64_t>(u) * blockDim.x;
