@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "fused_step_entry.h"
 #include "cpu/dispatch.h"
 #include "ops.h"
 
@@ -146,25 +147,13 @@ std::tuple<at::Tensor, at::Tensor> fused_step(const at::Tensor& base, const at::
                                               const at::Tensor& coef,
                                               const std::optional<at::Tensor>& x_t,
                                               const std::optional<at::Tensor>& stage) {
-  const int64_t rows = check_fused_step(base, out, coef, x_t, stage);
-  at::Tensor new_ = at::empty(base.sizes(), base.options());
-  at::Tensor y = at::empty(base.sizes(), out.options());
-  fused_step_into(base, out, coef, x_t, stage, new_, y, rows);
-  return {new_, y};
+  return fused_step_out_of_place<fused_step_into>(base, out, coef, x_t, stage);
 }
 
 void fused_step_(const at::Tensor& base, const at::Tensor& out, const at::Tensor& coef,
                  const std::optional<at::Tensor>& x_t, const std::optional<at::Tensor>& stage,
                  const at::Tensor& y_out) {
-  const int64_t rows = check_fused_step(base, out, coef, x_t, stage);
-  check_y_out(y_out, base, out);
-  // Element-wise in place is safe (each element is read before it is written); strided outputs are
-  // computed into contiguous buffers and copied back.
-  const at::Tensor new_ = base.is_contiguous() ? base : at::empty(base.sizes(), base.options());
-  const at::Tensor y = y_out.is_contiguous() ? y_out : at::empty(base.sizes(), y_out.options());
-  fused_step_into(base, out, coef, x_t, stage, new_, y, rows);
-  if (!new_.is_same(base)) base.copy_(new_);
-  if (!y.is_same(y_out)) y_out.copy_(y);
+  fused_step_in_place<fused_step_into>(base, out, coef, x_t, stage, y_out);
 }
 
 TORCH_LIBRARY_IMPL(glass_fast, CPU, m) {

@@ -14,6 +14,7 @@
 #include <limits>
 
 #include "checks.h"
+#include "fused_step_entry.h"
 #include "cuda/kernels.cuh"
 
 namespace glass_fast::cuda {
@@ -100,29 +101,6 @@ void fused_step_into(const at::Tensor& base, const at::Tensor& out, const at::Te
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-}
-
-std::tuple<at::Tensor, at::Tensor> fused_step(const at::Tensor& base, const at::Tensor& out,
-                                              const at::Tensor& coef,
-                                              const std::optional<at::Tensor>& x_t,
-                                              const std::optional<at::Tensor>& stage) {
-  const int64_t rows = check_fused_step(base, out, coef, x_t, stage);
-  at::Tensor new_ = at::empty(base.sizes(), base.options());
-  at::Tensor y = at::empty(base.sizes(), out.options());
-  fused_step_into(base, out, coef, x_t, stage, new_, y, rows);
-  return {new_, y};
-}
-
-void fused_step_(const at::Tensor& base, const at::Tensor& out, const at::Tensor& coef,
-                 const std::optional<at::Tensor>& x_t, const std::optional<at::Tensor>& stage,
-                 const at::Tensor& y_out) {
-  const int64_t rows = check_fused_step(base, out, coef, x_t, stage);
-  check_y_out(y_out, base, out);
-  const at::Tensor new_ = base.is_contiguous() ? base : at::empty(base.sizes(), base.options());
-  const at::Tensor y = y_out.is_contiguous() ? y_out : at::empty(base.sizes(), y_out.options());
-  fused_step_into(base, out, coef, x_t, stage, new_, y, rows);
-  if (!new_.is_same(base)) base.copy_(new_);
-  if (!y.is_same(y_out)) y_out.copy_(y);
 }
 
 std::tuple<at::Tensor, at::Tensor> normalize_log_weights(const at::Tensor& log_w) {
@@ -224,8 +202,8 @@ void gather_particles_(const at::Tensor& x, const at::Tensor& idx, const at::Ten
 }  // namespace
 
 TORCH_LIBRARY_IMPL(glass_fast, CUDA, m) {
-  m.impl("fused_step", &fused_step);
-  m.impl("fused_step_", &fused_step_);
+  m.impl("fused_step", &fused_step_out_of_place<fused_step_into>);
+  m.impl("fused_step_", &fused_step_in_place<fused_step_into>);
   m.impl("normalize_log_weights", &normalize_log_weights);
   m.impl("resample_indices", &resample_indices);
   m.impl("gather_particles", &gather_particles);
