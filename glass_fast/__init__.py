@@ -5,7 +5,8 @@ from .plan import rho_ddpm
 from .transitions import glass_transition, ode_transition, plugin_transition, sde_transition
 from .sampling import Sampler, sample, time_grid
 from .mixtures import GaussianMixture
-from .steering import RewardGuidance, SteeringResult, best_of_n, ess, fk_steering, resample, value_estimate
+from .steering import (BestOfN, FKSteering, RewardGuidance, SteeringResult, best_of_n, ess, fk_steering, resample,
+                       value_estimate)
 from . import ops
 
 __version__ = "0.1.0"
@@ -16,6 +17,6 @@ __all__ = [
     "glass_transition", "ode_transition", "sde_transition", "plugin_transition",
     "Sampler", "sample", "time_grid",
     "GaussianMixture",
-    "fk_steering", "best_of_n", "SteeringResult", "resample", "ess", "value_estimate", "RewardGuidance",
+    "fk_steering", "best_of_n", "FKSteering", "BestOfN", "SteeringResult", "resample", "ess", "value_estimate", "RewardGuidance",
     "ops",
 ]

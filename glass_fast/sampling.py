@@ -20,6 +20,20 @@ def time_grid(transitions: int) -> torch.Tensor:
     return torch.linspace(0.0, 1.0, transitions + 1, dtype=torch.float64)
 
 
+def check_sampler_options(method: str, transitions: int, inner_steps: int, solver: str, compile, cuda_graph) -> None:
+    """Validate the options every Sampler takes (raises ValueError naming the argument)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_calls(transitions, "transitions")
+    check_calls(inner_steps, "inner_steps")
+    check_solver(solver)
+    if compile not in (None, False, True) and not isinstance(compile, (str, dict)):
+        raise ValueError(f"compile must be None, a bool, a torch.compile mode string or a dict of torch.compile "
+                         f"arguments, got {compile!r}")
+    if compile and cuda_graph:
+        raise ValueError("choose one of compile= and cuda_graph= (compile='reduce-overhead' also uses CUDA graphs)")
+
+
 class Sampler:
     """Every transition of one sampling run, planned once.
 
@@ -46,16 +60,7 @@ class Sampler:
                  rho=0.4, solver: str = "euler", sigmabar0: float = 1.0, device=None, dtype=torch.float32,
                  grid: torch.Tensor | None = None, compile=None, cuda_graph: bool = False,
                  max_batch: int | None = None):
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        check_calls(transitions, "transitions")
-        check_calls(inner_steps, "inner_steps")
-        check_solver(solver)
-        if compile not in (None, False, True) and not isinstance(compile, (str, dict)):
-            raise ValueError(f"compile must be None, a bool, a torch.compile mode string or a dict of torch.compile "
-                             f"arguments, got {compile!r}")
-        if compile and cuda_graph:
-            raise ValueError("choose one of compile= and cuda_graph= (compile='reduce-overhead' also uses CUDA graphs)")
+        check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph)
         self.model = model if max_batch is None else model.with_max_batch(max_batch)
         self.method = method
         self.compiled = bool(compile)

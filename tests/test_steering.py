@@ -273,3 +273,67 @@ def test_custom_grid_is_used_by_steering_and_best_of_n(mixture):
         assert gf.best_of_n(m, lambda x: x[:, 0], noise, **kw).samples.shape == noise.shape
     torch.testing.assert_close(runs["uniform"], runs["default"])
     assert not torch.allclose(runs["shifted"], runs["default"])
+
+
+# ------------------------------------------------------------------------------------ reusable objects
+@pytest.mark.parametrize("potential", ["diff", "value"])
+def test_fk_steering_object_reused_equals_the_function(mixture, potential):
+    model, fn = _counting_model(mixture)
+    kw = dict(method="glass", transitions=4, inner_steps=4, potential=potential, value_samples=2)
+    steer = gf.FKSteering(model, linear_reward, **kw)
+    for seed in (0, 1, 0):   # the third call repeats the first: no state carried over between calls
+        want = fk_steering(model, linear_reward, _noise(2, 3, seed), generator=torch.Generator().manual_seed(seed),
+                           **kw)
+        calls, net_calls = model.calls, fn.calls
+        got = steer(_noise(2, 3, seed), generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(got.samples, want.samples, rtol=0, atol=0)
+        torch.testing.assert_close(got.log_weights, want.log_weights, rtol=0, atol=0)
+        assert got.nfe == want.nfe and got.reward_calls == want.reward_calls
+        assert model.calls - calls == fn.calls - net_calls > 0   # the user's count advanced by this call's calls
+    assert len(steer._parts) == 1                       # one sampler for this device and dtype, kept
+
+
+def test_best_of_n_object_reused_equals_the_function(mixture):
+    model, _ = _counting_model(mixture)
+    best = gf.BestOfN(model, linear_reward, method="sde", transitions=3, inner_steps=2)
+    for seed in (0, 1):
+        want = best_of_n(model, linear_reward, _noise(2, 4, seed), method="sde", transitions=3, inner_steps=2,
+                         generator=torch.Generator().manual_seed(seed))
+        got = best(_noise(2, 4, seed), generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(got.samples, want.samples, rtol=0, atol=0)
+        assert got.nfe == want.nfe == 6
+    got32 = best(_noise(2, 4).float())                  # another dtype builds its own sampler
+    assert got32.samples.dtype == torch.float32 and len(best._parts) == 2
+
+
+@torch.no_grad()
+def test_reused_objects_compile_once(mixture):
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = mixture.flow_model(SCH, "x0")
+    compile_eager = {"backend": "eager", "fullgraph": True}
+    steer = gf.FKSteering(model, linear_reward, transitions=3, inner_steps=2, compile=compile_eager)
+    best = gf.BestOfN(model, linear_reward, transitions=3, inner_steps=2, compile=compile_eager)
+    for run in (steer, best):
+        run(_noise(2, 3, 0))
+        after_first = counters["stats"]["unique_graphs"]
+        assert after_first > 0
+        res = run(_noise(2, 3, 1))
+        assert counters["stats"]["unique_graphs"] == after_first   # the second batch reuses the compiled code
+        # The network runs inside compiled code (fullgraph: no clock in it): its time is not separable.
+        assert math.isnan(res.timings["model"]) and res.timings["total"] >= res.timings["sampler"] > 0
+
+
+@pytest.mark.parametrize("make,kwargs,err,match", [
+    (gf.FKSteering, dict(transitions=0), ValueError, "transitions"),
+    (gf.FKSteering, dict(potential="best"), ValueError, "potential must be one of"),
+    (gf.FKSteering, dict(compile=True, cuda_graph=True), ValueError, "choose one of compile= and cuda_graph="),
+    (gf.BestOfN, dict(inner_steps=0), ValueError, "inner_steps"),
+    (gf.BestOfN, dict(method="euler"), ValueError, "method must be one of"),
+    (gf.BestOfN, dict(lmbda=1.0), TypeError, "unexpected keyword arguments"),
+])
+def test_reusable_objects_check_settings_when_built(mixture, make, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        make(mixture.flow_model(SCH, "x0"), linear_reward, **kwargs)
+    with pytest.raises(TypeError, match="reward must be callable"):
+        make(mixture.flow_model(SCH, "x0"), 3.0)

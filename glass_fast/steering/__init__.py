@@ -1,11 +1,11 @@
 """Reward alignment (MATH.md section 4): Feynman-Kac steering, best-of-N, reward guidance, value estimates."""
-from .best_of_n import best_of_n
-from .fk import fk_steering
+from .best_of_n import BestOfN, best_of_n
+from .fk import FKSteering, fk_steering
 from .guidance import RewardGuidance
 from .potentials import POTENTIALS
 from .resampling import SCHEMES, ess, gather, resample
 from .result import SteeringResult
 from .value import value_estimate
 
-__all__ = ["fk_steering", "best_of_n", "SteeringResult", "resample", "ess", "gather", "value_estimate",
+__all__ = ["fk_steering", "best_of_n", "FKSteering", "BestOfN", "SteeringResult", "resample", "ess", "gather", "value_estimate",
            "RewardGuidance", "POTENTIALS", "SCHEMES"]

@@ -6,16 +6,83 @@ import math
 import torch
 
 from ..model import FlowModel
-from ..sampling import METHODS, Sampler
+from ..sampling import Sampler, check_sampler_options
 from ..transitions import FiniteGuard
 from .result import Meter, SteeringResult, best_of_groups, check_particles
 
-_SAMPLER_KWARGS = ("transitions", "inner_steps", "rho", "solver", "sigmabar0", "generator", "guidance",
-                   "timings", "progress", "compile", "cuda_graph", "max_batch", "grid")
+_SETTINGS = ("transitions", "inner_steps", "rho", "solver", "sigmabar0", "guidance", "timings", "compile",
+             "cuda_graph", "max_batch", "grid")
+
+
+class BestOfN:
+    """Best-of-N with its settings bound once, reusable across batches (for serving).
+
+    ``BestOfN(model, reward, method=..., **settings)(noise)`` equals ``best_of_n(model, reward, noise, ...)``;
+    the Sampler, with its compiled code or CUDA graphs, is kept across calls (built once per device and
+    dtype, captured once per batch shape). One call at a time per object.
+
+    Args:
+        model: the FlowModel.
+        reward: callable(x [N, ...]) -> Tensor[N], larger is better.
+        method: "glass" | "ode" | "sde" | "plugin".
+        **settings: transitions, inner_steps, rho, solver, sigmabar0, guidance, grid (as in
+            ``glass_fast.sample`` / ``Sampler``); compile, cuda_graph, max_batch (see ``Sampler``); timings
+            (see ``fk_steering``).
+    """
+
+    def __init__(self, model: FlowModel, reward, *, method: str = "glass", **settings):
+        unknown = sorted(set(settings) - set(_SETTINGS))
+        if unknown:
+            raise TypeError(f"best_of_n got unexpected keyword arguments {unknown}; allowed: "
+                            f"{('generator', 'progress') + _SETTINGS}")
+        if not callable(reward):
+            raise TypeError(f"reward must be callable(x [N, ...]) -> Tensor[N], got {type(reward).__name__}")
+        check_sampler_options(method, settings.get("transitions", 5), settings.get("inner_steps", 10),
+                              settings.get("solver", "euler"), settings.get("compile"),
+                              settings.get("cuda_graph", False))
+        self.model, self.reward, self.method = model, reward, method
+        self.guidance = settings.pop("guidance", None)
+        self.timings = settings.pop("timings", None)
+        self.max_batch = settings.pop("max_batch", None)
+        self.sampler_options = settings
+        self._parts: dict = {}
+
+    def _build(self, device: torch.device, dtype: torch.dtype):
+        key = (device, dtype)
+        if key not in self._parts:
+            meter = Meter(self.model, device, self.timings, max_batch=self.max_batch,
+                          captured=bool(self.sampler_options.get("compile") or self.sampler_options.get("cuda_graph")))
+            sampler = Sampler(meter.model, method=self.method, device=device, dtype=dtype, **self.sampler_options)
+            self._parts[key] = (meter, sampler)
+        return self._parts[key]
+
+    def __call__(self, noise: torch.Tensor, *, generator: torch.Generator | None = None,
+                 progress: bool = False) -> SteeringResult:
+        """Sample ``noise`` [B, K, ...] and keep the best of each group (see ``best_of_n``)."""
+        b, k = check_particles(self.model, self.reward, noise, generator)
+        n, rest = b * k, tuple(noise.shape[2:])
+        meter, sampler = self._build(noise.device, noise.dtype)
+        meter.begin()
+        guard = FiniteGuard(noise.device)
+        x = noise.reshape((n,) + rest)
+        steps = range(sampler.transitions)
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc="best_of_n", unit="transition")
+        for i in steps:
+            x = sampler.step(i, x, generator=generator, guard=guard, guidance=self.guidance)
+        guard.raise_if_bad()
+        r = meter.reward(self.reward, x, "in best_of_n")
+        nfe, reward_calls, secs = meter.close(n)
+        samples, rewards = x.reshape(noise.shape), r.reshape(b, k)
+        log_w = torch.full((b, k), -math.log(k), dtype=torch.float64, device=noise.device)
+        return SteeringResult(samples=samples, log_weights=log_w, rewards=rewards,
+                              best=best_of_groups(samples, rewards), nfe=nfe, reward_calls=reward_calls,
+                              timings=secs)
 
 
 def best_of_n(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "glass",
-              **sampler_kwargs) -> SteeringResult:
+              generator: torch.Generator | None = None, progress: bool = False, **settings) -> SteeringResult:
     """Sample B groups of K particles independently and select the highest-reward particle per group.
 
     Args:
@@ -23,9 +90,8 @@ def best_of_n(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "g
         reward: callable(x [N, ...]) -> Tensor[N], larger is better.
         noise: [B, K, ...] initial noise (K = N candidates per group).
         method: "glass" | "ode" | "sde" | "plugin".
-        **sampler_kwargs: transitions, inner_steps, rho, solver, sigmabar0, generator, guidance (as in
-            ``glass_fast.sample``); compile, cuda_graph, max_batch (see ``Sampler``); timings (see
-            ``fk_steering``); progress (tqdm bar).
+        generator: randomness of the sampler. progress: tqdm bar over transitions.
+        **settings: see ``BestOfN`` (keep one of those to reuse compiled code or CUDA graphs across batches).
     Returns:
         SteeringResult: samples [B, K, ...] with equal log_weights (the samples are draws of p, not p_r),
         rewards [B, K], best [B, ...] (the argmax), nfe, reward_calls (1), timings.
@@ -33,32 +99,4 @@ def best_of_n(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "g
     Example:
         >>> res = best_of_n(model, lambda x: x[:, 0], torch.randn(4, 8, 2), method="ode")
     """
-    unknown = sorted(set(sampler_kwargs) - set(_SAMPLER_KWARGS))
-    if unknown:
-        raise TypeError(f"best_of_n got unexpected keyword arguments {unknown}; allowed: {_SAMPLER_KWARGS}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    generator = sampler_kwargs.pop("generator", None)
-    guidance = sampler_kwargs.pop("guidance", None)
-    timings = sampler_kwargs.pop("timings", None)
-    progress = sampler_kwargs.pop("progress", False)
-    b, k = check_particles(model, reward, noise, generator)
-    n, rest = b * k, tuple(noise.shape[2:])
-    meter = Meter(model, noise.device, timings, max_batch=sampler_kwargs.pop("max_batch", None),
-                  graphs=bool(sampler_kwargs.get("cuda_graph", False)))
-    sampler = Sampler(meter.model, method=method, device=noise.device, dtype=noise.dtype, **sampler_kwargs)
-    guard = FiniteGuard(noise.device)
-    x = noise.reshape((n,) + rest)
-    steps = range(sampler.transitions)
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="best_of_n", unit="transition")
-    for i in steps:
-        x = sampler.step(i, x, generator=generator, guard=guard, guidance=guidance)
-    guard.raise_if_bad()
-    r = meter.reward(reward, x, "in best_of_n")
-    nfe, reward_calls, secs = meter.close(n)
-    samples, rewards = x.reshape(noise.shape), r.reshape(b, k)
-    log_w = torch.full((b, k), -math.log(k), dtype=torch.float64, device=noise.device)
-    return SteeringResult(samples=samples, log_weights=log_w, rewards=rewards, best=best_of_groups(samples, rewards),
-                          nfe=nfe, reward_calls=reward_calls, timings=secs)
+    return BestOfN(model, reward, method=method, **settings)(noise, generator=generator, progress=progress)

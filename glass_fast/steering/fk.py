@@ -25,13 +25,163 @@ import warnings
 import torch
 
 from ..model import FlowModel, denoiser_coefficients
-from ..sampling import METHODS, Sampler
+from ..sampling import METHODS, Sampler, check_sampler_options
 from ..transitions import FiniteGuard
 from .guidance import time_window
 from .potentials import PotentialState, check_potential
 from .resampling import AdaptiveResampler, check_scheme, gather, normalize_log_weights
 from .result import Meter, SteeringResult, best_of_groups, check_particles
 from .value import PosteriorValue
+
+
+class FKSteering:
+    """Feynman-Kac steering with its settings bound once, reusable across batches (for serving).
+
+    ``FKSteering(model, reward, **settings)(noise)`` equals ``fk_steering(model, reward, noise, **settings)``.
+    Kept across calls, the proposal's Sampler keeps its compiled code and CUDA graphs (built on the first
+    batch of each shape; the sampler, value estimators and meter are built once per device and dtype), so
+    only the first call pays for capture. One call at a time per object.
+
+    Args:
+        model: the FlowModel.
+        reward: callable(x [N, ...]) -> Tensor[N] on x's device, larger is better.
+        method: proposal "glass" | "sde" | "ode" | "plugin".
+        transitions, inner_steps, rho, solver: the sampler (model calls per particle: transitions * inner_steps).
+        potential: "diff" | "max" | "add" | "immediate" | "value" (see ``glass_fast.steering.potentials``).
+        lmbda: reward temperature, >= 0.
+        resample: "multinomial" | "stratified" | "systematic" | "residual".
+        ess_threshold: in [0, 1]; a group resamples when its ESS < ess_threshold * K (0: never, 1: always).
+        resample_window: (lo, hi): resample only after transitions ending at a time t_{k+1} in [lo, hi], t < 1.
+        resample_every: resample only after every n-th transition (k+1 divisible by n).
+        final_correction: make the weighted particles target p_r for any potential (default).
+        guidance: optional hook (e.g. ``RewardGuidance``) applied after every model call of the proposal.
+        value_samples: posterior draws per particle for potential="value".
+        timings: measure seconds in model / reward / sampler; None: on CPU only (CUDA needs syncs).
+        compile, cuda_graph: run every proposal transition compiled or as a replayed CUDA graph (see
+            ``Sampler``; not with ``guidance``). The reward, potentials and resampling stay eager, and
+            host-sync free, between transitions.
+        max_batch: call the network in chunks of at most this many rows (value draws included).
+        grid: optional increasing float64 Tensor[K+1] of transition times from 0 to 1 (e.g. a pipeline's
+            shifted schedule), replacing the uniform grid of ``transitions`` intervals.
+
+    Example:
+        >>> steer = FKSteering(model, lambda x: x[:, 0], method="glass", cuda_graph=True)
+        >>> results = [steer(torch.randn(4, 8, 2, device="cuda")) for _ in range(3)]  # captured once
+    """
+
+    def __init__(self, model: FlowModel, reward, *, method: str = "glass", transitions: int = 5,
+                 inner_steps: int = 10, rho=0.4, solver: str = "euler", potential: str = "diff",
+                 lmbda: float = 1.0, resample: str = "systematic", ess_threshold: float = 0.5,
+                 resample_window=(0.0, 1.0), resample_every: int = 1, final_correction: bool = True,
+                 guidance=None, value_samples: int = 4, timings: bool | None = None, compile=None,
+                 cuda_graph: bool = False, max_batch: int | None = None, grid: torch.Tensor | None = None):
+        if not callable(reward):
+            raise TypeError(f"reward must be callable(x [N, ...]) -> Tensor[N], got {type(reward).__name__}")
+        self.window = _check_options(method, potential, lmbda, resample, ess_threshold, resample_window,
+                                     resample_every, value_samples, guidance)
+        check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph)
+        self.model, self.reward = model, reward
+        self.sampler_options = dict(method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
+                                    solver=solver, compile=compile, cuda_graph=cuda_graph, grid=grid)
+        self.potential, self.lmbda, self.final_correction = potential, float(lmbda), final_correction
+        self.resample, self.ess_threshold, self.resample_every = resample, float(ess_threshold), resample_every
+        self.guidance, self.value_samples, self.timings, self.max_batch = guidance, value_samples, timings, max_batch
+        self._parts: dict = {}
+
+    def _build(self, device: torch.device, dtype: torch.dtype):
+        """(meter, sampler, resampling-due flags, value estimators) for particles of this device and dtype."""
+        key = (device, dtype)
+        if key not in self._parts:
+            o = self.sampler_options
+            meter = Meter(self.model, device, self.timings, max_batch=self.max_batch,
+                          captured=bool(o["compile"] or o["cuda_graph"]))
+            sampler = Sampler(meter.model, device=device, dtype=dtype, **o)
+            grid, steps = sampler.grid, sampler.transitions
+            lo, hi = self.window
+            due = [0 < k + 1 < steps and lo <= float(grid[k + 1]) <= hi and (k + 1) % self.resample_every == 0
+                   for k in range(steps)]
+            values = ({k: PosteriorValue(meter.model, float(grid[k]), samples=self.value_samples,
+                                         inner_steps=o["inner_steps"], rho=o["rho"], solver=o["solver"],
+                                         device=device, dtype=dtype) for k in range(1, steps)}
+                      if self.potential == "value" else {})
+            self._parts[key] = (meter, sampler, due, values)
+        return self._parts[key]
+
+    def __call__(self, noise: torch.Tensor, *, generator: torch.Generator | None = None,
+                 progress: bool = False) -> SteeringResult:
+        """Steer B groups of K particles from ``noise`` [B, K, ...] (draws of N(0, I)).
+
+        Args:
+            noise: [B, K, ...] initial particles. generator: randomness of the proposal and of the
+            resampling. progress: show a tqdm bar over transitions.
+        Returns:
+            SteeringResult (see ``fk_steering``).
+        """
+        b, k_part = check_particles(self.model, self.reward, noise, generator)
+        n, rest, dev = b * k_part, tuple(noise.shape[2:]), noise.device
+        meter, sampler, due, values = self._build(dev, noise.dtype)
+        meter.begin()
+        m, grid, steps, guidance, lmbda = meter.model, sampler.grid, sampler.transitions, self.guidance, self.lmbda
+        resampler = (AdaptiveResampler(b, k_part, self.resample, self.ess_threshold, dev)
+                     if self.ess_threshold > 0 else None)
+        guard = FiniteGuard(dev)
+
+        def score(z):  # lmbda r(z) in float64, shape [M]
+            return lmbda * meter.reward(self.reward, z, "in fk_steering").to(torch.float64)
+
+        def grouped(t):
+            return t.reshape((b, k_part) + tuple(t.shape[1:]))
+
+        # Grid times on the device, copied once here: a Python float would be copied host-to-device per call.
+        times = torch.as_tensor(grid, dtype=torch.float64).to(dev).unbind(0)
+        x = noise.reshape((n,) + rest)
+        d = m.denoise(x, times[0])
+        guard.check(d, f"the denoiser at t={float(grid[0]):.4f}")
+        # At t_0 the value is the same constant for every particle when alpha_0 = 0 (the posterior is the
+        # prior), so 0 is used; with alpha_0 > 0 the final correction removes the difference.
+        score0 = torch.zeros(n, dtype=torch.float64, device=dev) if self.potential == "value" else score(d)
+        state = PotentialState(self.potential, grouped(score0), self.final_correction)
+        log_w = torch.full((b, k_part), -math.log(k_part), dtype=torch.float64, device=dev)
+        dead_at = torch.full((b,), -1, dtype=torch.int64, device=dev)
+        r_final = None
+        for k in _progress(range(steps), progress):
+            x = sampler.step(k, x, generator=generator, denoised=_guided(guidance, m, x, d, grid[k]), guard=guard,
+                             guidance=guidance)
+            if k + 1 < steps:
+                t_next = float(grid[k + 1])
+                d = m.denoise(x, times[k + 1])
+                guard.check(d, f"the denoiser at t={t_next:.4f}")
+                if values:
+                    calls = m.calls
+                    s = values[k + 1](x, score, denoised=d, generator=generator, guard=guard)
+                    meter.extra += (m.calls - calls) * (self.value_samples - 1)  # value_samples rows per particle
+                else:
+                    s = score(d)
+                log_g = state.step(grouped(s))
+            else:
+                r_final = meter.reward(self.reward, x, "in fk_steering at t = 1")
+                log_g = state.final(grouped(lmbda * r_final.to(torch.float64)))
+            log_w = log_w + log_g
+            log_w = torch.where(torch.isnan(log_w), torch.full_like(log_w, -math.inf), log_w)
+            dead = torch.isneginf(log_w).all(dim=-1)
+            dead_at = torch.where(dead & (dead_at < 0), torch.full_like(dead_at, k), dead_at)
+            if resampler is not None and due[k]:
+                idx, log_w = resampler(log_w, generator)
+                x = gather(grouped(x), idx).reshape((n,) + rest)
+                d = gather(grouped(d), idx).reshape((n,) + rest)
+                state.gather(idx, gather)
+        guard.raise_if_bad()
+        _raise_dead(dead_at, grid)
+        bad = int(state.bad)
+        if bad:
+            warnings.warn(f"fk_steering: the reward was NaN or Inf for {bad} particle evaluations; those particles "
+                          f"were given zero weight", UserWarning, stacklevel=2)
+        lw, _ = normalize_log_weights(log_w)
+        nfe, reward_calls, secs = meter.close(n)
+        samples, rewards = grouped(x), grouped(r_final)
+        return SteeringResult(samples=samples, log_weights=lw, rewards=rewards,
+                              best=best_of_groups(samples, rewards), nfe=nfe, reward_calls=reward_calls,
+                              timings=secs)
 
 
 def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "glass", transitions: int = 5,
@@ -44,29 +194,11 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
     """Steer B groups of K particles towards p_r(z) proportional to p(z) exp(lmbda r(z)).
 
     Args:
-        model: the FlowModel.
-        reward: callable(x [N, ...]) -> Tensor[N] on x's device, larger is better.
+        model, reward, and the settings: see ``FKSteering`` (keep one of those to reuse compiled code or
+            CUDA graphs across batches).
         noise: [B, K, ...] initial particles drawn from N(0, I).
-        method: proposal "glass" | "sde" | "ode" | "plugin".
-        transitions, inner_steps, rho, solver: the sampler (model calls per particle: transitions * inner_steps).
-        potential: "diff" | "max" | "add" | "immediate" | "value" (see ``glass_fast.steering.potentials``).
-        lmbda: reward temperature, >= 0.
-        resample: "multinomial" | "stratified" | "systematic" | "residual".
-        ess_threshold: in [0, 1]; a group resamples when its ESS < ess_threshold * K (0: never, 1: always).
-        resample_window: (lo, hi): resample only after transitions ending at a time t_{k+1} in [lo, hi], t < 1.
-        resample_every: resample only after every n-th transition (k+1 divisible by n).
-        final_correction: make the weighted particles target p_r for any potential (default).
-        guidance: optional hook (e.g. ``RewardGuidance``) applied after every model call of the proposal.
         generator: randomness of the proposal and of the resampling.
         progress: show a tqdm bar over transitions.
-        value_samples: posterior draws per particle for potential="value".
-        timings: measure seconds in model / reward / sampler; None: on CPU only (CUDA needs syncs).
-        compile, cuda_graph: run every proposal transition compiled or as a replayed CUDA graph (see
-            ``Sampler``; not with ``guidance``). The reward, potentials and resampling stay eager, and
-            host-sync free, between transitions.
-        max_batch: call the network in chunks of at most this many rows (value draws included).
-        grid: optional increasing float64 Tensor[K+1] of transition times from 0 to 1 (e.g. a pipeline's
-            shifted schedule), replacing the uniform grid of ``transitions`` intervals.
     Returns:
         SteeringResult with samples [B, K, ...], per-group normalised log_weights [B, K] (the weighted
         system targets p_r), rewards [B, K], best [B, ...], nfe, reward_calls, timings. The particles are
@@ -81,78 +213,12 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
         >>> res = fk_steering(model, lambda x: x[:, 0], torch.randn(4, 8, 2), method="glass")
         >>> res.best.shape, res.nfe   # (torch.Size([4, 2]), 50.0)
     """
-    b, k_part = check_particles(model, reward, noise, generator)
-    lo, hi = _check_options(method, potential, lmbda, resample, ess_threshold, resample_window, resample_every,
-                            value_samples, guidance)
-    n, rest, dev = b * k_part, tuple(noise.shape[2:]), noise.device
-    meter = Meter(model, dev, timings, max_batch=max_batch, graphs=cuda_graph)
-    m = meter.model
-    sampler = Sampler(m, method=method, transitions=transitions, inner_steps=inner_steps, rho=rho, solver=solver,
-                      device=dev, dtype=noise.dtype, compile=compile, cuda_graph=cuda_graph, grid=grid)
-    grid, steps = sampler.grid, sampler.transitions
-    due = [0 < k + 1 < steps and lo <= float(grid[k + 1]) <= hi and (k + 1) % resample_every == 0
-           for k in range(steps)]
-    resampler = AdaptiveResampler(b, k_part, resample, float(ess_threshold), dev) if ess_threshold > 0 else None
-    values = ({k: PosteriorValue(m, float(grid[k]), samples=value_samples, inner_steps=inner_steps, rho=rho,
-                                 solver=solver, device=dev, dtype=noise.dtype) for k in range(1, steps)}
-              if potential == "value" else {})
-    guard = FiniteGuard(dev)
-
-    def score(z):  # lmbda r(z) in float64, shape [M]
-        return lmbda * meter.reward(reward, z, "in fk_steering").to(torch.float64)
-
-    def grouped(t):
-        return t.reshape((b, k_part) + tuple(t.shape[1:]))
-
-    # Grid times on the device, copied once here: a Python float would be copied host-to-device per call.
-    times = torch.as_tensor(grid, dtype=torch.float64).to(dev).unbind(0)
-    x = noise.reshape((n,) + rest)
-    d = m.denoise(x, times[0])
-    guard.check(d, f"the denoiser at t={float(grid[0]):.4f}")
-    # At t_0 the value is the same constant for every particle when alpha_0 = 0 (the posterior is the prior),
-    # so 0 is used; with alpha_0 > 0 the final correction removes the difference.
-    score0 = torch.zeros(n, dtype=torch.float64, device=dev) if potential == "value" else score(d)
-    state = PotentialState(potential, grouped(score0), final_correction)
-    log_w = torch.full((b, k_part), -math.log(k_part), dtype=torch.float64, device=dev)
-    dead_at = torch.full((b,), -1, dtype=torch.int64, device=dev)
-    r_final = None
-    for k in _progress(range(steps), progress):
-        x = sampler.step(k, x, generator=generator, denoised=_guided(guidance, m, x, d, grid[k]), guard=guard,
-                         guidance=guidance)
-        if k + 1 < steps:
-            t_next = float(grid[k + 1])
-            d = m.denoise(x, times[k + 1])
-            guard.check(d, f"the denoiser at t={t_next:.4f}")
-            if values:
-                calls = m.calls
-                s = values[k + 1](x, score, denoised=d, generator=generator, guard=guard)
-                meter.extra += (m.calls - calls) * (value_samples - 1)   # each call saw value_samples rows per particle
-            else:
-                s = score(d)
-            log_g = state.step(grouped(s))
-        else:
-            r_final = meter.reward(reward, x, "in fk_steering at t = 1")
-            log_g = state.final(grouped(lmbda * r_final.to(torch.float64)))
-        log_w = log_w + log_g
-        log_w = torch.where(torch.isnan(log_w), torch.full_like(log_w, -math.inf), log_w)
-        dead = torch.isneginf(log_w).all(dim=-1)
-        dead_at = torch.where(dead & (dead_at < 0), torch.full_like(dead_at, k), dead_at)
-        if resampler is not None and due[k]:
-            idx, log_w = resampler(log_w, generator)
-            x = gather(grouped(x), idx).reshape((n,) + rest)
-            d = gather(grouped(d), idx).reshape((n,) + rest)
-            state.gather(idx, gather)
-    guard.raise_if_bad()
-    _raise_dead(dead_at, grid)
-    bad = int(state.bad)
-    if bad:
-        warnings.warn(f"fk_steering: the reward was NaN or Inf for {bad} particle evaluations; those particles "
-                      f"were given zero weight", UserWarning, stacklevel=2)
-    lw, _ = normalize_log_weights(log_w)
-    nfe, reward_calls, secs = meter.close(n)
-    samples, rewards = grouped(x), grouped(r_final)
-    return SteeringResult(samples=samples, log_weights=lw, rewards=rewards, best=best_of_groups(samples, rewards),
-                          nfe=nfe, reward_calls=reward_calls, timings=secs)
+    steer = FKSteering(model, reward, method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
+                       solver=solver, potential=potential, lmbda=lmbda, resample=resample,
+                       ess_threshold=ess_threshold, resample_window=resample_window, resample_every=resample_every,
+                       final_correction=final_correction, guidance=guidance, value_samples=value_samples,
+                       timings=timings, compile=compile, cuda_graph=cuda_graph, max_batch=max_batch, grid=grid)
+    return steer(noise, generator=generator, progress=progress)
 
 
 def _guided(guidance, model: FlowModel, x: torch.Tensor, d: torch.Tensor, t) -> torch.Tensor:

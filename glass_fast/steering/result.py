@@ -60,7 +60,7 @@ class SteeringResult:
 
 
 class Meter:
-    """Counts and times the model and the reward for one steering run.
+    """Counts and times the model and the reward of steering runs, one run at a time (``begin`` .. ``close``).
 
     The network runs through a twin ``FlowModel`` (same function, schedule, parameterization, dtype, time
     range, optionally another ``max_batch``) whose function is wrapped by a timer; the twin's ``calls``
@@ -71,20 +71,19 @@ class Meter:
     Timing: on CPU the wall clock around each call is exact without any synchronisation. On CUDA a
     call returns before the GPU finishes, so honest per-part seconds need a ``torch.cuda.synchronize``
     around every call; that is done only when asked (``timings=True``), since it stalls the pipeline.
-    Unmeasured parts are NaN. Inside replayed CUDA graphs the network is not called from Python: its
-    time is then part of "sampler".
+    Unmeasured parts are NaN. Inside compiled code or replayed CUDA graphs (``captured``) the network is
+    not timed on its own: "model" is NaN and its time is part of "sampler".
     """
 
     def __init__(self, model: FlowModel, device: torch.device, timings: bool | None, *,
-                 max_batch: int | None = None, graphs: bool = False):
+                 max_batch: int | None = None, captured: bool = False):
         self.user = model
         self.measure = (device.type == "cpu") if timings is None else bool(timings)
         self.sync = self.measure and device.type == "cuda"
         self.device = device
-        self.extra = 0
-        self.reward_rows = 0
-        self.model_s = self.reward_s = 0.0
-        meter, time_model = self, self.measure and not graphs   # no synchronisation inside a capture
+        # Compiled or captured transitions trace the network: no clock or synchronisation may run inside.
+        meter = self
+        time_model = self.time_model = self.measure and not captured
 
         def metered(x, t):
             if not time_model:
@@ -98,6 +97,14 @@ class Meter:
         self.model = FlowModel(metered, model.schedule, model.prediction, dtype=model.dtype,
                                time_range=model.time_range,
                                max_batch=max_batch if max_batch is not None else getattr(model, "max_batch", None))
+        self.begin()
+
+    def begin(self) -> None:
+        """Start a run: zero the counters and the clock (a Meter serves one run at a time, any number in turn)."""
+        self.model.calls = 0
+        self.extra = 0
+        self.reward_rows = 0
+        self.model_s = self.reward_s = 0.0
         self._start = self._now()
 
     def _now(self) -> float:
@@ -119,7 +126,8 @@ class Meter:
         total = self._now() - self._start if self.measure else math.nan
         self.user.calls += self.model.calls
         if self.measure:
-            timings = {"model": self.model_s, "reward": self.reward_s,
+            model_s = self.model_s if self.time_model else math.nan
+            timings = {"model": model_s, "reward": self.reward_s,
                        "sampler": max(total - self.model_s - self.reward_s, 0.0), "total": total}
         else:
             timings = {"model": math.nan, "reward": math.nan, "sampler": math.nan, "total": math.nan}
