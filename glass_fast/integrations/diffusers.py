@@ -13,7 +13,6 @@ runs in its own dtype. Prompts are encoded once and shared by all rows (images, 
 """
 from __future__ import annotations
 
-import inspect
 
 import torch
 
@@ -244,9 +243,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     Returns:
         (images of the P highest-reward particles, SteeringResult with latent samples [P, K, *state_shape]).
 
-    The transition grid is the pipeline's sigma schedule where ``fk_steering`` accepts a ``grid``; otherwise
-    glass_fast's uniform grid on [0, 1] (every grid gives exact GLASS transitions; only the step placement
-    differs).
+    The transition grid is the pipeline's (shifted) sigma schedule unless ``steering_options`` names a
+    ``grid`` (every grid gives exact GLASS transitions; only the step placement differs).
     """
     from ..steering import fk_steering
     _check_output(output_type)
@@ -267,8 +265,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     flat = None if latents is None else latents.reshape((p * particles,) + tuple(latents.shape[2:]))
     noise = _start(flow, flat, p * particles, height, width, generator).reshape((p, particles) + shape)
     scorer = LatentReward(flow, reward, cond.prompts, p, particles, height, width, max_batch)
-    if "grid" in inspect.signature(fk_steering).parameters and "grid" not in steering_options:
-        steering_options["grid"] = flow.time_grid(transitions, height, width)
+    steering_options.setdefault("grid", flow.time_grid(transitions, height, width))
     with torch.no_grad():
         result = fk_steering(model, scorer, noise, method=method, transitions=transitions, inner_steps=inner_steps,
                              rho=rho, solver=solver, potential=potential, lmbda=lmbda, resample=resample,
