@@ -155,7 +155,7 @@ setup(
     include_package_data=False,
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "matplotlib"],
     extras_require={
-        "diffusers": ["diffusers>=0.30"],
+        "diffusers": ["diffusers>=0.30", "transformers>=4.40"],  # the pipeline classes import transformers
         "dev": ["pytest", "pytest-benchmark", "scipy", "ninja", "scikit-learn"],
     },
     entry_points={"console_scripts": ["glass-fast = glass_fast.cli:main"]},
