@@ -239,6 +239,41 @@ def test_flux_ode_reproduces_the_pipeline_itself(flux):
     torch.testing.assert_close(img_ours, img_theirs, atol=1e-5, rtol=0)
 
 
+def test_joint_attention_kwargs_reach_every_transformer_call_as_in_the_pipeline(flux):
+    pytest.importorskip("transformers")
+    from diffusers import FluxPipeline
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    class ScaledAttention(FluxAttnProcessor):
+        """The default attention with its output scaled by a joint_attention_kwargs entry."""
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     image_rotary_emb=None, out_scale=1.0):
+            out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            return tuple(o * out_scale for o in out) if isinstance(out, tuple) else out * out_scale
+
+    pipe = FluxPipeline(scheduler=flux.scheduler, vae=flux.vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=flux.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    emb = _embeds(1, DIM, seed=11)
+    lat = gd.as_flow(pipe).noise(1, SIZE, SIZE, torch.Generator().manual_seed(12))
+    default = flux.transformer.attn_processors
+    flux.transformer.set_attn_processor(ScaledAttention())
+    try:
+        kw = dict(height=SIZE, width=SIZE, output_type="latent", **emb)
+        theirs = pipe(num_inference_steps=3, latents=lat.clone(), joint_attention_kwargs={"out_scale": 0.3},
+                      **kw).images
+        ours = gd.sample(pipe, method="ode", transitions=3, inner_steps=1, latents=lat,
+                         joint_attention_kwargs={"out_scale": 0.3}, **kw)
+        unscaled = gd.sample(pipe, method="ode", transitions=3, inner_steps=1, latents=lat, **kw)
+        with pytest.raises(TypeError, match="joint_attention_kwargs must be a dict or None"):
+            gd.sample(pipe, joint_attention_kwargs=[("out_scale", 0.3)], **kw)
+    finally:
+        flux.transformer.set_attn_processor(default)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    assert (ours - unscaled).abs().max() > 100 * ATOL     # the argument changed the field
+
+
 def test_sd3_ode_with_cfg_reproduces_the_pipeline_itself(sd3):
     pytest.importorskip("transformers")
     from diffusers import StableDiffusion3Pipeline

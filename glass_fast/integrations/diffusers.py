@@ -116,9 +116,11 @@ def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_promp
 
 
 def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, width, guidance_scale,
-           true_cfg_scale, max_batch):
+           true_cfg_scale, max_batch, attention_kwargs):
     """(adapter, conditioning, FlowModel, height, width), shared by sample and steer."""
     flow = as_flow(pipe)
+    if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
+        raise TypeError(f"joint_attention_kwargs must be a dict or None, got {type(attention_kwargs).__name__}")
     if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
         raise ValueError(f"{per_name} must be an integer >= 1, got {per_prompt!r}")
     if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
@@ -137,7 +139,8 @@ def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, w
         distilled = None
     cond = encode(flow, prompt, cfg=cfg, **embeds)
     model = flow.flow_model(cond, per_prompt, height, width, guidance_scale=distilled,
-                            cfg_scale=cfg_scale if cfg else 1.0, max_batch=max_batch)
+                            cfg_scale=cfg_scale if cfg else 1.0, max_batch=max_batch,
+                            attention_kwargs=attention_kwargs)
     return flow, cond, model, height, width
 
 
@@ -174,7 +177,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
            guidance_scale: float | None = None, true_cfg_scale: float = 1.0, num_images_per_prompt: int = 1,
            height: int | None = None, width: int | None = None, grid: torch.Tensor | None = None,
            latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
-           max_batch: int | None = None, output_type: str = "pt", max_sequence_length: int = 512):
+           max_batch: int | None = None, output_type: str = "pt", max_sequence_length: int = 512,
+           joint_attention_kwargs: dict | None = None):
     """Generate images from a FLUX or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
 
     Args:
@@ -197,6 +201,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
         generator: randomness for the starting noise and the stochastic transitions.
         max_batch: most rows per transformer or VAE call (guided rows count twice).
         output_type: "pt" ([N, 3, H, W] in [0, 1]), "np", "pil" or "latent" (final states).
+        joint_attention_kwargs: given to every transformer call as the pipelines do (e.g. {"scale": s} for
+            loaded LoRA weights, or a custom attention processor's arguments).
     Returns:
         The images (or latents) of the P * num_images_per_prompt rows.
     """
@@ -206,7 +212,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
                   negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                   max_sequence_length=max_sequence_length)
     flow, cond, model, height, width = _setup(pipe, prompt, embeds, num_images_per_prompt, "num_images_per_prompt",
-                                              height, width, guidance_scale, true_cfg_scale, max_batch)
+                                              height, width, guidance_scale, true_cfg_scale, max_batch,
+                                              joint_attention_kwargs)
     x = _start(flow, latents, cond.num_prompts * num_images_per_prompt, height, width, generator)
     check_state(model, x, generator)
     grid = flow.time_grid(transitions, height, width) if grid is None else grid
@@ -224,7 +231,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
           guidance_scale: float | None = None, true_cfg_scale: float = 1.0, height: int | None = None,
           width: int | None = None, latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
           max_batch: int | None = None, output_type: str = "pt", progress: bool = False,
-          max_sequence_length: int = 512, **steering_options):
+          max_sequence_length: int = 512, joint_attention_kwargs: dict | None = None, **steering_options):
     """Feynman-Kac steering of a FLUX or SD3 pipeline towards p(image | prompt) exp(lmbda reward(image)).
 
     Each of the P prompts gets a group of ``particles`` particles. After every transition the x0-prediction
@@ -232,7 +239,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     particles are reweighted and resampled within their group (``glass_fast.fk_steering``).
 
     Args:
-        pipe, prompt, prompt_embeds, ..., max_sequence_length: as in ``sample``.
+        pipe, prompt, prompt_embeds, ..., max_sequence_length, joint_attention_kwargs: as in ``sample``.
         reward: an ``ImageReward``: reward(images [N, 3, H, W] in [0, 1], prompts list of N) -> Tensor[N].
         particles: K particles per prompt.
         method, transitions, inner_steps, rho, solver: the proposal (see ``sample``).
@@ -255,7 +262,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
                   negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                   max_sequence_length=max_sequence_length)
     flow, cond, model, height, width = _setup(pipe, prompt, embeds, particles, "particles", height, width,
-                                              guidance_scale, true_cfg_scale, max_batch)
+                                              guidance_scale, true_cfg_scale, max_batch, joint_attention_kwargs)
     p, shape = cond.num_prompts, flow.state_shape(height, width)
     if latents is not None and (not isinstance(latents, torch.Tensor) or latents.dim() < 2
                                 or tuple(latents.shape[:2]) != (p, particles)):

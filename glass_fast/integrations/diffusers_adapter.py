@@ -189,7 +189,8 @@ class DiffusersFlow:
 
     # -- the network ----------------------------------------------------------------------------------------
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
-                height: int, width: int, guidance_scale: float | None = None) -> torch.Tensor:
+                height: int, width: int, guidance_scale: float | None = None,
+                attention_kwargs: dict | None = None) -> torch.Tensor:
         """One transformer call, diffusers' convention: v = eps - z at noise level ``sigma``.
 
         Args:
@@ -197,10 +198,13 @@ class DiffusersFlow:
             sigma: [N] noise levels in [0, 1].
             embeds, pooled: [N, S, D] and [N, Dp] conditioning rows.
             guidance_scale: FLUX's distilled guidance value (ignored by models without a guidance embedding).
+            attention_kwargs: the transformer's ``joint_attention_kwargs`` (e.g. {"scale": lora_scale}).
         Returns:
             [N, *state_shape] raw transformer output.
         """
         tr = self.transformer
+        # A fresh dict per call: the transformers pop entries (ip_adapter_image_embeds) from the one they get.
+        extra = None if attention_kwargs is None else dict(attention_kwargs)
         if self.kind == "flux":
             h, w = self.latent_hw(height, width)
             img_ids = _flux_image_ids(h // 2, w // 2, x.device, x.dtype)
@@ -210,14 +214,15 @@ class DiffusersFlow:
                 g = 3.5 if guidance_scale is None else float(guidance_scale)
                 guidance = torch.full((x.shape[0],), g, device=x.device, dtype=torch.float32)
             return tr(hidden_states=x, timestep=sigma.to(x.dtype), guidance=guidance, pooled_projections=pooled,
-                      encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+                      encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids, joint_attention_kwargs=extra,
+                      return_dict=False)[0]
         timestep = sigma.to(torch.float32) * self.scheduler_config.get("num_train_timesteps", 1000)
         return tr(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled,
-                  return_dict=False)[0]
+                  joint_attention_kwargs=extra, return_dict=False)[0]
 
     def flow_model(self, cond: Conditioning, per_prompt: int, height: int, width: int, *,
                    guidance_scale: float | None = None, cfg_scale: float = 1.0,
-                   max_batch: int | None = None) -> FlowModel:
+                   max_batch: int | None = None, attention_kwargs: dict | None = None) -> FlowModel:
         """The glass_fast FlowModel of this transformer under ``cond``.
 
         Rows are prompt-major: row r belongs to prompt r // per_prompt, so the model expects P * per_prompt
@@ -233,6 +238,7 @@ class DiffusersFlow:
             guidance_scale: FLUX's distilled guidance embedding value.
             cfg_scale: classifier-free guidance weight (SD3's guidance_scale, FLUX's true_cfg_scale).
             max_batch: most rows per transformer call (guided rows count twice); None = all at once.
+            attention_kwargs: the transformer's ``joint_attention_kwargs``, given to every call as they are.
         Returns:
             FlowModel(prediction="velocity", LinearSchedule()) running in the transformer's dtype.
         """
@@ -255,12 +261,12 @@ class DiffusersFlow:
                     both = self.predict(torch.cat([xc, xc]), torch.cat([sc, sc]),
                                         torch.cat([cond.negative_embeds[idx], cond.prompt_embeds[idx]]),
                                         torch.cat([cond.negative_pooled[idx], cond.pooled[idx]]),
-                                        height, width, guidance_scale).float()
+                                        height, width, guidance_scale, attention_kwargs).float()
                     unc, con = both.chunk(2)
                     v = unc + cfg_scale * (con - unc)
                 else:
                     v = self.predict(xc, sc, cond.prompt_embeds[idx], cond.pooled[idx], height, width,
-                                     guidance_scale)
+                                     guidance_scale, attention_kwargs)
                 outs.append((-v).to(x.dtype))  # u = dx/dt = z - eps = -v
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
