@@ -6,9 +6,9 @@ import math
 import torch
 
 from ..model import FlowModel
-from ..sampling import Sampler, check_sampler_options
+from ..sampling import check_sampler_options
 from ..transitions import FiniteGuard
-from .result import Meter, SteeringResult, best_of_groups, check_particles
+from .result import SteeringResult, best_of_groups, check_particles, metered_sampler, progress_bar
 
 _SETTINGS = ("transitions", "inner_steps", "rho", "solver", "sigmabar0", "guidance", "timings", "compile",
              "cuda_graph", "max_batch", "grid")
@@ -33,8 +33,7 @@ class BestOfN:
     def __init__(self, model: FlowModel, reward, *, method: str = "glass", **settings):
         unknown = sorted(set(settings) - set(_SETTINGS))
         if unknown:
-            raise TypeError(f"best_of_n got unexpected keyword arguments {unknown}; allowed: "
-                            f"{('generator', 'progress') + _SETTINGS}")
+            raise TypeError(f"best_of_n got unexpected keyword arguments {unknown}; allowed settings: {_SETTINGS}")
         if not callable(reward):
             raise TypeError(f"reward must be callable(x [N, ...]) -> Tensor[N], got {type(reward).__name__}")
         check_sampler_options(method, settings.get("transitions", 5), settings.get("inner_steps", 10),
@@ -48,12 +47,11 @@ class BestOfN:
         self._parts: dict = {}
 
     def _build(self, device: torch.device, dtype: torch.dtype):
+        """(meter, sampler) for particles of this device and dtype."""
         key = (device, dtype)
         if key not in self._parts:
-            meter = Meter(self.model, device, self.timings, max_batch=self.max_batch,
-                          captured=bool(self.sampler_options.get("compile") or self.sampler_options.get("cuda_graph")))
-            sampler = Sampler(meter.model, method=self.method, device=device, dtype=dtype, **self.sampler_options)
-            self._parts[key] = (meter, sampler)
+            self._parts[key] = metered_sampler(self.model, device, dtype, timings=self.timings,
+                                               max_batch=self.max_batch, method=self.method, **self.sampler_options)
         return self._parts[key]
 
     def __call__(self, noise: torch.Tensor, *, generator: torch.Generator | None = None,
@@ -65,11 +63,7 @@ class BestOfN:
         meter.begin()
         guard = FiniteGuard(noise.device)
         x = noise.reshape((n,) + rest)
-        steps = range(sampler.transitions)
-        if progress:
-            from tqdm.auto import tqdm
-            steps = tqdm(steps, desc="best_of_n", unit="transition")
-        for i in steps:
+        for i in progress_bar(range(sampler.transitions), progress, "best_of_n"):
             x = sampler.step(i, x, generator=generator, guard=guard, guidance=self.guidance)
         guard.raise_if_bad()
         r = meter.reward(self.reward, x, "in best_of_n")

@@ -25,12 +25,12 @@ import warnings
 import torch
 
 from ..model import FlowModel, denoiser_coefficients
-from ..sampling import METHODS, Sampler, check_sampler_options
+from ..sampling import METHODS, check_sampler_options
 from ..transitions import FiniteGuard
 from .guidance import time_window
 from .potentials import PotentialState, check_potential
 from .resampling import AdaptiveResampler, check_scheme, gather, normalize_log_weights
-from .result import Meter, SteeringResult, best_of_groups, check_particles
+from .result import SteeringResult, best_of_groups, check_particles, metered_sampler, progress_bar
 from .value import PosteriorValue
 
 
@@ -93,9 +93,8 @@ class FKSteering:
         key = (device, dtype)
         if key not in self._parts:
             o = self.sampler_options
-            meter = Meter(self.model, device, self.timings, max_batch=self.max_batch,
-                          captured=bool(o["compile"] or o["cuda_graph"]))
-            sampler = Sampler(meter.model, device=device, dtype=dtype, **o)
+            meter, sampler = metered_sampler(self.model, device, dtype, timings=self.timings,
+                                             max_batch=self.max_batch, **o)
             grid, steps = sampler.grid, sampler.transitions
             lo, hi = self.window
             due = [0 < k + 1 < steps and lo <= float(grid[k + 1]) <= hi and (k + 1) % self.resample_every == 0
@@ -144,7 +143,7 @@ class FKSteering:
         log_w = torch.full((b, k_part), -math.log(k_part), dtype=torch.float64, device=dev)
         dead_at = torch.full((b,), -1, dtype=torch.int64, device=dev)
         r_final = None
-        for k in _progress(range(steps), progress):
+        for k in progress_bar(range(steps), progress, "fk_steering"):
             x = sampler.step(k, x, generator=generator, denoised=_guided(guidance, m, x, d, grid[k]), guard=guard,
                              guidance=guidance)
             if k + 1 < steps:
@@ -246,13 +245,6 @@ def _raise_dead(dead_at: torch.Tensor, grid: torch.Tensor) -> None:
         raise RuntimeError(f"fk_steering: every particle of group {g} has zero weight after transition {k} "
                            f"(t={float(grid[k]):.4f} -> {float(grid[k + 1]):.4f}){more}: the reward was NaN or "
                            f"Inf for all of them")
-
-
-def _progress(it, on: bool):
-    if not on:
-        return it
-    from tqdm.auto import tqdm
-    return tqdm(it, desc="fk_steering", unit="transition")
 
 
 def _check_options(method, potential, lmbda, resample, ess_threshold, window, every, value_samples, guidance):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import FlowModel
+from ..sampling import Sampler
 
 
 @dataclass
@@ -132,6 +133,22 @@ class Meter:
         else:
             timings = {"model": math.nan, "reward": math.nan, "sampler": math.nan, "total": math.nan}
         return float(self.model.calls + self.extra), self.reward_rows / particles, timings
+
+
+def metered_sampler(model: FlowModel, device: torch.device, dtype: torch.dtype, *, timings: bool | None,
+                    max_batch: int | None, **sampler_options) -> tuple[Meter, Sampler]:
+    """A Meter for steering runs on ``device`` and the Sampler that calls the network through it."""
+    captured = bool(sampler_options.get("compile") or sampler_options.get("cuda_graph"))
+    meter = Meter(model, device, timings, max_batch=max_batch, captured=captured)
+    return meter, Sampler(meter.model, device=device, dtype=dtype, **sampler_options)
+
+
+def progress_bar(steps, on: bool, desc: str):
+    """``steps`` wrapped in a tqdm bar over transitions when ``on``."""
+    if not on:
+        return steps
+    from tqdm.auto import tqdm
+    return tqdm(steps, desc=desc, unit="transition")
 
 
 def check_reward(r, x: torch.Tensor, what: str) -> torch.Tensor:
