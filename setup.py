@@ -10,7 +10,8 @@ Environment variables read here:
     GLASS_FAST_NO_CUDA=1    build only the CPU parts even where CUDA is available.
     GLASS_FAST_NO_AVX2=1    build the CPU kernels without AVX2 even where the build host has it.
     MAX_JOBS=N              parallel compile jobs (ninja), honoured by torch.utils.cpp_extension.
-    TORCH_CUDA_ARCH_LIST    CUDA architectures to build for, e.g. "9.0".
+    TORCH_CUDA_ARCH_LIST    CUDA architectures to build for, e.g. "9.0" (needed where no GPU is visible,
+                            else the CUDA parts are skipped).
 """
 from __future__ import annotations
 
@@ -73,12 +74,16 @@ def _extensions():
                        + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
     cuda_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
     cuda_home = cpp_extension.CUDA_HOME
-    with_cuda = (torch.version.cuda is not None and cuda_home is not None
-                 and os.path.isdir(cuda_home) and not _flag("GLASS_FAST_NO_CUDA"))
+    # Without a visible device the CUDA architectures must be named (torch cannot pick them).
+    arch_known = bool(os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()) or torch.cuda.device_count() > 0
+    with_cuda = (torch.version.cuda is not None and cuda_home is not None and os.path.isdir(cuda_home)
+                 and arch_known and not _flag("GLASS_FAST_NO_CUDA"))
     if not with_cuda:
         why = ("GLASS_FAST_NO_CUDA=1" if _flag("GLASS_FAST_NO_CUDA") else
                "torch has no CUDA (torch.version.cuda is None)" if torch.version.cuda is None else
-               "CUDA_HOME not found")
+               "CUDA_HOME not found" if cuda_home is None or not os.path.isdir(cuda_home) else
+               "no CUDA device is visible and TORCH_CUDA_ARCH_LIST is unset (set it, e.g. to \"9.0\", to build "
+               "the CUDA kernels for a device)")
         print(f"glass_fast: {why}; CUDA parts skipped, building the CPU extension only.")
 
     # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 or C++20).
