@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SOURCE = r"""
 #include <torch/extension.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include "cuda/kernels.cuh"
 namespace gc = glass_fast::cuda;
@@ -34,6 +35,7 @@ void fused_step(torch::Tensor base, torch::Tensor out, torch::Tensor xt, torch::
   gc::fused_step_kernel<float, float, float, 4><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       base.data_ptr<float>(), out.data_ptr<float>(), xt.data_ptr<float>(), nullptr, coef.data_ptr<float>(),
       nw.data_ptr<float>(), y.data_ptr<float>(), n, n / rows, rows > 1);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // grid <= 0: one block per row tile; grid > 0: that many blocks, striding over tiles.
@@ -44,6 +46,7 @@ void gather(torch::Tensor x, torch::Tensor idx, torch::Tensor out, int64_t threa
   gc::gather_kernel<uint4><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const uint4*>(x.data_ptr()), idx.data_ptr<int64_t>(), reinterpret_cast<uint4*>(out.data_ptr()),
       k, chunks, per_row, tiles);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 """
 DECLS = ("void fused_step(torch::Tensor base, torch::Tensor out, torch::Tensor xt, torch::Tensor coef, "
@@ -62,15 +65,17 @@ def main():
     for _ in range(500):
         dst.copy_(src)
     t_copy = time_cuda(lambda: dst.copy_(src))
-    del src, dst
     print(f"device: {torch.cuda.get_device_name()}; {sms} SMs; copy of {n} fp32: {t_copy * 1e3:.3f} ms\n")
     grids = {"one block per work unit": 0, "8 blocks/SM, striding": 8 * sms, "32 blocks/SM, striding": 32 * sms}
 
-    def report(title, ref, runs, traffic):
-        """``traffic``: bytes the op moves per byte a copy of one operand moves (fused step 5/2, gather 1)."""
+    def report(title, ref, runs, outputs, traffic):
+        """``outputs`` are zeroed before each configuration's checked run; ``traffic``: bytes the op moves
+        per byte a copy of one operand moves (fused step 5/2, gather 1)."""
         compiled = torch.compile(ref, fullgraph=True)
         rows = [("torch.compile of the reference", time_cuda(compiled))]
         for name, fn, check in runs:
+            for o in outputs:
+                o.zero_()
             fn()
             assert check(), name
             rows.append((name, time_cuda(fn)))
@@ -90,8 +95,7 @@ def main():
                                                                                                atol=1e-5))
                 for th in (128, 256, 512) for gname, gr in grids.items()]
         report(f"fused_step glass-euler, {'per-sample' if per_sample else 'shared'} coef, [64, 1048576]",
-               lambda: R.fused_step(base, out, coef, xt), runs, traffic=5 / 2)
-        del base, out, xt, nw, y, want
+               lambda: R.fused_step(base, out, coef, xt), runs, (nw, y), traffic=5 / 2)
 
     x = torch.randn(64, 256, n // (64 * 256), device="cuda", generator=g)
     idx = torch.stack([torch.randperm(256, device="cuda", generator=g) for _ in range(64)])
@@ -99,7 +103,8 @@ def main():
     want = R.gather_particles(x, idx)
     report("gather_particles [64, 256, 4096], permuted ancestors", lambda: R.gather_particles(x, idx),
            [(f"{th} threads, {gname}", lambda th=th, gr=gr: ext.gather(x, idx, res, th, gr),
-             lambda: torch.equal(res, want)) for th in (128, 256, 512) for gname, gr in grids.items()], traffic=1)
+             lambda: torch.equal(res, want)) for th in (128, 256, 512) for gname, gr in grids.items()], (res,),
+           traffic=1)
 
 
 if __name__ == "__main__":
