@@ -8,6 +8,8 @@ runs consume the generator exactly like eager runs and reproduce them from a see
 """
 from __future__ import annotations
 
+import types
+
 import torch
 
 from .transitions import execute
@@ -21,10 +23,18 @@ class _PlanView:
         self.first_denoised, self.init, self.host_times = first_denoised, init, None
 
 
-def compile_transition(model, kinds: tuple[str, ...], **compile_kwargs):
+# dynamo keeps compiled code, and its recompile limit (8 by default), per code object. Sharing one code object
+# among all transitions would let a serving loop's ninth batch shape fall back to eager silently; one per
+# call site would recompile for every new Sampler. So: one code object per transition signature.
+_CODE_BY_SIGNATURE: dict = {}
+
+
+def compile_transition(model, kinds: tuple[str, ...], signature=(), **compile_kwargs):
     """torch.compile of one transition (model calls and fused steps) for plans with these stage kinds.
 
     ``compile_kwargs`` go to torch.compile (mode, backend, fullgraph, ...); shapes are static.
+    ``signature``: hashable description of the inputs (shapes, dtype, device); transitions with the same
+    signature, stage kinds and compile arguments share compiled code across Samplers.
 
     Returns:
         fn(plan, x, noise, denoised) -> (x_next, finite), with ``plan`` any DevicePlan of these kinds.
@@ -32,6 +42,10 @@ def compile_transition(model, kinds: tuple[str, ...], **compile_kwargs):
     def transition(x, noise, coefs, times, first_denoised, init, denoised):
         return execute(model, _PlanView(kinds, coefs, times, first_denoised, init), x, noise, denoised=denoised)
 
+    key = (tuple(kinds), signature, repr(sorted(compile_kwargs.items())))
+    code = _CODE_BY_SIGNATURE.setdefault(key, transition.__code__.replace())
+    transition = types.FunctionType(code, transition.__globals__, transition.__name__, transition.__defaults__,
+                                    transition.__closure__)
     compiled = torch.compile(transition, **{"dynamic": False, **compile_kwargs})
 
     def run(plan, x, noise, denoised):
@@ -71,7 +85,6 @@ class GraphedTransition:
         with torch.cuda.graph(self.graph, pool=pool):
             self.out, self.finite = execute(model, self.buf, self.x, self.noise, denoised=self.denoised)
         model.calls = calls  # warm-up and capture are not sampling calls
-        self.model_calls = len(plan.kinds) - with_denoised
 
     def __call__(self, plan, x, noise, denoised):
         self.buf.coefs.copy_(plan.coefs)

@@ -110,7 +110,10 @@ class FlowModel:
             out = torch.cat([self.fn(xc, tc) for xc, tc in zip(x.split(self.max_batch), t.split(self.max_batch))])
         else:
             out = self.fn(x, t)
-        self.calls += 1
+        if not torch.compiler.is_compiling():
+            # Compiled and captured transitions are counted by their caller: a counter traced here
+            # would become a guard on its value and recompile the transition at every call.
+            self.calls += 1
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"model output must be a Tensor, got {type(out).__name__}")
         if out.shape != x.shape:

@@ -104,7 +104,7 @@ class Sampler:
                 pool = next(iter(self._runners.values())).graph.pool() if self._runners else None
                 self._runners[key] = GraphedTransition(self.model, plan, x, noise, denoised is not None, pool=pool)
             else:
-                self._runners[key] = compile_transition(self.model, plan.kinds, **self.compile_kwargs)
+                self._runners[key] = compile_transition(self.model, plan.kinds, signature=key, **self.compile_kwargs)
         return self._runners[key]
 
     def step(self, k: int, x: torch.Tensor, *, generator=None, denoised=None, guard=None, guidance=None):
@@ -122,9 +122,10 @@ class Sampler:
         if self.cuda_graph or self.compiled:
             runner = self._runner(k, x, noise, denoised)
             x_next, finite = runner(plan, x, noise, denoised)
-            if self.cuda_graph:
-                self.model.calls += runner.model_calls
-            else:
+            # Replayed graphs and compiled code do not run the model's counter: one call per stage,
+            # less the first when D_t(x) was handed in.
+            self.model.calls += len(plan.kinds) - (denoised is not None)
+            if self.compiled:
                 # Compiled code may replay CUDA graphs ("reduce-overhead") whose outputs the next call
                 # overwrites; the state outlives the call, so it is copied out.
                 x_next, finite = x_next.clone(), finite.clone()

@@ -44,6 +44,38 @@ def test_compiled_equals_eager(method, solver):
     assert torch.equal(again, compiled)
 
 
+@torch.no_grad()
+def test_compiled_sampler_compiles_once_per_stage_kinds_and_shape():
+    from torch._dynamo.utils import counters
+    m = mlp_model()
+    sampler = gf.Sampler(m, compile={"backend": "eager", "fullgraph": True}, transitions=8, inner_steps=2)
+    before = counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        sampler.run(torch.randn(16, 2))
+    # Every transition of this grid has the same stage kinds: one graph for 24 transitions. (The model's
+    # call counter used to be traced, a guard on its value that recompiled every transition.)
+    assert counters["stats"]["unique_graphs"] - before == 1
+    assert m.calls == 3 * 8 * 2
+    sampler.run(torch.randn(8, 2))          # a new batch shape: one more graph
+    assert counters["stats"]["unique_graphs"] - before == 2
+
+
+@torch.no_grad()
+def test_compiled_code_is_shared_across_samplers_and_kept_apart_per_shape():
+    from torch._dynamo.utils import counters
+    m = mlp_model()
+    before = counters["stats"]["unique_graphs"]
+    for _ in range(3):   # function-style calls build a new Sampler each time: compiled once
+        gf.sample(m, torch.randn(16, 2), compile={"backend": "eager"}, transitions=3, inner_steps=2)
+    assert counters["stats"]["unique_graphs"] - before == 1
+    # More batch shapes than dynamo's recompile limit (8 per code object): each still gets compiled code
+    # rather than silently running eagerly.
+    sampler = gf.Sampler(m, compile={"backend": "eager"}, transitions=3, inner_steps=2)
+    for i, n in enumerate(range(3, 15)):
+        sampler.run(torch.randn(n, 2))
+        assert counters["stats"]["unique_graphs"] - before == 2 + i, n   # the 16-row graph, then one per shape
+
+
 @pytest.mark.slow
 @torch.no_grad()
 def test_inductor_compiled_transition_equals_eager():
