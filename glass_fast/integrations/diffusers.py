@@ -19,7 +19,7 @@ import torch
 from ..sampling import Sampler
 from ..transitions import check_state
 from .diffusers_adapter import Conditioning, DiffusersFlow, transformer_kind  # noqa: F401 (public names)
-from .rewards import CLIPScoreReward, ImageReward, LatentReward  # noqa: F401
+from .rewards import CLIPScoreReward, ImageGuidance, ImageReward, LatentReward  # noqa: F401
 
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 
@@ -144,6 +144,16 @@ def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, w
     return flow, cond, model, height, width
 
 
+def _bind_guidance(guidance, flow: DiffusersFlow, cond, per_prompt: int, height: int, width: int, max_batch):
+    """The sampler hook of an ``ImageGuidance`` over this call's rows, or None."""
+    if guidance is None:
+        return None
+    if not isinstance(guidance, ImageGuidance):
+        raise TypeError(f"guidance must be an ImageGuidance or None, got {type(guidance).__name__}")
+    return guidance.bind(LatentReward(flow, guidance.reward, cond.prompts, cond.num_prompts, per_prompt, height,
+                                      width, max_batch))
+
+
 def _start(flow: DiffusersFlow, latents, rows: int, height: int, width: int, generator) -> torch.Tensor:
     shape = (rows,) + flow.state_shape(height, width)
     if latents is None:
@@ -178,7 +188,7 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
            height: int | None = None, width: int | None = None, grid: torch.Tensor | None = None,
            latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
            max_batch: int | None = None, output_type: str = "pt", max_sequence_length: int = 512,
-           joint_attention_kwargs: dict | None = None):
+           joint_attention_kwargs: dict | None = None, guidance: ImageGuidance | None = None):
     """Generate images from a FLUX or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
 
     Args:
@@ -203,6 +213,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
         output_type: "pt" ([N, 3, H, W] in [0, 1]), "np", "pil" or "latent" (final states).
         joint_attention_kwargs: given to every transformer call as the pipelines do (e.g. {"scale": s} for
             loaded LoRA weights, or a custom attention processor's arguments).
+        guidance: optional ``ImageGuidance``: reward guidance with a differentiable image reward, decoded
+            through the VAE under ``max_batch`` rows (each row scored with its own prompt).
     Returns:
         The images (or latents) of the P * num_images_per_prompt rows.
     """
@@ -219,8 +231,9 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
     grid = flow.time_grid(transitions, height, width) if grid is None else grid
     sampler = Sampler(model, method=method, transitions=len(grid) - 1, inner_steps=inner_steps, rho=rho,
                       solver=solver, grid=grid, device=x.device, dtype=x.dtype)
+    hook = _bind_guidance(guidance, flow, cond, num_images_per_prompt, height, width, max_batch)
     with torch.no_grad():
-        x = sampler.run(x, generator=generator)
+        x = sampler.run(x, generator=generator, guidance=hook)
     return postprocess(flow, x, height, width, output_type, max_batch)
 
 
@@ -231,7 +244,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
           guidance_scale: float | None = None, true_cfg_scale: float = 1.0, height: int | None = None,
           width: int | None = None, latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
           max_batch: int | None = None, output_type: str = "pt", progress: bool = False,
-          max_sequence_length: int = 512, joint_attention_kwargs: dict | None = None, **steering_options):
+          max_sequence_length: int = 512, joint_attention_kwargs: dict | None = None,
+          guidance: ImageGuidance | None = None, **steering_options):
     """Feynman-Kac steering of a FLUX or SD3 pipeline towards p(image | prompt) exp(lmbda reward(image)).
 
     Each of the P prompts gets a group of ``particles`` particles. After every transition the x0-prediction
@@ -239,7 +253,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     particles are reweighted and resampled within their group (``glass_fast.fk_steering``).
 
     Args:
-        pipe, prompt, prompt_embeds, ..., max_sequence_length, joint_attention_kwargs: as in ``sample``.
+        pipe, prompt, prompt_embeds, ..., max_sequence_length, joint_attention_kwargs, guidance: as in
+            ``sample`` (guidance shifts the proposal's model calls; its reward may differ from ``reward``).
         reward: an ``ImageReward``: reward(images [N, 3, H, W] in [0, 1], prompts list of N) -> Tensor[N].
         particles: K particles per prompt.
         method, transitions, inner_steps, rho, solver: the proposal (see ``sample``).
@@ -273,6 +288,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     noise = _start(flow, flat, p * particles, height, width, generator).reshape((p, particles) + shape)
     scorer = LatentReward(flow, reward, cond.prompts, p, particles, height, width, max_batch)
     steering_options.setdefault("grid", flow.time_grid(transitions, height, width))
+    if guidance is not None:
+        steering_options["guidance"] = _bind_guidance(guidance, flow, cond, particles, height, width, max_batch)
     with torch.no_grad():
         result = fk_steering(model, scorer, noise, method=method, transitions=transitions, inner_steps=inner_steps,
                              rho=rho, solver=solver, potential=potential, lmbda=lmbda, resample=resample,

@@ -5,7 +5,8 @@ The protocol is one callable::
     reward(images: Tensor[N, 3, H, W] in [0, 1], prompts: list[str | None] of length N) -> Tensor[N]
 
 ``LatentReward`` turns such a reward into the latent reward glass_fast's steering calls on x0-predictions:
-it decodes through the VAE under ``max_batch`` rows and hands each row its prompt. ``CLIPScoreReward``
+it decodes through the VAE under ``max_batch`` rows and hands each row its prompt, with gradients when the
+caller asks for them (``ImageGuidance``: reward guidance through the VAE). ``CLIPScoreReward``
 adapts a CLIP model (``transformers``) whose weights are already on disk; nothing is downloaded.
 """
 from __future__ import annotations
@@ -81,13 +82,43 @@ class LatentReward:
         block = self.per_prompt * (n // self.rows)
         size = n if self.max_batch is None else self.max_batch
         out = []
-        with torch.no_grad():
-            for lo in range(0, n, size):
-                hi = min(lo + size, n)
-                img = (self.flow.decode(x[lo:hi], self.height, self.width) / 2 + 0.5).clamp(0, 1)
-                out.append(check_scores(self.reward(img, self.row_prompts(lo, hi, block)), hi - lo).to(x.device))
+        # Under the caller's grad mode: steering scores without gradients, reward guidance differentiates
+        # through the VAE and the reward.
+        for lo in range(0, n, size):
+            hi = min(lo + size, n)
+            img = (self.flow.decode(x[lo:hi], self.height, self.width) / 2 + 0.5).clamp(0, 1)
+            out.append(check_scores(self.reward(img, self.row_prompts(lo, hi, block)), hi - lo).to(x.device))
         self.calls += 1
         return torch.cat(out)
+
+
+class ImageGuidance:
+    """Reward guidance with an image reward: the denoiser is shifted along the gradient of
+    reward(decode(D_t(x))), taken through the VAE and the reward (``glass_fast.RewardGuidance``).
+
+    Args:
+        reward: a differentiable ``ImageReward``.
+        scale: guidance strength (beta for GLASS, lmbda for ODE / SDE proposals), finite.
+        window: (lo, hi) glass_fast times t = 1 - sigma where guidance is on.
+        detach: True: gradient at D_t(x) (no backward through the transformer); False: through it
+            (one more transformer call per guided stage).
+
+    Example:
+        >>> images = sample(pipe, "a red bicycle", guidance=ImageGuidance(clip_reward, scale=20.0))
+    """
+
+    def __init__(self, reward, scale: float, window=(0.2, 0.7), detach: bool = True):
+        from ..steering import RewardGuidance
+        self._check = RewardGuidance(reward, scale, window, detach)   # validates every argument
+        self.reward, self.scale, self.window, self.detach = reward, float(scale), self._check.window, bool(detach)
+
+    def __repr__(self) -> str:
+        return f"ImageGuidance(scale={self.scale}, window={self.window}, detach={self.detach})"
+
+    def bind(self, latent_reward: LatentReward):
+        """The ``RewardGuidance`` of this setting over latent states scored by ``latent_reward``."""
+        from ..steering import RewardGuidance
+        return RewardGuidance(latent_reward, self.scale, self.window, self.detach)
 
 
 class CLIPScoreReward:
@@ -138,7 +169,8 @@ class CLIPScoreReward:
             tok = self.tokenizer(todo, padding=True, truncation=True, return_tensors="pt")
             p = self._param()
             kwargs = {k: v.to(p.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
-            feats = F.normalize(_features(self.model.get_text_features(**kwargs)).float(), dim=-1)
+            with torch.no_grad():   # cached: constants for every later call
+                feats = F.normalize(_features(self.model.get_text_features(**kwargs)).float(), dim=-1)
             self._text_cache.update(zip(todo, feats))
         return torch.stack([self._text_cache[q] for q in prompts])
 
@@ -150,10 +182,10 @@ class CLIPScoreReward:
                             align_corners=False, antialias=True).clamp(0, 1)
         mean = torch.tensor(CLIP_MEAN, device=img.device).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD, device=img.device).view(1, 3, 1, 1)
-        with torch.no_grad():
-            feats = self.model.get_image_features(pixel_values=((img - mean) / std).to(p.device, p.dtype))
-            im = F.normalize(_features(feats).float(), dim=-1)
-            return (im * self.text_features(list(prompts)).to(im.device)).sum(-1).to(images.device)
+        # Under the caller's grad mode (differentiable for reward guidance); text features are cached constants.
+        feats = self.model.get_image_features(pixel_values=((img - mean) / std).to(p.device, p.dtype))
+        im = F.normalize(_features(feats).float(), dim=-1)
+        return (im * self.text_features(list(prompts)).to(im.device)).sum(-1).to(images.device)
 
 
 def _features(out) -> torch.Tensor:
