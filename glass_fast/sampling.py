@@ -10,7 +10,7 @@ import torch
 from .capture import GraphedTransition, compile_transition
 from .model import FlowModel
 from .plan import check_calls, check_solver, glass_plan, ode_plan, resolve_rho, sde_plan
-from .transitions import DevicePlan, FiniteGuard, check_state, draw_noise, execute, stage_labels
+from .transitions import DevicePlan, FiniteGuard, check_state, draw_noise, execute, guided_denoised, stage_labels
 
 METHODS = ("glass", "ode", "sde", "plugin")
 
@@ -135,10 +135,25 @@ class Sampler:
             guard.extend(finite, self.labels[k])
         return x_next
 
-    def run(self, x: torch.Tensor, *, generator=None, guidance=None) -> torch.Tensor:
+    def run(self, x: torch.Tensor, *, generator=None, guidance=None, callback=None) -> torch.Tensor:
+        """All transitions from ``x`` at grid[0]; returns the state at grid[-1].
+
+        Args:
+            generator: randomness of the stochastic transitions. guidance: reward guidance hook (eager only).
+            callback: optional fn(k, t, x, x0) called at every grid time t = grid[k] before transition k, with
+                the state x and its x0-prediction x0 = D_t(x). That prediction is the transition's first model
+                call, handed in, so watching costs no model calls.
+        """
         guard = FiniteGuard(x.device)
+        times = self.grid.to(x.device).unbind(0) if callback is not None else None  # copied once, not per call
         for k in range(self.transitions):
-            x = self.step(k, x, generator=generator, guard=guard, guidance=guidance)
+            denoised = None
+            if callback is not None:
+                d = self.model.denoise(x, times[k])
+                guard.check(d, f"the denoiser at t={float(self.grid[k]):.4f}")
+                callback(k, float(self.grid[k]), x, d)
+                denoised = guided_denoised(guidance, self.model, x, d, self.grid[k])
+            x = self.step(k, x, generator=generator, denoised=denoised, guard=guard, guidance=guidance)
         guard.raise_if_bad()
         return x
 
@@ -146,7 +161,7 @@ class Sampler:
 def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", transitions: int = 5,
            inner_steps: int = 10, rho=0.4, solver: str = "euler", generator: torch.Generator | None = None,
            sigmabar0: float = 1.0, guidance=None, compile=None, cuda_graph: bool = False,
-           max_batch: int | None = None) -> torch.Tensor:
+           max_batch: int | None = None, callback=None) -> torch.Tensor:
     """Generate data from noise with ``transitions`` transitions of ``inner_steps`` model calls each.
 
     Args:
@@ -159,6 +174,8 @@ def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", tran
         guidance: optional reward guidance (``glass_fast.RewardGuidance``).
         compile, cuda_graph, max_batch: see ``Sampler``. To reuse compiled code or graphs across calls, keep a
             ``Sampler`` and call its ``run``.
+        callback: optional fn(k, t, x, x0) at every grid time before transition k, with the state and its
+            x0-prediction (no extra model calls; see ``Sampler.run``).
     Returns:
         [B, ...] samples at t = 1.
 
@@ -169,4 +186,4 @@ def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", tran
     sampler = Sampler(model, method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
                       solver=solver, sigmabar0=sigmabar0, device=noise.device, dtype=noise.dtype, compile=compile,
                       cuda_graph=cuda_graph, max_batch=max_batch)
-    return sampler.run(noise, generator=generator, guidance=guidance)
+    return sampler.run(noise, generator=generator, guidance=guidance, callback=callback)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .model import FlowModel
+from .model import FlowModel, denoiser_coefficients
 from .plan import Plan, as_times, check_calls, check_interval, check_solver, glass_plan, ode_plan, resolve_rho, sde_plan
 
 
@@ -103,6 +103,22 @@ def execute(model: FlowModel, plan, x: torch.Tensor, noise: torch.Tensor, *, den
         else:
             base = new
     return base, torch.stack(finite)
+
+
+def guided_denoised(guidance, model: FlowModel, x: torch.Tensor, d: torch.Tensor, t) -> torch.Tensor:
+    """D_t(x) = ``d`` as handed to a transition's first stage: with the guidance that stage's model call
+    would have received (``d`` itself without guidance)."""
+    if guidance is None:
+        return d
+    t_host = torch.as_tensor(model.clamp_time(float(t)), dtype=torch.float64)
+    t_dev = t_host.to(device=x.device, dtype=torch.float32)
+    y = x.to(model.input_dtype(x))
+    if hasattr(guidance, "shift"):
+        return guidance.shift(model, y, t_dev, t_host, d)
+    # A generic hook edits the raw output: convert D -> output -> hook -> D.
+    a_x, a_o = (float(c) for c in denoiser_coefficients(model.schedule, model.prediction, t_host))
+    out = ((d - a_x * x) / a_o).to(y.dtype)
+    return (a_x * x + a_o * guidance(model, y, t_dev, t_host, out)).to(d.dtype)
 
 
 def _fmt(t: torch.Tensor) -> str:

@@ -348,6 +348,27 @@ def test_glass_is_reproducible_per_seed_and_random_across_seeds(flux):
     assert (a - c).abs().max() > 1e-3  # same start, different transition noise
 
 
+def test_callback_previews_x0_predictions_without_extra_calls(flux):
+    emb = _embeds(1, DIM)
+    lat = gd.as_flow(flux).noise(2, SIZE, SIZE, torch.Generator().manual_seed(30))
+    kw = dict(method="glass", transitions=3, inner_steps=2, num_images_per_prompt=2, height=SIZE, width=SIZE,
+              latents=lat, output_type="latent", **emb)
+    calls = []
+    hook = flux.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        plain = gd.sample(flux, generator=torch.Generator().manual_seed(31), **kw)
+        plain_calls = len(calls)
+        previews = []
+        watched = gd.sample(flux, generator=torch.Generator().manual_seed(31),
+                            callback=lambda k, t, x, x0: previews.append(gd.as_flow(flux).decode(x0, SIZE, SIZE)),
+                            **kw)
+    finally:
+        hook.remove()
+    assert plain_calls == 6 and len(calls) == 2 * plain_calls
+    torch.testing.assert_close(watched, plain, atol=1e-5, rtol=0)
+    assert len(previews) == 3 and all(p.shape == (2, 3, SIZE, SIZE) and torch.isfinite(p).all() for p in previews)
+
+
 def test_pil_output(flux):
     imgs = gd.sample(flux, method="glass", transitions=2, inner_steps=1, height=SIZE, width=SIZE,
                      generator=torch.Generator().manual_seed(0), output_type="pil", **_embeds(2, DIM))

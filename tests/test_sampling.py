@@ -117,3 +117,34 @@ def test_nan_is_reported_with_transition_and_stage(mixture):
         gf.sample(m, torch.randn(4, 2), method="ode", transitions=5, inner_steps=4)
     with pytest.raises(FloatingPointError, match="glass transition"):
         gf.glass_transition(m, torch.randn(4, 2), 0.5, 0.9)
+
+
+@pytest.mark.parametrize("method,solver", [("glass", "euler"), ("glass", "midpoint"), ("ode", "heun"), ("sde", "euler"),
+                                           ("plugin", "euler")])
+def test_callback_sees_every_x0_prediction_at_no_model_calls(mixture, method, solver):
+    exact = mixture.flow_model(gf.LinearSchedule(), "velocity")
+    fn = Counting(exact.fn)
+    m = gf.FlowModel(fn, gf.LinearSchedule(), "velocity")
+    noise = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    kw = dict(method=method, solver=solver, transitions=4, inner_steps=4)
+    plain = gf.sample(m, noise, generator=torch.Generator().manual_seed(1), **kw)
+    calls = fn.calls
+    seen = []
+    watched = gf.sample(m, noise, generator=torch.Generator().manual_seed(1),
+                        callback=lambda k, t, x, x0: seen.append((k, t, x.clone(), x0.clone())), **kw)
+    assert fn.calls - calls == calls                     # the predictions are the transitions' first calls
+    torch.testing.assert_close(watched, plain, rtol=1e-12, atol=1e-12)
+    assert [(k, t) for k, t, _, _ in seen] == [(k, k / 4) for k in range(4)]
+    assert torch.equal(seen[0][2], noise)
+    for k, t, x, x0 in seen:                             # x0 is D_t(x), the exact posterior mean here
+        torch.testing.assert_close(x0, exact.denoise(x, t), rtol=1e-12, atol=1e-12)
+
+
+def test_callback_with_guidance_equals_guided_sampling(mixture):
+    m = mixture.flow_model(gf.LinearSchedule(), "velocity")
+    noise = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    g = gf.RewardGuidance(lambda x: x[:, 0], scale=0.5, window=(0.0, 1.0))
+    kw = dict(transitions=4, inner_steps=4, guidance=g)
+    plain = gf.sample(m, noise, generator=torch.Generator().manual_seed(1), **kw)
+    watched = gf.sample(m, noise, generator=torch.Generator().manual_seed(1), callback=lambda *a: None, **kw)
+    torch.testing.assert_close(watched, plain, rtol=1e-10, atol=1e-10)

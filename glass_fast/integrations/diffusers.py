@@ -188,7 +188,7 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
            height: int | None = None, width: int | None = None, grid: torch.Tensor | None = None,
            latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
            max_batch: int | None = None, output_type: str = "pt", max_sequence_length: int = 512,
-           joint_attention_kwargs: dict | None = None, guidance: ImageGuidance | None = None):
+           joint_attention_kwargs: dict | None = None, guidance: ImageGuidance | None = None, callback=None):
     """Generate images from a FLUX or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
 
     Args:
@@ -215,6 +215,9 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
             loaded LoRA weights, or a custom attention processor's arguments).
         guidance: optional ``ImageGuidance``: reward guidance with a differentiable image reward, decoded
             through the VAE under ``max_batch`` rows (each row scored with its own prompt).
+        callback: optional fn(k, t, latents, x0_latents) before each transition, with the packed state and its
+            x0-prediction (no extra transformer calls); ``as_flow(pipe).decode(x0_latents, height, width)``
+            previews it.
     Returns:
         The images (or latents) of the P * num_images_per_prompt rows.
     """
@@ -233,7 +236,7 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
                       solver=solver, grid=grid, device=x.device, dtype=x.dtype)
     hook = _bind_guidance(guidance, flow, cond, num_images_per_prompt, height, width, max_batch)
     with torch.no_grad():
-        x = sampler.run(x, generator=generator, guidance=hook)
+        x = sampler.run(x, generator=generator, guidance=hook, callback=callback)
     return postprocess(flow, x, height, width, output_type, max_batch)
 
 

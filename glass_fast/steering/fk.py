@@ -24,9 +24,9 @@ import warnings
 
 import torch
 
-from ..model import FlowModel, denoiser_coefficients
+from ..model import FlowModel
 from ..sampling import METHODS, check_sampler_options
-from ..transitions import FiniteGuard
+from ..transitions import FiniteGuard, guided_denoised
 from .guidance import time_window
 from .potentials import PotentialState, check_potential
 from .resampling import AdaptiveResampler, check_scheme, gather, normalize_log_weights
@@ -144,7 +144,7 @@ class FKSteering:
         dead_at = torch.full((b,), -1, dtype=torch.int64, device=dev)
         r_final = None
         for k in progress_bar(range(steps), progress, "fk_steering"):
-            x = sampler.step(k, x, generator=generator, denoised=_guided(guidance, m, x, d, grid[k]), guard=guard,
+            x = sampler.step(k, x, generator=generator, denoised=guided_denoised(guidance, m, x, d, grid[k]), guard=guard,
                              guidance=guidance)
             if k + 1 < steps:
                 t_next = float(grid[k + 1])
@@ -218,21 +218,6 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
                        final_correction=final_correction, guidance=guidance, value_samples=value_samples,
                        timings=timings, compile=compile, cuda_graph=cuda_graph, max_batch=max_batch, grid=grid)
     return steer(noise, generator=generator, progress=progress)
-
-
-def _guided(guidance, model: FlowModel, x: torch.Tensor, d: torch.Tensor, t) -> torch.Tensor:
-    """The denoiser handed to a transition's first stage, with the guidance that stage's model call would get."""
-    if guidance is None:
-        return d
-    t_host = torch.as_tensor(model.clamp_time(float(t)), dtype=torch.float64)
-    t_dev = t_host.to(device=x.device, dtype=torch.float32)
-    y = x.to(model.input_dtype(x))
-    if hasattr(guidance, "shift"):
-        return guidance.shift(model, y, t_dev, t_host, d)
-    # A generic hook edits the raw output: convert D -> output -> hook -> D.
-    a_x, a_o = (float(c) for c in denoiser_coefficients(model.schedule, model.prediction, t_host))
-    out = ((d - a_x * x) / a_o).to(y.dtype)
-    return (a_x * x + a_o * guidance(model, y, t_dev, t_host, out)).to(d.dtype)
 
 
 def _raise_dead(dead_at: torch.Tensor, grid: torch.Tensor) -> None:
