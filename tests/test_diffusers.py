@@ -290,6 +290,37 @@ def test_sd3_ode_with_cfg_reproduces_the_pipeline_itself(sd3):
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("start,stop", [(0.01, 0.6), (0.3, 0.9), (0.5, 0.55)])
+def test_sd3_skip_layer_guidance_reproduces_the_pipeline(sd3, start, stop):
+    pytest.importorskip("transformers")
+    from diffusers import StableDiffusion3Pipeline
+    pipe = StableDiffusion3Pipeline(transformer=sd3.transformer, scheduler=sd3.scheduler, vae=sd3.vae,
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    emb = _embeds(2, 16, seed=14, negative=True)
+    lat = gd.as_flow(pipe).noise(2, SIZE, SIZE, torch.Generator().manual_seed(15))
+    slg = dict(skip_guidance_layers=[0], skip_layer_guidance_scale=2.5, skip_layer_guidance_start=start,
+               skip_layer_guidance_stop=stop)
+    kw = dict(guidance_scale=4.0, height=SIZE, width=SIZE, output_type="latent", **emb)
+    theirs = pipe(num_inference_steps=4, latents=lat.clone(), **slg, **kw).images
+    ours = gd.sample(pipe, method="ode", transitions=4, inner_steps=1, latents=lat, **slg, **kw)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    if start < stop - 0.25:   # the window holds a step: the guidance changed the result
+        plain = gd.sample(pipe, method="ode", transitions=4, inner_steps=1, latents=lat, **kw)
+        assert (ours - plain).abs().max() > 100 * ATOL
+
+
+def test_skip_layer_guidance_needs_sd3_with_cfg(flux, sd3):
+    with pytest.raises(ValueError, match="skip-layer guidance needs a Stable Diffusion 3 transformer"):
+        gd.sample(flux, height=SIZE, width=SIZE, skip_guidance_layers=[0], **_embeds(1, DIM))
+    with pytest.raises(ValueError, match="skip-layer guidance needs"):
+        gd.sample(sd3, guidance_scale=1.0, height=SIZE, width=SIZE, skip_guidance_layers=[0], **_embeds(1, 16))
+    with pytest.raises(ValueError, match="skip_guidance_layers must be a list of block indices"):
+        gd.sample(sd3, guidance_scale=4.0, height=SIZE, width=SIZE, skip_guidance_layers=3,
+                  **_embeds(1, 16, negative=True))
+
+
 def _word_tokenizer(transformers, max_length):
     """A real fast tokenizer over a tiny word vocabulary (built in memory, no files)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -18,7 +18,7 @@ import torch
 
 from ..sampling import Sampler
 from ..transitions import check_state
-from .diffusers_adapter import Conditioning, DiffusersFlow, transformer_kind  # noqa: F401 (public names)
+from .diffusers_adapter import Conditioning, DiffusersFlow, SkipLayerGuidance, transformer_kind  # noqa: F401
 from .rewards import CLIPScoreReward, ImageGuidance, ImageReward, LatentReward  # noqa: F401
 
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
@@ -116,8 +116,10 @@ def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_promp
 
 
 def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, width, guidance_scale,
-           true_cfg_scale, max_batch, attention_kwargs):
-    """(adapter, conditioning, FlowModel, height, width), shared by sample and steer."""
+           true_cfg_scale, max_batch, attention_kwargs, transitions: int, grid, skip_layers: dict):
+    """(adapter, conditioning, FlowModel, height, width, transition grid), shared by sample and steer.
+
+    ``skip_layers``: the pipeline's skip_guidance_layers / skip_layer_guidance_scale / _start / _stop."""
     flow = as_flow(pipe)
     if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
         raise TypeError(f"joint_attention_kwargs must be a dict or None, got {type(attention_kwargs).__name__}")
@@ -138,10 +140,16 @@ def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, w
         cfg = cfg_scale > 1.0
         distilled = None
     cond = encode(flow, prompt, cfg=cfg, **embeds)
+    grid = flow.time_grid(transitions, height, width) if grid is None else grid
+    slg = None
+    if skip_layers["skip_guidance_layers"] is not None:
+        slg = SkipLayerGuidance.from_steps(skip_layers["skip_guidance_layers"], skip_layers["skip_layer_guidance_scale"],
+                                           skip_layers["skip_layer_guidance_start"],
+                                           skip_layers["skip_layer_guidance_stop"], grid)
     model = flow.flow_model(cond, per_prompt, height, width, guidance_scale=distilled,
                             cfg_scale=cfg_scale if cfg else 1.0, max_batch=max_batch,
-                            attention_kwargs=attention_kwargs)
-    return flow, cond, model, height, width
+                            attention_kwargs=attention_kwargs, skip_layer_guidance=slg)
+    return flow, cond, model, height, width, grid
 
 
 def _bind_guidance(guidance, flow: DiffusersFlow, cond, per_prompt: int, height: int, width: int, max_batch):
@@ -188,7 +196,9 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
            height: int | None = None, width: int | None = None, grid: torch.Tensor | None = None,
            latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
            max_batch: int | None = None, output_type: str = "pt", max_sequence_length: int = 512,
-           joint_attention_kwargs: dict | None = None, guidance: ImageGuidance | None = None, callback=None):
+           joint_attention_kwargs: dict | None = None, guidance: ImageGuidance | None = None, callback=None,
+           skip_guidance_layers: list[int] | None = None, skip_layer_guidance_scale: float = 2.8,
+           skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2):
     """Generate images from a FLUX or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
 
     Args:
@@ -218,6 +228,10 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
         callback: optional fn(k, t, latents, x0_latents) before each transition, with the packed state and its
             x0-prediction (no extra transformer calls); ``as_flow(pipe).decode(x0_latents, height, width)``
             previews it.
+        skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop:
+            SD3's skip-layer guidance as in its pipeline (with classifier-free guidance; one more transformer
+            call per model call inside the window). The pipeline's step fractions become the window of times
+            spanned by those steps on the transition grid.
     Returns:
         The images (or latents) of the P * num_images_per_prompt rows.
     """
@@ -226,12 +240,14 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
                   negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
                   negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                   max_sequence_length=max_sequence_length)
-    flow, cond, model, height, width = _setup(pipe, prompt, embeds, num_images_per_prompt, "num_images_per_prompt",
-                                              height, width, guidance_scale, true_cfg_scale, max_batch,
-                                              joint_attention_kwargs)
+    skip = dict(skip_guidance_layers=skip_guidance_layers, skip_layer_guidance_scale=skip_layer_guidance_scale,
+                skip_layer_guidance_start=skip_layer_guidance_start, skip_layer_guidance_stop=skip_layer_guidance_stop)
+    flow, cond, model, height, width, grid = _setup(pipe, prompt, embeds, num_images_per_prompt,
+                                                    "num_images_per_prompt", height, width, guidance_scale,
+                                                    true_cfg_scale, max_batch, joint_attention_kwargs, transitions,
+                                                    grid, skip)
     x = _start(flow, latents, cond.num_prompts * num_images_per_prompt, height, width, generator)
     check_state(model, x, generator)
-    grid = flow.time_grid(transitions, height, width) if grid is None else grid
     sampler = Sampler(model, method=method, transitions=len(grid) - 1, inner_steps=inner_steps, rho=rho,
                       solver=solver, grid=grid, device=x.device, dtype=x.dtype)
     hook = _bind_guidance(guidance, flow, cond, num_images_per_prompt, height, width, max_batch)
@@ -248,7 +264,9 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
           width: int | None = None, latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
           max_batch: int | None = None, output_type: str = "pt", progress: bool = False,
           max_sequence_length: int = 512, joint_attention_kwargs: dict | None = None,
-          guidance: ImageGuidance | None = None, **steering_options):
+          guidance: ImageGuidance | None = None, skip_guidance_layers: list[int] | None = None,
+          skip_layer_guidance_scale: float = 2.8, skip_layer_guidance_start: float = 0.01,
+          skip_layer_guidance_stop: float = 0.2, **steering_options):
     """Feynman-Kac steering of a FLUX or SD3 pipeline towards p(image | prompt) exp(lmbda reward(image)).
 
     Each of the P prompts gets a group of ``particles`` particles. After every transition the x0-prediction
@@ -256,8 +274,9 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     particles are reweighted and resampled within their group (``glass_fast.fk_steering``).
 
     Args:
-        pipe, prompt, prompt_embeds, ..., max_sequence_length, joint_attention_kwargs, guidance: as in
-            ``sample`` (guidance shifts the proposal's model calls; its reward may differ from ``reward``).
+        pipe, prompt, prompt_embeds, ..., max_sequence_length, joint_attention_kwargs, guidance,
+            skip_guidance_layers, ...: as in ``sample`` (guidance shifts the proposal's model calls; its reward
+            may differ from ``reward``).
         reward: an ``ImageReward``: reward(images [N, 3, H, W] in [0, 1], prompts list of N) -> Tensor[N].
         particles: K particles per prompt.
         method, transitions, inner_steps, rho, solver: the proposal (see ``sample``).
@@ -279,8 +298,12 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
                   negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
                   negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                   max_sequence_length=max_sequence_length)
-    flow, cond, model, height, width = _setup(pipe, prompt, embeds, particles, "particles", height, width,
-                                              guidance_scale, true_cfg_scale, max_batch, joint_attention_kwargs)
+    skip = dict(skip_guidance_layers=skip_guidance_layers, skip_layer_guidance_scale=skip_layer_guidance_scale,
+                skip_layer_guidance_start=skip_layer_guidance_start, skip_layer_guidance_stop=skip_layer_guidance_stop)
+    flow, cond, model, height, width, grid = _setup(pipe, prompt, embeds, particles, "particles", height, width,
+                                                    guidance_scale, true_cfg_scale, max_batch,
+                                                    joint_attention_kwargs, transitions,
+                                                    steering_options.pop("grid", None), skip)
     p, shape = cond.num_prompts, flow.state_shape(height, width)
     if latents is not None and (not isinstance(latents, torch.Tensor) or latents.dim() < 2
                                 or tuple(latents.shape[:2]) != (p, particles)):
@@ -290,7 +313,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     flat = None if latents is None else latents.reshape((p * particles,) + tuple(latents.shape[2:]))
     noise = _start(flow, flat, p * particles, height, width, generator).reshape((p, particles) + shape)
     scorer = LatentReward(flow, reward, cond.prompts, p, particles, height, width, max_batch)
-    steering_options.setdefault("grid", flow.time_grid(transitions, height, width))
+    steering_options["grid"] = grid
     if guidance is not None:
         steering_options["guidance"] = _bind_guidance(guidance, flow, cond, particles, height, width, max_batch)
     with torch.no_grad():

@@ -190,7 +190,7 @@ class DiffusersFlow:
     # -- the network ----------------------------------------------------------------------------------------
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
                 height: int, width: int, guidance_scale: float | None = None,
-                attention_kwargs: dict | None = None) -> torch.Tensor:
+                attention_kwargs: dict | None = None, skip_layers: tuple[int, ...] | None = None) -> torch.Tensor:
         """One transformer call, diffusers' convention: v = eps - z at noise level ``sigma``.
 
         Args:
@@ -199,6 +199,7 @@ class DiffusersFlow:
             embeds, pooled: [N, S, D] and [N, Dp] conditioning rows.
             guidance_scale: FLUX's distilled guidance value (ignored by models without a guidance embedding).
             attention_kwargs: the transformer's ``joint_attention_kwargs`` (e.g. {"scale": lora_scale}).
+            skip_layers: SD3 only: transformer blocks to skip (skip-layer guidance's extra call).
         Returns:
             [N, *state_shape] raw transformer output.
         """
@@ -217,12 +218,14 @@ class DiffusersFlow:
                       encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids, joint_attention_kwargs=extra,
                       return_dict=False)[0]
         timestep = sigma.to(torch.float32) * self.scheduler_config.get("num_train_timesteps", 1000)
+        skip = {} if skip_layers is None else {"skip_layers": list(skip_layers)}
         return tr(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled,
-                  joint_attention_kwargs=extra, return_dict=False)[0]
+                  joint_attention_kwargs=extra, return_dict=False, **skip)[0]
 
     def flow_model(self, cond: Conditioning, per_prompt: int, height: int, width: int, *,
                    guidance_scale: float | None = None, cfg_scale: float = 1.0,
-                   max_batch: int | None = None, attention_kwargs: dict | None = None) -> FlowModel:
+                   max_batch: int | None = None, attention_kwargs: dict | None = None,
+                   skip_layer_guidance: "SkipLayerGuidance | None" = None) -> FlowModel:
         """The glass_fast FlowModel of this transformer under ``cond``.
 
         Rows are prompt-major: row r belongs to prompt r // per_prompt, so the model expects P * per_prompt
@@ -239,11 +242,16 @@ class DiffusersFlow:
             cfg_scale: classifier-free guidance weight (SD3's guidance_scale, FLUX's true_cfg_scale).
             max_batch: most rows per transformer call (guided rows count twice); None = all at once.
             attention_kwargs: the transformer's ``joint_attention_kwargs``, given to every call as they are.
+            skip_layer_guidance: SD3 with classifier-free guidance only: adds scale * (u_cond - u_skip) inside
+                its time window, u_skip from one more call on the conditional rows with blocks skipped.
         Returns:
             FlowModel(prediction="velocity", LinearSchedule()) running in the transformer's dtype.
         """
         rows = cond.num_prompts * per_prompt
         use_cfg = cfg_scale != 1.0 and cond.negative_embeds is not None
+        if skip_layer_guidance is not None and (self.kind != "sd3" or not use_cfg):
+            raise ValueError("skip-layer guidance needs a Stable Diffusion 3 transformer and classifier-free "
+                             "guidance (guidance_scale > 1 with negative embeddings), as in the SD3 pipeline")
         per_call = None if max_batch is None else max(1, max_batch // (2 if use_cfg else 1))
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -264,6 +272,14 @@ class DiffusersFlow:
                                         height, width, guidance_scale, attention_kwargs).float()
                     unc, con = both.chunk(2)
                     v = unc + cfg_scale * (con - unc)
+                    slg = skip_layer_guidance
+                    on = None if slg is None else slg.active(t[lo:lo + size])
+                    # A host check (one small sync per call) saves the extra transformer call outside the window.
+                    if on is not None and bool(on.any()):
+                        skipped = self.predict(xc, sc, cond.prompt_embeds[idx], cond.pooled[idx], height, width,
+                                               guidance_scale, attention_kwargs, slg.layers).float()
+                        shift = slg.scale * (con - skipped)
+                        v = v + torch.where(on.view((-1,) + (1,) * (v.dim() - 1)), shift, torch.zeros_like(shift))
                 else:
                     v = self.predict(xc, sc, cond.prompt_embeds[idx], cond.pooled[idx], height, width,
                                      guidance_scale, attention_kwargs)
@@ -304,3 +320,35 @@ def _flux_image_ids(h2: int, w2: int, device, dtype) -> torch.Tensor:
     rows = torch.arange(h2).repeat_interleave(w2)
     cols = torch.arange(w2).repeat(h2)
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(device=device, dtype=dtype)
+
+
+class SkipLayerGuidance:
+    """SD3's skip-layer guidance on a window of glass_fast times (t = 1 - sigma).
+
+    Args:
+        layers: transformer block indices to skip in the extra call.
+        scale: weight of (u_cond - u_skip).
+        window: (lo, hi) times where it is on (``from_steps`` converts the pipeline's step fractions).
+    """
+
+    def __init__(self, layers, scale: float, window: tuple[float, float]):
+        if isinstance(layers, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise ValueError(f"skip_guidance_layers must be a list of block indices, got {layers!r}")
+        self.layers, self.scale, self.window = tuple(layers), float(scale), (float(window[0]), float(window[1]))
+
+    @classmethod
+    def from_steps(cls, layers, scale: float, start: float, stop: float, grid: torch.Tensor) -> "SkipLayerGuidance":
+        """The pipeline's rule, step i of N on when N * start < i < N * stop, as the time window spanned by
+        those steps' times on ``grid`` (N + 1 increasing glass_fast times); model calls at those times, as
+        in an ODE with one call per step, get exactly the pipeline's guidance."""
+        n = len(grid) - 1
+        steps = [i for i in range(n) if n * start < i < n * stop]
+        if not steps:   # an empty window: never on
+            return cls(layers, scale, (2.0, 2.0))
+        return cls(layers, scale, (float(grid[steps[0]]), float(grid[steps[-1]])))
+
+    def active(self, t: torch.Tensor) -> torch.Tensor:
+        """[N] bool: which rows' times lie in the window (with a tolerance for float32 times)."""
+        lo, hi = self.window
+        eps = 1e-6
+        return (t >= lo - eps) & (t <= hi + eps)
