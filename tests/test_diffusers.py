@@ -217,12 +217,29 @@ def test_sd3_ode_with_cfg_reproduces_the_diffusers_euler_loop(sd3):
     torch.testing.assert_close(ours, x, atol=ATOL, rtol=0)
 
 
-def test_flux_ode_reproduces_the_pipeline_itself(flux):
+def _flux_pipeline(flux):
+    """diffusers' own FluxPipeline around the tiny parts, without text encoders."""
     pytest.importorskip("transformers")  # diffusers' pipeline classes need it even with no text encoders
     from diffusers import FluxPipeline
     pipe = FluxPipeline(scheduler=flux.scheduler, vae=flux.vae, text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=flux.transformer)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sd3_pipeline(sd3):
+    """diffusers' own StableDiffusion3Pipeline around the tiny parts, without text encoders."""
+    pytest.importorskip("transformers")
+    from diffusers import StableDiffusion3Pipeline
+    pipe = StableDiffusion3Pipeline(transformer=sd3.transformer, scheduler=sd3.scheduler, vae=sd3.vae,
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_flux_ode_reproduces_the_pipeline_itself(flux):
+    pipe = _flux_pipeline(flux)
     emb = _embeds(1, DIM, seed=9)
     lat = gd.as_flow(pipe).noise(1, SIZE, SIZE, torch.Generator().manual_seed(10))
     theirs = pipe(prompt_embeds=emb["prompt_embeds"], pooled_prompt_embeds=emb["pooled_prompt_embeds"],
@@ -240,8 +257,6 @@ def test_flux_ode_reproduces_the_pipeline_itself(flux):
 
 
 def test_joint_attention_kwargs_reach_every_transformer_call_as_in_the_pipeline(flux):
-    pytest.importorskip("transformers")
-    from diffusers import FluxPipeline
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
     class ScaledAttention(FluxAttnProcessor):
@@ -252,9 +267,7 @@ def test_joint_attention_kwargs_reach_every_transformer_call_as_in_the_pipeline(
             out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
             return tuple(o * out_scale for o in out) if isinstance(out, tuple) else out * out_scale
 
-    pipe = FluxPipeline(scheduler=flux.scheduler, vae=flux.vae, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=flux.transformer)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _flux_pipeline(flux)
     emb = _embeds(1, DIM, seed=11)
     lat = gd.as_flow(pipe).noise(1, SIZE, SIZE, torch.Generator().manual_seed(12))
     default = flux.transformer.attn_processors
@@ -275,12 +288,7 @@ def test_joint_attention_kwargs_reach_every_transformer_call_as_in_the_pipeline(
 
 
 def test_sd3_ode_with_cfg_reproduces_the_pipeline_itself(sd3):
-    pytest.importorskip("transformers")
-    from diffusers import StableDiffusion3Pipeline
-    pipe = StableDiffusion3Pipeline(transformer=sd3.transformer, scheduler=sd3.scheduler, vae=sd3.vae,
-                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                    text_encoder_3=None, tokenizer_3=None)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _sd3_pipeline(sd3)
     emb = _embeds(2, 16, seed=11, negative=True)
     lat = gd.as_flow(pipe).noise(2, SIZE, SIZE, torch.Generator().manual_seed(12))
     theirs = pipe(num_inference_steps=4, guidance_scale=4.0, height=SIZE, width=SIZE, latents=lat.clone(),
@@ -292,12 +300,7 @@ def test_sd3_ode_with_cfg_reproduces_the_pipeline_itself(sd3):
 
 @pytest.mark.parametrize("start,stop", [(0.01, 0.6), (0.3, 0.9), (0.5, 0.55)])
 def test_sd3_skip_layer_guidance_reproduces_the_pipeline(sd3, start, stop):
-    pytest.importorskip("transformers")
-    from diffusers import StableDiffusion3Pipeline
-    pipe = StableDiffusion3Pipeline(transformer=sd3.transformer, scheduler=sd3.scheduler, vae=sd3.vae,
-                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                    text_encoder_3=None, tokenizer_3=None)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _sd3_pipeline(sd3)
     emb = _embeds(2, 16, seed=14, negative=True)
     lat = gd.as_flow(pipe).noise(2, SIZE, SIZE, torch.Generator().manual_seed(15))
     slg = dict(skip_guidance_layers=[0], skip_layer_guidance_scale=2.5, skip_layer_guidance_start=start,
