@@ -185,3 +185,24 @@ def test_reduce_overhead_compile_equals_eager_on_gpu():
     comp = gf.sample(model, noise, transitions=3, inner_steps=4, generator=torch.Generator("cuda").manual_seed(1),
                      compile="reduce-overhead")
     torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-4)
+
+
+@gpu
+@pytest.mark.gpu
+@torch.no_grad()
+def test_reused_fk_steering_captures_once_and_equals_eager():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 2)).cuda()
+    model = gf.FlowModel(lambda x, t: net(torch.cat([x, t[:, None]], 1)), gf.LinearSchedule())
+    reward = lambda x: -(x - 1.0).square().sum(-1)  # noqa: E731
+    kw = dict(method="glass", transitions=4, inner_steps=4)
+    steer = gf.FKSteering(model, reward, cuda_graph=True, **kw)
+    for seed in (0, 1):
+        noise = torch.randn(8, 16, 2, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        want = gf.fk_steering(model, reward, noise, generator=torch.Generator("cuda").manual_seed(seed), **kw)
+        got = steer(noise, generator=torch.Generator("cuda").manual_seed(seed))
+        torch.testing.assert_close(got.samples, want.samples, rtol=1e-5, atol=1e-5)
+        assert got.nfe == want.nfe == 16
+        (_, sampler), = [(m, s) for m, s, *_ in steer._parts.values()]
+        if seed == 0:
+            graphs = dict(sampler._runners)
+        assert sampler._runners == graphs      # the second batch replays the first batch's graphs
