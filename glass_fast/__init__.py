@@ -5,6 +5,7 @@ from .plan import rho_ddpm
 from .transitions import glass_transition, ode_transition, plugin_transition, sde_transition
 from .sampling import Sampler, sample, time_grid
 from .mixtures import GaussianMixture
+from .likelihood import log_likelihood
 from .steering import (BestOfN, FKSteering, RewardGuidance, SteeringResult, best_of_n, ess, fk_steering, resample,
                        value_estimate)
 from . import ops
@@ -16,7 +17,7 @@ __all__ = [
     "FlowModel", "rho_ddpm",
     "glass_transition", "ode_transition", "sde_transition", "plugin_transition",
     "Sampler", "sample", "time_grid",
-    "GaussianMixture",
+    "GaussianMixture", "log_likelihood",
     "fk_steering", "best_of_n", "FKSteering", "BestOfN", "SteeringResult", "resample", "ess", "value_estimate", "RewardGuidance",
     "ops",
 ]

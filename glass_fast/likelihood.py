@@ -1,0 +1,105 @@
+"""Log-likelihood of data under a flow model's probability-flow ODE (instantaneous change of variables).
+
+Along a trajectory of dx/dt = u_t(x), d/dt log p_t(x_t) = -div u_t(x_t). Integrating the ODE backward from
+x at t_max to t_min gives
+
+    log p_{t_max}(x) = log p_{t_min}(x_{t_min}) - integral_{t_min}^{t_max} div u_t(x_t) dt,
+
+with p_{t_min} taken as N(0, sigma_{t_min}^2 I): exact when alpha_{t_min} = 0 (t = 0 is pure noise).
+The divergence is exact (one backward pass per data dimension) or Hutchinson's unbiased estimate
+E[eps^T (du/dx) eps] over Rademacher probes (one backward pass per probe).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .model import FlowModel
+from .plan import check_calls
+
+DIVERGENCES = ("auto", "exact", "hutchinson")
+_EXACT_UP_TO = 32   # "auto": exact divergence up to this many dimensions per sample
+
+
+def log_likelihood(model: FlowModel, x: torch.Tensor, *, steps: int = 100, solver: str = "heun",
+                   divergence: str = "auto", probes: int = 1, t_max: float | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """log p_{t_max}(x) per sample, in nats, under the model's probability-flow ODE.
+
+    Args:
+        model: a FlowModel whose network is differentiable in x.
+        x: [B, ...] data points.
+        steps: integration steps on a uniform grid from t_max down to the model's lowest time.
+        solver: "euler" (one model call per step) or "heun" (two; second order).
+        divergence: "exact", "hutchinson" or "auto" (exact up to 32 dimensions per sample).
+        probes: Rademacher probes per evaluation for "hutchinson".
+        t_max: top of the integration; default 1 for velocity models, else 1 - 1e-3 (the velocity of other
+            parameterizations is singular at sigma = 0); clamped to the model's time range. The result is
+            then the data density smoothed by sigma_{t_max}.
+        generator: randomness of the Hutchinson probes.
+    Returns:
+        Tensor[B] float64 log-densities.
+
+    Example:
+        >>> lp = log_likelihood(model, data[:256], steps=200)   # nats per sample
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must be a Tensor[B, ...] with B >= 1, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    check_calls(steps, "steps")
+    if solver not in ("euler", "heun"):
+        raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    check_calls(probes, "probes")
+    dims = x[0].numel()
+    exact = divergence == "exact" or (divergence == "auto" and dims <= _EXACT_UP_TO)
+    lo, hi = model.time_range
+    top = (1.0 if model.prediction == "velocity" else 1.0 - 1e-3) if t_max is None else float(t_max)
+    if not lo < top <= 1.0:
+        raise ValueError(f"t_max must lie in ({lo}, 1] (above the model's lowest time), got {t_max!r}")
+    grid = torch.linspace(min(top, hi), lo, steps + 1, dtype=torch.float64)
+
+    def field(y: torch.Tensor, t: float, k: int):
+        """(u_t(y), div u_t(y) in float64), both detached."""
+        with torch.enable_grad():
+            y = y.detach().requires_grad_(True)
+            u = model.velocity(y, t)
+            if not bool(torch.isfinite(u).all()):
+                raise FloatingPointError(f"log_likelihood: the model's velocity is NaN/Inf at t={t:.4f} (step {k})")
+            if exact:
+                flat = u.reshape(u.shape[0], -1)
+                div = sum(torch.autograd.grad(flat[:, i].sum(), y, retain_graph=i + 1 < dims)[0]
+                          .reshape(y.shape[0], -1)[:, i].double() for i in range(dims))
+            else:
+                div = torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
+                for j in range(probes):
+                    eps = torch.randint(0, 2, y.shape, generator=generator, device=_gen_device(generator, y))
+                    eps = (2 * eps - 1).to(device=y.device, dtype=u.dtype)
+                    (g,) = torch.autograd.grad((u * eps).sum(), y, retain_graph=j + 1 < probes)
+                    div = div + (g * eps).reshape(y.shape[0], -1).sum(-1).double() / probes
+        return u.detach(), div.detach()
+
+    y = x.detach()
+    integral = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for k in range(steps):
+        t, t_next = float(grid[k]), float(grid[k + 1])
+        h = t - t_next                          # > 0: the step runs backward in time
+        u1, d1 = field(y, t, k)
+        if solver == "euler":
+            y, integral = y - h * u1.to(y.dtype), integral + h * d1
+        else:
+            u2, d2 = field(y - h * u1.to(y.dtype), t_next, k)
+            y, integral = y - 0.5 * h * (u1 + u2).to(y.dtype), integral + 0.5 * h * (d1 + d2)
+        if not bool(torch.isfinite(y).all()):
+            raise FloatingPointError(f"log_likelihood: the ODE state became NaN/Inf at step {k} (t={t:.4f} -> "
+                                     f"{t_next:.4f}); lower t_max or use more steps")
+    var = float(model.schedule.sigma(torch.tensor(float(grid[-1]), dtype=torch.float64))) ** 2
+    flat = y.reshape(y.shape[0], -1).double()
+    log_base = -0.5 * (flat.square().sum(-1) / var + dims * math.log(2 * math.pi * var))
+    return log_base - integral
+
+
+def _gen_device(generator, like: torch.Tensor):
+    return generator.device if generator is not None else like.device
