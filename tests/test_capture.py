@@ -18,9 +18,9 @@ def _fresh_compile_cache():
     yield
 
 
-def mlp_model(max_batch=None):
+def mlp_model(max_batch=None, device="cpu"):
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 2))
+    net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 2)).to(device)
 
     def fn(x, t):
         return net(torch.cat([x, t[:, None].to(x.dtype)], 1))
@@ -156,8 +156,7 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("method", ["glass", "sde"])
 @torch.no_grad()
 def test_cuda_graph_equals_eager_and_never_syncs(method):
-    net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 2)).cuda()
-    model = gf.FlowModel(lambda x, t: net(torch.cat([x, t[:, None]], 1)), gf.LinearSchedule())
+    model = mlp_model(device="cuda")
     noise = torch.randn(256, 2, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     kw = dict(method=method, transitions=4, inner_steps=6)
     eager = gf.sample(model, noise, generator=torch.Generator("cuda").manual_seed(1), **kw)
@@ -178,8 +177,7 @@ def test_cuda_graph_equals_eager_and_never_syncs(method):
 @pytest.mark.gpu
 @torch.no_grad()
 def test_reduce_overhead_compile_equals_eager_on_gpu():
-    net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 2)).cuda()
-    model = gf.FlowModel(lambda x, t: net(torch.cat([x, t[:, None]], 1)), gf.LinearSchedule())
+    model = mlp_model(device="cuda")
     noise = torch.randn(256, 2, device="cuda")
     eager = gf.sample(model, noise, transitions=3, inner_steps=4, generator=torch.Generator("cuda").manual_seed(1))
     comp = gf.sample(model, noise, transitions=3, inner_steps=4, generator=torch.Generator("cuda").manual_seed(1),
@@ -191,8 +189,7 @@ def test_reduce_overhead_compile_equals_eager_on_gpu():
 @pytest.mark.gpu
 @torch.no_grad()
 def test_reused_fk_steering_captures_once_and_equals_eager():
-    net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 2)).cuda()
-    model = gf.FlowModel(lambda x, t: net(torch.cat([x, t[:, None]], 1)), gf.LinearSchedule())
+    model = mlp_model(device="cuda")
     reward = lambda x: -(x - 1.0).square().sum(-1)  # noqa: E731
     kw = dict(method="glass", transitions=4, inner_steps=4)
     steer = gf.FKSteering(model, reward, cuda_graph=True, **kw)
