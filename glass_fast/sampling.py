@@ -64,7 +64,8 @@ class Sampler:
         self.model = model if max_batch is None else model.with_max_batch(max_batch)
         self.method = method
         self.compiled = bool(compile)
-        self.compile_kwargs = {"mode": compile} if isinstance(compile, str) else dict(compile) if compile else {}
+        self.compile_kwargs = ({"mode": compile} if isinstance(compile, str) else
+                               dict(compile) if isinstance(compile, dict) else {})
         self.cuda_graph = bool(cuda_graph)
         self._runners: dict = {}
         model = self.model

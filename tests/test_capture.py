@@ -82,9 +82,20 @@ def test_inductor_compiled_transition_equals_eager():
     m = mlp_model()
     noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
     eager = gf.sample(m, noise, transitions=2, inner_steps=4, generator=torch.Generator().manual_seed(1))
-    compiled = gf.sample(m, noise, transitions=2, inner_steps=4, generator=torch.Generator().manual_seed(1),
-                         compile={"fullgraph": True})
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for compile in ({"fullgraph": True}, True):
+        compiled = gf.sample(m, noise, transitions=2, inner_steps=4, generator=torch.Generator().manual_seed(1),
+                             compile=compile)
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_argument_forms():
+    m = mlp_model()
+    assert gf.Sampler(m, compile=True).compile_kwargs == {}
+    assert gf.Sampler(m, compile="max-autotune-no-cudagraphs").compile_kwargs == {"mode": "max-autotune-no-cudagraphs"}
+    assert gf.Sampler(m, compile={"backend": "eager"}).compile_kwargs == {"backend": "eager"}
+    for off in (None, False):
+        sampler = gf.Sampler(m, compile=off)
+        assert not sampler.compiled and sampler.compile_kwargs == {}
 
 
 def test_capture_arguments_are_checked():
