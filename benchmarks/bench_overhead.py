@@ -45,12 +45,14 @@ def overhead_ratio(repeats: int = 5) -> dict:
     return {"forward_s": forward, "sample_s": full, "calls": sampler.calls, "ratio": full / (sampler.calls * forward)}
 
 
-@pytest.mark.parametrize("provider", ["forward", "sample"])
+@pytest.mark.parametrize("provider", ["forward", "sample", "sample-compiled"])
 @torch.no_grad()
 def test_overhead(benchmark, provider):
     net, model, noise = _setup()
-    sampler = gf.Sampler(model, transitions=TRANSITIONS, inner_steps=INNER)
+    sampler = gf.Sampler(model, transitions=TRANSITIONS, inner_steps=INNER, compile=provider == "sample-compiled")
     t = torch.full((BATCH,), 0.5)
+    if provider == "sample-compiled":
+        sampler.run(noise)   # compile outside the timed rounds
     fn = (lambda: net(noise, t)) if provider == "forward" else (lambda: sampler.run(noise))
     benchmark(fn)
     benchmark.extra_info.update(provider=provider, batch=BATCH, dim=DIM, calls=sampler.calls, device="cpu",
