@@ -15,6 +15,8 @@ The per-element work never sees a schedule, a rho or a parameterization: only th
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +142,8 @@ class _Inner:
 
 def glass_plan(model: FlowModel, t, t_next, rho, calls: int, solver: str, sigmabar0: float = 1.0) -> Plan:
     """Stages of a GLASS transition t -> t_next spending ``calls`` model calls with ``solver``."""
+    if isinstance(sigmabar0, bool) or not isinstance(sigmabar0, (int, float)) or not 0 < sigmabar0 < math.inf:
+        raise ValueError(f"sigmabar0 must be a finite number > 0, got {sigmabar0!r}")
     inner = _Inner(model, t, t_next, rho, sigmabar0)
     n, _ = _steps(calls, solver)
     h = 1.0 / n

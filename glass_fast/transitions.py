@@ -182,8 +182,6 @@ def glass_transition(model: FlowModel, x: torch.Tensor, t, t_next, *, rho=0.4, i
     t, t_next = _interval(x, t, t_next)
     check_calls(inner_steps, "inner_steps")
     check_solver(solver)
-    if not sigmabar0 > 0:
-        raise ValueError(f"sigmabar0 must be > 0, got {sigmabar0}")
     plan = glass_plan(model, t, t_next, resolve_rho(rho, model.schedule, t, t_next), inner_steps, solver, sigmabar0)
     return _run(model, plan, x, generator, denoised, "glass transition, ")
 

@@ -43,6 +43,28 @@ def test_glass_matches_exact_transition(mixture, sch, t, t_next, rho, point):
     assert ks < ks_critical(n, 0.001 / len(DIRECTIONS)), ks
 
 
+@pytest.mark.parametrize("sigmabar0", [0.5, 2.0])
+def test_any_inner_start_noise_gives_the_exact_transition(mixture, sigmabar0):
+    # The inner path may start from any noise level sigmabar_0 > 0: the law at s = 1 is the same.
+    sch, n = gf.LinearSchedule(), 4000
+    model = mixture.flow_model(sch, "x0")
+    x_cond = mixture.marginal_sample(sch, 0.3, 1, torch.Generator().manual_seed(6))
+
+    def run(model, x, t, t_next, rho):
+        return gf.glass_transition(model, x, t, t_next, rho=rho, inner_steps=16, solver="midpoint",
+                                   sigmabar0=sigmabar0, generator=torch.Generator().manual_seed(12))
+    assert transition_ks(mixture, model, x_cond, 0.3, 0.7, 0.4, run, n) < ks_critical(n, 0.001 / len(DIRECTIONS))
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan"), True])
+def test_bad_inner_start_noise_is_named(mixture, bad):
+    model = mixture.flow_model(gf.LinearSchedule(), "x0")
+    with pytest.raises(ValueError, match="sigmabar0 must be a finite number > 0"):
+        gf.glass_transition(model, torch.zeros(2, 2), 0.2, 0.4, sigmabar0=bad)
+    with pytest.raises(ValueError, match="sigmabar0 must be a finite number > 0"):
+        gf.sample(model, torch.zeros(2, 2), sigmabar0=bad)
+
+
 @pytest.mark.parametrize("solver", ["euler", "midpoint", "heun"])
 def test_error_falls_as_inner_steps_grow(mixture, solver):
     sch, n = gf.LinearSchedule(), 6000
