@@ -157,3 +157,29 @@ def test_bf16_model_runs_in_its_dtype(mixture):
     ref = gf.sample(exact, noise, transitions=2, inner_steps=4, generator=torch.Generator().manual_seed(1))
     assert set(seen) == {torch.bfloat16} and x.dtype == torch.float32
     assert float((x - ref).abs().mean()) < 0.05  # bf16 rounding, not a different sampler
+
+
+def test_rho_forms_agree():
+    sch = gf.LinearSchedule()
+    t, tn = torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64)
+    # DDPM's correlation on the linear path: alpha_t sigma_t' / (sigma_t alpha_t').
+    torch.testing.assert_close(gf.rho_ddpm(sch, t, tn), torch.tensor(0.3 * 0.3 / (0.7 * 0.7), dtype=torch.float64))
+    torch.testing.assert_close(gf.rho_ddpm(sch, t, tn, 0.5), gf.rho_ddpm(sch, t, tn).sqrt())
+    from glass_fast.plan import resolve_rho
+    assert float(resolve_rho(("ddpm", 1.0), sch, t, tn)) == float(resolve_rho("ddpm", sch, t, tn))
+    assert float(resolve_rho(lambda a, b: 0.4, sch, t, tn)) == float(resolve_rho(0.4, sch, t, tn)) == 0.4
+
+
+def test_kappa_family_gives_the_exact_transition(mixture):
+    sch, n = gf.LinearSchedule(), 4000
+    model = mixture.flow_model(sch, "x0")
+    x_cond = mixture.marginal_sample(sch, 0.3, 1, torch.Generator().manual_seed(7))
+    ks = transition_ks(mixture, model, x_cond, 0.3, 0.7, ("ddpm", 0.5), glass(16, "midpoint"), n)
+    assert ks < ks_critical(n, 0.001 / len(DIRECTIONS)), ks
+
+
+@pytest.mark.parametrize("rho,match", [(1.5, r"rho must lie in \[-1, 1\]"), (lambda t, tn: 2.0, r"rho must lie in"),
+                                       ("dpm", "rho must be a float in"), (True, "rho must be a float in")])
+def test_bad_rho_is_named(mixture, rho, match):
+    with pytest.raises(ValueError, match=match):
+        gf.glass_transition(mixture.flow_model(gf.LinearSchedule(), "x0"), torch.zeros(2, 2), 0.2, 0.4, rho=rho)
