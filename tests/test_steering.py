@@ -318,7 +318,7 @@ def test_reused_objects_compile_once(mixture):
         before = counters["stats"]["unique_graphs"]
         first = run(_noise(2, 3, 0))
         compiled = counters["stats"]["unique_graphs"] - before
-        assert 1 <= compiled <= 3            # at most one graph per transition of the first batch
+        assert 0 < compiled <= 3             # at most one graph per transition of the first batch
         res = run(_noise(2, 3, 1))
         assert counters["stats"]["unique_graphs"] - before == compiled   # the second batch reuses them
         assert first.nfe == res.nfe == 6     # 3 transitions x 2 calls, counted outside the compiled code

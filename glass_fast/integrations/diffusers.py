@@ -22,6 +22,10 @@ from .diffusers_adapter import Conditioning, DiffusersFlow, SkipLayerGuidance, t
 from .rewards import CLIPScoreReward, ImageGuidance, ImageReward, LatentReward  # noqa: F401
 
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
+_EMBEDDING_ARGS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt", "negative_prompt_embeds",
+                   "negative_pooled_prompt_embeds", "max_sequence_length")
+_SKIP_LAYER_ARGS = ("skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start",
+                    "skip_layer_guidance_stop")
 
 
 def as_flow(pipe) -> DiffusersFlow:
@@ -236,12 +240,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
         The images (or latents) of the P * num_images_per_prompt rows.
     """
     _check_output(output_type)
-    embeds = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-                  negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
-                  negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-                  max_sequence_length=max_sequence_length)
-    skip = dict(skip_guidance_layers=skip_guidance_layers, skip_layer_guidance_scale=skip_layer_guidance_scale,
-                skip_layer_guidance_start=skip_layer_guidance_start, skip_layer_guidance_stop=skip_layer_guidance_stop)
+    args = locals()   # the pipeline-style arguments sample and steer share, by name
+    embeds, skip = ({k: args[k] for k in names} for names in (_EMBEDDING_ARGS, _SKIP_LAYER_ARGS))
     flow, cond, model, height, width, grid = _setup(pipe, prompt, embeds, num_images_per_prompt,
                                                     "num_images_per_prompt", height, width, guidance_scale,
                                                     true_cfg_scale, max_batch, joint_attention_kwargs, transitions,
@@ -294,12 +294,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     _check_output(output_type)
     if not callable(reward):
         raise TypeError(f"reward must be callable(images, prompts) -> Tensor[N], got {type(reward).__name__}")
-    embeds = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-                  negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
-                  negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-                  max_sequence_length=max_sequence_length)
-    skip = dict(skip_guidance_layers=skip_guidance_layers, skip_layer_guidance_scale=skip_layer_guidance_scale,
-                skip_layer_guidance_start=skip_layer_guidance_start, skip_layer_guidance_stop=skip_layer_guidance_stop)
+    args = locals()   # the pipeline-style arguments sample and steer share, by name
+    embeds, skip = ({k: args[k] for k in names} for names in (_EMBEDDING_ARGS, _SKIP_LAYER_ARGS))
     flow, cond, model, height, width, grid = _setup(pipe, prompt, embeds, particles, "particles", height, width,
                                                     guidance_scale, true_cfg_scale, max_batch,
                                                     joint_attention_kwargs, transitions,
