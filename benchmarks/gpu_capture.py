@@ -86,6 +86,24 @@ def main():
     for name, sec in rows:
         print(f"| {name} | {sec * 1e3:.1f} | {sec / (calls * forward):.3f} | {sec / (calls * forward_graphed):.3f} |")
     print(f"graph vs eager max |diff| (same seed): {diff:.2e}; graph loop free of host syncs: {sync_free}")
+    steering_overhead(model, noise, forward, forward_graphed, kw)
+
+
+def steering_overhead(model, noise, forward: float, forward_graphed: float, kw: dict, particles: int = 8):
+    """FK steering over GLASS on the same batch as groups of ``particles``: a reused FKSteering object."""
+    grouped = noise.reshape((noise.shape[0] // particles, particles) + tuple(noise.shape[1:]))
+    reward = lambda x: -x.float().square().mean(dim=tuple(range(1, x.dim())))  # noqa: E731 (cheap on purpose)
+    opts = {k: v for k, v in kw.items() if k != "device"}
+    gen = torch.Generator(noise.device)
+    rows = []
+    for name, extra in (("FK eager", {}), ("FK cuda_graph", {"cuda_graph": True})):
+        steer = gf.FKSteering(model, reward, **opts, **extra)
+        nfe = steer(grouped, generator=gen.manual_seed(0)).nfe
+        rows.append((name, cuda_time(lambda: steer(grouped, generator=gen.manual_seed(0)), 5), nfe))
+    print(f"FK steering, {grouped.shape[0]} groups x {particles} particles, systematic resampling, a cheap reward:")
+    print("| mode | run ms | model calls | ratio to eager forwards | ratio to graphed forwards |\n|---|---|---|---|---|")
+    for name, sec, nfe in rows:
+        print(f"| {name} | {sec * 1e3:.1f} | {nfe:.0f} | {sec / (nfe * forward):.3f} | {sec / (nfe * forward_graphed):.3f} |")
 
 
 if __name__ == "__main__":
