@@ -83,6 +83,22 @@ inline int scheme_code(const std::string& scheme) {
               "' is not a resampling scheme; allowed: multinomial, stratified, systematic, residual");
 }
 
+// resample_indices' checked arguments: contiguous log-weights and uniforms, the scheme's code, and the
+// [B, K] int64 ancestor tensor to fill.
+struct ResampleArgs {
+  at::Tensor log_w, uniforms, ancestors;
+  int code;
+  int64_t groups, particles;
+};
+
+inline ResampleArgs resample_args(const at::Tensor& log_w, const at::Tensor& uniforms, const std::string& scheme) {
+  check_log_w(log_w);
+  check_uniforms(uniforms, log_w);
+  const int code = scheme_code(scheme);
+  const int64_t b = log_w.size(0), k = log_w.size(1);
+  return {log_w.contiguous(), uniforms.contiguous(), at::empty({b, k}, log_w.options().dtype(at::kLong)), code, b, k};
+}
+
 inline void check_gather(const at::Tensor& x, const at::Tensor& idx) {
   TORCH_CHECK(x.dim() >= 2, "x has shape ", x.sizes(), "; allowed: [B, K, ...]");
   TORCH_CHECK(idx.scalar_type() == at::kLong, "idx has dtype ", idx.scalar_type(), "; allowed: int64");

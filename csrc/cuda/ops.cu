@@ -125,13 +125,11 @@ std::tuple<at::Tensor, at::Tensor> normalize_log_weights(const at::Tensor& log_w
 
 at::Tensor resample_indices(const at::Tensor& log_w, const at::Tensor& uniforms,
                             const std::string& scheme) {
-  check_log_w(log_w);
-  check_uniforms(uniforms, log_w);
-  const int code = scheme_code(scheme);
   const c10::cuda::CUDAGuard guard(log_w.device());
-  const at::Tensor lw = log_w.contiguous(), u = uniforms.contiguous();
-  const int64_t b = lw.size(0), k = lw.size(1);
-  at::Tensor anc = at::empty({b, k}, lw.options().dtype(at::kLong));
+  const ResampleArgs args = resample_args(log_w, uniforms, scheme);
+  const at::Tensor &lw = args.log_w, &u = args.uniforms, &anc = args.ancestors;
+  const int64_t b = args.groups, k = args.particles;
+  const int code = args.code;
   if (b == 0) return anc;
   const bool f64 = lw.scalar_type() == at::kDouble;
   at::Tensor scratch = at::empty({b, 2 * k}, lw.options().dtype(f64 ? at::kDouble : at::kFloat));
