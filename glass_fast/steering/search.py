@@ -1,0 +1,90 @@
+"""Beam search over stochastic transitions: expand every beam with several transitions, keep the best.
+
+Groups of K beams x [B, K, ...]. At each transition every beam draws ``expansions`` children from the
+stochastic kernel (GLASS by default) in one batched step; each child is scored by the reward of its
+x0-prediction r(D_{t_{k+1}}(child)) (at t = 1 by r(x_1)); each group keeps its K best children. The
+x0-prediction of a kept child is its next transition's first model call (handed in, as FK steering
+does), so a search costs expansions x transitions x inner_steps model calls per beam.
+
+Unlike FK steering, search is greedy: the kept beams are not a weighted sample of p_r but high-reward
+points (the deterministic selection of MATH.md section 4's "value ... usable for search").
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..model import FlowModel
+from ..sampling import check_sampler_options
+from ..plan import check_calls
+from ..transitions import FiniteGuard
+from .result import SteeringResult, best_of_groups, check_particles, metered_sampler, progress_bar
+
+
+def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: int = 4, method: str = "glass",
+                transitions: int = 5, inner_steps: int = 10, rho=0.4, solver: str = "euler",
+                generator: torch.Generator | None = None, progress: bool = False, timings: bool | None = None,
+                max_batch: int | None = None, grid: torch.Tensor | None = None) -> SteeringResult:
+    """Keep the K best of K x ``expansions`` children per group after every transition.
+
+    Args:
+        model: the FlowModel.
+        reward: callable(x [N, ...]) -> Tensor[N], larger is better.
+        noise: [B, K, ...] initial beams drawn from N(0, I).
+        expansions: children per beam and transition (1 is plain sampling).
+        method: the kernel, "glass" | "sde" | "plugin" (stochastic; "ode" children would be identical).
+        transitions, inner_steps, rho, solver, grid: the sampler (see ``glass_fast.Sampler``).
+        generator: randomness of the children. progress: tqdm bar over transitions.
+        timings: as in ``fk_steering``. max_batch: most rows per network call (children count).
+    Returns:
+        SteeringResult: samples [B, K, ...] (the final beams, best first), equal log_weights (a selection,
+        not a weighted sample), rewards [B, K], best [B, ...], nfe per beam, reward_calls per beam.
+
+    Example:
+        >>> res = beam_search(model, lambda x: x[:, 0], torch.randn(4, 2, 2), expansions=4)
+    """
+    b, k_beams = check_particles(model, reward, noise, generator)
+    check_calls(expansions, "expansions")
+    if method == "ode":
+        raise ValueError("method='ode' is deterministic: every child of a beam would be the same; "
+                         "use 'glass', 'sde' or 'plugin'")
+    check_sampler_options(method, transitions, inner_steps, solver, None, False)
+    n, rest, dev = b * k_beams, tuple(noise.shape[2:]), noise.device
+    meter, sampler = metered_sampler(model, dev, noise.dtype, timings=timings, max_batch=max_batch, method=method,
+                                     transitions=transitions, inner_steps=inner_steps, rho=rho, solver=solver,
+                                     grid=grid)
+    m, grid, steps = meter.model, sampler.grid, sampler.transitions
+    guard = FiniteGuard(dev)
+    times = torch.as_tensor(grid, dtype=torch.float64).to(dev).unbind(0)
+    x = noise.reshape((n,) + rest)
+    d = m.denoise(x, times[0])
+    guard.check(d, f"the denoiser at t={float(grid[0]):.4f}")
+    scores = None
+    for k in progress_bar(range(steps), progress, "beam_search"):
+        # Every beam's children in one batched transition, rows beam-major: beam i's children are
+        # rows i * expansions ... (i + 1) * expansions - 1.
+        children = sampler.step(k, x.repeat_interleave(expansions, dim=0), generator=generator,
+                                denoised=d.repeat_interleave(expansions, dim=0), guard=guard)
+        if k + 1 < steps:
+            d_children = m.denoise(children, times[k + 1])
+            guard.check(d_children, f"the denoiser at t={float(grid[k + 1]):.4f}")
+            s = meter.reward(reward, d_children, "in beam_search").to(torch.float64)
+        else:
+            d_children = None
+            s = meter.reward(reward, children, "in beam_search at t = 1").to(torch.float64)
+        # K best of each group's K x expansions children (NaN rewards never win), best first.
+        s = torch.nan_to_num(s.reshape(b, k_beams * expansions), nan=-math.inf)
+        scores, keep = s.topk(k_beams, dim=1)
+        rows = (keep + torch.arange(b, device=dev)[:, None] * (k_beams * expansions)).reshape(-1)
+        x = children[rows]
+        if d_children is not None:
+            d = d_children[rows]
+    guard.raise_if_bad()
+    # Every call after the first D_{t_0} ran on `expansions` copies of each beam: count each copy.
+    meter.extra += (m.calls - 1) * (expansions - 1)
+    nfe, reward_calls, secs = meter.close(n)
+    samples, rewards = x.reshape(noise.shape), scores
+    log_w = torch.full((b, k_beams), -math.log(k_beams), dtype=torch.float64, device=dev)
+    return SteeringResult(samples=samples, log_weights=log_w, rewards=rewards, best=best_of_groups(samples, rewards),
+                          nfe=nfe, reward_calls=reward_calls, timings=secs)
