@@ -16,8 +16,8 @@ import math
 import torch
 
 from ..model import FlowModel
-from ..sampling import check_sampler_options
 from ..plan import check_calls
+from ..sampling import check_sampler_options
 from ..transitions import FiniteGuard
 from .result import SteeringResult, best_of_groups, check_particles, metered_sampler, progress_bar
 
