@@ -35,6 +35,19 @@ def test_kept_beams_are_the_best_and_the_cost_is_counted(method):
     assert res.reward_calls == 4 * 3
 
 
+def test_value_scored_search_counts_its_posterior_draws():
+    model = MIX.flow_model(SCH, "velocity")
+    res = gf.beam_search(model, near_target, _noise(3, 2), expansions=3, transitions=4, inner_steps=4,
+                         value_samples=5, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(res.rewards, near_target(res.samples).double())   # t = 1: the reward itself
+    assert torch.all(res.rewards[:, :-1] >= res.rewards[:, 1:])
+    # The plain search's calls, plus at each of the 3 inner grid times 3 posterior calls (the first is the
+    # handed-in D) on 5 draws of each of the 3 children of a beam.
+    assert res.nfe == (1 + 4 * 4 * 3 - 3) + 3 * 3 * 3 * 5
+    with pytest.raises(ValueError, match="value_samples must be an integer >= 1"):
+        gf.beam_search(model, near_target, _noise(2, 2), value_samples=0)
+
+
 def test_search_beats_best_of_n_at_equal_model_calls():
     model = MIX.flow_model(SCH, "velocity")
     groups = 64

@@ -20,12 +20,14 @@ from ..plan import check_calls
 from ..sampling import check_sampler_options
 from ..transitions import FiniteGuard
 from .result import SteeringResult, best_of_groups, check_particles, metered_sampler, progress_bar
+from .value import PosteriorValue
 
 
 def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: int = 4, method: str = "glass",
                 transitions: int = 5, inner_steps: int = 10, rho=0.4, solver: str = "euler",
                 generator: torch.Generator | None = None, progress: bool = False, timings: bool | None = None,
-                max_batch: int | None = None, grid: torch.Tensor | None = None) -> SteeringResult:
+                max_batch: int | None = None, grid: torch.Tensor | None = None,
+                value_samples: int | None = None) -> SteeringResult:
     """Keep the K best of K x ``expansions`` children per group after every transition.
 
     Args:
@@ -37,6 +39,9 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
         transitions, inner_steps, rho, solver, grid: the sampler (see ``glass_fast.Sampler``).
         generator: randomness of the children. progress: tqdm bar over transitions.
         timings: as in ``fk_steering``. max_batch: most rows per network call (children count).
+        value_samples: score children before t = 1 by the value estimate V_t = log E[exp r(z) | x_t] from
+            this many GLASS posterior draws each (``value_estimate``; samples x (inner_steps - 1) more calls
+            per child) instead of the reward of the x0-prediction.
     Returns:
         SteeringResult: samples [B, K, ...] (the final beams, best first), equal log_weights (a selection,
         not a weighted sample), rewards [B, K], best [B, ...], nfe per beam, reward_calls per beam.
@@ -46,6 +51,8 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
     """
     b, k_beams = check_particles(model, reward, noise, generator)
     check_calls(expansions, "expansions")
+    if value_samples is not None:
+        check_calls(value_samples, "value_samples")
     if method == "ode":
         raise ValueError("method='ode' is deterministic: every child of a beam would be the same; "
                          "use 'glass', 'sde' or 'plugin'")
@@ -55,12 +62,18 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
                                      transitions=transitions, inner_steps=inner_steps, rho=rho, solver=solver,
                                      grid=grid)
     m, grid, steps = meter.model, sampler.grid, sampler.transitions
+    values = ({k: PosteriorValue(m, float(grid[k]), samples=value_samples, inner_steps=inner_steps, rho=rho,
+                                 solver=solver, device=dev, dtype=noise.dtype) for k in range(1, steps)}
+              if value_samples is not None else {})
     guard = FiniteGuard(dev)
+
+    def score(z):
+        return meter.reward(reward, z, "in beam_search").to(torch.float64)
     times = torch.as_tensor(grid, dtype=torch.float64).to(dev).unbind(0)
     x = noise.reshape((n,) + rest)
     d = m.denoise(x, times[0])
     guard.check(d, f"the denoiser at t={float(grid[0]):.4f}")
-    scores = None
+    scores, value_calls = None, 0
     for k in progress_bar(range(steps), progress, "beam_search"):
         # Every beam's children in one batched transition, rows beam-major: beam i's children are
         # rows i * expansions ... (i + 1) * expansions - 1.
@@ -69,7 +82,12 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
         if k + 1 < steps:
             d_children = m.denoise(children, times[k + 1])
             guard.check(d_children, f"the denoiser at t={float(grid[k + 1]):.4f}")
-            s = meter.reward(reward, d_children, "in beam_search").to(torch.float64)
+            if values:
+                calls = m.calls
+                s = values[k + 1](children, score, denoised=d_children, generator=generator, guard=guard)
+                value_calls += (m.calls - calls) * expansions * (value_samples - 1)  # rows beyond the copies
+            else:
+                s = score(d_children)
         else:
             d_children = None
             s = meter.reward(reward, children, "in beam_search at t = 1").to(torch.float64)
@@ -81,8 +99,9 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
         if d_children is not None:
             d = d_children[rows]
     guard.raise_if_bad()
-    # Every call after the first D_{t_0} ran on `expansions` copies of each beam: count each copy.
-    meter.extra += (m.calls - 1) * (expansions - 1)
+    # Every call after the first D_{t_0} ran on `expansions` copies of each beam (value draws on
+    # value_samples copies of those): count each copy.
+    meter.extra += (m.calls - 1) * (expansions - 1) + value_calls
     nfe, reward_calls, secs = meter.close(n)
     samples, rewards = x.reshape(noise.shape), scores
     log_w = torch.full((b, k_beams), -math.log(k_beams), dtype=torch.float64, device=dev)
