@@ -470,6 +470,28 @@ def test_image_guidance_in_steering_and_bad_guidance(flux):
         gd.ImageGuidance(_redness, scale=float("nan"))
 
 
+def test_beam_search_through_the_pipeline(flux):
+    seen = []
+
+    def brightness(images, prompts):
+        seen.append(list(prompts))
+        return images.mean(dim=(1, 2, 3))
+
+    imgs, res = gd.steer(flux, ["a cat", "a dog"], brightness, particles=2, algorithm="beam", expansions=3,
+                         transitions=3, inner_steps=2, height=SIZE, width=SIZE,
+                         generator=torch.Generator().manual_seed(23), **_embeds(2, DIM))
+    assert imgs.shape == (2, 3, SIZE, SIZE) and res.samples.shape == (2, 2, 64, 16)
+    assert torch.all(res.rewards[:, 0] >= res.rewards[:, 1])        # best first
+    assert res.nfe == 1 + 3 * 2 * 3 - 3
+    # Children rows are prompt-major: each prompt's 2 beams x 3 children carry that prompt.
+    assert seen[0] == ["a cat"] * 6 + ["a dog"] * 6
+    with pytest.raises(ValueError, match="algorithm must be 'fk' or 'beam'"):
+        gd.steer(flux, None, brightness, algorithm="smc", height=SIZE, width=SIZE, **_embeds(1, DIM))
+    with pytest.raises(ValueError, match="guidance is not supported with algorithm='beam'"):
+        gd.steer(flux, None, brightness, algorithm="beam", guidance=gd.ImageGuidance(brightness, 1.0),
+                 height=SIZE, width=SIZE, **_embeds(1, DIM))
+
+
 def test_sd3_steering_with_cfg_and_the_value_potential(sd3):
     seen = []
 

@@ -266,12 +266,15 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
           max_sequence_length: int = 512, joint_attention_kwargs: dict | None = None,
           guidance: ImageGuidance | None = None, skip_guidance_layers: list[int] | None = None,
           skip_layer_guidance_scale: float = 2.8, skip_layer_guidance_start: float = 0.01,
-          skip_layer_guidance_stop: float = 0.2, **steering_options):
-    """Feynman-Kac steering of a FLUX or SD3 pipeline towards p(image | prompt) exp(lmbda reward(image)).
+          skip_layer_guidance_stop: float = 0.2, algorithm: str = "fk", **steering_options):
+    """Feynman-Kac steering of a FLUX or SD3 pipeline towards p(image | prompt) exp(lmbda reward(image)),
+    or beam search for high-reward images.
 
     Each of the P prompts gets a group of ``particles`` particles. After every transition the x0-prediction
-    of every particle is decoded through the VAE (under ``max_batch`` rows) and scored by ``reward``;
-    particles are reweighted and resampled within their group (``glass_fast.fk_steering``).
+    of every particle is decoded through the VAE (under ``max_batch`` rows) and scored by ``reward``; with
+    ``algorithm="fk"`` particles are reweighted and resampled within their group (``glass_fast.fk_steering``),
+    with ``algorithm="beam"`` every particle draws ``expansions`` children per transition and each group
+    keeps its ``particles`` best (``glass_fast.beam_search``; pass ``expansions=`` / ``value_samples=``).
 
     Args:
         pipe, prompt, prompt_embeds, ..., max_sequence_length, joint_attention_kwargs, guidance,
@@ -283,15 +286,21 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
         potential, lmbda, resample, ess_threshold: see ``glass_fast.fk_steering``.
         latents: optional starting noise [P, K, *state_shape].
         output_type: how the best particle of each group is returned ("pt", "np", "pil", "latent").
-        steering_options: further ``fk_steering`` options (resample_window, final_correction, ...).
+        algorithm: "fk" (default) or "beam".
+        steering_options: further options of ``fk_steering`` (resample_window, final_correction, ...) or of
+            ``beam_search`` (expansions, value_samples).
     Returns:
         (images of the P highest-reward particles, SteeringResult with latent samples [P, K, *state_shape]).
 
     The transition grid is the pipeline's (shifted) sigma schedule unless ``steering_options`` names a
     ``grid`` (every grid gives exact GLASS transitions; only the step placement differs).
     """
-    from ..steering import fk_steering
+    from ..steering import beam_search, fk_steering
     _check_output(output_type)
+    if algorithm not in ("fk", "beam"):
+        raise ValueError(f"algorithm must be 'fk' or 'beam', got {algorithm!r}")
+    if algorithm == "beam" and guidance is not None:
+        raise ValueError("guidance is not supported with algorithm='beam'; use algorithm='fk'")
     if not callable(reward):
         raise TypeError(f"reward must be callable(images, prompts) -> Tensor[N], got {type(reward).__name__}")
     args = locals()   # the pipeline-style arguments sample and steer share, by name
@@ -312,9 +321,12 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     steering_options["grid"] = grid
     if guidance is not None:
         steering_options["guidance"] = _bind_guidance(guidance, flow, cond, particles, height, width, max_batch)
+    proposal = dict(method=method, transitions=transitions, inner_steps=inner_steps, rho=rho, solver=solver,
+                    generator=generator, progress=progress)
     with torch.no_grad():
-        result = fk_steering(model, scorer, noise, method=method, transitions=transitions, inner_steps=inner_steps,
-                             rho=rho, solver=solver, potential=potential, lmbda=lmbda, resample=resample,
-                             ess_threshold=ess_threshold, generator=generator, progress=progress,
-                             **steering_options)
+        if algorithm == "beam":
+            result = beam_search(model, scorer, noise, **proposal, **steering_options)
+        else:
+            result = fk_steering(model, scorer, noise, potential=potential, lmbda=lmbda, resample=resample,
+                                 ess_threshold=ess_threshold, **proposal, **steering_options)
     return postprocess(flow, result.best, height, width, output_type, max_batch), result
