@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("steer", help="one steering run; prints rewards, writes a grid")
     p.add_argument("--method", default="fks-glass", choices=("fks-glass", "fks-sde", "fks-ode", "bon-glass",
-                                                             "bon-sde", "bon-ode"))
+                                                             "bon-sde", "bon-ode", "beam-glass"))
     p.add_argument("--potential", default="diff", choices=("diff", "max", "add", "immediate"))
     _steer_options(p)
     _common(p, out="out")

@@ -54,6 +54,14 @@ def test_steer(tmp_path):
     assert (tmp_path / "steer.png").exists()
 
 
+def test_steer_with_beam_search(tmp_path):
+    res = run_cli("steer", "--method", "beam-glass", "--digit", "1", "--groups", "2", "--out", str(tmp_path), *TINY)
+    assert_ok(res)
+    # 2 particles' budget: 1 beam with 2 children; 1 + 2 transitions x 2 calls x 2 children - 2 model calls.
+    assert "method=beam-glass digit=1 groups=2 particles=2 model calls/output=7" in res.stdout
+    assert (tmp_path / "steer.png").exists()
+
+
 def test_bench_writes_every_table_and_plot(tmp_path):
     res = run_cli("bench", "--table", "all", "--n", "16", "--groups", "2", "--digits", "1,2", "--ks-samples", "200",
                   "--out", str(tmp_path), *TINY, timeout=400)

@@ -3,7 +3,8 @@
 - :func:`sampler_quality`: plain samplers at equal model calls (the paper's Tables 3/4 in miniature):
   Frechet distance in classifier features to the real digits, class diversity, confident rate.
 - :func:`steering_comparison`: steering toward one digit at equal model calls per particle (the paper's
-  Table 1 in miniature): flow baseline, best-of-N with ODE / SDE / GLASS, FK steering with SDE / GLASS.
+  Table 1 in miniature): flow baseline, best-of-N with ODE / SDE / GLASS, FK steering with SDE / GLASS, and
+  beam search over GLASS transitions.
 
 Every function takes a :class:`Settings`, a seed and a device and returns plain rows (dicts) plus samples;
 printing and plotting live with the callers.
@@ -18,9 +19,11 @@ import torch
 from .metrics import class_diversity, confident_rate, frechet_to_real
 from .models import digit_log_probs, digit_reward, digits_flow_model
 
-STEERING_METHODS = ("flow", "bon-ode", "bon-sde", "bon-glass", "fks-sde", "fks-glass")
+STEERING_METHODS = ("flow", "bon-ode", "bon-sde", "bon-glass", "fks-sde", "fks-glass", "beam-glass")
 STEERING_LABELS = {"flow": "flow baseline (ODE)", "bon-ode": "BoN-ODE", "bon-sde": "BoN-SDE",
-                   "bon-glass": "BoN-GLASS", "fks-sde": "FKS-SDE", "fks-glass": "FKS-GLASS"}
+                   "bon-glass": "BoN-GLASS", "fks-sde": "FKS-SDE", "fks-glass": "FKS-GLASS",
+                   "beam-glass": "Beam-GLASS"}
+BEAM_EXPANSIONS = 4   # beam search: children per beam; K particles' budget buys K / 4 beams
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ def run_steering_method(method: str, model, digit: int, noise: torch.Tensor, set
         (best [B, 1, 8, 8] one output per group, model calls per group).
     """
     from glass_fast import sample
-    from glass_fast.steering import best_of_n, fk_steering
+    from glass_fast.steering import beam_search, best_of_n, fk_steering
 
     reward = digit_reward(digit)
     kw = settings.sampler_kwargs()
@@ -142,6 +145,12 @@ def run_steering_method(method: str, model, digit: int, noise: torch.Tensor, set
     kind, proposal = method.split("-")
     if proposal == "ode":
         kw["solver"] = "euler"
+    if kind == "beam":
+        # The same budget as K particles: K / 4 beams of 4 children each (at least one beam).
+        beams = max(1, noise.shape[1] // BEAM_EXPANSIONS)
+        res = beam_search(model, reward, noise[:, :beams], expansions=noise.shape[1] // beams, method=proposal,
+                          generator=generator, **kw)
+        return res.best, res.nfe * beams
     if kind == "bon":
         res = best_of_n(model, reward, noise, method=proposal, generator=generator, **kw)
     else:
