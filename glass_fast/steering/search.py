@@ -69,6 +69,8 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
 
     def score(z):
         return meter.reward(reward, z, "in beam_search").to(torch.float64)
+
+    # Grid times on the device, copied once (a Python float would be copied host-to-device per call).
     times = torch.as_tensor(grid, dtype=torch.float64).to(dev).unbind(0)
     x = noise.reshape((n,) + rest)
     d = m.denoise(x, times[0])
