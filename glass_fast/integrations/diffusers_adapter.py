@@ -328,13 +328,15 @@ class SkipLayerGuidance:
     Args:
         layers: transformer block indices to skip in the extra call.
         scale: weight of (u_cond - u_skip).
-        window: (lo, hi) times where it is on (``from_steps`` converts the pipeline's step fractions).
+        window: (lo, hi) times where it is on, or None for never (``from_steps`` converts the pipeline's
+            step fractions).
     """
 
     def __init__(self, layers, scale: float, window: tuple[float, float]):
         if isinstance(layers, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
             raise ValueError(f"skip_guidance_layers must be a list of block indices, got {layers!r}")
-        self.layers, self.scale, self.window = tuple(layers), float(scale), (float(window[0]), float(window[1]))
+        self.layers, self.scale = tuple(layers), float(scale)
+        self.window = None if window is None else (float(window[0]), float(window[1]))
 
     @classmethod
     def from_steps(cls, layers, scale: float, start: float, stop: float, grid: torch.Tensor) -> "SkipLayerGuidance":
@@ -344,11 +346,14 @@ class SkipLayerGuidance:
         n = len(grid) - 1
         steps = [i for i in range(n) if n * start < i < n * stop]
         if not steps:   # an empty window: never on
-            return cls(layers, scale, (2.0, 2.0))
+            return cls(layers, scale, None)
         return cls(layers, scale, (float(grid[steps[0]]), float(grid[steps[-1]])))
 
-    def active(self, t: torch.Tensor) -> torch.Tensor:
-        """[N] bool: which rows' times lie in the window (with a tolerance for float32 times)."""
+    def active(self, t: torch.Tensor) -> torch.Tensor | None:
+        """[N] bool: which rows' times lie in the window (with a tolerance for float32 times); None when
+        the window holds no step (never on: no check, no extra call)."""
+        if self.window is None:
+            return None
         lo, hi = self.window
         eps = 1e-6
         return (t >= lo - eps) & (t <= hi + eps)
