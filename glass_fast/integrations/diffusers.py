@@ -13,7 +13,9 @@ runs in its own dtype. Prompts are encoded once and shared by all rows (images, 
 """
 from __future__ import annotations
 
+import dataclasses
 
+import numpy as np
 import torch
 
 from ..sampling import Sampler
@@ -24,6 +26,8 @@ from .rewards import CLIPScoreReward, ImageGuidance, ImageReward, LatentReward  
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 _EMBEDDING_ARGS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt", "negative_prompt_embeds",
                    "negative_pooled_prompt_embeds", "max_sequence_length")
+_IMAGE_PROMPT_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image",
+                      "negative_ip_adapter_image_embeds")
 _SKIP_LAYER_ARGS = ("skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start",
                     "skip_layer_guidance_stop")
 
@@ -119,11 +123,78 @@ def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_promp
                         negative_pooled_prompt_embeds.to(**to) if cfg else None, prompts)
 
 
+def _loaded_ip_adapters(flow: DiffusersFlow) -> int:
+    """How many IP-Adapters the transformer has loaded; ValueError when none."""
+    tr = flow.transformer
+    if flow.kind == "flux":
+        proj = getattr(tr, "encoder_hid_proj", None)
+        count = getattr(proj, "num_ip_adapters", 0)
+    else:
+        count = int(getattr(tr, "image_proj", None) is not None)
+    if not count:
+        raise ValueError("ip_adapter_image / ip_adapter_image_embeds need an IP-Adapter loaded into the "
+                         "transformer (pipe.load_ip_adapter(...)); this transformer has none")
+    return count
+
+
+def _image_prompt(flow: DiffusersFlow, name: str, images, embeds, adapters: int, prompts: int) -> list:
+    """One image-prompt branch: ``embeds`` (a Tensor or a list per adapter, each [1 or P, ...]) or the
+    pipeline's image encoder applied to ``images``, as one Tensor [P, ...] per adapter."""
+    if embeds is None:
+        pipe = flow.pipeline
+        if pipe is None or getattr(pipe, "image_encoder", None) is None:
+            raise ValueError(f"{name} needs the pipeline's image encoder (image_encoder is None); pass "
+                             f"{name}_embeds instead")
+        with torch.no_grad():
+            if flow.kind == "flux":
+                embeds = pipe.prepare_ip_adapter_image_embeds(images, None, flow.device, 1)
+            else:
+                embeds = pipe.encode_image(images, flow.device)
+    embeds = list(embeds) if isinstance(embeds, (list, tuple)) else [embeds]
+    if len(embeds) != adapters:
+        raise ValueError(f"{name}_embeds has {len(embeds)} entries but the transformer has {adapters} IP-Adapter(s)")
+    out = []
+    for e in embeds:
+        if not isinstance(e, torch.Tensor) or e.dim() < 2 or e.shape[0] not in (1, prompts):
+            got = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
+            raise ValueError(f"{name}_embeds entries must be Tensors with a leading dimension of 1 or the number "
+                             f"of prompts ({prompts}), got {got}")
+        out.append(e.to(device=flow.device, dtype=flow.dtype).expand((prompts,) + tuple(e.shape[1:])))
+    return out
+
+
+def image_prompts(flow: DiffusersFlow, prompts: int, cfg: bool, height: int, width: int, ip_adapter_image=None,
+                  ip_adapter_image_embeds=None, negative_ip_adapter_image=None,
+                  negative_ip_adapter_image_embeds=None) -> tuple[list | None, list | None]:
+    """IP-Adapter image prompts as (conditional, unconditional) lists of one Tensor [P, ...] per adapter.
+
+    Embeddings are used as given, images go through the pipeline's image encoder. Without classifier-free
+    guidance the unconditional list is None; with it and no negative image prompt, the unconditional branch
+    is the pipelines' default: zeros (SD3) or the embedding of a black image (FLUX). (None, None) when no
+    image prompt is given.
+    """
+    if ip_adapter_image is None and ip_adapter_image_embeds is None:
+        if negative_ip_adapter_image is not None or negative_ip_adapter_image_embeds is not None:
+            raise ValueError("negative_ip_adapter_image(_embeds) needs ip_adapter_image or ip_adapter_image_embeds")
+        return None, None
+    adapters = _loaded_ip_adapters(flow)
+    cond = _image_prompt(flow, "ip_adapter_image", ip_adapter_image, ip_adapter_image_embeds, adapters, prompts)
+    if not cfg:
+        return cond, None
+    if negative_ip_adapter_image is None and negative_ip_adapter_image_embeds is None:
+        if flow.kind == "sd3":
+            return cond, [torch.zeros_like(e) for e in cond]
+        negative_ip_adapter_image = [np.zeros((width, height, 3), dtype=np.uint8)] * adapters
+    return cond, _image_prompt(flow, "negative_ip_adapter_image", negative_ip_adapter_image,
+                               negative_ip_adapter_image_embeds, adapters, prompts)
+
+
 def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, width, guidance_scale,
            true_cfg_scale, max_batch, attention_kwargs, transitions: int, grid, skip_layers: dict):
     """(adapter, conditioning, FlowModel, height, width, transition grid), shared by sample and steer.
 
-    ``skip_layers``: the pipeline's skip_guidance_layers / skip_layer_guidance_scale / _start / _stop."""
+    ``embeds``: the prompt and image-prompt arguments by name; ``skip_layers``: the pipeline's
+    skip_guidance_layers / skip_layer_guidance_scale / _start / _stop."""
     flow = as_flow(pipe)
     if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
         raise TypeError(f"joint_attention_kwargs must be a dict or None, got {type(attention_kwargs).__name__}")
@@ -143,11 +214,15 @@ def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, w
         cfg_scale = 7.0 if guidance_scale is None else float(guidance_scale)
         cfg = cfg_scale > 1.0
         distilled = None
+    images = {k: embeds.pop(k) for k in _IMAGE_PROMPT_ARGS}
     cond = encode(flow, prompt, cfg=cfg, **embeds)
+    cond = dataclasses.replace(cond, **dict(zip(("image_embeds", "negative_image_embeds"),
+                                                image_prompts(flow, cond.num_prompts, cfg, height, width, **images))))
     grid = flow.time_grid(transitions, height, width) if grid is None else grid
     slg = None
     if skip_layers["skip_guidance_layers"] is not None:
-        slg = SkipLayerGuidance.from_steps(skip_layers["skip_guidance_layers"], skip_layers["skip_layer_guidance_scale"],
+        slg = SkipLayerGuidance.from_steps(skip_layers["skip_guidance_layers"],
+                                           skip_layers["skip_layer_guidance_scale"],
                                            skip_layers["skip_layer_guidance_start"],
                                            skip_layers["skip_layer_guidance_stop"], grid)
     model = flow.flow_model(cond, per_prompt, height, width, guidance_scale=distilled,
@@ -202,7 +277,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
            max_batch: int | None = None, output_type: str = "pt", max_sequence_length: int = 512,
            joint_attention_kwargs: dict | None = None, guidance: ImageGuidance | None = None, callback=None,
            skip_guidance_layers: list[int] | None = None, skip_layer_guidance_scale: float = 2.8,
-           skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2):
+           skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2, ip_adapter_image=None,
+           ip_adapter_image_embeds=None, negative_ip_adapter_image=None, negative_ip_adapter_image_embeds=None):
     """Generate images from a FLUX or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
 
     Args:
@@ -236,12 +312,19 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
             SD3's skip-layer guidance as in its pipeline (with classifier-free guidance; one more transformer
             call per model call inside the window). The pipeline's step fractions become the window of times
             spanned by those steps on the transition grid.
+        ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image, negative_ip_adapter_image_embeds:
+            image prompts for loaded IP-Adapters: images (through the pipeline's image encoder) or embeddings,
+            a Tensor or a list of one Tensor per adapter with a leading dimension of 1 (every prompt) or P (one
+            per prompt), in the pipeline's layout (FLUX [., images, D], SD3 [., tokens, D]). Every row gets its
+            prompt's. The negative ones are classifier-free guidance's unconditional branch (default as in
+            the pipelines: zeros for SD3, a black image for FLUX). Unlike the SD3 pipeline, which computes
+            the adapter's timestep-dependent tokens once at its first step, every call recomputes them.
     Returns:
         The images (or latents) of the P * num_images_per_prompt rows.
     """
     _check_output(output_type)
     args = locals()   # the pipeline-style arguments sample and steer share, by name
-    embeds, skip = ({k: args[k] for k in names} for names in (_EMBEDDING_ARGS, _SKIP_LAYER_ARGS))
+    embeds, skip = ({k: args[k] for k in names} for names in (_EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS, _SKIP_LAYER_ARGS))
     flow, cond, model, height, width, grid = _setup(pipe, prompt, embeds, num_images_per_prompt,
                                                     "num_images_per_prompt", height, width, guidance_scale,
                                                     true_cfg_scale, max_batch, joint_attention_kwargs, transitions,
@@ -266,7 +349,9 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
           max_sequence_length: int = 512, joint_attention_kwargs: dict | None = None,
           guidance: ImageGuidance | None = None, skip_guidance_layers: list[int] | None = None,
           skip_layer_guidance_scale: float = 2.8, skip_layer_guidance_start: float = 0.01,
-          skip_layer_guidance_stop: float = 0.2, algorithm: str = "fk", **steering_options):
+          skip_layer_guidance_stop: float = 0.2, ip_adapter_image=None, ip_adapter_image_embeds=None,
+          negative_ip_adapter_image=None, negative_ip_adapter_image_embeds=None, algorithm: str = "fk",
+          **steering_options):
     """Feynman-Kac steering of a FLUX or SD3 pipeline towards p(image | prompt) exp(lmbda reward(image)),
     or beam search for high-reward images.
 
@@ -278,8 +363,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
 
     Args:
         pipe, prompt, prompt_embeds, ..., max_sequence_length, joint_attention_kwargs, guidance,
-            skip_guidance_layers, ...: as in ``sample`` (guidance shifts the proposal's model calls; its reward
-            may differ from ``reward``).
+            skip_guidance_layers, ..., ip_adapter_image, ...: as in ``sample`` (guidance shifts the proposal's
+            model calls; its reward may differ from ``reward``).
         reward: an ``ImageReward``: reward(images [N, 3, H, W] in [0, 1], prompts list of N) -> Tensor[N].
         particles: K particles per prompt.
         method, transitions, inner_steps, rho, solver: the proposal (see ``sample``).
@@ -304,7 +389,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     if not callable(reward):
         raise TypeError(f"reward must be callable(images, prompts) -> Tensor[N], got {type(reward).__name__}")
     args = locals()   # the pipeline-style arguments sample and steer share, by name
-    embeds, skip = ({k: args[k] for k in names} for names in (_EMBEDDING_ARGS, _SKIP_LAYER_ARGS))
+    embeds, skip = ({k: args[k] for k in names} for names in (_EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS, _SKIP_LAYER_ARGS))
     flow, cond, model, height, width, grid = _setup(pipe, prompt, embeds, particles, "particles", height, width,
                                                     guidance_scale, true_cfg_scale, max_batch,
                                                     joint_attention_kwargs, transitions,

@@ -42,6 +42,8 @@ class Conditioning:
         negative_embeds, negative_pooled: the same for the unconditional branch of classifier-free
             guidance, or None when no guidance branch is run.
         prompts: the P prompt strings where known (rewards such as CLIP score read them), else None.
+        image_embeds: IP-Adapter image prompts, one Tensor [P, ...] per loaded adapter, or None.
+        negative_image_embeds: the same for the unconditional branch (with classifier-free guidance).
     """
 
     prompt_embeds: torch.Tensor
@@ -49,10 +51,22 @@ class Conditioning:
     negative_embeds: torch.Tensor | None = None
     negative_pooled: torch.Tensor | None = None
     prompts: list | None = None
+    image_embeds: list | None = None
+    negative_image_embeds: list | None = None
 
     @property
     def num_prompts(self) -> int:
         return self.prompt_embeds.shape[0]
+
+    def attention_kwargs(self, kind: str, base: dict | None, rows: torch.Tensor, unconditional: bool) -> dict | None:
+        """``base`` joint_attention_kwargs plus the IP-Adapter image prompts of ``rows`` (prompt indices), in
+        the layout the transformer reads: FLUX a list per adapter, SD3 one Tensor. ``unconditional``: rows
+        are the stacked (unconditional, conditional) pair of one classifier-free guidance call."""
+        if self.image_embeds is None:
+            return base
+        branches = (self.negative_image_embeds, self.image_embeds) if unconditional else (self.image_embeds,)
+        per_adapter = [torch.cat([branch[i][rows] for branch in branches]) for i in range(len(self.image_embeds))]
+        return {**(base or {}), "ip_adapter_image_embeds": per_adapter if kind == "flux" else per_adapter[0]}
 
 
 def transformer_kind(transformer) -> str:
@@ -230,9 +244,9 @@ class DiffusersFlow:
 
         Rows are prompt-major: row r belongs to prompt r // per_prompt, so the model expects P * per_prompt
         rows, or a multiple m of that with every row repeated m times in place (``repeat_interleave``, as
-        posterior-value estimates do): then row r belongs to prompt r // (m * per_prompt). With classifier-free guidance (cfg_scale != 1 and negative embeddings) the
-        model is the guided field u_uncond + cfg_scale (u_cond - u_uncond), from one transformer call on the
-        stacked (uncond, cond) rows.
+        posterior-value estimates do): then row r belongs to prompt r // (m * per_prompt). With classifier-free
+        guidance (cfg_scale != 1 and negative embeddings) the model is the guided field
+        u_uncond + cfg_scale (u_cond - u_uncond), from one transformer call on the stacked (uncond, cond) rows.
 
         Args:
             cond: prompt conditioning of P prompts.
@@ -241,7 +255,8 @@ class DiffusersFlow:
             guidance_scale: FLUX's distilled guidance embedding value.
             cfg_scale: classifier-free guidance weight (SD3's guidance_scale, FLUX's true_cfg_scale).
             max_batch: most rows per transformer call (guided rows count twice); None = all at once.
-            attention_kwargs: the transformer's ``joint_attention_kwargs``, given to every call as they are.
+            attention_kwargs: the transformer's ``joint_attention_kwargs``, given to every call as they are (with
+                each call's rows' IP-Adapter image prompts from ``cond`` added).
             skip_layer_guidance: SD3 with classifier-free guidance only: adds scale * (u_cond - u_skip) inside
                 its time window, u_skip from one more call on the conditional rows with blocks skipped.
         Returns:
@@ -269,7 +284,8 @@ class DiffusersFlow:
                     both = self.predict(torch.cat([xc, xc]), torch.cat([sc, sc]),
                                         torch.cat([cond.negative_embeds[idx], cond.prompt_embeds[idx]]),
                                         torch.cat([cond.negative_pooled[idx], cond.pooled[idx]]),
-                                        height, width, guidance_scale, attention_kwargs).float()
+                                        height, width, guidance_scale,
+                                        cond.attention_kwargs(self.kind, attention_kwargs, idx, True)).float()
                     unc, con = both.chunk(2)
                     v = unc + cfg_scale * (con - unc)
                     slg = skip_layer_guidance
@@ -277,12 +293,14 @@ class DiffusersFlow:
                     # A host check (one small sync per call) saves the extra transformer call outside the window.
                     if on is not None and bool(on.any()):
                         skipped = self.predict(xc, sc, cond.prompt_embeds[idx], cond.pooled[idx], height, width,
-                                               guidance_scale, attention_kwargs, slg.layers).float()
+                                               guidance_scale,
+                                               cond.attention_kwargs(self.kind, attention_kwargs, idx, False),
+                                               slg.layers).float()
                         shift = slg.scale * (con - skipped)
                         v = v + torch.where(on.view((-1,) + (1,) * (v.dim() - 1)), shift, torch.zeros_like(shift))
                 else:
                     v = self.predict(xc, sc, cond.prompt_embeds[idx], cond.pooled[idx], height, width,
-                                     guidance_scale, attention_kwargs)
+                                     guidance_scale, cond.attention_kwargs(self.kind, attention_kwargs, idx, False))
                 outs.append((-v).to(x.dtype))  # u = dx/dt = z - eps = -v
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
