@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -175,3 +177,25 @@ def test_image_prompt_errors_are_named(flux, flux_ip):
     with pytest.raises(ValueError, match="negative_ip_adapter_image needs the pipeline's image encoder"):
         gd.sample(_flux_pipeline(flux_ip), ip_adapter_image_embeds=_image_embeds(1, 1), true_cfg_scale=2.0,
                   **{**kw, **neg})
+
+
+def test_flux_image_prompts_through_the_image_encoder_match_the_pipeline(flux_ip):
+    """Images through the pipeline's image encoder; under true CFG the default negative is a black image."""
+    transformers = pytest.importorskip("transformers")
+    from diffusers import FluxPipeline
+    torch.manual_seed(2)
+    encoder = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+        patch_size=8, projection_dim=CLIP)).eval()
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    pipe = FluxPipeline(scheduler=flux_ip.scheduler, vae=flux_ip.vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=flux_ip.transformer,
+                        image_encoder=encoder, feature_extractor=processor)
+    pipe.set_progress_bar_config(disable=True)
+    image = (np.random.default_rng(3).random((16, 16, 3)) * 255).astype(np.uint8)
+    emb = _embeds(1, DIM, seed=19, negative=True)
+    lat = gd.as_flow(pipe).noise(1, SIZE, SIZE, torch.Generator().manual_seed(20))
+    kw = dict(height=SIZE, width=SIZE, output_type="latent", true_cfg_scale=2.5, **emb)
+    theirs = pipe(num_inference_steps=3, latents=lat.clone(), ip_adapter_image=[image], **kw).images
+    ours = gd.sample(pipe, method="ode", transitions=3, inner_steps=1, latents=lat, ip_adapter_image=[image], **kw)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
