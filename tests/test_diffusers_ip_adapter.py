@@ -199,3 +199,26 @@ def test_flux_image_prompts_through_the_image_encoder_match_the_pipeline(flux_ip
     theirs = pipe(num_inference_steps=3, latents=lat.clone(), ip_adapter_image=[image], **kw).images
     ours = gd.sample(pipe, method="ode", transitions=3, inner_steps=1, latents=lat, ip_adapter_image=[image], **kw)
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+def test_sd3_image_prompts_through_the_image_encoder_match_the_pipeline(sd3_ip):
+    """SD3 encodes the image to the encoder's penultimate hidden states; the negative branch gets zeros."""
+    transformers = pytest.importorskip("transformers")
+    from diffusers import StableDiffusion3Pipeline
+    torch.manual_seed(3)
+    encoder = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=CLIP, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+        patch_size=8)).eval()
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    pipe = StableDiffusion3Pipeline(transformer=sd3_ip.transformer, scheduler=sd3_ip.scheduler, vae=sd3_ip.vae,
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None, image_encoder=encoder,
+                                    feature_extractor=processor)
+    pipe.set_progress_bar_config(disable=True)
+    image = (np.random.default_rng(4).random((16, 16, 3)) * 255).astype(np.uint8)
+    emb = _embeds(1, 16, seed=21, negative=True)
+    lat = gd.as_flow(pipe).noise(1, SIZE, SIZE, torch.Generator().manual_seed(22))
+    kw = dict(height=SIZE, width=SIZE, output_type="latent", guidance_scale=4.0, **emb)
+    theirs = pipe(num_inference_steps=1, latents=lat.clone(), ip_adapter_image=image, **kw).images
+    ours = gd.sample(pipe, method="ode", transitions=1, inner_steps=1, latents=lat, ip_adapter_image=image, **kw)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
