@@ -19,6 +19,8 @@ from glass_fast.ops import reference as R
 from gpu_ops import time_cuda
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What csrc/cuda/ops.cu launches for both kernels at these sizes (fused_step_into, gather_into).
+LIBRARY_LAUNCH = "256 threads, one block per work unit"
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -67,6 +69,7 @@ def main():
     t_copy = time_cuda(lambda: dst.copy_(src))
     print(f"device: {torch.cuda.get_device_name()}; {sms} SMs; copy of {n} fp32: {t_copy * 1e3:.3f} ms\n")
     grids = {"one block per work unit": 0, "8 blocks/SM, striding": 8 * sms, "32 blocks/SM, striding": 32 * sms}
+    assert LIBRARY_LAUNCH == f"256 threads, {next(iter(grids))}"
 
     def report(title, ref, runs, outputs, traffic):
         """``outputs`` are zeroed before each configuration's checked run; ``traffic``: bytes the op moves
@@ -81,7 +84,8 @@ def main():
             rows.append((name, time_cuda(fn)))
         print(f"== {title}")
         for name, t in sorted(rows, key=lambda r: r[1]):
-            print(f"  {name:44s} {t * 1e3:7.3f} ms {100 * traffic * t_copy / t:6.1f}% of copy bandwidth")
+            mark = "  <- the library's launch" if name == LIBRARY_LAUNCH else ""
+            print(f"  {name:44s} {t * 1e3:7.3f} ms {100 * traffic * t_copy / t:6.1f}% of copy bandwidth{mark}")
         print()
 
     g = torch.Generator(device="cuda").manual_seed(0)
