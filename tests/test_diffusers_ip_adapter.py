@@ -159,7 +159,7 @@ def test_steering_with_an_image_prompt(flux_ip):
     assert images.shape == (2, 3, SIZE, SIZE) and torch.isfinite(result.samples).all()
 
 
-def test_image_prompt_errors_are_named(flux, flux_ip):
+def test_image_prompt_errors_are_named(flux, flux_ip):  # noqa: F811
     emb = _embeds(2, DIM, seed=17)
     kw = dict(height=SIZE, width=SIZE, transitions=1, inner_steps=1, output_type="latent", **emb)
     with pytest.raises(ValueError, match="need an IP-Adapter loaded"):

@@ -13,14 +13,12 @@ runs in its own dtype. Prompts are encoded once and shared by all rows (images, 
 """
 from __future__ import annotations
 
-import dataclasses
-
-import numpy as np
 import torch
 
 from ..sampling import Sampler
 from ..transitions import check_state
-from .diffusers_adapter import Conditioning, DiffusersFlow, SkipLayerGuidance, transformer_kind  # noqa: F401
+from .diffusers_adapter import DiffusersFlow, SkipLayerGuidance, transformer_kind  # noqa: F401
+from .diffusers_conditioning import Conditioning, encode, image_prompts  # noqa: F401
 from .rewards import CLIPScoreReward, ImageGuidance, ImageReward, LatentReward  # noqa: F401
 
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
@@ -35,158 +33,6 @@ _SKIP_LAYER_ARGS = ("skip_guidance_layers", "skip_layer_guidance_scale", "skip_l
 def as_flow(pipe) -> DiffusersFlow:
     """The ``DiffusersFlow`` adapter of a pipeline (or the adapter itself)."""
     return DiffusersFlow.from_pipeline(pipe)
-
-
-def _prompts(prompt):
-    if prompt is None:
-        return None
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    raise TypeError(f"prompt must be a string, a non-empty list of strings or None, got {prompt!r}")
-
-
-def _check_embeds(name: str, value, dims: int, rows: int | None):
-    if not isinstance(value, torch.Tensor) or value.dim() != dims:
-        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(f"{name} must be a Tensor with {dims} dimensions, got {got}")
-    if rows is not None and value.shape[0] != rows:
-        raise ValueError(f"{name} has {value.shape[0]} rows but there are {rows} prompts")
-
-
-def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt=None,
-           negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, cfg: bool = False,
-           max_sequence_length: int = 512) -> Conditioning:
-    """Prompt conditioning, one row per prompt: precomputed embeddings, or the pipeline's text encoders.
-
-    Args:
-        flow: the adapter.
-        prompt: str or list of P strings (kept for rewards even when embeddings are given).
-        prompt_embeds, pooled_prompt_embeds: [P, S, D] and [P, Dp], replacing the text encoders.
-        negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds: the unconditional branch.
-        cfg: whether classifier-free guidance will run (then an unconditional branch is required).
-        max_sequence_length: T5 token budget when encoding.
-    Returns:
-        Conditioning on the transformer's device and dtype.
-    """
-    prompts = _prompts(prompt)
-    pipe = flow.pipeline
-    if prompt_embeds is None and prompts is None:
-        raise ValueError("pass prompt or prompt_embeds (with pooled_prompt_embeds)")
-    if prompt_embeds is not None and pooled_prompt_embeds is None:
-        raise ValueError("pooled_prompt_embeds is required with prompt_embeds")
-    if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
-        raise ValueError("negative_pooled_prompt_embeds is required with negative_prompt_embeds")
-    need_neg = cfg and negative_prompt_embeds is None
-    if prompt_embeds is None or need_neg:
-        if pipe is None or getattr(pipe, "text_encoder", None) is None or not hasattr(pipe, "encode_prompt"):
-            if prompt_embeds is None:
-                raise ValueError("prompt_embeds and pooled_prompt_embeds are required when the pipeline has no "
-                                 "text encoders (text_encoder is None)")
-            raise ValueError("classifier-free guidance needs negative_prompt_embeds and "
-                             "negative_pooled_prompt_embeds when the pipeline has no text encoders (text_encoder "
-                             "is None); pass them, or guidance_scale=1.0 (SD3) / true_cfg_scale=1.0 (FLUX) to run "
-                             "without guidance")
-    dev = flow.device
-    with torch.no_grad():
-        if flow.kind == "flux":
-            if prompt_embeds is None:
-                prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
-                    prompt=prompts, prompt_2=None, device=dev, num_images_per_prompt=1,
-                    max_sequence_length=max_sequence_length)
-            if need_neg:
-                negs = _prompts(negative_prompt)
-                negs = negs * prompt_embeds.shape[0] if len(negs) == 1 else negs
-                negative_prompt_embeds, negative_pooled_prompt_embeds, _ = pipe.encode_prompt(
-                    prompt=negs, prompt_2=None, device=dev, num_images_per_prompt=1,
-                    max_sequence_length=max_sequence_length)
-        elif prompt_embeds is None or need_neg:
-            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = \
-                pipe.encode_prompt(prompt=prompts if prompt_embeds is None else None, prompt_2=None, prompt_3=None,
-                                   device=dev, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
-                                   prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-                                   negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
-                                   negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-                                   max_sequence_length=max_sequence_length)
-    _check_embeds("prompt_embeds", prompt_embeds, 3, None)
-    n = prompt_embeds.shape[0]
-    _check_embeds("pooled_prompt_embeds", pooled_prompt_embeds, 2, n)
-    if prompts is not None and len(prompts) != n:
-        raise ValueError(f"prompt has {len(prompts)} entries but prompt_embeds has {n} rows: they must match")
-    if cfg:
-        _check_embeds("negative_prompt_embeds", negative_prompt_embeds, 3, n)
-        _check_embeds("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, 2, n)
-    to = dict(device=dev, dtype=flow.dtype)
-    return Conditioning(prompt_embeds.to(**to), pooled_prompt_embeds.to(**to),
-                        negative_prompt_embeds.to(**to) if cfg else None,
-                        negative_pooled_prompt_embeds.to(**to) if cfg else None, prompts)
-
-
-def _loaded_ip_adapters(flow: DiffusersFlow) -> int:
-    """How many IP-Adapters the transformer has loaded; ValueError when none."""
-    tr = flow.transformer
-    if flow.kind == "flux":
-        proj = getattr(tr, "encoder_hid_proj", None)
-        count = getattr(proj, "num_ip_adapters", 0)
-    else:
-        count = int(getattr(tr, "image_proj", None) is not None)
-    if not count:
-        raise ValueError("ip_adapter_image / ip_adapter_image_embeds need an IP-Adapter loaded into the "
-                         "transformer (pipe.load_ip_adapter(...)); this transformer has none")
-    return count
-
-
-def _image_prompt(flow: DiffusersFlow, name: str, images, embeds, adapters: int, prompts: int) -> list:
-    """One image-prompt branch: ``embeds`` (a Tensor or a list per adapter, each [1 or P, ...]) or the
-    pipeline's image encoder applied to ``images``, as one Tensor [P, ...] per adapter."""
-    if embeds is None:
-        pipe = flow.pipeline
-        if pipe is None or getattr(pipe, "image_encoder", None) is None:
-            raise ValueError(f"{name} needs the pipeline's image encoder (image_encoder is None); pass "
-                             f"{name}_embeds instead")
-        with torch.no_grad():
-            if flow.kind == "flux":
-                embeds = pipe.prepare_ip_adapter_image_embeds(images, None, flow.device, 1)
-            else:
-                embeds = pipe.encode_image(images, flow.device)
-    embeds = list(embeds) if isinstance(embeds, (list, tuple)) else [embeds]
-    if len(embeds) != adapters:
-        raise ValueError(f"{name}_embeds has {len(embeds)} entries but the transformer has {adapters} IP-Adapter(s)")
-    out = []
-    for e in embeds:
-        if not isinstance(e, torch.Tensor) or e.dim() < 2 or e.shape[0] not in (1, prompts):
-            got = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
-            raise ValueError(f"{name}_embeds entries must be Tensors with a leading dimension of 1 or the number "
-                             f"of prompts ({prompts}), got {got}")
-        out.append(e.to(device=flow.device, dtype=flow.dtype).expand((prompts,) + tuple(e.shape[1:])))
-    return out
-
-
-def image_prompts(flow: DiffusersFlow, prompts: int, cfg: bool, height: int, width: int, ip_adapter_image=None,
-                  ip_adapter_image_embeds=None, negative_ip_adapter_image=None,
-                  negative_ip_adapter_image_embeds=None) -> tuple[list | None, list | None]:
-    """IP-Adapter image prompts as (conditional, unconditional) lists of one Tensor [P, ...] per adapter.
-
-    Embeddings are used as given, images go through the pipeline's image encoder. Without classifier-free
-    guidance the unconditional list is None; with it and no negative image prompt, the unconditional branch
-    is the pipelines' default: zeros (SD3) or the embedding of a black image (FLUX). (None, None) when no
-    image prompt is given.
-    """
-    if ip_adapter_image is None and ip_adapter_image_embeds is None:
-        if negative_ip_adapter_image is not None or negative_ip_adapter_image_embeds is not None:
-            raise ValueError("negative_ip_adapter_image(_embeds) needs ip_adapter_image or ip_adapter_image_embeds")
-        return None, None
-    adapters = _loaded_ip_adapters(flow)
-    cond = _image_prompt(flow, "ip_adapter_image", ip_adapter_image, ip_adapter_image_embeds, adapters, prompts)
-    if not cfg:
-        return cond, None
-    if negative_ip_adapter_image is None and negative_ip_adapter_image_embeds is None:
-        if flow.kind == "sd3":
-            return cond, [torch.zeros_like(e) for e in cond]
-        negative_ip_adapter_image = [np.zeros((width, height, 3), dtype=np.uint8)] * adapters
-    return cond, _image_prompt(flow, "negative_ip_adapter_image", negative_ip_adapter_image,
-                               negative_ip_adapter_image_embeds, adapters, prompts)
 
 
 def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, width, guidance_scale,
@@ -216,8 +62,8 @@ def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, w
         distilled = None
     images = {k: embeds.pop(k) for k in _IMAGE_PROMPT_ARGS}
     cond = encode(flow, prompt, cfg=cfg, **embeds)
-    cond = dataclasses.replace(cond, **dict(zip(("image_embeds", "negative_image_embeds"),
-                                                image_prompts(flow, cond.num_prompts, cfg, height, width, **images))))
+    cond.image_embeds, cond.negative_image_embeds = image_prompts(flow, cond.num_prompts, cfg, height, width,
+                                                                  **images)
     grid = flow.time_grid(transitions, height, width) if grid is None else grid
     slg = None
     if skip_layers["skip_guidance_layers"] is not None:

@@ -15,8 +15,6 @@ packed like the pipeline does, so one generator seed gives the pipeline's starti
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -28,45 +26,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ..model import FlowModel
 from ..schedules import LinearSchedule
+from .diffusers_conditioning import Conditioning
 
 KINDS = {"flux": FluxTransformer2DModel, "sd3": SD3Transformer2DModel}
-
-
-@dataclass
-class Conditioning:
-    """Prompt embeddings, one row per prompt (encoded once, shared by every particle of the prompt).
-
-    Attributes:
-        prompt_embeds: [P, S, D] text token embeddings.
-        pooled: [P, Dp] pooled text embeddings.
-        negative_embeds, negative_pooled: the same for the unconditional branch of classifier-free
-            guidance, or None when no guidance branch is run.
-        prompts: the P prompt strings where known (rewards such as CLIP score read them), else None.
-        image_embeds: IP-Adapter image prompts, one Tensor [P, ...] per loaded adapter, or None.
-        negative_image_embeds: the same for the unconditional branch (with classifier-free guidance).
-    """
-
-    prompt_embeds: torch.Tensor
-    pooled: torch.Tensor
-    negative_embeds: torch.Tensor | None = None
-    negative_pooled: torch.Tensor | None = None
-    prompts: list | None = None
-    image_embeds: list | None = None
-    negative_image_embeds: list | None = None
-
-    @property
-    def num_prompts(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    def attention_kwargs(self, kind: str, base: dict | None, rows: torch.Tensor, unconditional: bool) -> dict | None:
-        """``base`` joint_attention_kwargs plus the IP-Adapter image prompts of ``rows`` (prompt indices), in
-        the layout the transformer reads: FLUX a list per adapter, SD3 one Tensor. ``unconditional``: rows
-        are the stacked (unconditional, conditional) pair of one classifier-free guidance call."""
-        if self.image_embeds is None:
-            return base
-        branches = (self.negative_image_embeds, self.image_embeds) if unconditional else (self.image_embeds,)
-        per_adapter = [torch.cat([branch[i][rows] for branch in branches]) for i in range(len(self.image_embeds))]
-        return {**(base or {}), "ip_adapter_image_embeds": per_adapter if kind == "flux" else per_adapter[0]}
 
 
 def transformer_kind(transformer) -> str:
