@@ -20,3 +20,18 @@ def mixture():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Tiny random FLUX / SD3 parts (tests/diffusers_parts.py), one set per test module.
+@pytest.fixture(scope="module")
+def flux():
+    pytest.importorskip("diffusers")
+    from diffusers_parts import tiny_flux
+    return tiny_flux()
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    pytest.importorskip("diffusers")
+    from diffusers_parts import tiny_sd3
+    return tiny_sd3()

@@ -17,54 +17,11 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,  # noqa: E402
-                       SD3Transformer2DModel)
+from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 from glass_fast.integrations import diffusers as gd  # noqa: E402
 from glass_fast.integrations.rewards import CLIPScoreReward, LatentReward  # noqa: E402
-
-SIZE = 32          # image side in pixels; the tiny VAE downsamples by 2, so latents are 16 x 16
-SEQ, DIM = 7, 32   # text tokens and their width
-# float32 on CPU: diffusers' loop and glass_fast's sum the same terms in a different order.
-ATOL = 2e-5
-
-
-def _vae():
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=4, sample_size=SIZE, scaling_factor=1.5,
-                         shift_factor=0.06).eval()
-
-
-@pytest.fixture(scope="module")
-def flux():
-    torch.manual_seed(0)
-    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=DIM,
-                                pooled_projection_dim=DIM, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
-    # FLUX's resolution-dependent shift, with token counts scaled to the tiny image (64 tokens).
-    sch = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=16,
-                                          max_image_seq_len=256, base_shift=0.5, max_shift=1.15)
-    return types.SimpleNamespace(transformer=tr, scheduler=sch, vae=_vae())
-
-
-@pytest.fixture(scope="module")
-def sd3():
-    torch.manual_seed(1)
-    tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
-                               num_attention_heads=2, joint_attention_dim=DIM, caption_projection_dim=16,
-                               pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16).eval()
-    return types.SimpleNamespace(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae())
-
-
-def _embeds(prompts: int, pooled: int, seed: int = 0, negative: bool = False):
-    g = torch.Generator().manual_seed(seed)
-    out = dict(prompt_embeds=torch.randn(prompts, SEQ, DIM, generator=g),
-               pooled_prompt_embeds=torch.randn(prompts, pooled, generator=g))
-    if negative:
-        out.update(negative_prompt_embeds=torch.randn(prompts, SEQ, DIM, generator=g),
-                   negative_pooled_prompt_embeds=torch.randn(prompts, pooled, generator=g))
-    return out
+from diffusers_parts import ATOL, DIM, SEQ, SIZE, pipeline, random_embeds  # noqa: E402
 
 
 def _flux_ids(n_txt: int, h2: int, w2: int):
@@ -101,7 +58,7 @@ def test_import_is_lazy_and_names_the_extra(monkeypatch):
 
 def test_flux_velocity_and_denoiser_are_the_sign_flipped_transformer(flux):
     flow = gd.as_flow(flux)
-    cond = gd.encode(flow, **_embeds(2, DIM))
+    cond = gd.encode(flow, **random_embeds(2, DIM))
     model = flow.flow_model(cond, 3, SIZE, SIZE, guidance_scale=2.5)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 64, 16, generator=g)
@@ -117,7 +74,7 @@ def test_flux_velocity_and_denoiser_are_the_sign_flipped_transformer(flux):
 
 def test_sd3_guided_velocity_is_the_sign_flipped_cfg_combination(sd3):
     flow = gd.as_flow(sd3)
-    cond = gd.encode(flow, cfg=True, **_embeds(2, 16, negative=True))
+    cond = gd.encode(flow, cfg=True, **random_embeds(2, 16, negative=True))
     model = flow.flow_model(cond, 2, SIZE, SIZE, cfg_scale=4.0)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(4, 4, 16, 16, generator=g)
@@ -132,7 +89,7 @@ def test_sd3_guided_velocity_is_the_sign_flipped_cfg_combination(sd3):
 
 
 def test_flux_true_cfg_is_the_guided_field_of_one_stacked_call(flux):
-    emb = _embeds(1, DIM, seed=14, negative=True)
+    emb = random_embeds(1, DIM, seed=14, negative=True)
     lat = gd.as_flow(flux).noise(2, SIZE, SIZE, torch.Generator().manual_seed(15))
     kw = dict(method="ode", transitions=2, inner_steps=1, num_images_per_prompt=2, height=SIZE, width=SIZE,
               latents=lat, output_type="latent")
@@ -155,7 +112,7 @@ def test_flux_true_cfg_is_the_guided_field_of_one_stacked_call(flux):
 
 def test_max_batch_chunks_give_the_same_field(sd3):
     flow = gd.as_flow(sd3)
-    cond = gd.encode(flow, cfg=True, **_embeds(3, 16, negative=True))
+    cond = gd.encode(flow, cfg=True, **random_embeds(3, 16, negative=True))
     x, t = torch.randn(6, 4, 16, 16), torch.rand(6)
     whole = flow.flow_model(cond, 2, SIZE, SIZE, cfg_scale=3.0)
     chunked = flow.flow_model(cond, 2, SIZE, SIZE, cfg_scale=3.0, max_batch=4)  # 2 latents (x2 for CFG) per call
@@ -178,7 +135,7 @@ def test_flux_decoding_is_the_pipelines_unpack_scale_and_shift(flux):
 
 # --------------------------------------------------------------------------------- the diffusers cross-check
 def test_flux_ode_reproduces_the_diffusers_euler_loop(flux):
-    steps, emb = 6, _embeds(1, DIM, seed=5)
+    steps, emb = 6, random_embeds(1, DIM, seed=5)
     flow = gd.as_flow(flux)
     lat = flow.noise(2, SIZE, SIZE, torch.Generator().manual_seed(6))
     # The pipeline's schedule: sigmas linspace(1, 1/N, N) shifted with mu linear in the token count.
@@ -200,7 +157,7 @@ def test_flux_ode_reproduces_the_diffusers_euler_loop(flux):
 
 
 def test_sd3_ode_with_cfg_reproduces_the_diffusers_euler_loop(sd3):
-    steps, w, emb = 5, 5.0, _embeds(2, 16, seed=7, negative=True)
+    steps, w, emb = 5, 5.0, random_embeds(2, 16, seed=7, negative=True)
     flow = gd.as_flow(sd3)
     lat = flow.noise(2, SIZE, SIZE, torch.Generator().manual_seed(8))
     sched = FlowMatchEulerDiscreteScheduler.from_config(sd3.scheduler.config)
@@ -217,30 +174,9 @@ def test_sd3_ode_with_cfg_reproduces_the_diffusers_euler_loop(sd3):
     torch.testing.assert_close(ours, x, atol=ATOL, rtol=0)
 
 
-def _flux_pipeline(flux):
-    """diffusers' own FluxPipeline around the tiny parts, without text encoders."""
-    pytest.importorskip("transformers")  # diffusers' pipeline classes need it even with no text encoders
-    from diffusers import FluxPipeline
-    pipe = FluxPipeline(scheduler=flux.scheduler, vae=flux.vae, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=flux.transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _sd3_pipeline(sd3):
-    """diffusers' own StableDiffusion3Pipeline around the tiny parts, without text encoders."""
-    pytest.importorskip("transformers")
-    from diffusers import StableDiffusion3Pipeline
-    pipe = StableDiffusion3Pipeline(transformer=sd3.transformer, scheduler=sd3.scheduler, vae=sd3.vae,
-                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                    text_encoder_3=None, tokenizer_3=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_flux_ode_reproduces_the_pipeline_itself(flux):
-    pipe = _flux_pipeline(flux)
-    emb = _embeds(1, DIM, seed=9)
+    pipe = pipeline(flux, "FluxPipeline")
+    emb = random_embeds(1, DIM, seed=9)
     lat = gd.as_flow(pipe).noise(1, SIZE, SIZE, torch.Generator().manual_seed(10))
     theirs = pipe(prompt_embeds=emb["prompt_embeds"], pooled_prompt_embeds=emb["pooled_prompt_embeds"],
                   num_inference_steps=4, guidance_scale=3.5, height=SIZE, width=SIZE, latents=lat.clone(),
@@ -267,8 +203,8 @@ def test_joint_attention_kwargs_reach_every_transformer_call_as_in_the_pipeline(
             out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
             return tuple(o * out_scale for o in out) if isinstance(out, tuple) else out * out_scale
 
-    pipe = _flux_pipeline(flux)
-    emb = _embeds(1, DIM, seed=11)
+    pipe = pipeline(flux, "FluxPipeline")
+    emb = random_embeds(1, DIM, seed=11)
     lat = gd.as_flow(pipe).noise(1, SIZE, SIZE, torch.Generator().manual_seed(12))
     default = flux.transformer.attn_processors
     flux.transformer.set_attn_processor(ScaledAttention())
@@ -288,8 +224,8 @@ def test_joint_attention_kwargs_reach_every_transformer_call_as_in_the_pipeline(
 
 
 def test_sd3_ode_with_cfg_reproduces_the_pipeline_itself(sd3):
-    pipe = _sd3_pipeline(sd3)
-    emb = _embeds(2, 16, seed=11, negative=True)
+    pipe = pipeline(sd3, "StableDiffusion3Pipeline")
+    emb = random_embeds(2, 16, seed=11, negative=True)
     lat = gd.as_flow(pipe).noise(2, SIZE, SIZE, torch.Generator().manual_seed(12))
     theirs = pipe(num_inference_steps=4, guidance_scale=4.0, height=SIZE, width=SIZE, latents=lat.clone(),
                   output_type="latent", **emb).images
@@ -300,8 +236,8 @@ def test_sd3_ode_with_cfg_reproduces_the_pipeline_itself(sd3):
 
 @pytest.mark.parametrize("start,stop", [(0.01, 0.6), (0.3, 0.9), (0.5, 0.55)])
 def test_sd3_skip_layer_guidance_reproduces_the_pipeline(sd3, start, stop):
-    pipe = _sd3_pipeline(sd3)
-    emb = _embeds(2, 16, seed=14, negative=True)
+    pipe = pipeline(sd3, "StableDiffusion3Pipeline")
+    emb = random_embeds(2, 16, seed=14, negative=True)
     lat = gd.as_flow(pipe).noise(2, SIZE, SIZE, torch.Generator().manual_seed(15))
     slg = dict(skip_guidance_layers=[0], skip_layer_guidance_scale=2.5, skip_layer_guidance_start=start,
                skip_layer_guidance_stop=stop)
@@ -316,12 +252,12 @@ def test_sd3_skip_layer_guidance_reproduces_the_pipeline(sd3, start, stop):
 
 def test_skip_layer_guidance_needs_sd3_with_cfg(flux, sd3):
     with pytest.raises(ValueError, match="skip-layer guidance needs a Stable Diffusion 3 transformer"):
-        gd.sample(flux, height=SIZE, width=SIZE, skip_guidance_layers=[0], **_embeds(1, DIM))
+        gd.sample(flux, height=SIZE, width=SIZE, skip_guidance_layers=[0], **random_embeds(1, DIM))
     with pytest.raises(ValueError, match="skip-layer guidance needs"):
-        gd.sample(sd3, guidance_scale=1.0, height=SIZE, width=SIZE, skip_guidance_layers=[0], **_embeds(1, 16))
+        gd.sample(sd3, guidance_scale=1.0, height=SIZE, width=SIZE, skip_guidance_layers=[0], **random_embeds(1, 16))
     with pytest.raises(ValueError, match="skip_guidance_layers must be a list of block indices"):
         gd.sample(sd3, guidance_scale=4.0, height=SIZE, width=SIZE, skip_guidance_layers=3,
-                  **_embeds(1, 16, negative=True))
+                  **random_embeds(1, 16, negative=True))
 
 
 def _word_tokenizer(transformers, max_length):
@@ -361,7 +297,7 @@ def test_flux_prompts_through_text_encoders_match_the_pipeline(flux):
 @pytest.mark.parametrize("method", ["glass", "sde"])
 def test_stochastic_methods_give_finite_images_of_the_right_size(flux, sd3, method):
     for pipe, pooled, extra in ((flux, DIM, {}), (sd3, 16, {"guidance_scale": 3.0})):
-        emb = _embeds(2, pooled, negative=pipe is sd3)
+        emb = random_embeds(2, pooled, negative=pipe is sd3)
         imgs = gd.sample(pipe, method=method, transitions=3, inner_steps=2, num_images_per_prompt=2, height=SIZE,
                          width=SIZE, generator=torch.Generator().manual_seed(11), output_type="pt", **emb, **extra)
         assert imgs.shape == (4, 3, SIZE, SIZE)
@@ -369,7 +305,7 @@ def test_stochastic_methods_give_finite_images_of_the_right_size(flux, sd3, meth
 
 
 def test_glass_is_reproducible_per_seed_and_random_across_seeds(flux):
-    emb = _embeds(1, DIM)
+    emb = random_embeds(1, DIM)
     lat = gd.as_flow(flux).noise(2, SIZE, SIZE, torch.Generator().manual_seed(12))
 
     def run(seed):
@@ -383,7 +319,7 @@ def test_glass_is_reproducible_per_seed_and_random_across_seeds(flux):
 
 
 def test_callback_previews_x0_predictions_without_extra_calls(flux):
-    emb = _embeds(1, DIM)
+    emb = random_embeds(1, DIM)
     lat = gd.as_flow(flux).noise(2, SIZE, SIZE, torch.Generator().manual_seed(30))
     kw = dict(method="glass", transitions=3, inner_steps=2, num_images_per_prompt=2, height=SIZE, width=SIZE,
               latents=lat, output_type="latent", **emb)
@@ -405,7 +341,7 @@ def test_callback_previews_x0_predictions_without_extra_calls(flux):
 
 def test_pil_output(flux):
     imgs = gd.sample(flux, method="glass", transitions=2, inner_steps=1, height=SIZE, width=SIZE,
-                     generator=torch.Generator().manual_seed(0), output_type="pil", **_embeds(2, DIM))
+                     generator=torch.Generator().manual_seed(0), output_type="pil", **random_embeds(2, DIM))
     assert len(imgs) == 2 and imgs[0].size == (SIZE, SIZE)
 
 
@@ -416,7 +352,7 @@ def test_fk_steering_end_to_end(flux):
         seen.append((images.shape, list(prompts)))
         return images.mean(dim=(1, 2, 3))
 
-    emb = _embeds(2, DIM)
+    emb = random_embeds(2, DIM)
     imgs, res = gd.steer(flux, ["a cat", "a dog"], brightness, particles=3, transitions=3, inner_steps=2,
                          height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(13), max_batch=4, **emb)
     assert imgs.shape == (2, 3, SIZE, SIZE) and torch.isfinite(imgs).all()
@@ -437,7 +373,7 @@ def _redness(images, prompts):  # a differentiable image reward: mean red minus 
 
 @pytest.mark.parametrize("detach", [True, False])
 def test_image_guidance_raises_the_reward_of_samples(flux, detach):
-    emb = _embeds(2, DIM)
+    emb = random_embeds(2, DIM)
     flow = gd.as_flow(flux)
     lat = flow.noise(4, SIZE, SIZE, torch.Generator().manual_seed(20))
     kw = dict(method="glass", transitions=3, inner_steps=2, num_images_per_prompt=2, height=SIZE, width=SIZE,
@@ -456,7 +392,7 @@ def test_image_guidance_raises_the_reward_of_samples(flux, detach):
 
 
 def test_image_guidance_in_steering_and_bad_guidance(flux):
-    emb = _embeds(1, DIM)
+    emb = random_embeds(1, DIM)
     guide = gd.ImageGuidance(_redness, scale=3000.0, window=(0.0, 1.0))
     _, res = gd.steer(flux, None, _redness, particles=3, transitions=3, inner_steps=2, height=SIZE, width=SIZE,
                       generator=torch.Generator().manual_seed(22), guidance=guide, **emb)
@@ -479,17 +415,17 @@ def test_beam_search_through_the_pipeline(flux):
 
     imgs, res = gd.steer(flux, ["a cat", "a dog"], brightness, particles=2, algorithm="beam", expansions=3,
                          transitions=3, inner_steps=2, height=SIZE, width=SIZE,
-                         generator=torch.Generator().manual_seed(23), **_embeds(2, DIM))
+                         generator=torch.Generator().manual_seed(23), **random_embeds(2, DIM))
     assert imgs.shape == (2, 3, SIZE, SIZE) and res.samples.shape == (2, 2, 64, 16)
     assert torch.all(res.rewards[:, 0] >= res.rewards[:, 1])        # best first
     assert res.nfe == 1 + 3 * 2 * 3 - 3
     # Children rows are prompt-major: each prompt's 2 beams x 3 children carry that prompt.
     assert seen[0] == ["a cat"] * 6 + ["a dog"] * 6
     with pytest.raises(ValueError, match="algorithm must be 'fk' or 'beam'"):
-        gd.steer(flux, None, brightness, algorithm="smc", height=SIZE, width=SIZE, **_embeds(1, DIM))
+        gd.steer(flux, None, brightness, algorithm="smc", height=SIZE, width=SIZE, **random_embeds(1, DIM))
     with pytest.raises(ValueError, match="guidance is not supported with algorithm='beam'"):
         gd.steer(flux, None, brightness, algorithm="beam", guidance=gd.ImageGuidance(brightness, 1.0),
-                 height=SIZE, width=SIZE, **_embeds(1, DIM))
+                 height=SIZE, width=SIZE, **random_embeds(1, DIM))
 
 
 def test_sd3_steering_with_cfg_and_the_value_potential(sd3):
@@ -499,7 +435,7 @@ def test_sd3_steering_with_cfg_and_the_value_potential(sd3):
         seen.append(list(prompts))
         return images[:, 0].mean(dim=(1, 2)) - images[:, 1:].mean(dim=(1, 2, 3))
 
-    emb = _embeds(2, 16, seed=16, negative=True)
+    emb = random_embeds(2, 16, seed=16, negative=True)
     imgs, res = gd.steer(sd3, ["red", "blue"], redness, particles=2, transitions=2, inner_steps=2,
                          guidance_scale=3.0, potential="value", value_samples=2, height=SIZE, width=SIZE,
                          generator=torch.Generator().manual_seed(17), **emb)
@@ -511,7 +447,7 @@ def test_sd3_steering_with_cfg_and_the_value_potential(sd3):
 
 def test_rows_map_to_prompts_for_repeated_batches(flux):
     flow = gd.as_flow(flux)
-    cond = gd.encode(flow, **_embeds(2, DIM, seed=18))
+    cond = gd.encode(flow, **random_embeds(2, DIM, seed=18))
     model = flow.flow_model(cond, 2, SIZE, SIZE)
     x, t = torch.randn(4, 64, 16), torch.rand(4)
     with torch.no_grad():
@@ -524,23 +460,23 @@ def test_rows_map_to_prompts_for_repeated_batches(flux):
 def test_unsupported_pipelines_are_rejected(flux):
     with pytest.raises(TypeError, match="FluxTransformer2DModel"):
         gd.sample(types.SimpleNamespace(transformer=torch.nn.Linear(2, 2), scheduler=flux.scheduler),
-                  **_embeds(1, DIM))
+                  **random_embeds(1, DIM))
     with pytest.raises(TypeError, match="pipe must be a FLUX or Stable Diffusion 3 pipeline"):
-        gd.sample(object(), **_embeds(1, DIM))
+        gd.sample(object(), **random_embeds(1, DIM))
     with pytest.raises(TypeError, match="flow-matching scheduler"):
-        gd.sample(types.SimpleNamespace(transformer=flux.transformer, scheduler=object()), **_embeds(1, DIM))
+        gd.sample(types.SimpleNamespace(transformer=flux.transformer, scheduler=object()), **random_embeds(1, DIM))
 
 
 def test_prompt_layout_mismatches_are_named(flux):
     with pytest.raises(ValueError, match="prompt has 3 entries but prompt_embeds has 2 rows"):
-        gd.sample(flux, ["a", "b", "c"], height=SIZE, width=SIZE, **_embeds(2, DIM))
+        gd.sample(flux, ["a", "b", "c"], height=SIZE, width=SIZE, **random_embeds(2, DIM))
     with pytest.raises(ValueError, match=r"latents must have shape \(2, 3, 64, 16\)"):
         gd.steer(flux, None, lambda im, p: im.mean((1, 2, 3)), particles=3, height=SIZE, width=SIZE,
-                 latents=torch.randn(3, 3, 64, 16), **_embeds(2, DIM))
+                 latents=torch.randn(3, 3, 64, 16), **random_embeds(2, DIM))
     with pytest.raises(ValueError, match=r"latents must have shape \(4, 64, 16\)"):
         gd.sample(flux, num_images_per_prompt=2, height=SIZE, width=SIZE, latents=torch.randn(3, 64, 16),
-                  **_embeds(2, DIM))
-    model = gd.as_flow(flux).flow_model(gd.encode(gd.as_flow(flux), **_embeds(2, DIM)), 3, SIZE, SIZE)
+                  **random_embeds(2, DIM))
+    model = gd.as_flow(flux).flow_model(gd.encode(gd.as_flow(flux), **random_embeds(2, DIM)), 3, SIZE, SIZE)
     with pytest.raises(ValueError, match=r"2 prompt\(s\) x 3 rows = 6 rows \(prompt-major\) or a multiple"):
         model.velocity(torch.randn(5, 64, 16), 0.5)
 
@@ -549,11 +485,11 @@ def test_missing_encoders_and_bad_sizes_are_named(flux, sd3):
     with pytest.raises(ValueError, match="prompt_embeds and pooled_prompt_embeds are required"):
         gd.sample(flux, "a cat", height=SIZE, width=SIZE)
     with pytest.raises(ValueError, match="negative_prompt_embeds"):
-        gd.sample(sd3, guidance_scale=5.0, height=SIZE, width=SIZE, **_embeds(1, 16))
+        gd.sample(sd3, guidance_scale=5.0, height=SIZE, width=SIZE, **random_embeds(1, 16))
     with pytest.raises(ValueError, match="height must be a positive multiple of 4"):
-        gd.sample(flux, height=30, width=SIZE, **_embeds(1, DIM))
+        gd.sample(flux, height=30, width=SIZE, **random_embeds(1, DIM))
     with pytest.raises(ValueError, match="output_type must be one of"):
-        gd.sample(flux, height=SIZE, width=SIZE, output_type="jpg", **_embeds(1, DIM))
+        gd.sample(flux, height=SIZE, width=SIZE, output_type="jpg", **random_embeds(1, DIM))
     with pytest.raises(ValueError, match="pooled_prompt_embeds is required"):
         gd.sample(flux, height=SIZE, width=SIZE, prompt_embeds=torch.randn(1, SEQ, DIM))
 
@@ -561,9 +497,9 @@ def test_missing_encoders_and_bad_sizes_are_named(flux, sd3):
 def test_reward_of_the_wrong_shape_is_named(flux):
     with pytest.raises(ValueError, match=r"reward must return a Tensor of shape \[2\].*got shape \[2, 1\]"):
         gd.steer(flux, None, lambda im, p: im.mean((2, 3))[:, :1], particles=2, transitions=2, inner_steps=1,
-                 height=SIZE, width=SIZE, **_embeds(1, DIM))
+                 height=SIZE, width=SIZE, **random_embeds(1, DIM))
     with pytest.raises(TypeError, match="reward must be callable"):
-        gd.steer(flux, None, "clip", particles=2, height=SIZE, width=SIZE, **_embeds(1, DIM))
+        gd.steer(flux, None, "clip", particles=2, height=SIZE, width=SIZE, **random_embeds(1, DIM))
     scorer = LatentReward(gd.as_flow(flux), lambda im, p: im.mean((1, 2, 3)), None, 1, 2, SIZE, SIZE)
     with pytest.raises(ValueError, match=r"1 prompt\(s\) x 2 rows = 2 rows"):
         scorer(torch.randn(3, 64, 16))

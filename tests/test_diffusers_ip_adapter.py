@@ -2,19 +2,16 @@
 randomly initialised adapters (nothing downloaded), against the pipelines and direct transformer calls."""
 from __future__ import annotations
 
-import types
-
 import numpy as np
 
 import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel  # noqa: E402
+from diffusers_parts import (ATOL, DIM, SIZE, pipeline, random_embeds, tiny_flux, tiny_flux_transformer,  # noqa: E402
+                             tiny_sd3, tiny_sd3_transformer)
 
 from glass_fast.integrations import diffusers as gd  # noqa: E402
-from test_diffusers import ATOL, DIM, SIZE, _embeds, _flux_pipeline, _sd3_pipeline, _vae  # noqa: E402
-from test_diffusers import flux  # noqa: E402,F401  (fixture: FLUX without an adapter)
 
 CLIP = 12   # image-encoder embedding width
 
@@ -29,10 +26,7 @@ def _randomize(module: torch.nn.Module, seed: int):
 
 @pytest.fixture(scope="module")
 def flux_ip():
-    torch.manual_seed(0)
-    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=DIM,
-                                pooled_projection_dim=DIM, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+    tr = tiny_flux_transformer()
     g = torch.Generator().manual_seed(5)
     inner = 2 * 16
     image_proj = {"proj.weight": torch.randn(4 * DIM, CLIP, generator=g) * 0.3, "proj.bias": torch.zeros(4 * DIM),
@@ -40,19 +34,14 @@ def flux_ip():
     ip = {f"0.to_{kv}_ip.{w}": torch.randn(*((inner, DIM) if w == "weight" else (inner,)), generator=g) * 0.3
           for kv in "kv" for w in ("weight", "bias")}
     tr._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": ip}], low_cpu_mem_usage=False)
-    sch = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=16,
-                                          max_image_seq_len=256, base_shift=0.5, max_shift=1.15)
-    return types.SimpleNamespace(transformer=tr, scheduler=sch, vae=_vae())
+    return tiny_flux(tr)
 
 
 @pytest.fixture(scope="module")
 def sd3_ip():
     from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
     from diffusers.models.embeddings import IPAdapterTimeImageProjection
-    torch.manual_seed(1)
-    tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
-                               num_attention_heads=2, joint_attention_dim=DIM, caption_projection_dim=16,
-                               pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16).eval()
+    tr = tiny_sd3_transformer()
     hidden = 16
     tr.image_proj = IPAdapterTimeImageProjection(embed_dim=CLIP, output_dim=hidden, hidden_dim=hidden, depth=1,
                                                  dim_head=8, heads=2, num_queries=3, timestep_in_dim=8).eval()
@@ -62,7 +51,7 @@ def sd3_ip():
         _randomize(proc, 10 + i)
     tr.set_attn_processor(procs)
     _randomize(tr.image_proj, 9)
-    return types.SimpleNamespace(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae())
+    return tiny_sd3(tr)
 
 
 def _image_embeds(rows: int, seed: int, images: int | None = 1):
@@ -73,8 +62,8 @@ def _image_embeds(rows: int, seed: int, images: int | None = 1):
 
 @pytest.mark.parametrize("true_cfg", [1.0, 2.5])
 def test_flux_ip_adapter_reproduces_the_pipeline(flux_ip, true_cfg):
-    pipe = _flux_pipeline(flux_ip)
-    emb = _embeds(1, DIM, seed=1, negative=true_cfg > 1)
+    pipe = pipeline(flux_ip, "FluxPipeline")
+    emb = random_embeds(1, DIM, seed=1, negative=true_cfg > 1)
     pos, neg = _image_embeds(1, 2), _image_embeds(1, 3)
     lat = gd.as_flow(pipe).noise(2, SIZE, SIZE, torch.Generator().manual_seed(4))
     kw = dict(height=SIZE, width=SIZE, output_type="latent", true_cfg_scale=true_cfg, num_images_per_prompt=2, **emb)
@@ -90,8 +79,8 @@ def test_flux_ip_adapter_reproduces_the_pipeline(flux_ip, true_cfg):
 
 
 def test_sd3_ip_adapter_matches_the_pipeline_at_its_first_step_and_recomputes_after(sd3_ip):
-    pipe = _sd3_pipeline(sd3_ip)
-    emb = _embeds(1, 16, seed=5, negative=True)
+    pipe = pipeline(sd3_ip, "StableDiffusion3Pipeline")
+    emb = random_embeds(1, 16, seed=5, negative=True)
     pos, neg = _image_embeds(1, 6, images=None), _image_embeds(1, 7, images=None)
     lat = gd.as_flow(pipe).noise(1, SIZE, SIZE, torch.Generator().manual_seed(8))
     kw = dict(height=SIZE, width=SIZE, output_type="latent", guidance_scale=4.0, **emb)
@@ -132,7 +121,7 @@ def test_sd3_ip_adapter_matches_the_pipeline_at_its_first_step_and_recomputes_af
 
 def test_every_row_gets_its_prompts_image_prompt_across_chunks(flux_ip):
     flow = gd.as_flow(flux_ip)
-    emb = _embeds(2, DIM, seed=11)
+    emb = random_embeds(2, DIM, seed=11)
     pos = _image_embeds(2, 12)
     cond = gd.encode(flow, **emb)
     cond.image_embeds = [pos]
@@ -150,8 +139,8 @@ def test_every_row_gets_its_prompts_image_prompt_across_chunks(flux_ip):
 
 
 def test_steering_with_an_image_prompt(flux_ip):
-    pipe = _flux_pipeline(flux_ip)
-    emb = _embeds(2, DIM, seed=14)
+    pipe = pipeline(flux_ip, "FluxPipeline")
+    emb = random_embeds(2, DIM, seed=14)
     reward = lambda images, prompts: images[:, 0].mean((1, 2))  # noqa: E731
     images, result = gd.steer(pipe, reward=reward, particles=3, transitions=3, inner_steps=2, height=SIZE,
                               width=SIZE, ip_adapter_image_embeds=[_image_embeds(1, 15)],
@@ -159,8 +148,8 @@ def test_steering_with_an_image_prompt(flux_ip):
     assert images.shape == (2, 3, SIZE, SIZE) and torch.isfinite(result.samples).all()
 
 
-def test_image_prompt_errors_are_named(flux, flux_ip):  # noqa: F811
-    emb = _embeds(2, DIM, seed=17)
+def test_image_prompt_errors_are_named(flux, flux_ip):
+    emb = random_embeds(2, DIM, seed=17)
     kw = dict(height=SIZE, width=SIZE, transitions=1, inner_steps=1, output_type="latent", **emb)
     with pytest.raises(ValueError, match="need an IP-Adapter loaded"):
         gd.sample(flux, ip_adapter_image_embeds=_image_embeds(1, 1), **kw)
@@ -169,31 +158,27 @@ def test_image_prompt_errors_are_named(flux, flux_ip):  # noqa: F811
     with pytest.raises(ValueError, match=r"leading dimension of 1 or the number of prompts \(2\), got \(3, 1, 12\)"):
         gd.sample(flux_ip, ip_adapter_image_embeds=_image_embeds(3, 1), **kw)
     with pytest.raises(ValueError, match="ip_adapter_image needs the pipeline's image encoder"):
-        gd.sample(_flux_pipeline(flux_ip), ip_adapter_image=[torch.zeros(3, 8, 8)], **kw)
+        gd.sample(pipeline(flux_ip, "FluxPipeline"), ip_adapter_image=[torch.zeros(3, 8, 8)], **kw)
     with pytest.raises(ValueError, match="needs ip_adapter_image or ip_adapter_image_embeds"):
         gd.sample(flux_ip, negative_ip_adapter_image_embeds=_image_embeds(1, 1), **kw)
     # FLUX's true CFG defaults the negative image prompt to an encoded black image: that needs the encoder.
-    neg = _embeds(2, DIM, seed=18, negative=True)
+    neg = random_embeds(2, DIM, seed=18, negative=True)
     with pytest.raises(ValueError, match="negative_ip_adapter_image needs the pipeline's image encoder"):
-        gd.sample(_flux_pipeline(flux_ip), ip_adapter_image_embeds=_image_embeds(1, 1), true_cfg_scale=2.0,
+        gd.sample(pipeline(flux_ip, "FluxPipeline"), ip_adapter_image_embeds=_image_embeds(1, 1), true_cfg_scale=2.0,
                   **{**kw, **neg})
 
 
 def test_flux_image_prompts_through_the_image_encoder_match_the_pipeline(flux_ip):
     """Images through the pipeline's image encoder; under true CFG the default negative is a black image."""
     transformers = pytest.importorskip("transformers")
-    from diffusers import FluxPipeline
     torch.manual_seed(2)
     encoder = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
         patch_size=8, projection_dim=CLIP)).eval()
     processor = transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    pipe = FluxPipeline(scheduler=flux_ip.scheduler, vae=flux_ip.vae, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=flux_ip.transformer,
-                        image_encoder=encoder, feature_extractor=processor)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = pipeline(flux_ip, "FluxPipeline", image_encoder=encoder, feature_extractor=processor)
     image = (np.random.default_rng(3).random((16, 16, 3)) * 255).astype(np.uint8)
-    emb = _embeds(1, DIM, seed=19, negative=True)
+    emb = random_embeds(1, DIM, seed=19, negative=True)
     lat = gd.as_flow(pipe).noise(1, SIZE, SIZE, torch.Generator().manual_seed(20))
     kw = dict(height=SIZE, width=SIZE, output_type="latent", true_cfg_scale=2.5, **emb)
     theirs = pipe(num_inference_steps=3, latents=lat.clone(), ip_adapter_image=[image], **kw).images
@@ -204,19 +189,14 @@ def test_flux_image_prompts_through_the_image_encoder_match_the_pipeline(flux_ip
 def test_sd3_image_prompts_through_the_image_encoder_match_the_pipeline(sd3_ip):
     """SD3 encodes the image to the encoder's penultimate hidden states; the negative branch gets zeros."""
     transformers = pytest.importorskip("transformers")
-    from diffusers import StableDiffusion3Pipeline
     torch.manual_seed(3)
     encoder = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
         hidden_size=CLIP, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, image_size=16,
         patch_size=8)).eval()
     processor = transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    pipe = StableDiffusion3Pipeline(transformer=sd3_ip.transformer, scheduler=sd3_ip.scheduler, vae=sd3_ip.vae,
-                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                    text_encoder_3=None, tokenizer_3=None, image_encoder=encoder,
-                                    feature_extractor=processor)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = pipeline(sd3_ip, "StableDiffusion3Pipeline", image_encoder=encoder, feature_extractor=processor)
     image = (np.random.default_rng(4).random((16, 16, 3)) * 255).astype(np.uint8)
-    emb = _embeds(1, 16, seed=21, negative=True)
+    emb = random_embeds(1, 16, seed=21, negative=True)
     lat = gd.as_flow(pipe).noise(1, SIZE, SIZE, torch.Generator().manual_seed(22))
     kw = dict(height=SIZE, width=SIZE, output_type="latent", guidance_scale=4.0, **emb)
     theirs = pipe(num_inference_steps=1, latents=lat.clone(), ip_adapter_image=image, **kw).images

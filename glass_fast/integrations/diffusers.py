@@ -87,15 +87,40 @@ def _bind_guidance(guidance, flow: DiffusersFlow, cond, per_prompt: int, height:
                                       width, max_batch))
 
 
-def _start(flow: DiffusersFlow, latents, rows: int, height: int, width: int, generator) -> torch.Tensor:
+def _start(flow: DiffusersFlow, latents, prompts: int, per_prompt: int, height: int, width: int, generator,
+           grid: torch.Tensor, image=None, strength: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start states [P * per_prompt, *state_shape] float32, transition grid).
+
+    Text-to-image: ``latents`` (or fresh noise) at the grid's start. Image-to-image (``image``), as the img2img
+    pipelines do: the grid loses its first int(K (1 - strength)) steps, the image's latents z are drawn from
+    the VAE (before the noise, with the same generator) and the start is t0 z + (1 - t0) noise at t0 = grid[0].
+    """
+    rows = prompts * per_prompt
+    z = None
+    if image is not None:
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+        k = len(grid) - 1
+        grid = grid[int(max(k - min(k * strength, k), 0)):]
+        from diffusers.image_processor import VaeImageProcessor
+        pixels = VaeImageProcessor(vae_scale_factor=flow.vae_scale_factor).preprocess(image, height=height,
+                                                                                     width=width)
+        if pixels.shape[0] not in (1, prompts):
+            raise ValueError(f"image holds {pixels.shape[0]} images; pass one, or one per prompt ({prompts})")
+        z = flow.encode_images(pixels, generator)
     shape = (rows,) + flow.state_shape(height, width)
     if latents is None:
-        return flow.noise(rows, height, width, generator)
-    if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+        noise = flow.noise(rows, height, width, generator)
+    elif not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
         got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise ValueError(f"latents must have shape {shape} (prompts x rows per prompt, then the "
                          f"{flow.kind.upper()} state layout), got {got}")
-    return latents.to(device=flow.device, dtype=torch.float32)
+    else:
+        noise = latents.to(device=flow.device, dtype=torch.float32)
+    if z is None:
+        return noise, grid
+    t0 = float(grid[0])
+    return t0 * z.repeat_interleave(rows // z.shape[0], dim=0) + (1.0 - t0) * noise, grid
 
 
 def postprocess(flow: DiffusersFlow, x: torch.Tensor, height: int, width: int, output_type: str,
@@ -119,8 +144,9 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
            transitions: int = 5, inner_steps: int = 10, rho=0.4, solver: str = "euler",
            guidance_scale: float | None = None, true_cfg_scale: float = 1.0, num_images_per_prompt: int = 1,
            height: int | None = None, width: int | None = None, grid: torch.Tensor | None = None,
-           latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
-           max_batch: int | None = None, output_type: str = "pt", max_sequence_length: int = 512,
+           latents: torch.Tensor | None = None, image=None, strength: float = 0.6,
+           generator: torch.Generator | None = None, max_batch: int | None = None, output_type: str = "pt",
+           max_sequence_length: int = 512,
            joint_attention_kwargs: dict | None = None, guidance: ImageGuidance | None = None, callback=None,
            skip_guidance_layers: list[int] | None = None, skip_layer_guidance_scale: float = 2.8,
            skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2, ip_adapter_image=None,
@@ -144,6 +170,10 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
         height, width: image size in pixels (default: the pipeline's).
         grid: optional float64 Tensor[K+1] of increasing glass_fast times, replacing the sigma schedule.
         latents: optional starting noise [P * num_images_per_prompt, *state_shape] (float32).
+        image, strength: image-to-image as in FluxImg2ImgPipeline / StableDiffusion3Img2ImgPipeline: the
+            image (PIL, array or Tensor; one, or one per prompt) is encoded by the VAE and noised to the
+            schedule's time at ``strength`` (1: pure noise, small: close to the image); the first
+            int(transitions * (1 - strength)) transitions are skipped. ``latents`` is then the noise mixed in.
         generator: randomness for the starting noise and the stochastic transitions.
         max_batch: most rows per transformer or VAE call (guided rows count twice).
         output_type: "pt" ([N, 3, H, W] in [0, 1]), "np", "pil" or "latent" (final states).
@@ -175,7 +205,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
                                                     "num_images_per_prompt", height, width, guidance_scale,
                                                     true_cfg_scale, max_batch, joint_attention_kwargs, transitions,
                                                     grid, skip)
-    x = _start(flow, latents, cond.num_prompts * num_images_per_prompt, height, width, generator)
+    x, grid = _start(flow, latents, cond.num_prompts, num_images_per_prompt, height, width, generator, grid, image,
+                     strength)
     check_state(model, x, generator)
     sampler = Sampler(model, method=method, transitions=len(grid) - 1, inner_steps=inner_steps, rho=rho,
                       solver=solver, grid=grid, device=x.device, dtype=x.dtype)
@@ -190,7 +221,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
           method: str = "glass", transitions: int = 5, inner_steps: int = 10, rho=0.4, solver: str = "euler",
           potential: str = "diff", lmbda: float = 1.0, resample: str = "systematic", ess_threshold: float = 0.5,
           guidance_scale: float | None = None, true_cfg_scale: float = 1.0, height: int | None = None,
-          width: int | None = None, latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
+          width: int | None = None, latents: torch.Tensor | None = None, image=None, strength: float = 0.6,
+          generator: torch.Generator | None = None,
           max_batch: int | None = None, output_type: str = "pt", progress: bool = False,
           max_sequence_length: int = 512, joint_attention_kwargs: dict | None = None,
           guidance: ImageGuidance | None = None, skip_guidance_layers: list[int] | None = None,
@@ -216,6 +248,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
         method, transitions, inner_steps, rho, solver: the proposal (see ``sample``).
         potential, lmbda, resample, ess_threshold: see ``glass_fast.fk_steering``.
         latents: optional starting noise [P, K, *state_shape].
+        image, strength: image-to-image, as in ``sample`` (steering an edit of the image).
         output_type: how the best particle of each group is returned ("pt", "np", "pil", "latent").
         algorithm: "fk" (default) or "beam".
         steering_options: further options of ``fk_steering`` (resample_window, final_correction, ...) or of
@@ -247,7 +280,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
         raise ValueError(f"latents must have shape {(p, particles) + shape} ([prompts, particles, state]), "
                          f"got {got}")
     flat = None if latents is None else latents.reshape((p * particles,) + tuple(latents.shape[2:]))
-    noise = _start(flow, flat, p * particles, height, width, generator).reshape((p, particles) + shape)
+    noise, grid = _start(flow, flat, p, particles, height, width, generator, grid, image, strength)
+    noise = noise.reshape((p, particles) + shape)
     scorer = LatentReward(flow, reward, cond.prompts, p, particles, height, width, max_batch)
     steering_options["grid"] = grid
     if guidance is not None:

@@ -269,13 +269,24 @@ class DiffusersFlow:
         fn.__name__ = f"{self.kind}_transformer"
         return FlowModel(fn, LinearSchedule(), prediction="velocity", dtype=self.dtype)
 
-    # -- decoding -------------------------------------------------------------------------------------------
+    # -- the VAE -------------------------------------------------------------------------------------------
+    def _vae_config(self, purpose: str):
+        if self.vae is None:
+            raise ValueError(f"{purpose} needs a VAE: build the adapter with vae=...")
+        cfg = self.vae.config
+        return cfg, cfg.get("shift_factor", None) or 0.0
+
+    def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        """Images [n, 3, H, W] in [-1, 1] -> states [n, *state_shape] (float32): one draw from the VAE's
+        posterior with ``generator``, shifted, scaled and packed, as the img2img pipelines encode images."""
+        cfg, shift = self._vae_config("encoding an image")
+        with torch.no_grad():
+            lat = self.vae.encode(images.to(device=self.device, dtype=self.vae.dtype)).latent_dist.sample(generator)
+        return self.pack((lat.float() - shift) * cfg.scaling_factor)
+
     def decode(self, x: torch.Tensor, height: int, width: int, max_batch: int | None = None) -> torch.Tensor:
         """States -> images [N, 3, height, width] in [-1, 1] (float32), decoded under ``max_batch`` rows."""
-        if self.vae is None:
-            raise ValueError("decoding needs a VAE: build the adapter with vae=... or use output_type='latent'")
-        cfg = self.vae.config
-        shift = cfg.get("shift_factor", None) or 0.0
+        cfg, shift = self._vae_config("decoding (output_type other than 'latent')")
         size = x.shape[0] if max_batch is None else max(1, int(max_batch))
         out = []
         for lo in range(0, x.shape[0], size):

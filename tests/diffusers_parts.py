@@ -1,0 +1,73 @@
+"""Tiny randomly initialised FLUX / SD3 parts for the diffusers integration tests (nothing is downloaded)."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+
+SIZE = 32          # image side in pixels; the tiny VAE downsamples by 2, so latents are 16 x 16
+SEQ, DIM = 7, 32   # text tokens and their width
+# float32 on CPU: diffusers' loop and glass_fast's sum the same terms in a different order.
+ATOL = 2e-5
+
+
+def tiny_vae():
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=4, norm_num_groups=4, sample_size=SIZE, scaling_factor=1.5,
+                         shift_factor=0.06).eval()
+
+
+def tiny_flux_transformer(seed: int = 0):
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=DIM,
+                                  pooled_projection_dim=DIM, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+
+
+def tiny_flux(transformer=None):
+    """FLUX parts; the scheduler has FLUX's resolution-dependent shift with token counts scaled to the tiny
+    image (64 tokens)."""
+    sch = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=16,
+                                          max_image_seq_len=256, base_shift=0.5, max_shift=1.15)
+    tr = tiny_flux_transformer() if transformer is None else transformer
+    return types.SimpleNamespace(transformer=tr, scheduler=sch, vae=tiny_vae())
+
+
+def tiny_sd3_transformer(seed: int = 1):
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=DIM, caption_projection_dim=16,
+                                 pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16).eval()
+
+
+def tiny_sd3(transformer=None):
+    tr = tiny_sd3_transformer() if transformer is None else transformer
+    return types.SimpleNamespace(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                 vae=tiny_vae())
+
+
+def random_embeds(prompts: int, pooled: int, seed: int = 0, negative: bool = False) -> dict:
+    """prompt_embeds [P, SEQ, DIM] and pooled_prompt_embeds [P, pooled] (and the negative pair)."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(prompt_embeds=torch.randn(prompts, SEQ, DIM, generator=g),
+               pooled_prompt_embeds=torch.randn(prompts, pooled, generator=g))
+    if negative:
+        out.update(negative_prompt_embeds=torch.randn(prompts, SEQ, DIM, generator=g),
+                   negative_pooled_prompt_embeds=torch.randn(prompts, pooled, generator=g))
+    return out
+
+
+def pipeline(parts, cls_name: str, **components):
+    """diffusers' own pipeline class ``cls_name`` around the tiny parts, without text encoders."""
+    pytest.importorskip("transformers")  # diffusers' pipeline classes need it even with no text encoders
+    import diffusers
+    texts = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    if "StableDiffusion3" in cls_name:
+        texts.update(text_encoder_3=None, tokenizer_3=None)
+    pipe = getattr(diffusers, cls_name)(transformer=parts.transformer, scheduler=parts.scheduler, vae=parts.vae,
+                                        **texts, **components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
