@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, out="out")
 
     p = sub.add_parser("steer", help="one steering run; prints rewards, writes a grid")
-    p.add_argument("--method", default="fks-glass", choices=("fks-glass", "fks-sde", "fks-ode", "bon-glass",
-                                                             "bon-sde", "bon-ode", "beam-glass"))
+    p.add_argument("--method", default="fks-glass", choices=("fks-glass", "fks-glass-guided", "fks-sde", "fks-ode",
+                                                             "bon-glass", "bon-sde", "bon-ode", "beam-glass"))
     p.add_argument("--potential", default="diff", choices=("diff", "max", "add", "immediate"))
     _steer_options(p)
     _common(p, out="out")

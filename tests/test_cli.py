@@ -54,6 +54,14 @@ def test_steer(tmp_path):
     assert (tmp_path / "steer.png").exists()
 
 
+def test_steer_with_reward_guidance_costs_no_model_calls(tmp_path):
+    res = run_cli("steer", "--method", "fks-glass-guided", "--digit", "3", "--groups", "2", "--out", str(tmp_path),
+                  *TINY)
+    assert_ok(res)
+    # The gradient is taken at the denoiser output: the same model calls as unguided FK steering.
+    assert "method=fks-glass-guided digit=3 groups=2 particles=2 model calls/output=8" in res.stdout
+
+
 def test_steer_with_beam_search(tmp_path):
     res = run_cli("steer", "--method", "beam-glass", "--digit", "1", "--groups", "2", "--out", str(tmp_path), *TINY)
     assert_ok(res)
@@ -68,7 +76,7 @@ def test_bench_writes_every_table_and_plot(tmp_path):
     assert_ok(res)
     text = (tmp_path / "bench.md").read_text()
     assert "Plain samplers" in text and "GLASS (rho = DDPM)" in text and "real digits" in text
-    assert "Steering" in text and "FKS-GLASS" in text
+    assert "Steering" in text and "FKS-GLASS" in text and "FKS-GLASS + guidance" in text
     for png in ("quality_samples.png", "steering_1.png", "reward_vs_nfe.png"):
         assert (tmp_path / png).stat().st_size > 0
 

@@ -3,8 +3,8 @@
 - :func:`sampler_quality`: plain samplers at equal model calls (the paper's Tables 3/4 in miniature):
   Frechet distance in classifier features to the real digits, class diversity, confident rate.
 - :func:`steering_comparison`: steering toward one digit at equal model calls per particle (the paper's
-  Table 1 in miniature): flow baseline, best-of-N with ODE / SDE / GLASS, FK steering with SDE / GLASS, and
-  beam search over GLASS transitions.
+  Table 1 in miniature): flow baseline, best-of-N with ODE / SDE / GLASS, FK steering with SDE / GLASS (and
+  GLASS with reward guidance), and beam search over GLASS transitions.
 
 Every function takes a :class:`Settings`, a seed and a device and returns plain rows (dicts) plus samples;
 printing and plotting live with the callers.
@@ -19,11 +19,15 @@ import torch
 from .metrics import class_diversity, confident_rate, frechet_to_real
 from .models import digit_log_probs, digit_reward, digits_flow_model
 
-STEERING_METHODS = ("flow", "bon-ode", "bon-sde", "bon-glass", "fks-sde", "fks-glass", "beam-glass")
+STEERING_METHODS = ("flow", "bon-ode", "bon-sde", "bon-glass", "fks-sde", "fks-glass", "fks-glass-guided",
+                    "beam-glass")
 STEERING_LABELS = {"flow": "flow baseline (ODE)", "bon-ode": "BoN-ODE", "bon-sde": "BoN-SDE",
                    "bon-glass": "BoN-GLASS", "fks-sde": "FKS-SDE", "fks-glass": "FKS-GLASS",
-                   "beam-glass": "Beam-GLASS"}
+                   "fks-glass-guided": "FKS-GLASS + guidance", "beam-glass": "Beam-GLASS"}
 BEAM_EXPANSIONS = 4   # beam search: children per beam; K particles' budget buys K / 4 beams
+# FK's proposal with reward guidance: the paper's window, and scale = lmbda, the flow guidance whose tilt is
+# FK's target p(x) exp(lmbda r(x)). The gradient is taken at the denoiser output: no extra model calls.
+GUIDANCE_WINDOW = (0.2, 0.7)
 
 
 @dataclass(frozen=True)
@@ -135,14 +139,14 @@ def run_steering_method(method: str, model, digit: int, noise: torch.Tensor, set
         (best [B, 1, 8, 8] one output per group, model calls per group).
     """
     from glass_fast import sample
-    from glass_fast.steering import beam_search, best_of_n, fk_steering
+    from glass_fast.steering import RewardGuidance, beam_search, best_of_n, fk_steering
 
     reward = digit_reward(digit)
     kw = settings.sampler_kwargs()
     if method == "flow":
         return sample(model, noise[:, 0], method="ode", transitions=settings.transitions,
                       inner_steps=settings.inner_steps, solver="euler"), float(settings.calls)
-    kind, proposal = method.split("-")
+    kind, proposal, *guided = method.split("-")
     if proposal == "ode":
         kw["solver"] = "euler"
     if kind == "beam":
@@ -154,9 +158,10 @@ def run_steering_method(method: str, model, digit: int, noise: torch.Tensor, set
     if kind == "bon":
         res = best_of_n(model, reward, noise, method=proposal, generator=generator, **kw)
     else:
+        guidance = RewardGuidance(reward, settings.lmbda, window=GUIDANCE_WINDOW) if guided else None
         res = fk_steering(model, reward, noise, method=proposal, potential=settings.potential,
-                          lmbda=settings.lmbda, resample=settings.resample,
-                          ess_threshold=settings.ess_threshold, generator=generator, **kw)
+                          lmbda=settings.lmbda, resample=settings.resample, ess_threshold=settings.ess_threshold,
+                          guidance=guidance, generator=generator, **kw)
     return res.best, res.nfe * noise.shape[1]
 
 
