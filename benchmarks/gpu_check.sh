@@ -30,11 +30,12 @@ timeout 150 $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/test_ops.py
 step "op bandwidth"
 [ -f benchmarks/gpu_ops.py ] && timeout 100 $PY benchmarks/gpu_ops.py --json "$LOG_DIR/gpu_ops.json"
 
-step "launch-configuration sweep"
-timeout 150 $PY benchmarks/gpu_launch_sweep.py 2>&1 | grep -v -i warn
-
 step "sampler overhead"
 timeout 100 $PY benchmarks/gpu_capture.py
+
+# Diagnostics last: the measurements above come first if the machine's time runs short.
+step "launch-configuration sweep"
+timeout 150 $PY benchmarks/gpu_launch_sweep.py 2>&1 | grep -v -i warn
 
 if [ "${GPU_CHECK_DIFFUSERS:-0}" = 1 ]; then
   step "diffusers"
