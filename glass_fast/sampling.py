@@ -20,6 +20,23 @@ def time_grid(transitions: int) -> torch.Tensor:
     return torch.linspace(0.0, 1.0, transitions + 1, dtype=torch.float64)
 
 
+def check_grid(grid) -> torch.Tensor:
+    """A transition grid as float64 on the host: 1-D, at least two times, finite, strictly increasing, in
+    [0, 1] (ValueError naming what is wrong). It may start after 0 (continuing from a partly noised state,
+    e.g. image-to-image) and end before 1 (a partial run)."""
+    try:
+        g = torch.as_tensor(grid, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"grid must be a 1-D sequence or Tensor of times, got {type(grid).__name__}") from None
+    if g.dim() != 1 or g.numel() < 2:
+        raise ValueError(f"grid must be 1-D with at least two times (one transition), got shape {tuple(g.shape)}")
+    if not bool(torch.isfinite(g).all()) or not bool(torch.all(g[1:] > g[:-1])):
+        raise ValueError(f"grid must hold finite, strictly increasing times, got {g.tolist()}")
+    if float(g[0]) < 0.0 or float(g[-1]) > 1.0:
+        raise ValueError(f"grid times must lie in [0, 1] (0 noise, 1 data), got {float(g[0])} .. {float(g[-1])}")
+    return g
+
+
 def check_sampler_options(method: str, transitions: int, inner_steps: int, solver: str, compile, cuda_graph) -> None:
     """Validate the options every Sampler takes (raises ValueError naming the argument)."""
     if method not in METHODS:
@@ -44,7 +61,8 @@ class Sampler:
         inner_steps: model calls per transition (the plug-in kernel always makes one).
         rho, solver, sigmabar0: GLASS settings (solver also applies to "ode").
         device, dtype: where the state lives and its dtype.
-        grid: optional float64 Tensor[K+1] of increasing times from 0 to 1, replacing the uniform grid.
+        grid: optional Tensor[K+1] (or sequence) of increasing times in [0, 1], replacing the uniform grid; a
+            grid starting after 0 continues from a partly noised state (see ``check_grid``).
         compile: None / False (eager), True, a torch.compile mode ("reduce-overhead",
             "max-autotune-no-cudagraphs", ...) or a dict of torch.compile arguments: each transition, model
             calls included, runs compiled.
@@ -69,9 +87,7 @@ class Sampler:
         self.cuda_graph = bool(cuda_graph)
         self._runners: dict = {}
         model = self.model
-        self.grid = time_grid(transitions) if grid is None else grid.to(torch.float64).cpu()
-        if self.grid.dim() != 1 or not bool(torch.all(self.grid[1:] > self.grid[:-1])):
-            raise ValueError("grid must be a 1-D tensor of strictly increasing times")
+        self.grid = time_grid(transitions) if grid is None else check_grid(grid)
         self.plans = []
         for k in range(len(self.grid) - 1):
             t, tn = self.grid[k], self.grid[k + 1]

@@ -29,6 +29,40 @@ def test_generation_reaches_the_data(mixture, method, solver, rho):
     assert ks_statistic(x.double() @ U, lambda y: mixture_cdf(y, W, M, V, U)) < ks_critical(n, 0.001)
 
 
+@pytest.mark.parametrize("method", ["glass", "ode", "sde"])
+def test_a_grid_may_start_from_a_partly_noised_state_and_stop_early(mixture, method):
+    """From exact draws of x_0.4 (t z + (1 - t) eps), grid [0.4, 0.7] gives the exact marginal at 0.7 and
+    grid [0.4, 0.7, 1.0] the data (the image-to-image and partial-run cases)."""
+    n = 4000
+    sch = gf.LinearSchedule()
+    m = mixture.flow_model(sch, "velocity")
+    x_start = mixture.marginal_sample(sch, 0.4, n, generator=torch.Generator().manual_seed(3)).float()
+    for times, end in (([0.4, 0.7], 0.7), ([0.4, 0.7, 1.0], 1.0)):
+        sampler = gf.Sampler(m, method=method, inner_steps=20, grid=times)
+        x = sampler.run(x_start, generator=torch.Generator().manual_seed(4))
+        W, M, V = mixture.marginal_law(sch, end)
+        assert ks_statistic(x.double() @ U, lambda y: mixture_cdf(y, W, M, V, U)) < ks_critical(n, 0.001)
+
+
+@pytest.mark.parametrize("grid,match", [([0.5], "at least two times"), ([[0.0, 1.0]], "1-D"),
+                                        ([0.0, float("nan"), 1.0], "finite, strictly increasing"),
+                                        ([0.0, 0.6, 0.5, 1.0], "finite, strictly increasing"),
+                                        ([-0.1, 0.5, 1.0], r"in \[0, 1\]"), ([0.0, 0.5, 1.2], r"in \[0, 1\]"),
+                                        ("0 0.5 1", "sequence or Tensor of times")])
+def test_bad_grids_are_named(model, grid, match):
+    with pytest.raises(ValueError, match=match):
+        gf.Sampler(model, grid=grid)
+
+
+def test_a_grid_may_be_a_list(model):
+    kw = dict(generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
+    from_list = gf.Sampler(model, grid=[0.0, 0.3, 1.0]).run(noise, **kw)
+    kw = dict(generator=torch.Generator().manual_seed(0))
+    from_tensor = gf.Sampler(model, grid=torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)).run(noise, **kw)
+    torch.testing.assert_close(from_list, from_tensor, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sch", [gf.LinearSchedule(), gf.CosineSchedule(), gf.VPSchedule()], ids=repr)
 @pytest.mark.parametrize("method", ["glass", "ode", "sde"])
