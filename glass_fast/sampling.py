@@ -199,7 +199,7 @@ def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", tran
     Example:
         >>> x = sample(model, torch.randn(64, 2), method="glass", transitions=5, inner_steps=10)
     """
-    check_state(model, noise, generator)
+    check_state(model, noise, generator, "noise")
     sampler = Sampler(model, method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
                       solver=solver, sigmabar0=sigmabar0, device=noise.device, dtype=noise.dtype, compile=compile,
                       cuda_graph=cuda_graph, max_batch=max_batch)

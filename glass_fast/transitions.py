@@ -126,17 +126,20 @@ def _fmt(t: torch.Tensor) -> str:
 
 
 # --------------------------------------------------------------------------------------------- validation
-def check_state(model, x, generator) -> None:
+def check_state(model, x, generator, name: str = "x") -> None:
+    """Validate a model, a state batch ``x`` [B, ...] (named ``name`` in errors) and an optional generator."""
     if not isinstance(model, FlowModel):
         raise TypeError(f"model must be a glass_fast.FlowModel, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
-        raise TypeError(f"x must be a floating Tensor[B, ...], got "
-                        f"{type(x).__name__ if not isinstance(x, torch.Tensor) else f'{x.dtype} of shape {tuple(x.shape)}'}")
+        got = type(x).__name__ if not isinstance(x, torch.Tensor) else f"{x.dtype} of shape {tuple(x.shape)}"
+        raise TypeError(f"{name} must be a floating Tensor[B, ...], got {got}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must hold at least one state with at least one element, got shape {tuple(x.shape)}")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if generator.device.type != x.device.type:
-            raise ValueError(f"generator is on {generator.device} but x is on {x.device}: "
+            raise ValueError(f"generator is on {generator.device} but {name} is on {x.device}: "
                              f"create it with torch.Generator(device={str(x.device.type)!r})")
 
 

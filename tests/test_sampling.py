@@ -135,6 +135,16 @@ def test_wrong_model_output_shape_or_dtype():
         gf.sample(bad_dtype, torch.zeros(4, 2))
 
 
+@pytest.mark.parametrize("shape", [(0, 2), (3, 0)])
+def test_empty_states_are_named_before_any_model_call(model, shape):
+    with pytest.raises(ValueError, match=rf"noise must hold at least one state .* got shape \({shape[0]}, {shape[1]}\)"):
+        gf.sample(model, torch.zeros(shape))
+    with pytest.raises(ValueError, match="noise must hold (at least one state|B >= 1 groups of K >= 1)"):
+        gf.fk_steering(model, lambda z: z[:, 0], torch.zeros((1,) + shape))
+    with pytest.raises(ValueError, match="x must hold at least one state"):
+        gf.glass_transition(model, torch.zeros(shape), 0.1, 0.2)
+
+
 def test_generator_on_another_device(model):
     # Only CPU generators exist on this machine: put the state on another device instead.
     with pytest.raises(ValueError, match="generator is on cpu but x is on meta"):

@@ -171,10 +171,10 @@ def check_particles(model, reward, noise, generator) -> tuple[int, int]:
     if not isinstance(noise, torch.Tensor) or noise.dim() < 3:
         got = f"shape {tuple(noise.shape)}" if isinstance(noise, torch.Tensor) else type(noise).__name__
         raise ValueError(f"noise must be a Tensor[B, K, ...] (B groups of K particles, data dims after), got {got}")
-    check_state(model, noise, generator)
     b, k = noise.shape[:2]
     if b < 1 or k < 1:
         raise ValueError(f"noise must hold B >= 1 groups of K >= 1 particles, got B={b}, K={k}")
+    check_state(model, noise, generator, "noise")
     if not callable(reward):
         raise TypeError(f"reward must be callable(x [N, ...]) -> Tensor[N], got {type(reward).__name__}")
     return b, k
