@@ -86,6 +86,7 @@ class Sampler:
                                dict(compile) if isinstance(compile, dict) else {})
         self.cuda_graph = bool(cuda_graph)
         self._runners: dict = {}
+        self.device, self.dtype = torch.device(device or "cpu"), dtype
         model = self.model
         self.grid = time_grid(transitions) if grid is None else check_grid(grid)
         self.plans = []
@@ -99,7 +100,7 @@ class Sampler:
                 plan = ode_plan(model, t, tn, inner_steps, solver)
             else:
                 plan = sde_plan(model, t, tn, inner_steps)
-            self.plans.append(DevicePlan(plan, torch.device(device or "cpu"), dtype))
+            self.plans.append(DevicePlan(plan, self.device, dtype))
         self.labels = [stage_labels(p, f"transition {k} (t={float(self.grid[k]):.4f} -> "
                                        f"{float(self.grid[k + 1]):.4f}), ") for k, p in enumerate(self.plans)]
 
@@ -124,6 +125,16 @@ class Sampler:
                 self._runners[key] = compile_transition(self.model, plan.kinds, signature=key, **self.compile_kwargs)
         return self._runners[key]
 
+    def _check_step(self, k: int, x: torch.Tensor) -> None:
+        """Transition k exists, and x lives where the coefficients were planned (device, and float64 or not:
+        the coefficients are float64 for float64 states, float32 for every other dtype)."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.transitions:
+            raise ValueError(f"k must be a transition index in [0, {self.transitions}), got {k!r}")
+        same_device = x.device.type == self.device.type and self.device.index in (None, x.device.index)
+        if not same_device or (x.dtype == torch.float64) != (self.dtype == torch.float64):
+            raise ValueError(f"x is {x.dtype} on {x.device} but this Sampler was planned for {self.dtype} on "
+                             f"{self.device}: build it with device=x.device, dtype=x.dtype")
+
     def step(self, k: int, x: torch.Tensor, *, generator=None, denoised=None, guard=None, guidance=None):
         """Transition k: x at grid[k] -> a state at grid[k+1].
 
@@ -132,6 +143,7 @@ class Sampler:
             guard: a FiniteGuard collecting non-finite model outputs (checked by the caller after the loop).
             guidance: reward guidance hook (eager only).
         """
+        self._check_step(k, x)
         plan = self.plans[k]
         noise = draw_noise(plan, x, generator)
         if (self.cuda_graph or self.compiled) and guidance is not None:

@@ -145,6 +145,20 @@ def test_empty_states_are_named_before_any_model_call(model, shape):
         gf.glass_transition(model, torch.zeros(shape), 0.1, 0.2)
 
 
+def test_sampler_steps_are_checked_against_the_plan(model):
+    sampler = gf.Sampler(model, transitions=3, inner_steps=2)          # planned for float32 on the CPU
+    x = torch.zeros(4, 2)
+    for k in (-1, 3, 1.0, True):
+        with pytest.raises(ValueError, match=r"k must be a transition index in \[0, 3\)"):
+            sampler.step(k, x)
+    with pytest.raises(ValueError, match="x is torch.float64 on cpu but this Sampler was planned for torch.float32"):
+        sampler.run(x.double())
+    with pytest.raises(ValueError, match="x is torch.float32 on meta but this Sampler was planned for"):
+        sampler.step(0, torch.zeros(4, 2, device="meta"))
+    # Reduced precision shares float32 coefficients: allowed.
+    assert sampler.step(0, x.bfloat16()).dtype == torch.bfloat16
+
+
 def test_generator_on_another_device(model):
     # Only CPU generators exist on this machine: put the state on another device instead.
     with pytest.raises(ValueError, match="generator is on cpu but x is on meta"):
