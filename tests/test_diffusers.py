@@ -561,3 +561,22 @@ def test_clip_score_reward_loads_local_files(tmp_path):
     reward = CLIPScoreReward.from_pretrained(str(tmp_path))
     s = reward(torch.rand(2, 3, SIZE, SIZE), ["a cat", "a dog"])
     assert s.shape == (2,) and torch.isfinite(s).all()
+
+
+def test_compiled_transitions_equal_eager_through_the_pipeline(flux):
+    """compile= runs every transition, transformer calls included, under torch.compile (sample and steer)."""
+    emb = random_embeds(1, DIM, seed=30)
+    lat = gd.as_flow(flux).noise(2, SIZE, SIZE, torch.Generator().manual_seed(31))
+    kw = dict(transitions=2, inner_steps=2, num_images_per_prompt=2, height=SIZE, width=SIZE, output_type="latent",
+              latents=lat, **emb)
+    eager = gd.sample(flux, generator=torch.Generator().manual_seed(32), **kw)
+    compiled = gd.sample(flux, generator=torch.Generator().manual_seed(32), compile={"backend": "eager"}, **kw)
+    torch.testing.assert_close(compiled, eager, atol=ATOL, rtol=0)
+    reward = lambda images, prompts: images.mean((1, 2, 3))  # noqa: E731
+    skw = dict(reward=reward, particles=2, transitions=2, inner_steps=2, height=SIZE, width=SIZE,
+               output_type="latent", **emb)
+    _, want = gd.steer(flux, generator=torch.Generator().manual_seed(33), **skw)
+    _, got = gd.steer(flux, generator=torch.Generator().manual_seed(33), compile={"backend": "eager"}, **skw)
+    torch.testing.assert_close(got.samples, want.samples, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="guidance is not supported with compile"):
+        gd.sample(flux, compile={"backend": "eager"}, guidance=gd.ImageGuidance(reward, scale=1.0), **kw)

@@ -150,7 +150,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
            joint_attention_kwargs: dict | None = None, guidance: ImageGuidance | None = None, callback=None,
            skip_guidance_layers: list[int] | None = None, skip_layer_guidance_scale: float = 2.8,
            skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2, ip_adapter_image=None,
-           ip_adapter_image_embeds=None, negative_ip_adapter_image=None, negative_ip_adapter_image_embeds=None):
+           ip_adapter_image_embeds=None, negative_ip_adapter_image=None, negative_ip_adapter_image_embeds=None,
+           compile=None, cuda_graph: bool = False):
     """Generate images from a FLUX or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
 
     Args:
@@ -195,6 +196,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
             prompt's. The negative ones are classifier-free guidance's unconditional branch (default as in
             the pipelines: zeros for SD3, a black image for FLUX). Unlike the SD3 pipeline, which computes
             the adapter's timestep-dependent tokens once at its first step, every call recomputes them.
+        compile, cuda_graph: run every transition, transformer calls included, compiled by torch.compile or
+            replayed as a CUDA graph (see ``glass_fast.Sampler``; not with ``guidance``).
     Returns:
         The images (or latents) of the P * num_images_per_prompt rows.
     """
@@ -209,7 +212,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
                      strength)
     check_state(model, x, generator)
     sampler = Sampler(model, method=method, transitions=len(grid) - 1, inner_steps=inner_steps, rho=rho,
-                      solver=solver, grid=grid, device=x.device, dtype=x.dtype)
+                      solver=solver, grid=grid, device=x.device, dtype=x.dtype, compile=compile,
+                      cuda_graph=cuda_graph)
     hook = _bind_guidance(guidance, flow, cond, num_images_per_prompt, height, width, max_batch)
     with torch.no_grad():
         x = sampler.run(x, generator=generator, guidance=hook, callback=callback)
@@ -251,8 +255,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
         image, strength: image-to-image, as in ``sample`` (steering an edit of the image).
         output_type: how the best particle of each group is returned ("pt", "np", "pil", "latent").
         algorithm: "fk" (default) or "beam".
-        steering_options: further options of ``fk_steering`` (resample_window, final_correction, ...) or of
-            ``beam_search`` (expansions, value_samples).
+        steering_options: further options of ``fk_steering`` (resample_window, final_correction, compile,
+            cuda_graph, ...) or of ``beam_search`` (expansions, value_samples).
     Returns:
         (images of the P highest-reward particles, SteeringResult with latent samples [P, K, *state_shape]).
 
