@@ -76,7 +76,7 @@ def _bench(benchmark, fn, device):
         return out
 
     timed()  # warm-up: first-call kernel loading and allocator growth
-    return benchmark.pedantic(timed, rounds=10 if device == "cpu" else 30, warmup_rounds=2)
+    return benchmark.pedantic(timed, rounds=30, warmup_rounds=2)
 
 
 @pytest.mark.parametrize("provider,device", PROVIDERS)

@@ -135,3 +135,35 @@ def test_fused_step_rejects_bad_arguments(backend):
             ops.fused_step(x, x, torch.zeros(6, dtype=torch.long))
         with pytest.raises(TypeError, match="y_out has dtype"):
             ops.fused_step_(x.clone(), x, torch.zeros(6), y_out=x.half())
+
+
+CPP_CPU = [b for b, d in backend_devices() if b == "cpp" and d == "cpu"]
+
+
+@pytest.mark.skipif(not CPP_CPU, reason="the C++ CPU extension is not built")
+@pytest.mark.parametrize("offsets", [(0, 0), (1, 1), (1, 0), (3, 5)], ids=lambda o: f"new+{o[0]},y+{o[1]}")
+@pytest.mark.parametrize("case", ["euler-shared", "batch1-odd", "per-sample-stage", "non-contiguous", "fp32-out"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpp_streaming_stores_match_the_reference(monkeypatch, dtype, case, offsets):
+    """Above a size threshold (0 here) the C++ step streams its stores: outputs at every alignment (a
+    scalar head up to the first 32-byte boundary; outputs not aligned alike fall back to ordinary stores)."""
+    monkeypatch.setenv("GLASS_FAST_CPU_STREAM_MIN_BYTES", "0")
+    base, out, coef, x_t, stage = _inputs(case, dtype, "cpu")
+    ref_new, ref_y = R.fused_step(base, out, coef, x_t, stage)
+    true_new, true_y = _truth(base, out, coef, x_t, stage)
+
+    def at_offset(t, k):  # a contiguous copy of t whose data starts k elements into a larger buffer
+        buf = torch.empty(t.numel() + k, dtype=t.dtype)
+        view = buf[k:].view(t.shape)
+        view.copy_(t)
+        return view
+
+    with ops.use_backend("cpp"):
+        new, y = ops.fused_step(base, out, coef, x_t, stage)
+        assert_within_reference_error(new, ref_new, true_new, "new")
+        assert_within_reference_error(y, ref_y, true_y, "y_next")
+        state = at_offset(base.contiguous(), offsets[0])
+        y_buf = at_offset(torch.zeros_like(out).contiguous(), offsets[1])
+        ops.fused_step_(state, out, coef, x_t, stage, y_out=y_buf)
+        assert_within_reference_error(state, ref_new, true_new, "new in place")
+        assert_within_reference_error(y_buf, ref_y, true_y, "y_next into y_out")
