@@ -35,6 +35,16 @@ def test_kept_beams_are_the_best_and_the_cost_is_counted(method):
     assert res.reward_calls == 4 * 3
 
 
+def test_compiled_search_equals_eager_and_counts_the_same_calls():
+    model = MIX.flow_model(SCH, "velocity")
+    kw = dict(expansions=3, transitions=4, inner_steps=2)
+    eager = gf.beam_search(model, near_target, _noise(3, 4), generator=torch.Generator().manual_seed(1), **kw)
+    comp = gf.beam_search(model, near_target, _noise(3, 4), generator=torch.Generator().manual_seed(1),
+                          compile={"backend": "eager"}, **kw)
+    torch.testing.assert_close(comp.samples, eager.samples, rtol=0, atol=1e-6)
+    assert comp.nfe == eager.nfe and comp.reward_calls == eager.reward_calls
+
+
 def test_value_scored_search_counts_its_posterior_draws():
     model = MIX.flow_model(SCH, "velocity")
     res = gf.beam_search(model, near_target, _noise(3, 2), expansions=3, transitions=4, inner_steps=4,

@@ -27,7 +27,7 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
                 transitions: int = 5, inner_steps: int = 10, rho=0.4, solver: str = "euler",
                 generator: torch.Generator | None = None, progress: bool = False, timings: bool | None = None,
                 max_batch: int | None = None, grid: torch.Tensor | None = None,
-                value_samples: int | None = None) -> SteeringResult:
+                value_samples: int | None = None, compile=None, cuda_graph: bool = False) -> SteeringResult:
     """Keep the K best of K x ``expansions`` children per group after every transition.
 
     Args:
@@ -42,6 +42,7 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
         value_samples: score children before t = 1 by the value estimate V_t = log E[exp r(z) | x_t] from
             this many GLASS posterior draws each (``value_estimate``; samples x (inner_steps - 1) more calls
             per child) instead of the reward of the x0-prediction.
+        compile, cuda_graph: run every transition compiled or as a replayed CUDA graph (see ``Sampler``).
     Returns:
         SteeringResult: samples [B, K, ...] (the final beams, best first), equal log_weights (a selection,
         not a weighted sample), rewards [B, K], best [B, ...], nfe per beam, reward_calls per beam.
@@ -56,11 +57,11 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
     if method == "ode":
         raise ValueError("method='ode' is deterministic: every child of a beam would be the same; "
                          "use 'glass', 'sde' or 'plugin'")
-    check_sampler_options(method, transitions, inner_steps, solver, None, False)
+    check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph)
     n, rest, dev = b * k_beams, tuple(noise.shape[2:]), noise.device
     meter, sampler = metered_sampler(model, dev, noise.dtype, timings=timings, max_batch=max_batch, method=method,
                                      transitions=transitions, inner_steps=inner_steps, rho=rho, solver=solver,
-                                     grid=grid)
+                                     grid=grid, compile=compile, cuda_graph=cuda_graph)
     m, grid, steps = meter.model, sampler.grid, sampler.transitions
     values = ({k: PosteriorValue(m, float(grid[k]), samples=value_samples, inner_steps=inner_steps, rho=rho,
                                  solver=solver, device=dev, dtype=noise.dtype) for k in range(1, steps)}
