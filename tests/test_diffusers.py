@@ -258,6 +258,11 @@ def test_skip_layer_guidance_needs_sd3_with_cfg(flux, sd3):
     with pytest.raises(ValueError, match="skip_guidance_layers must be a list of block indices"):
         gd.sample(sd3, guidance_scale=4.0, height=SIZE, width=SIZE, skip_guidance_layers=3,
                   **random_embeds(1, 16, negative=True))
+    for run in (lambda **kw: gd.sample(sd3, cuda_graph=True, **kw),
+                lambda **kw: gd.steer(sd3, reward=lambda i, p: i.mean((1, 2, 3)), cuda_graph=True, **kw)):
+        with pytest.raises(ValueError, match="skip-layer guidance decides on the host"):
+            run(guidance_scale=4.0, height=SIZE, width=SIZE, skip_guidance_layers=[0],
+                **random_embeds(1, 16, negative=True))
 
 
 def _word_tokenizer(transformers, max_length):

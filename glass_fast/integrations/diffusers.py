@@ -134,6 +134,13 @@ def postprocess(flow: DiffusersFlow, x: torch.Tensor, height: int, width: int, o
     return VaeImageProcessor(vae_scale_factor=flow.vae_scale_factor).postprocess(img, output_type=output_type)
 
 
+def _check_capturable(cuda_graph: bool, skip_guidance_layers) -> None:
+    if cuda_graph and skip_guidance_layers is not None:
+        raise ValueError("skip-layer guidance decides on the host, at every call, whether its extra transformer "
+                         "call runs, which a CUDA graph cannot replay: use it without cuda_graph=True "
+                         "(eagerly or with compile=)")
+
+
 def _check_output(output_type):
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -202,6 +209,7 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
         The images (or latents) of the P * num_images_per_prompt rows.
     """
     _check_output(output_type)
+    _check_capturable(cuda_graph, skip_guidance_layers)
     args = locals()   # the pipeline-style arguments sample and steer share, by name
     embeds, skip = ({k: args[k] for k in names} for names in (_EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS, _SKIP_LAYER_ARGS))
     flow, cond, model, height, width, grid = _setup(pipe, prompt, embeds, num_images_per_prompt,
@@ -271,6 +279,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
         raise ValueError("guidance is not supported with algorithm='beam'; use algorithm='fk'")
     if not callable(reward):
         raise TypeError(f"reward must be callable(images, prompts) -> Tensor[N], got {type(reward).__name__}")
+    _check_capturable(steering_options.get("cuda_graph", False), skip_guidance_layers)
     args = locals()   # the pipeline-style arguments sample and steer share, by name
     embeds, skip = ({k: args[k] for k in names} for names in (_EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS, _SKIP_LAYER_ARGS))
     flow, cond, model, height, width, grid = _setup(pipe, prompt, embeds, particles, "particles", height, width,

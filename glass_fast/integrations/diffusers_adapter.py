@@ -307,10 +307,11 @@ def _shift_mu(seq_len: int, cfg, default_max_shift: float) -> float:
 
 
 def _flux_image_ids(h2: int, w2: int, device, dtype) -> torch.Tensor:
-    """FLUX's positional ids of the packed image tokens: [(h/2)(w/2), 3] = (0, row, column)."""
-    rows = torch.arange(h2).repeat_interleave(w2)
-    cols = torch.arange(w2).repeat(h2)
-    return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(device=device, dtype=dtype)
+    """FLUX's positional ids of the packed image tokens: [(h/2)(w/2), 3] = (0, row, column). Built on the
+    device (no host-to-device copy per transformer call, so a transition stays capturable as a CUDA graph)."""
+    rows = torch.arange(h2, device=device).repeat_interleave(w2)
+    cols = torch.arange(w2, device=device).repeat(h2)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(dtype=dtype)
 
 
 class SkipLayerGuidance:
