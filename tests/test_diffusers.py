@@ -484,6 +484,17 @@ def test_prompt_layout_mismatches_are_named(flux):
     model = gd.as_flow(flux).flow_model(gd.encode(gd.as_flow(flux), **random_embeds(2, DIM)), 3, SIZE, SIZE)
     with pytest.raises(ValueError, match=r"2 prompt\(s\) x 3 rows = 6 rows \(prompt-major\) or a multiple"):
         model.velocity(torch.randn(5, 64, 16), 0.5)
+    flow, emb = gd.as_flow(flux), random_embeds(2, DIM, negative=True)
+    with pytest.raises(ValueError, match="pass prompt or prompt_embeds"):
+        gd.encode(flow)
+    with pytest.raises(TypeError, match="prompt must be a string, a non-empty list of strings or None, got 3"):
+        gd.encode(flow, 3, **random_embeds(2, DIM))
+    with pytest.raises(ValueError, match="negative_pooled_prompt_embeds is required with negative_prompt_embeds"):
+        gd.encode(flow, **{k: v for k, v in emb.items() if k != "negative_pooled_prompt_embeds"})
+    with pytest.raises(ValueError, match=r"prompt_embeds must be a Tensor with 3 dimensions, got \(2, 32\)"):
+        gd.encode(flow, prompt_embeds=torch.randn(2, DIM), pooled_prompt_embeds=torch.randn(2, DIM))
+    with pytest.raises(ValueError, match="pooled_prompt_embeds has 1 rows but there are 2 prompts"):
+        gd.encode(flow, prompt_embeds=emb["prompt_embeds"], pooled_prompt_embeds=torch.randn(1, DIM))
 
 
 def test_missing_encoders_and_bad_sizes_are_named(flux, sd3):

@@ -126,6 +126,15 @@ def test_unknown_method_and_prediction(model):
         gf.FlowModel(lambda x, t: x, gf.LinearSchedule(), prediction="v")
 
 
+def test_bad_model_state_or_generator_types_are_named(model):
+    with pytest.raises(TypeError, match="model must be a glass_fast.FlowModel, got function"):
+        gf.sample(lambda x, t: x, torch.zeros(4, 2))
+    with pytest.raises(TypeError, match="noise must be a floating Tensor\\[B, ...\\], got list"):
+        gf.sample(model, [[0.0, 0.0]])
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        gf.sample(model, torch.zeros(4, 2), generator=0)
+
+
 def test_wrong_model_output_shape_or_dtype():
     bad_shape = gf.FlowModel(lambda x, t: x[:, :1], gf.LinearSchedule())
     with pytest.raises(ValueError, match=r"model output has shape \(4, 1\), expected .*\(4, 2\)"):
