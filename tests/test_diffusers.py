@@ -519,6 +519,14 @@ def test_reward_of_the_wrong_shape_is_named(flux):
     scorer = LatentReward(gd.as_flow(flux), lambda im, p: im.mean((1, 2, 3)), None, 1, 2, SIZE, SIZE)
     with pytest.raises(ValueError, match=r"1 prompt\(s\) x 2 rows = 2 rows"):
         scorer(torch.randn(3, 64, 16))
+    with pytest.raises(TypeError, match=r"reward must return a Tensor\[2\], got list"):
+        LatentReward(gd.as_flow(flux), lambda im, p: [0.0, 1.0], None, 1, 2, SIZE, SIZE)(torch.randn(2, 64, 16))
+    counts = LatentReward(gd.as_flow(flux), lambda im, p: torch.arange(im.shape[0]), None, 1, 2, SIZE, SIZE)
+    assert counts(torch.randn(2, 64, 16)).dtype == torch.float32      # integer scores are converted
+    no_vae = types.SimpleNamespace(transformer=flux.transformer, scheduler=flux.scheduler, vae=None)
+    with pytest.raises(ValueError, match="image rewards need the pipeline's VAE"):
+        gd.steer(no_vae, None, lambda im, p: im.mean((1, 2, 3)), particles=2, height=SIZE, width=SIZE,
+                 **random_embeds(1, DIM))
 
 
 # -------------------------------------------------------------------------------------------------- rewards

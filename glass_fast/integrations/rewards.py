@@ -28,14 +28,13 @@ class ImageReward(Protocol):
 
 
 def check_scores(scores, rows: int, name: str = "reward") -> torch.Tensor:
-    """A reward's output as float32 [rows]; ValueError naming the shape otherwise."""
+    """A reward's output as float32 [rows] (integer scores converted); TypeError / ValueError naming what
+    came back otherwise."""
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"{name} must return a Tensor[{rows}], got {type(scores).__name__}")
     if scores.shape != (rows,):
         raise ValueError(f"{name} must return a Tensor of shape [{rows}] (one score per image), "
                          f"got shape {list(scores.shape)}")
-    if not scores.is_floating_point():
-        scores = scores.float()
     return scores.float()
 
 
