@@ -135,6 +135,14 @@ def test_fused_step_rejects_bad_arguments(backend):
             ops.fused_step(x, x, torch.zeros(6, dtype=torch.long))
         with pytest.raises(TypeError, match="y_out has dtype"):
             ops.fused_step_(x.clone(), x, torch.zeros(6), y_out=x.half())
+        with pytest.raises(TypeError, match="base must be a torch.Tensor, got list"):
+            ops.fused_step([[0.0]], x, torch.zeros(6))
+        with pytest.raises(TypeError, match="base has dtype torch.int64; allowed: float32"):
+            ops.fused_step(x.long(), x, torch.zeros(6))
+        with pytest.raises(ValueError, match="out is on meta but base is on cpu; all tensors of an op"):
+            ops.fused_step(x, x.to("meta"), torch.zeros(6))
+        with pytest.raises(ValueError, match="coef is on meta but base is on cpu"):
+            ops.fused_step(x, x, torch.zeros(6, device="meta"))
 
 
 CPP_CPU = [b for b, d in backend_devices() if b == "cpp" and d == "cpu"]

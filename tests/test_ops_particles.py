@@ -206,3 +206,7 @@ def test_gather_rejects_bad_arguments():
         ops.gather_particles(x, torch.zeros(3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="scratch has shape"):
         ops.gather_particles_(x, torch.zeros(2, 3, dtype=torch.long), torch.empty(2, 3))
+    with pytest.raises(ValueError, match=r"x has shape \(4,\); allowed: \[B, K, ...\]"):
+        ops.gather_particles(torch.randn(4), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="idx is on meta but x is on cpu"):
+        ops.gather_particles(x, torch.zeros(2, 3, dtype=torch.long, device="meta"))
