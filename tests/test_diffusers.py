@@ -296,6 +296,18 @@ def test_flux_prompts_through_text_encoders_match_the_pipeline(flux):
     ours = gd.sample(pipe, prompts, method="ode", transitions=3, inner_steps=1, num_images_per_prompt=2,
                      height=SIZE, width=SIZE, latents=lat, max_sequence_length=8, output_type="latent")
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    # A separate T5 prompt (prompt_2), and true CFG with negative prompts for both encoders.
+    kw = dict(num_images_per_prompt=2, height=SIZE, width=SIZE, max_sequence_length=8, output_type="latent",
+              prompt_2=["a mat", "a red dog"], negative_prompt=["a cat", "a mat"], negative_prompt_2=["dog", "cat"],
+              true_cfg_scale=2.0)
+    theirs = pipe(prompt=prompts, num_inference_steps=3, latents=lat.clone(), **kw).images
+    ours_2 = gd.sample(pipe, prompts, method="ode", transitions=3, inner_steps=1, latents=lat, **kw)
+    torch.testing.assert_close(ours_2, theirs, atol=ATOL, rtol=0)
+    assert (ours_2 - ours).abs().max() > 100 * ATOL
+    with pytest.raises(ValueError, match="prompt_2 has 3 entries but there are 2 prompts"):
+        gd.sample(pipe, prompts, prompt_2=["a", "b", "c"], height=SIZE, width=SIZE, max_sequence_length=8)
+    with pytest.raises(ValueError, match="prompt_3 / negative_prompt_3 are for Stable Diffusion 3"):
+        gd.sample(pipe, prompts, prompt_3="a", height=SIZE, width=SIZE, max_sequence_length=8)
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -604,3 +616,40 @@ def test_compiled_transitions_equal_eager_through_the_pipeline(flux):
     torch.testing.assert_close(got.samples, want.samples, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="guidance is not supported with compile"):
         gd.sample(flux, compile={"backend": "eager"}, guidance=gd.ImageGuidance(reward, scale=1.0), **kw)
+
+
+def test_sd3_prompts_for_all_three_text_encoders_match_the_pipeline(sd3):
+    transformers = pytest.importorskip("transformers")
+    from diffusers import StableDiffusion3Pipeline
+    torch.manual_seed(4)
+
+    def clip():  # hidden 8 each: 16 after concatenation (padded to T5's 32); pooled 8 + 8 = 16
+        return transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+            vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=12, projection_dim=8)).eval()
+
+    t5 = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=16, d_model=DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
+    tok = _word_tokenizer(transformers, 12)
+    pipe = StableDiffusion3Pipeline(transformer=sd3.transformer, scheduler=sd3.scheduler, vae=sd3.vae,
+                                    text_encoder=clip(), tokenizer=tok, text_encoder_2=clip(), tokenizer_2=tok,
+                                    text_encoder_3=t5, tokenizer_3=_word_tokenizer(transformers, 8))
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red cat", "a dog on a mat"]
+    lat = gd.as_flow(pipe).noise(2, SIZE, SIZE, torch.Generator().manual_seed(5))
+    kw = dict(height=SIZE, width=SIZE, max_sequence_length=8, output_type="latent", guidance_scale=3.0,
+              prompt_2=["a mat", "a dog"], prompt_3=["a red mat", "a cat"], negative_prompt=["dog", "mat"],
+              negative_prompt_3=["cat", "a cat"])
+    theirs = pipe(prompt=prompts, num_inference_steps=3, latents=lat.clone(), **kw).images
+    ours = gd.sample(pipe, prompts, method="ode", transitions=3, inner_steps=1, latents=lat, **kw)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    plain = gd.sample(pipe, prompts, method="ode", transitions=3, inner_steps=1, latents=lat, height=SIZE,
+                      width=SIZE, max_sequence_length=8, output_type="latent", guidance_scale=3.0,
+                      negative_prompt=["dog", "mat"])
+    assert (ours - plain).abs().max() > 100 * ATOL       # the other encoders' prompts changed the field
+    # One string stands for every prompt.
+    one = gd.sample(pipe, prompts, method="ode", transitions=3, inner_steps=1, latents=lat,
+                    **{**kw, "prompt_3": "a cat", "negative_prompt_3": "cat"})
+    many = gd.sample(pipe, prompts, method="ode", transitions=3, inner_steps=1, latents=lat,
+                     **{**kw, "prompt_3": ["a cat", "a cat"], "negative_prompt_3": ["cat", "cat"]})
+    torch.testing.assert_close(one, many, atol=0, rtol=0)

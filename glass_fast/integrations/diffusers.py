@@ -23,7 +23,8 @@ from .rewards import CLIPScoreReward, ImageGuidance, ImageReward, LatentReward  
 
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 _EMBEDDING_ARGS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt", "negative_prompt_embeds",
-                   "negative_pooled_prompt_embeds", "max_sequence_length")
+                   "negative_pooled_prompt_embeds", "max_sequence_length", "prompt_2", "prompt_3",
+                   "negative_prompt_2", "negative_prompt_3")
 _IMAGE_PROMPT_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image",
                       "negative_ip_adapter_image_embeds")
 _SKIP_LAYER_ARGS = ("skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start",
@@ -158,7 +159,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
            skip_guidance_layers: list[int] | None = None, skip_layer_guidance_scale: float = 2.8,
            skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2, ip_adapter_image=None,
            ip_adapter_image_embeds=None, negative_ip_adapter_image=None, negative_ip_adapter_image_embeds=None,
-           compile=None, cuda_graph: bool = False):
+           compile=None, cuda_graph: bool = False, prompt_2=None, prompt_3=None, negative_prompt_2=None,
+           negative_prompt_3=None):
     """Generate images from a FLUX or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
 
     Args:
@@ -205,6 +207,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
             the adapter's timestep-dependent tokens once at its first step, every call recomputes them.
         compile, cuda_graph: run every transition, transformer calls included, compiled by torch.compile or
             replayed as a CUDA graph (see ``glass_fast.Sampler``; not with ``guidance``).
+        prompt_2, prompt_3, negative_prompt_2, negative_prompt_3: prompts for the pipelines' other text
+            encoders (FLUX: prompt_2 for T5; SD3: prompt_2 for CLIP-G, prompt_3 for T5); None: prompt's.
     Returns:
         The images (or latents) of the P * num_images_per_prompt rows.
     """
@@ -240,8 +244,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
           guidance: ImageGuidance | None = None, skip_guidance_layers: list[int] | None = None,
           skip_layer_guidance_scale: float = 2.8, skip_layer_guidance_start: float = 0.01,
           skip_layer_guidance_stop: float = 0.2, ip_adapter_image=None, ip_adapter_image_embeds=None,
-          negative_ip_adapter_image=None, negative_ip_adapter_image_embeds=None, algorithm: str = "fk",
-          **steering_options):
+          negative_ip_adapter_image=None, negative_ip_adapter_image_embeds=None, prompt_2=None, prompt_3=None,
+          negative_prompt_2=None, negative_prompt_3=None, algorithm: str = "fk", **steering_options):
     """Feynman-Kac steering of a FLUX or SD3 pipeline towards p(image | prompt) exp(lmbda reward(image)),
     or beam search for high-reward images.
 
@@ -253,8 +257,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
 
     Args:
         pipe, prompt, prompt_embeds, ..., max_sequence_length, joint_attention_kwargs, guidance,
-            skip_guidance_layers, ..., ip_adapter_image, ...: as in ``sample`` (guidance shifts the proposal's
-            model calls; its reward may differ from ``reward``).
+            skip_guidance_layers, ..., ip_adapter_image, ..., prompt_2, ...: as in ``sample`` (guidance shifts
+            the proposal's model calls; its reward may differ from ``reward``).
         reward: an ``ImageReward``: reward(images [N, 3, H, W] in [0, 1], prompts list of N) -> Tensor[N].
         particles: K particles per prompt.
         method, transitions, inner_steps, rho, solver: the proposal (see ``sample``).

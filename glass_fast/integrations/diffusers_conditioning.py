@@ -63,6 +63,18 @@ def _prompts(prompt):
     raise TypeError(f"prompt must be a string, a non-empty list of strings or None, got {prompt!r}")
 
 
+def _matching(name: str, value, n: int):
+    """A per-encoder prompt argument as a list of n strings (one string or one-entry list: for every prompt)."""
+    texts = _prompts(value)
+    if texts is None:
+        return None
+    if len(texts) == 1:
+        return texts * n
+    if len(texts) != n:
+        raise ValueError(f"{name} has {len(texts)} entries but there are {n} prompts")
+    return texts
+
+
 def _check_embeds(name: str, value, dims: int, rows: int | None):
     if not isinstance(value, torch.Tensor) or value.dim() != dims:
         got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -73,7 +85,8 @@ def _check_embeds(name: str, value, dims: int, rows: int | None):
 
 def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt=None,
            negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, cfg: bool = False,
-           max_sequence_length: int = 512) -> Conditioning:
+           max_sequence_length: int = 512, prompt_2=None, prompt_3=None, negative_prompt_2=None,
+           negative_prompt_3=None) -> Conditioning:
     """Prompt conditioning, one row per prompt: precomputed embeddings, or the pipeline's text encoders.
 
     Args:
@@ -81,6 +94,9 @@ def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_promp
         prompt: str or list of P strings (kept for rewards even when embeddings are given).
         prompt_embeds, pooled_prompt_embeds: [P, S, D] and [P, Dp], replacing the text encoders.
         negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds: the unconditional branch.
+        prompt_2, prompt_3, negative_prompt_2, negative_prompt_3: the pipelines' prompts for their other text
+            encoders (FLUX: prompt_2 for T5; SD3: prompt_2 for CLIP-G, prompt_3 for T5), one or one per prompt;
+            None: the same as prompt / negative_prompt.
         cfg: whether classifier-free guidance will run (then an unconditional branch is required).
         max_sequence_length: T5 token budget when encoding.
     Returns:
@@ -88,6 +104,9 @@ def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_promp
     """
     prompts = _prompts(prompt)
     pipe = flow.pipeline
+    if flow.kind == "flux" and (prompt_3 is not None or negative_prompt_3 is not None):
+        raise ValueError("prompt_3 / negative_prompt_3 are for Stable Diffusion 3's third text encoder; FLUX has "
+                         "two (prompt, prompt_2)")
     if prompt_embeds is None and prompts is None:
         raise ValueError("pass prompt or prompt_embeds (with pooled_prompt_embeds)")
     if prompt_embeds is not None and pooled_prompt_embeds is None:
@@ -109,20 +128,26 @@ def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_promp
         if flow.kind == "flux":
             if prompt_embeds is None:
                 prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
-                    prompt=prompts, prompt_2=None, device=dev, num_images_per_prompt=1,
-                    max_sequence_length=max_sequence_length)
+                    prompt=prompts, prompt_2=_matching("prompt_2", prompt_2, len(prompts)), device=dev,
+                    num_images_per_prompt=1, max_sequence_length=max_sequence_length)
             if need_neg:
-                negs = _prompts(negative_prompt)
-                negs = negs * prompt_embeds.shape[0] if len(negs) == 1 else negs
+                n = prompt_embeds.shape[0]
                 negative_prompt_embeds, negative_pooled_prompt_embeds, _ = pipe.encode_prompt(
-                    prompt=negs, prompt_2=None, device=dev, num_images_per_prompt=1,
-                    max_sequence_length=max_sequence_length)
+                    prompt=_matching("negative_prompt", negative_prompt, n),
+                    prompt_2=_matching("negative_prompt_2", negative_prompt_2, n), device=dev,
+                    num_images_per_prompt=1, max_sequence_length=max_sequence_length)
         elif prompt_embeds is None or need_neg:
+            n = len(prompts) if prompt_embeds is None else prompt_embeds.shape[0]
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = \
-                pipe.encode_prompt(prompt=prompts if prompt_embeds is None else None, prompt_2=None, prompt_3=None,
+                pipe.encode_prompt(prompt=prompts if prompt_embeds is None else None,
+                                   prompt_2=_matching("prompt_2", prompt_2, n),
+                                   prompt_3=_matching("prompt_3", prompt_3, n),
                                    device=dev, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
                                    prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-                                   negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
+                                   negative_prompt=_matching("negative_prompt", negative_prompt, n),
+                                   negative_prompt_2=_matching("negative_prompt_2", negative_prompt_2, n),
+                                   negative_prompt_3=_matching("negative_prompt_3", negative_prompt_3, n),
+                                   negative_prompt_embeds=negative_prompt_embeds,
                                    negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                                    max_sequence_length=max_sequence_length)
     _check_embeds("prompt_embeds", prompt_embeds, 3, None)
