@@ -653,3 +653,23 @@ def test_sd3_prompts_for_all_three_text_encoders_match_the_pipeline(sd3):
     many = gd.sample(pipe, prompts, method="ode", transitions=3, inner_steps=1, latents=lat,
                      **{**kw, "prompt_3": ["a cat", "a cat"], "negative_prompt_3": ["cat", "cat"]})
     torch.testing.assert_close(one, many, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_custom_sigmas_reproduce_the_pipeline(flux, sd3, kind):
+    parts, cls = (flux, "FluxPipeline") if kind == "flux" else (sd3, "StableDiffusion3Pipeline")
+    pipe = pipeline(parts, cls)
+    emb = random_embeds(1, DIM if kind == "flux" else 16, seed=40, negative=kind == "sd3")
+    lat = gd.as_flow(pipe).noise(1, SIZE, SIZE, torch.Generator().manual_seed(41))
+    sigmas = [1.0, 0.8, 0.45, 0.2]
+    kw = dict(height=SIZE, width=SIZE, output_type="latent", guidance_scale=3.5 if kind == "flux" else 4.0, **emb)
+    theirs = pipe(num_inference_steps=len(sigmas), sigmas=sigmas, latents=lat.clone(), **kw).images
+    # transitions is ignored when sigmas are given, as num_inference_steps is by the pipelines.
+    ours = gd.sample(pipe, method="ode", transitions=9, inner_steps=1, sigmas=sigmas, latents=lat, **kw)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    default = gd.sample(pipe, method="ode", transitions=4, inner_steps=1, latents=lat, **kw)
+    assert (ours - default).abs().max() > 100 * ATOL
+    with pytest.raises(ValueError, match="pass grid .* or sigmas .*, not both"):
+        gd.sample(pipe, sigmas=sigmas, grid=torch.linspace(0, 1, 5, dtype=torch.float64), **kw)
+    with pytest.raises(ValueError, match="sigmas must be a 1-D sequence of finite noise levels"):
+        gd.sample(pipe, sigmas=[[1.0, 0.5]], **kw)

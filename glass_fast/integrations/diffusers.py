@@ -37,7 +37,7 @@ def as_flow(pipe) -> DiffusersFlow:
 
 
 def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, width, guidance_scale,
-           true_cfg_scale, max_batch, attention_kwargs, transitions: int, grid, skip_layers: dict):
+           true_cfg_scale, max_batch, attention_kwargs, transitions: int, grid, skip_layers: dict, sigmas=None):
     """(adapter, conditioning, FlowModel, height, width, transition grid), shared by sample and steer.
 
     ``embeds``: the prompt and image-prompt arguments by name; ``skip_layers``: the pipeline's
@@ -65,7 +65,9 @@ def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, w
     cond = encode(flow, prompt, cfg=cfg, **embeds)
     cond.image_embeds, cond.negative_image_embeds = image_prompts(flow, cond.num_prompts, cfg, height, width,
                                                                   **images)
-    grid = flow.time_grid(transitions, height, width) if grid is None else grid
+    if grid is not None and sigmas is not None:
+        raise ValueError("pass grid (glass_fast times) or sigmas (the pipeline's noise levels), not both")
+    grid = flow.time_grid(transitions, height, width, sigmas) if grid is None else grid
     slg = None
     if skip_layers["skip_guidance_layers"] is not None:
         slg = SkipLayerGuidance.from_steps(skip_layers["skip_guidance_layers"],
@@ -160,7 +162,7 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
            skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2, ip_adapter_image=None,
            ip_adapter_image_embeds=None, negative_ip_adapter_image=None, negative_ip_adapter_image_embeds=None,
            compile=None, cuda_graph: bool = False, prompt_2=None, prompt_3=None, negative_prompt_2=None,
-           negative_prompt_3=None):
+           negative_prompt_3=None, sigmas=None):
     """Generate images from a FLUX or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
 
     Args:
@@ -179,6 +181,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
         num_images_per_prompt: images per prompt; rows are prompt-major.
         height, width: image size in pixels (default: the pipeline's).
         grid: optional float64 Tensor[K+1] of increasing glass_fast times, replacing the sigma schedule.
+        sigmas: optional decreasing noise levels as the pipelines take them (shifted the same way; their
+            count sets the number of transitions); not with ``grid``.
         latents: optional starting noise [P * num_images_per_prompt, *state_shape] (float32).
         image, strength: image-to-image as in FluxImg2ImgPipeline / StableDiffusion3Img2ImgPipeline: the
             image (PIL, array or Tensor; one, or one per prompt) is encoded by the VAE and noised to the
@@ -219,7 +223,7 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
     flow, cond, model, height, width, grid = _setup(pipe, prompt, embeds, num_images_per_prompt,
                                                     "num_images_per_prompt", height, width, guidance_scale,
                                                     true_cfg_scale, max_batch, joint_attention_kwargs, transitions,
-                                                    grid, skip)
+                                                    grid, skip, sigmas)
     x, grid = _start(flow, latents, cond.num_prompts, num_images_per_prompt, height, width, generator, grid, image,
                      strength)
     check_state(model, x, generator)
@@ -245,7 +249,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
           skip_layer_guidance_scale: float = 2.8, skip_layer_guidance_start: float = 0.01,
           skip_layer_guidance_stop: float = 0.2, ip_adapter_image=None, ip_adapter_image_embeds=None,
           negative_ip_adapter_image=None, negative_ip_adapter_image_embeds=None, prompt_2=None, prompt_3=None,
-          negative_prompt_2=None, negative_prompt_3=None, algorithm: str = "fk", **steering_options):
+          negative_prompt_2=None, negative_prompt_3=None, sigmas=None, algorithm: str = "fk", **steering_options):
     """Feynman-Kac steering of a FLUX or SD3 pipeline towards p(image | prompt) exp(lmbda reward(image)),
     or beam search for high-reward images.
 
@@ -257,8 +261,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
 
     Args:
         pipe, prompt, prompt_embeds, ..., max_sequence_length, joint_attention_kwargs, guidance,
-            skip_guidance_layers, ..., ip_adapter_image, ..., prompt_2, ...: as in ``sample`` (guidance shifts
-            the proposal's model calls; its reward may differ from ``reward``).
+            skip_guidance_layers, ..., ip_adapter_image, ..., prompt_2, ..., sigmas: as in ``sample`` (guidance
+            shifts the proposal's model calls; its reward may differ from ``reward``).
         reward: an ``ImageReward``: reward(images [N, 3, H, W] in [0, 1], prompts list of N) -> Tensor[N].
         particles: K particles per prompt.
         method, transitions, inner_steps, rho, solver: the proposal (see ``sample``).
@@ -289,7 +293,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     flow, cond, model, height, width, grid = _setup(pipe, prompt, embeds, particles, "particles", height, width,
                                                     guidance_scale, true_cfg_scale, max_batch,
                                                     joint_attention_kwargs, transitions,
-                                                    steering_options.pop("grid", None), skip)
+                                                    steering_options.pop("grid", None), skip, sigmas)
     p, shape = cond.num_prompts, flow.state_shape(height, width)
     if latents is not None and (not isinstance(latents, torch.Tensor) or latents.dim() < 2
                                 or tuple(latents.shape[:2]) != (p, particles)):

@@ -137,31 +137,40 @@ class DiffusersFlow:
         return self.pack(lat)
 
     # -- time grid ------------------------------------------------------------------------------------------
-    def sigmas(self, steps: int, height: int, width: int) -> torch.Tensor:
+    def sigmas(self, steps: int, height: int, width: int, custom=None) -> torch.Tensor:
         """The pipeline's sigma schedule for ``steps`` steps: float32 [steps + 1], decreasing to 0.
 
         Shifts (FLUX's resolution-dependent mu, SD3's static shift) are applied exactly as the pipelines do,
         by a fresh scheduler built from the same config (the pipeline's own scheduler is not touched).
+        ``custom``: the pipelines' ``sigmas`` argument (a decreasing sequence, shifted like the default one);
+        it sets the number of steps.
         """
         cfg = self.scheduler_config
         sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
         h, w = self.latent_hw(height, width)
         kwargs = {}
+        if custom is not None:
+            custom = np.asarray(custom, dtype=np.float64)
+            if custom.ndim != 1 or custom.size < 1 or not np.all(np.isfinite(custom)):
+                raise ValueError(f"sigmas must be a 1-D sequence of finite noise levels, got {custom.tolist()}")
+            steps = custom.size
         if self.kind == "flux":
             seq_len = (h // 2) * (w // 2)
             if not cfg.get("use_flow_sigmas", False):
-                kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+                kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps) if custom is None else custom
         else:
             p = self.transformer.config.patch_size
             seq_len = (h // p) * (w // p)
+            if custom is not None:
+                kwargs["sigmas"] = custom
         if cfg.get("use_dynamic_shifting", False):
             kwargs["mu"] = _shift_mu(seq_len, cfg, 1.15 if self.kind == "flux" else 1.16)
         sched.set_timesteps(steps, device="cpu", **kwargs)
         return sched.sigmas.to(torch.float32)
 
-    def time_grid(self, steps: int, height: int, width: int) -> torch.Tensor:
+    def time_grid(self, steps: int, height: int, width: int, custom=None) -> torch.Tensor:
         """The same schedule as glass_fast times t = 1 - sigma: float64 [steps + 1], increasing to 1."""
-        return 1.0 - self.sigmas(steps, height, width).to(torch.float64)
+        return 1.0 - self.sigmas(steps, height, width, custom).to(torch.float64)
 
     # -- the network ----------------------------------------------------------------------------------------
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
