@@ -176,7 +176,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
         transitions: steps of the pipeline's sigma schedule used as the transition grid.
         inner_steps: model calls per transition (ODE: Euler steps inside each transition).
         rho, solver: GLASS correlation and inner solver (see ``glass_fast.glass_transition``).
-        guidance_scale: SD3: CFG weight (default 7.0); FLUX: distilled guidance embedding (default 3.5).
+        guidance_scale: SD3: CFG weight (default 7.0); FLUX: distilled guidance embedding (default 3.5, as
+            FluxPipeline; FluxImg2ImgPipeline's default is 7.0: pass it to match that pipeline).
         true_cfg_scale: FLUX only: real CFG weight, active above 1 with a negative prompt.
         num_images_per_prompt: images per prompt; rows are prompt-major.
         height, width: image size in pixels (default: the pipeline's).
