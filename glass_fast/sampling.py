@@ -5,6 +5,8 @@ the device once, and steps a state through transition k. ``sample``, FK steering
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .capture import GraphedTransition, compile_transition
@@ -128,7 +130,7 @@ class Sampler:
     def _check_step(self, k: int, x: torch.Tensor) -> None:
         """Transition k exists, and x lives where the coefficients were planned (device, and float64 or not:
         the coefficients are float64 for float64 states, float32 for every other dtype)."""
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.transitions:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < self.transitions:
             raise ValueError(f"k must be a transition index in [0, {self.transitions}), got {k!r}")
         same_device = x.device.type == self.device.type and self.device.index in (None, x.device.index)
         if not same_device or (x.dtype == torch.float64) != (self.dtype == torch.float64):
