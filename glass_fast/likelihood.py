@@ -17,6 +17,7 @@ import torch
 
 from .model import FlowModel
 from .plan import check_calls
+from .transitions import all_finite
 
 DIVERGENCES = ("auto", "exact", "hutchinson")
 _EXACT_UP_TO = 32   # "auto": exact divergence up to this many dimensions per sample
@@ -66,7 +67,7 @@ def log_likelihood(model: FlowModel, x: torch.Tensor, *, steps: int = 100, solve
         with torch.enable_grad():
             y = y.detach().requires_grad_(True)
             u = model.velocity(y, t)
-            if not bool(torch.isfinite(u).all()):
+            if not bool(all_finite(u)):
                 raise FloatingPointError(f"log_likelihood: the model's velocity is NaN/Inf at t={t:.4f} (step {k})")
             if exact:
                 flat = u.reshape(u.shape[0], -1)
@@ -92,7 +93,7 @@ def log_likelihood(model: FlowModel, x: torch.Tensor, *, steps: int = 100, solve
         else:
             u2, d2 = field(y - h * u1.to(y.dtype), t_next, k)
             y, integral = y - 0.5 * h * (u1 + u2).to(y.dtype), integral + 0.5 * h * (d1 + d2)
-        if not bool(torch.isfinite(y).all()):
+        if not bool(all_finite(y)):
             raise FloatingPointError(f"log_likelihood: the ODE state became NaN/Inf at step {k} (t={t:.4f} -> "
                                      f"{t_next:.4f}); lower t_max or use more steps")
     var = float(model.schedule.sigma(torch.tensor(float(grid[-1]), dtype=torch.float64))) ** 2

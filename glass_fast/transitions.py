@@ -11,6 +11,14 @@ from .model import FlowModel, denoiser_coefficients
 from .plan import Plan, as_times, check_calls, check_interval, check_solver, glass_plan, ode_plan, resolve_rho, sde_plan
 
 
+def all_finite(t: torch.Tensor) -> torch.Tensor:
+    """0-dim bool Tensor: every element of t is finite, without a host sync. The minimum and maximum carry
+    any NaN or Inf, and aminmax is one pass; isfinite(t).all() makes several (about 20x slower on the CPU
+    for 4M elements, more than the fused step itself)."""
+    lo, hi = torch.aminmax(t)
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
 class FiniteGuard:
     """Records which model outputs were finite, without synchronising the host.
 
@@ -24,7 +32,7 @@ class FiniteGuard:
         self.labels: list[str] = []
 
     def check(self, out: torch.Tensor, label: str) -> None:
-        self.flags.append(torch.isfinite(out).all().reshape(1))
+        self.flags.append(all_finite(out).reshape(1))
         self.labels.append(label)
 
     def extend(self, flags: torch.Tensor, labels: list[str]) -> None:
@@ -95,7 +103,7 @@ def execute(model: FlowModel, plan, x: torch.Tensor, noise: torch.Tensor, *, den
             if guidance is not None:
                 out = guidance(model, y.to(model.input_dtype(y)), plan.times[i], plan.host_times[i], out)
             coef = plan.coefs[i]
-        finite.append(torch.isfinite(out).all())
+        finite.append(all_finite(out))
         stage = next(draws) if kind == "noisy" else tmp if kind == "correct" else None
         new, y = ops.fused_step(base, out, coef, x_t=x_t, stage=stage)
         if kind == "predict":

@@ -186,6 +186,19 @@ def test_nan_is_reported_with_transition_and_stage(mixture):
         gf.glass_transition(m, torch.randn(4, 2), 0.5, 0.9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_all_finite_sees_every_nan_and_inf(dtype):
+    from glass_fast.transitions import all_finite
+    x = torch.randn(3, 7, 5).to(dtype)
+    assert bool(all_finite(x)) and all_finite(x).dim() == 0
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for pos in ((0, 0, 0), (1, 3, 2), (2, 6, 4)):
+            y = x.clone()
+            y[pos] = bad
+            assert not bool(all_finite(y)), (bad, pos)
+    assert bool(all_finite(torch.full((4,), torch.finfo(dtype).max, dtype=dtype)))   # large but finite
+
+
 @pytest.mark.parametrize("method,solver", [("glass", "euler"), ("glass", "midpoint"), ("ode", "heun"), ("sde", "euler"),
                                            ("plugin", "euler")])
 def test_callback_sees_every_x0_prediction_at_no_model_calls(mixture, method, solver):
