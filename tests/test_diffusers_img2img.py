@@ -1,5 +1,5 @@
-"""Image-to-image through the diffusers integration (``image=``, ``strength=``) on tiny random FLUX / SD3 parts,
-against diffusers' own img2img pipelines."""
+"""Images as inputs through the diffusers integration on tiny random FLUX / SD3 parts, against diffusers' own
+pipelines: image-to-image (``image=``, ``strength=``) and FLUX.1 Kontext's reference image (``context_image=``)."""
 from __future__ import annotations
 
 import types
@@ -20,7 +20,7 @@ def _image(seed: int, count: int = 1):
 
 
 @pytest.mark.parametrize("strength", [0.6, 0.3])
-def test_flux_img2img_reproduces_thepipeline(flux, strength):
+def test_flux_img2img_reproduces_the_pipeline(flux, strength):
     pipe = pipeline(flux, "FluxImg2ImgPipeline")
     emb, image = random_embeds(1, DIM, seed=1), _image(2)
     # guidance_scale named: FluxImg2ImgPipeline's default (7.0) is not FluxPipeline's (3.5).
@@ -32,7 +32,7 @@ def test_flux_img2img_reproduces_thepipeline(flux, strength):
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
 
 
-def test_sd3_img2img_with_cfg_reproduces_thepipeline(sd3):
+def test_sd3_img2img_with_cfg_reproduces_the_pipeline(sd3):
     pipe = pipeline(sd3, "StableDiffusion3Img2ImgPipeline")
     emb = random_embeds(2, 16, seed=4, negative=True)    # two prompts sharing one image
     kw = dict(height=SIZE, width=SIZE, output_type="latent", image=_image(5), strength=0.5, guidance_scale=4.0,
@@ -96,3 +96,61 @@ def test_img2img_errors_are_named(flux):
     no_vae = types.SimpleNamespace(transformer=flux.transformer, scheduler=flux.scheduler, vae=None)
     with pytest.raises(ValueError, match="encoding an image needs a VAE"):
         gd.sample(no_vae, image=_image(1), **kw)
+
+
+# ------------------------------------------------------------------------------- FLUX.1 Kontext reference images
+def _pil(seed: int, count: int = 1):
+    from PIL import Image
+    images = _image(seed, count)
+    return Image.fromarray(images) if count == 1 else [Image.fromarray(a) for a in images]
+
+
+@pytest.mark.parametrize("true_cfg", [1.0, 2.0])
+def test_kontext_reference_image_reproduces_the_pipeline(flux, true_cfg):
+    """FluxKontextPipeline's image: VAE-mean tokens appended to every transformer call, read on the image's
+    own tokens. The pipeline rescales height/width to max_area (here the same size) and may resize the image
+    to Kontext's preferred resolutions (off here: a tiny model)."""
+    pipe = pipeline(flux, "FluxKontextPipeline")
+    emb = random_embeds(1, DIM, seed=50, negative=true_cfg > 1)
+    lat = gd.as_flow(pipe).noise(2, SIZE, SIZE, torch.Generator().manual_seed(51))
+    kw = dict(height=SIZE, width=SIZE, output_type="latent", guidance_scale=2.5, num_images_per_prompt=2,
+              true_cfg_scale=true_cfg, **emb)
+    image = _pil(52)
+    theirs = pipe(image=image, num_inference_steps=3, latents=lat.clone(), max_area=SIZE * SIZE, _auto_resize=False,
+                  **kw).images
+    ours = gd.sample(pipe, image=image, context_auto_resize=False, method="ode", transitions=3, inner_steps=1,
+                     latents=lat, **kw)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    # The same through context_image= on any FLUX pipeline; without the reference the field differs.
+    plain = pipeline(flux, "FluxPipeline")
+    again = gd.sample(plain, context_image=image, context_auto_resize=False, method="ode", transitions=3,
+                      inner_steps=1, latents=lat, **kw)
+    torch.testing.assert_close(again, ours, atol=0, rtol=0)
+    without = gd.sample(plain, method="ode", transitions=3, inner_steps=1, latents=lat, **kw)
+    assert (without - ours).abs().max() > 100 * ATOL
+
+
+def test_kontext_reference_images_per_prompt_and_errors(flux, sd3, monkeypatch):
+    from PIL import Image
+
+    from glass_fast.integrations.diffusers_conditioning import context_tokens
+    flow = gd.as_flow(flux)
+    images = _pil(53, count=2)
+    tokens, ids = context_tokens(flow, images, 2, auto_resize=False)
+    assert tokens.shape == (2, (SIZE // 4) ** 2, 16) and ids.shape == ((SIZE // 4) ** 2, 3)
+    assert torch.all(ids[:, 0] == 1) and not torch.equal(tokens[0], tokens[1])
+    # Auto-resize picks the preferred (width, height) closest in aspect ratio (small ones here: the real list
+    # starts at 672 px, too slow for a tiny CPU VAE): a 40 x 16 image (2.5) goes to 48 x 16 (3).
+    import diffusers.pipelines.flux.pipeline_flux_kontext as kontext
+    monkeypatch.setattr(kontext, "PREFERRED_KONTEXT_RESOLUTIONS", [(16, 48), (32, 32), (48, 16)])
+    wide = Image.fromarray((np.random.default_rng(54).random((16, 40, 3)) * 255).astype(np.uint8))
+    resized, resized_ids = context_tokens(flow, wide, 1)
+    assert resized.shape == (1, (16 // 4) * (48 // 4), 16)
+    assert int(resized_ids[:, 1].max()) == 16 // 4 - 1 and int(resized_ids[:, 2].max()) == 48 // 4 - 1
+    with pytest.raises(ValueError, match=r"context_image holds 3 images; pass one, or one per prompt \(2\)"):
+        context_tokens(flow, _pil(1, count=3), 2, auto_resize=False)
+    with pytest.raises(ValueError, match="needs a FLUX transformer"):
+        context_tokens(gd.as_flow(sd3), _pil(1), 1)
+    with pytest.raises(ValueError, match="pass FLUX.1 Kontext's reference image once"):
+        gd.sample(pipeline(flux, "FluxKontextPipeline"), image=_pil(1), context_image=_pil(2), height=SIZE,
+                  width=SIZE, **random_embeds(1, DIM))

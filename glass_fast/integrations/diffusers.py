@@ -18,7 +18,7 @@ import torch
 from ..sampling import Sampler
 from ..transitions import check_state
 from .diffusers_adapter import DiffusersFlow, SkipLayerGuidance, transformer_kind  # noqa: F401
-from .diffusers_conditioning import Conditioning, encode, image_prompts  # noqa: F401
+from .diffusers_conditioning import Conditioning, context_tokens, encode, image_prompts  # noqa: F401
 from .rewards import CLIPScoreReward, ImageGuidance, ImageReward, LatentReward  # noqa: F401
 
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
@@ -26,7 +26,7 @@ _EMBEDDING_ARGS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt", "
                    "negative_pooled_prompt_embeds", "max_sequence_length", "prompt_2", "prompt_3",
                    "negative_prompt_2", "negative_prompt_3")
 _IMAGE_PROMPT_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image",
-                      "negative_ip_adapter_image_embeds")
+                      "negative_ip_adapter_image_embeds", "context_image", "context_auto_resize")
 _SKIP_LAYER_ARGS = ("skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start",
                     "skip_layer_guidance_stop")
 
@@ -62,9 +62,12 @@ def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, w
         cfg = cfg_scale > 1.0
         distilled = None
     images = {k: embeds.pop(k) for k in _IMAGE_PROMPT_ARGS}
+    context, auto_resize = images.pop("context_image"), images.pop("context_auto_resize")
     cond = encode(flow, prompt, cfg=cfg, **embeds)
     cond.image_embeds, cond.negative_image_embeds = image_prompts(flow, cond.num_prompts, cfg, height, width,
                                                                   **images)
+    if context is not None:
+        cond.context, cond.context_ids = context_tokens(flow, context, cond.num_prompts, auto_resize)
     if grid is not None and sigmas is not None:
         raise ValueError("pass grid (glass_fast times) or sigmas (the pipeline's noise levels), not both")
     grid = flow.time_grid(transitions, height, width, sigmas) if grid is None else grid
@@ -137,6 +140,16 @@ def postprocess(flow: DiffusersFlow, x: torch.Tensor, height: int, width: int, o
     return VaeImageProcessor(vae_scale_factor=flow.vae_scale_factor).postprocess(img, output_type=output_type)
 
 
+def _kontext_image(pipe, image, context_image):
+    """(image, context_image): FluxKontextPipeline's ``image`` is its reference image, not an img2img start."""
+    if image is None or type(pipe).__name__ != "FluxKontextPipeline":
+        return image, context_image
+    if context_image is not None:
+        raise ValueError("pass FLUX.1 Kontext's reference image once: image= (as FluxKontextPipeline takes it) "
+                         "or context_image=")
+    return None, image
+
+
 def _check_capturable(cuda_graph: bool, skip_guidance_layers) -> None:
     if cuda_graph and skip_guidance_layers is not None:
         raise ValueError("skip-layer guidance decides on the host, at every call, whether its extra transformer "
@@ -162,7 +175,7 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
            skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2, ip_adapter_image=None,
            ip_adapter_image_embeds=None, negative_ip_adapter_image=None, negative_ip_adapter_image_embeds=None,
            compile=None, cuda_graph: bool = False, prompt_2=None, prompt_3=None, negative_prompt_2=None,
-           negative_prompt_3=None, sigmas=None):
+           negative_prompt_3=None, sigmas=None, context_image=None, context_auto_resize: bool = True):
     """Generate images from a FLUX or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
 
     Args:
@@ -184,6 +197,10 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
         grid: optional float64 Tensor[K+1] of increasing glass_fast times, replacing the sigma schedule.
         sigmas: optional decreasing noise levels as the pipelines take them (shifted the same way; their
             count sets the number of transitions); not with ``grid``.
+        context_image, context_auto_resize: FLUX.1 Kontext's reference image (one, or one per prompt; a
+            FluxKontextPipeline's ``image`` means this too) and whether it is resized to Kontext's preferred
+            resolutions (the pipeline's ``_auto_resize``). Its latent tokens join every transformer call.
+            Unlike FluxKontextPipeline, height and width are used as given (no ``max_area`` rescaling).
         latents: optional starting noise [P * num_images_per_prompt, *state_shape] (float32).
         image, strength: image-to-image as in FluxImg2ImgPipeline / StableDiffusion3Img2ImgPipeline: the
             image (PIL, array or Tensor; one, or one per prompt) is encoded by the VAE and noised to the
@@ -219,6 +236,7 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
     """
     _check_output(output_type)
     _check_capturable(cuda_graph, skip_guidance_layers)
+    image, context_image = _kontext_image(pipe, image, context_image)
     args = locals()   # the pipeline-style arguments sample and steer share, by name
     embeds, skip = ({k: args[k] for k in names} for names in (_EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS, _SKIP_LAYER_ARGS))
     flow, cond, model, height, width, grid = _setup(pipe, prompt, embeds, num_images_per_prompt,
@@ -250,7 +268,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
           skip_layer_guidance_scale: float = 2.8, skip_layer_guidance_start: float = 0.01,
           skip_layer_guidance_stop: float = 0.2, ip_adapter_image=None, ip_adapter_image_embeds=None,
           negative_ip_adapter_image=None, negative_ip_adapter_image_embeds=None, prompt_2=None, prompt_3=None,
-          negative_prompt_2=None, negative_prompt_3=None, sigmas=None, algorithm: str = "fk", **steering_options):
+          negative_prompt_2=None, negative_prompt_3=None, sigmas=None, context_image=None,
+          context_auto_resize: bool = True, algorithm: str = "fk", **steering_options):
     """Feynman-Kac steering of a FLUX or SD3 pipeline towards p(image | prompt) exp(lmbda reward(image)),
     or beam search for high-reward images.
 
@@ -262,8 +281,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
 
     Args:
         pipe, prompt, prompt_embeds, ..., max_sequence_length, joint_attention_kwargs, guidance,
-            skip_guidance_layers, ..., ip_adapter_image, ..., prompt_2, ..., sigmas: as in ``sample`` (guidance
-            shifts the proposal's model calls; its reward may differ from ``reward``).
+            skip_guidance_layers, ..., ip_adapter_image, ..., prompt_2, ..., sigmas, context_image, ...: as in
+            ``sample`` (guidance shifts the proposal's model calls; its reward may differ from ``reward``).
         reward: an ``ImageReward``: reward(images [N, 3, H, W] in [0, 1], prompts list of N) -> Tensor[N].
         particles: K particles per prompt.
         method, transitions, inner_steps, rho, solver: the proposal (see ``sample``).
@@ -289,6 +308,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     if not callable(reward):
         raise TypeError(f"reward must be callable(images, prompts) -> Tensor[N], got {type(reward).__name__}")
     _check_capturable(steering_options.get("cuda_graph", False), skip_guidance_layers)
+    image, context_image = _kontext_image(pipe, image, context_image)
     args = locals()   # the pipeline-style arguments sample and steer share, by name
     embeds, skip = ({k: args[k] for k in names} for names in (_EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS, _SKIP_LAYER_ARGS))
     flow, cond, model, height, width, grid = _setup(pipe, prompt, embeds, particles, "particles", height, width,

@@ -175,7 +175,8 @@ class DiffusersFlow:
     # -- the network ----------------------------------------------------------------------------------------
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
                 height: int, width: int, guidance_scale: float | None = None,
-                attention_kwargs: dict | None = None, skip_layers: tuple[int, ...] | None = None) -> torch.Tensor:
+                attention_kwargs: dict | None = None, skip_layers: tuple[int, ...] | None = None,
+                context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One transformer call, diffusers' convention: v = eps - z at noise level ``sigma``.
 
         Args:
@@ -185,6 +186,8 @@ class DiffusersFlow:
             guidance_scale: FLUX's distilled guidance value (ignored by models without a guidance embedding).
             attention_kwargs: the transformer's ``joint_attention_kwargs`` (e.g. {"scale": lora_scale}).
             skip_layers: SD3 only: transformer blocks to skip (skip-layer guidance's extra call).
+            context: FLUX.1 Kontext only: (tokens [N, L, 4C], ids [L, 3]) of the reference image, appended to
+                the image tokens; the output is read on x's tokens.
         Returns:
             [N, *state_shape] raw transformer output.
         """
@@ -199,9 +202,14 @@ class DiffusersFlow:
             if tr.config.guidance_embeds:
                 g = 3.5 if guidance_scale is None else float(guidance_scale)
                 guidance = torch.full((x.shape[0],), g, device=x.device, dtype=torch.float32)
-            return tr(hidden_states=x, timestep=sigma.to(x.dtype), guidance=guidance, pooled_projections=pooled,
-                      encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids, joint_attention_kwargs=extra,
-                      return_dict=False)[0]
+            hidden = x
+            if context is not None:
+                hidden = torch.cat([x, context[0].to(x.dtype)], dim=1)
+                img_ids = torch.cat([img_ids, context[1].to(x.dtype)])
+            out = tr(hidden_states=hidden, timestep=sigma.to(x.dtype), guidance=guidance, pooled_projections=pooled,
+                     encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids, joint_attention_kwargs=extra,
+                     return_dict=False)[0]
+            return out if context is None else out[:, :x.shape[1]]
         timestep = sigma.to(torch.float32) * self.scheduler_config.get("num_train_timesteps", 1000)
         skip = {} if skip_layers is None else {"skip_layers": list(skip_layers)}
         return tr(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled,
@@ -256,7 +264,8 @@ class DiffusersFlow:
                                         torch.cat([cond.negative_embeds[idx], cond.prompt_embeds[idx]]),
                                         torch.cat([cond.negative_pooled[idx], cond.pooled[idx]]),
                                         height, width, guidance_scale,
-                                        cond.attention_kwargs(self.kind, attention_kwargs, idx, True)).float()
+                                        cond.attention_kwargs(self.kind, attention_kwargs, idx, True),
+                                        context=cond.context_rows(idx, cfg_pair=True)).float()
                     unc, con = both.chunk(2)
                     v = unc + cfg_scale * (con - unc)
                     slg = skip_layer_guidance
@@ -271,7 +280,8 @@ class DiffusersFlow:
                         v = v + torch.where(on.view((-1,) + (1,) * (v.dim() - 1)), shift, torch.zeros_like(shift))
                 else:
                     v = self.predict(xc, sc, cond.prompt_embeds[idx], cond.pooled[idx], height, width,
-                                     guidance_scale, cond.attention_kwargs(self.kind, attention_kwargs, idx, False))
+                                     guidance_scale, cond.attention_kwargs(self.kind, attention_kwargs, idx, False),
+                                     context=cond.context_rows(idx, cfg_pair=False))
                 outs.append((-v).to(x.dtype))  # u = dx/dt = z - eps = -v
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -285,12 +295,14 @@ class DiffusersFlow:
         cfg = self.vae.config
         return cfg, cfg.get("shift_factor", None) or 0.0
 
-    def encode_images(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+    def encode_images(self, images: torch.Tensor, generator=None, mean: bool = False) -> torch.Tensor:
         """Images [n, 3, H, W] in [-1, 1] -> states [n, *state_shape] (float32): one draw from the VAE's
-        posterior with ``generator``, shifted, scaled and packed, as the img2img pipelines encode images."""
+        posterior with ``generator`` (as the img2img pipelines encode images) or its mean (``mean``, as FLUX.1
+        Kontext encodes its reference image), shifted, scaled and packed."""
         cfg, shift = self._vae_config("encoding an image")
         with torch.no_grad():
-            lat = self.vae.encode(images.to(device=self.device, dtype=self.vae.dtype)).latent_dist.sample(generator)
+            dist = self.vae.encode(images.to(device=self.device, dtype=self.vae.dtype)).latent_dist
+            lat = dist.mode() if mean else dist.sample(generator)
         return self.pack((lat.float() - shift) * cfg.scaling_factor)
 
     def decode(self, x: torch.Tensor, height: int, width: int, max_batch: int | None = None) -> torch.Tensor:
@@ -315,12 +327,13 @@ def _shift_mu(seq_len: int, cfg, default_max_shift: float) -> float:
     return seq_len * slope + (lo - slope * lo_len)
 
 
-def _flux_image_ids(h2: int, w2: int, device, dtype) -> torch.Tensor:
-    """FLUX's positional ids of the packed image tokens: [(h/2)(w/2), 3] = (0, row, column). Built on the
-    device (no host-to-device copy per transformer call, so a transition stays capturable as a CUDA graph)."""
+def _flux_image_ids(h2: int, w2: int, device, dtype, index: int = 0) -> torch.Tensor:
+    """FLUX's positional ids of packed image tokens: [(h/2)(w/2), 3] = (index, row, column); index 0 for
+    the generated image, 1 for FLUX.1 Kontext's reference image. Built on the device (no host-to-device copy
+    per transformer call, so a transition stays capturable as a CUDA graph)."""
     rows = torch.arange(h2, device=device).repeat_interleave(w2)
     cols = torch.arange(w2, device=device).repeat(h2)
-    return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(dtype=dtype)
+    return torch.stack([torch.full_like(rows, index), rows, cols], dim=1).to(dtype=dtype)
 
 
 class SkipLayerGuidance:

@@ -28,6 +28,8 @@ class Conditioning:
         prompts: the P prompt strings where known (rewards such as CLIP score read them), else None.
         image_embeds: IP-Adapter image prompts, one Tensor [P, ...] per loaded adapter, or None.
         negative_image_embeds: the same for the unconditional branch (with classifier-free guidance).
+        context, context_ids: FLUX.1 Kontext's reference image as packed latent tokens [P, L, 4C] and their
+            position ids [L, 3], or None.
     """
 
     prompt_embeds: torch.Tensor
@@ -37,10 +39,19 @@ class Conditioning:
     prompts: list | None = None
     image_embeds: list | None = None
     negative_image_embeds: list | None = None
+    context: torch.Tensor | None = None
+    context_ids: torch.Tensor | None = None
 
     @property
     def num_prompts(self) -> int:
         return self.prompt_embeds.shape[0]
+
+    def context_rows(self, rows: torch.Tensor, cfg_pair: bool):
+        """(tokens, ids) of the reference image for ``rows`` (prompt indices; twice for a CFG pair), or None."""
+        if self.context is None:
+            return None
+        tokens = self.context[rows]
+        return (torch.cat([tokens, tokens]) if cfg_pair else tokens), self.context_ids
 
     def attention_kwargs(self, kind: str, base: dict | None, rows: torch.Tensor, cfg_pair: bool) -> dict | None:
         """``base`` joint_attention_kwargs plus the IP-Adapter image prompts of ``rows`` (prompt indices), in
@@ -228,3 +239,32 @@ def image_prompts(flow: DiffusersFlow, prompts: int, cfg: bool, height: int, wid
         negative_ip_adapter_image = [np.zeros((width, height, 3), dtype=np.uint8)] * adapters
     return cond, _image_prompt(flow, "negative_ip_adapter_image", negative_ip_adapter_image,
                                negative_ip_adapter_image_embeds, adapters, prompts)
+
+
+def context_tokens(flow: DiffusersFlow, image, prompts: int, auto_resize: bool = True):
+    """FLUX.1 Kontext's reference image as the transformer reads it, as FluxKontextPipeline prepares it.
+
+    The image (one, or one per prompt) is resized to the closest of Kontext's preferred resolutions
+    (``auto_resize``; else kept, rounded down to whole patches), encoded to the VAE posterior's mean and packed.
+
+    Returns:
+        (tokens [P, L, 4C] float32, position ids [L, 3] with first coordinate 1).
+    """
+    if flow.kind != "flux":
+        raise ValueError("context_image is FLUX.1 Kontext's reference image: it needs a FLUX transformer")
+    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    from .diffusers_adapter import _flux_image_ids
+
+    multiple = flow.vae_scale_factor * 2
+    proc = VaeImageProcessor(vae_scale_factor=multiple)
+    height, width = proc.get_default_height_width(image[0] if isinstance(image, list) else image)
+    if auto_resize:
+        _, width, height = min((abs(width / height - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    height, width = height // multiple * multiple, width // multiple * multiple
+    pixels = proc.preprocess(proc.resize(image, height, width), height, width)
+    if pixels.shape[0] not in (1, prompts):
+        raise ValueError(f"context_image holds {pixels.shape[0]} images; pass one, or one per prompt ({prompts})")
+    tokens = flow.encode_images(pixels, mean=True).expand(prompts, -1, -1)
+    return tokens, _flux_image_ids(height // multiple, width // multiple, flow.device, torch.float32, index=1)
