@@ -151,6 +151,12 @@ def test_kontext_reference_images_per_prompt_and_errors(flux, sd3, monkeypatch):
         context_tokens(flow, _pil(1, count=3), 2, auto_resize=False)
     with pytest.raises(ValueError, match="needs a FLUX transformer"):
         context_tokens(gd.as_flow(sd3), _pil(1), 1)
+    # Steering an edit: every particle of a prompt sees that prompt's reference image.
+    reward = lambda im, p: im[:, 0].mean((1, 2))  # noqa: E731
+    best, res = gd.steer(pipeline(flux, "FluxKontextPipeline"), reward=reward, image=images, context_auto_resize=False,
+                         particles=2, transitions=2, inner_steps=2, height=SIZE, width=SIZE,
+                         generator=torch.Generator().manual_seed(55), **random_embeds(2, DIM))
+    assert best.shape == (2, 3, SIZE, SIZE) and torch.isfinite(res.samples).all() and res.nfe == 4
     with pytest.raises(ValueError, match="pass FLUX.1 Kontext's reference image once"):
         gd.sample(pipeline(flux, "FluxKontextPipeline"), image=_pil(1), context_image=_pil(2), height=SIZE,
                   width=SIZE, **random_embeds(1, DIM))
