@@ -121,6 +121,9 @@ def test_kontext_reference_image_reproduces_the_pipeline(flux, true_cfg):
     ours = gd.sample(pipe, image=image, context_auto_resize=False, method="ode", transitions=3, inner_steps=1,
                      latents=lat, **kw)
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    through_adapter = gd.sample(gd.as_flow(pipe), image=image, context_auto_resize=False, method="ode",
+                                transitions=3, inner_steps=1, latents=lat, **kw)
+    torch.testing.assert_close(through_adapter, ours, atol=0, rtol=0)
     # The same through context_image= on any FLUX pipeline; without the reference the field differs.
     plain = pipeline(flux, "FluxPipeline")
     again = gd.sample(plain, context_image=image, context_auto_resize=False, method="ode", transitions=3,

@@ -142,7 +142,8 @@ def postprocess(flow: DiffusersFlow, x: torch.Tensor, height: int, width: int, o
 
 def _kontext_image(pipe, image, context_image):
     """(image, context_image): FluxKontextPipeline's ``image`` is its reference image, not an img2img start."""
-    if image is None or type(pipe).__name__ != "FluxKontextPipeline":
+    owner = pipe.pipeline if isinstance(pipe, DiffusersFlow) else pipe
+    if image is None or type(owner).__name__ != "FluxKontextPipeline":
         return image, context_image
     if context_image is not None:
         raise ValueError("pass FLUX.1 Kontext's reference image once: image= (as FluxKontextPipeline takes it) "
