@@ -35,3 +35,18 @@ def sd3():
     pytest.importorskip("diffusers")
     from diffusers_parts import tiny_sd3
     return tiny_sd3()
+
+
+# Tiny random FLUX.2 parts: FLUX.2 [dev]-like (guidance embedding) and Klein-like (none).
+@pytest.fixture(scope="module")
+def flux2():
+    pytest.importorskip("diffusers")
+    from diffusers_parts import tiny_flux2
+    return tiny_flux2(guidance_embeds=True)
+
+
+@pytest.fixture(scope="module")
+def klein():
+    pytest.importorskip("diffusers")
+    from diffusers_parts import tiny_flux2
+    return tiny_flux2(guidance_embeds=False)

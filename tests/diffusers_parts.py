@@ -71,3 +71,54 @@ def pipeline(parts, cls_name: str, **components):
                                         **texts, **components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ------------------------------------------------------------------------------------------------- FLUX.2
+def tiny_flux2_vae(seed: int = 2):
+    """AutoencoderKLFlux2 with latents of 4 channels (16 packed features) and random batch-norm statistics, so
+    that the latent normalisation is exercised."""
+    from diffusers import AutoencoderKLFlux2
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                             layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=SIZE).eval()
+    vae.bn.running_mean.copy_(0.3 * torch.randn(16))
+    vae.bn.running_var.copy_(0.5 + torch.rand(16))
+    return vae
+
+
+def tiny_flux2_transformer(seed: int = 3, guidance_embeds: bool = True):
+    """Flux2Transformer2DModel on 16 packed features; guidance_embeds as FLUX.2 [dev] (True) or Klein (False)."""
+    from diffusers import Flux2Transformer2DModel
+    torch.manual_seed(seed)
+    return Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=DIM,
+                                   timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+                                   guidance_embeds=guidance_embeds).eval()
+
+
+def tiny_flux2(guidance_embeds: bool = True):
+    """FLUX.2 parts: FLUX.2 [dev]-like (guidance embedding) or Klein-like (none); the scheduler shifts with
+    FLUX.2's mu (resolution and step count)."""
+    sch = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    return types.SimpleNamespace(transformer=tiny_flux2_transformer(guidance_embeds=guidance_embeds),
+                                 scheduler=sch, vae=tiny_flux2_vae())
+
+
+def flux2_embeds(prompts: int, seed: int = 0, negative: bool = False) -> dict:
+    """prompt_embeds [P, SEQ, DIM] (and negative_prompt_embeds): FLUX.2 has no pooled embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(prompt_embeds=torch.randn(prompts, SEQ, DIM, generator=g))
+    if negative:
+        out["negative_prompt_embeds"] = torch.randn(prompts, SEQ, DIM, generator=g)
+    return out
+
+
+def flux2_pipeline(parts, cls_name: str = "Flux2Pipeline", **config):
+    """diffusers' Flux2Pipeline / Flux2KleinPipeline around the tiny parts, without a text encoder."""
+    pytest.importorskip("transformers")  # the FLUX.2 pipeline modules import their text encoders' classes
+    import diffusers
+    pipe = getattr(diffusers, cls_name)(transformer=parts.transformer, scheduler=parts.scheduler, vae=parts.vae,
+                                        text_encoder=None, tokenizer=None, **config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

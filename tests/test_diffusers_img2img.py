@@ -91,6 +91,11 @@ def test_img2img_errors_are_named(flux):
     for bad in (0, 1.5, True, "0.5"):
         with pytest.raises(ValueError, match="strength must be a number in \\(0, 1\\]"):
             gd.sample(flux, image=_image(1), strength=bad, **kw)
+    with pytest.raises(ValueError, match=r"strength=0.5 applies to image-to-image: pass image= too"):
+        gd.sample(flux, strength=0.5, **kw)
+    kontext = pipeline(flux, "FluxKontextPipeline")
+    with pytest.raises(ValueError, match=r"strength=0.5 applies to image-to-image, but image= is FLUX.1 Kontext"):
+        gd.sample(kontext, image=_pil(1), strength=0.5, **kw)
     with pytest.raises(ValueError, match=r"image holds 3 images; pass one, or one per prompt \(2\)"):
         gd.sample(flux, image=_image(1, count=3), **kw)
     no_vae = types.SimpleNamespace(transformer=flux.transformer, scheduler=flux.scheduler, vae=None)

@@ -1,4 +1,4 @@
-"""FLUX and Stable Diffusion 3 pipelines sampled and steered with GLASS, ODE and SDE transitions.
+"""FLUX.1, FLUX.2 and Stable Diffusion 3 pipelines sampled and steered with GLASS, ODE and SDE transitions.
 
     pip install "glass_fast[diffusers]"
 
@@ -17,14 +17,15 @@ import torch
 
 from ..sampling import Sampler
 from ..transitions import check_state
-from .diffusers_adapter import DiffusersFlow, SkipLayerGuidance, transformer_kind  # noqa: F401
+from .diffusers_adapter import NAMES, DiffusersFlow, SkipLayerGuidance, transformer_kind  # noqa: F401
 from .diffusers_conditioning import Conditioning, context_tokens, encode, image_prompts  # noqa: F401
+from .diffusers_flux import flux2_guidance, reference_tokens
 from .rewards import CLIPScoreReward, ImageGuidance, ImageReward, LatentReward  # noqa: F401
 
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 _EMBEDDING_ARGS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt", "negative_prompt_embeds",
                    "negative_pooled_prompt_embeds", "max_sequence_length", "prompt_2", "prompt_3",
-                   "negative_prompt_2", "negative_prompt_3")
+                   "negative_prompt_2", "negative_prompt_3", "text_encoder_out_layers")
 _IMAGE_PROMPT_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image",
                       "negative_ip_adapter_image_embeds", "context_image", "context_auto_resize")
 _SKIP_LAYER_ARGS = ("skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start",
@@ -49,25 +50,27 @@ def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, w
         raise ValueError(f"{per_name} must be an integer >= 1, got {per_prompt!r}")
     if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
         raise ValueError(f"max_batch must be an integer >= 1 or None, got {max_batch!r}")
+    images = {k: embeds.pop(k) for k in _IMAGE_PROMPT_ARGS}
+    context, auto_resize = images.pop("context_image"), images.pop("context_auto_resize")
+    references = None
+    if flow.kind == "flux2":
+        _check_flux2_images(images, auto_resize)
+        if context is not None:   # the FLUX.2 pipelines' default size is their first reference image's
+            references = reference_tokens(flow, context)
+            height, width = (references[2][0] if height is None else height,
+                             references[2][1] if width is None else width)
     height = flow.default_size() if height is None else height
     width = flow.default_size() if width is None else width
     flow.latent_hw(height, width)
-    if flow.kind == "flux":
-        cfg_scale = float(true_cfg_scale)
-        cfg = cfg_scale > 1.0 and (embeds.get("negative_prompt") is not None
-                                   or embeds.get("negative_prompt_embeds") is not None)
-        distilled = guidance_scale
-    else:
-        cfg_scale = 7.0 if guidance_scale is None else float(guidance_scale)
-        cfg = cfg_scale > 1.0
-        distilled = None
-    images = {k: embeds.pop(k) for k in _IMAGE_PROMPT_ARGS}
-    context, auto_resize = images.pop("context_image"), images.pop("context_auto_resize")
+    cfg, cfg_scale, distilled = _guidance(flow, guidance_scale, true_cfg_scale, embeds)
     cond = encode(flow, prompt, cfg=cfg, **embeds)
-    cond.image_embeds, cond.negative_image_embeds = image_prompts(flow, cond.num_prompts, cfg, height, width,
-                                                                  **images)
-    if context is not None:
-        cond.context, cond.context_ids = context_tokens(flow, context, cond.num_prompts, auto_resize)
+    if references is not None:
+        cond.context, cond.context_ids = references[0].expand(cond.num_prompts, -1, -1), references[1]
+    elif flow.kind != "flux2":
+        cond.image_embeds, cond.negative_image_embeds = image_prompts(flow, cond.num_prompts, cfg, height, width,
+                                                                      **images)
+        if context is not None:
+            cond.context, cond.context_ids = context_tokens(flow, context, cond.num_prompts, auto_resize)
     if grid is not None and sigmas is not None:
         raise ValueError("pass grid (glass_fast times) or sigmas (the pipeline's noise levels), not both")
     grid = flow.time_grid(transitions, height, width, sigmas) if grid is None else grid
@@ -83,6 +86,39 @@ def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, w
     return flow, cond, model, height, width, grid
 
 
+def _guidance(flow: DiffusersFlow, guidance_scale, true_cfg_scale, embeds: dict) -> tuple[bool, float, float | None]:
+    """(classifier-free guidance on, its weight, the guidance embedding's value) as each pipeline reads its
+    arguments: SD3 and FLUX.2 Klein: guidance_scale is the CFG weight (defaults 7.0 and 4.0); FLUX.1 and
+    FLUX.2 [dev]: guidance_scale is the guidance embedding's value, and true_cfg_scale > 1 with a negative
+    prompt adds true CFG (as FluxPipeline; FLUX.2 pipelines have no true_cfg_scale)."""
+    negative = embeds.get("negative_prompt") is not None or embeds.get("negative_prompt_embeds") is not None
+    mode = flux2_guidance(flow) if flow.kind == "flux2" else None
+    if mode in ("cfg", "distilled") and float(true_cfg_scale) != 1.0:
+        raise ValueError(f"true_cfg_scale={true_cfg_scale!r}: FLUX.2 Klein's classifier-free guidance weight is "
+                         f"guidance_scale (leave true_cfg_scale at 1.0)")
+    if mode == "distilled":
+        if guidance_scale is not None and float(guidance_scale) > 1.0:
+            raise ValueError(f"guidance_scale={guidance_scale!r}: this FLUX.2 Klein pipeline is step-wise distilled "
+                             f"(is_distilled=True) and runs without guidance; leave guidance_scale unset")
+        return False, 1.0, None
+    if flow.kind == "sd3" or mode == "cfg":
+        cfg_scale = (7.0 if flow.kind == "sd3" else 4.0) if guidance_scale is None else float(guidance_scale)
+        return cfg_scale > 1.0, cfg_scale, None
+    cfg_scale = float(true_cfg_scale)
+    return cfg_scale > 1.0 and negative, cfg_scale, guidance_scale
+
+
+def _check_flux2_images(images: dict, auto_resize) -> None:
+    """FLUX.2 has no IP-Adapters, and its reference images are prepared as its pipelines prepare them."""
+    given = [k for k, v in images.items() if v is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: FLUX.2 pipelines take no IP-Adapter image prompts (their image "
+                         f"conditioning is reference images: image= or context_image=)")
+    if auto_resize is not True:
+        raise ValueError(f"context_auto_resize={auto_resize!r} is FLUX.1 Kontext's; FLUX.2's reference images are "
+                         f"prepared as its pipelines prepare them (shrunk above 1024 x 1024 pixels)")
+
+
 def _bind_guidance(guidance, flow: DiffusersFlow, cond, per_prompt: int, height: int, width: int, max_batch):
     """The sampler hook of an ``ImageGuidance`` over this call's rows, or None."""
     if guidance is None:
@@ -94,7 +130,7 @@ def _bind_guidance(guidance, flow: DiffusersFlow, cond, per_prompt: int, height:
 
 
 def _start(flow: DiffusersFlow, latents, prompts: int, per_prompt: int, height: int, width: int, generator,
-           grid: torch.Tensor, image=None, strength: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
+           grid: torch.Tensor, image=None, strength: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(start states [P * per_prompt, *state_shape] float32, transition grid).
 
     Text-to-image: ``latents`` (or fresh noise) at the grid's start. Image-to-image (``image``), as the img2img
@@ -103,7 +139,10 @@ def _start(flow: DiffusersFlow, latents, prompts: int, per_prompt: int, height: 
     """
     rows = prompts * per_prompt
     z = None
+    if image is None and strength is not None:
+        raise ValueError(f"strength={strength!r} applies to image-to-image: pass image= too, or leave strength unset")
     if image is not None:
+        strength = 0.6 if strength is None else strength
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
         k = len(grid) - 1
@@ -120,7 +159,7 @@ def _start(flow: DiffusersFlow, latents, prompts: int, per_prompt: int, height: 
     elif not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
         got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise ValueError(f"latents must have shape {shape} (prompts x rows per prompt, then the "
-                         f"{flow.kind.upper()} state layout), got {got}")
+                         f"{NAMES[flow.kind]} state layout), got {got}")
     else:
         noise = latents.to(device=flow.device, dtype=torch.float32)
     if z is None:
@@ -140,14 +179,22 @@ def postprocess(flow: DiffusersFlow, x: torch.Tensor, height: int, width: int, o
     return VaeImageProcessor(vae_scale_factor=flow.vae_scale_factor).postprocess(img, output_type=output_type)
 
 
-def _kontext_image(pipe, image, context_image):
-    """(image, context_image): FluxKontextPipeline's ``image`` is its reference image, not an img2img start."""
-    owner = pipe.pipeline if isinstance(pipe, DiffusersFlow) else pipe
-    if image is None or type(owner).__name__ != "FluxKontextPipeline":
+def _kontext_image(pipe, image, context_image, strength):
+    """(image, context_image): FluxKontextPipeline's ``image`` is its reference image, not an img2img start;
+    so is the FLUX.2 pipelines' (reference images; FLUX.2 has no image-to-image pipeline). ``strength``, an
+    image-to-image argument, is refused with a reference image rather than ignored."""
+    if image is None:
         return image, context_image
+    flux2 = as_flow(pipe).kind == "flux2"
+    owner = pipe.pipeline if isinstance(pipe, DiffusersFlow) else pipe
+    if not flux2 and type(owner).__name__ != "FluxKontextPipeline":
+        return image, context_image
+    name = "FLUX.2's reference image" if flux2 else "FLUX.1 Kontext's reference image"
     if context_image is not None:
-        raise ValueError("pass FLUX.1 Kontext's reference image once: image= (as FluxKontextPipeline takes it) "
-                         "or context_image=")
+        raise ValueError(f"pass {name} once: image= (as the pipeline takes it) or context_image=")
+    if strength is not None:
+        raise ValueError(f"strength={strength!r} applies to image-to-image, but image= is {name} here (this "
+                         "pipeline has no image-to-image mode): leave strength unset")
     return None, image
 
 
@@ -168,7 +215,7 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
            transitions: int = 5, inner_steps: int = 10, rho=0.4, solver: str = "euler",
            guidance_scale: float | None = None, true_cfg_scale: float = 1.0, num_images_per_prompt: int = 1,
            height: int | None = None, width: int | None = None, grid: torch.Tensor | None = None,
-           latents: torch.Tensor | None = None, image=None, strength: float = 0.6,
+           latents: torch.Tensor | None = None, image=None, strength: float | None = None,
            generator: torch.Generator | None = None, max_batch: int | None = None, output_type: str = "pt",
            max_sequence_length: int = 512,
            joint_attention_kwargs: dict | None = None, guidance: ImageGuidance | None = None, callback=None,
@@ -176,23 +223,27 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
            skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2, ip_adapter_image=None,
            ip_adapter_image_embeds=None, negative_ip_adapter_image=None, negative_ip_adapter_image_embeds=None,
            compile=None, cuda_graph: bool = False, prompt_2=None, prompt_3=None, negative_prompt_2=None,
-           negative_prompt_3=None, sigmas=None, context_image=None, context_auto_resize: bool = True):
-    """Generate images from a FLUX or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
+           negative_prompt_3=None, sigmas=None, context_image=None, context_auto_resize: bool = True,
+           text_encoder_out_layers=None):
+    """Generate images from a FLUX.1, FLUX.2 or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
 
     Args:
-        pipe: FluxPipeline / StableDiffusion3Pipeline, an object with .transformer/.scheduler/.vae, or a
-            DiffusersFlow.
+        pipe: FluxPipeline / Flux2Pipeline / Flux2KleinPipeline / StableDiffusion3Pipeline (and FLUX.1's
+            img2img and Kontext pipelines), an object with .transformer/.scheduler/.vae, or a DiffusersFlow.
         prompt: str or list of P strings (needs text encoders unless prompt_embeds are given).
-        prompt_embeds, pooled_prompt_embeds: [P, S, D] and [P, Dp] precomputed embeddings.
+        prompt_embeds, pooled_prompt_embeds: [P, S, D] and [P, Dp] precomputed embeddings (FLUX.2: no pooled).
         negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds: classifier-free guidance's
-            unconditional branch (SD3 with guidance_scale > 1, FLUX with true_cfg_scale > 1).
+            unconditional branch (SD3 and FLUX.2 Klein with guidance_scale > 1, where Klein's default negative
+            prompt is ""; FLUX.1 and FLUX.2 [dev] with true_cfg_scale > 1).
         method: "glass" | "ode" | "sde" | "plugin".
         transitions: steps of the pipeline's sigma schedule used as the transition grid.
         inner_steps: model calls per transition (ODE: Euler steps inside each transition).
         rho, solver: GLASS correlation and inner solver (see ``glass_fast.glass_transition``).
-        guidance_scale: SD3: CFG weight (default 7.0); FLUX: distilled guidance embedding (default 3.5, as
-            FluxPipeline; FluxImg2ImgPipeline's default is 7.0: pass it to match that pipeline).
-        true_cfg_scale: FLUX only: real CFG weight, active above 1 with a negative prompt.
+        guidance_scale: SD3: CFG weight (default 7.0); FLUX.1: distilled guidance embedding (default 3.5, as
+            FluxPipeline; FluxImg2ImgPipeline's default is 7.0: pass it to match that pipeline); FLUX.2 [dev]
+            (Flux2Pipeline): guidance embedding (default 4.0); FLUX.2 Klein: CFG weight (default 4.0; a
+            step-wise distilled Klein takes none).
+        true_cfg_scale: FLUX.1 and FLUX.2 [dev] only: real CFG weight, active above 1 with a negative prompt.
         num_images_per_prompt: images per prompt; rows are prompt-major.
         height, width: image size in pixels (default: the pipeline's).
         grid: optional float64 Tensor[K+1] of increasing glass_fast times, replacing the sigma schedule.
@@ -202,11 +253,18 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
             FluxKontextPipeline's ``image`` means this too) and whether it is resized to Kontext's preferred
             resolutions (the pipeline's ``_auto_resize``). Its latent tokens join every transformer call.
             Unlike FluxKontextPipeline, height and width are used as given (no ``max_area`` rescaling).
-        latents: optional starting noise [P * num_images_per_prompt, *state_shape] (float32).
-        image, strength: image-to-image as in FluxImg2ImgPipeline / StableDiffusion3Img2ImgPipeline: the
+            FLUX.2: its reference images (a PIL image or a list, shared by every prompt; a FLUX.2 pipeline's
+            ``image`` means this too), prepared as its pipelines prepare them; height and width default to
+            the first image's size after preparation.
+        latents: optional starting noise [P * num_images_per_prompt, *state_shape] (float32; FLUX.2: packed
+            tokens, the FLUX.2 pipelines' 4-D ``latents`` ``lat`` as ``lat.flatten(2).transpose(1, 2)``).
+        image, strength: image-to-image as in FluxImg2ImgPipeline / StableDiffusion3Img2ImgPipeline (FLUX.2,
+            which has no image-to-image pipeline: its reference images, see ``context_image``): the
             image (PIL, array or Tensor; one, or one per prompt) is encoded by the VAE and noised to the
             schedule's time at ``strength`` (1: pure noise, small: close to the image); the first
-            int(transitions * (1 - strength)) transitions are skipped. ``latents`` is then the noise mixed in.
+            int(transitions * (1 - strength)) transitions are skipped (strength defaults to 0.6, as in the
+            pipelines; it is refused without an image, or where ``image`` is a reference image). ``latents`` is
+            then the noise mixed in.
         generator: randomness for the starting noise and the stochastic transitions.
         max_batch: most rows per transformer or VAE call (guided rows count twice).
         output_type: "pt" ([N, 3, H, W] in [0, 1]), "np", "pil" or "latent" (final states).
@@ -232,12 +290,14 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
             replayed as a CUDA graph (see ``glass_fast.Sampler``; not with ``guidance``).
         prompt_2, prompt_3, negative_prompt_2, negative_prompt_3: prompts for the pipelines' other text
             encoders (FLUX: prompt_2 for T5; SD3: prompt_2 for CLIP-G, prompt_3 for T5); None: prompt's.
+        text_encoder_out_layers: FLUX.2 only: the text encoder's hidden layers its embeddings stack (None: the
+            pipeline's default).
     Returns:
         The images (or latents) of the P * num_images_per_prompt rows.
     """
     _check_output(output_type)
     _check_capturable(cuda_graph, skip_guidance_layers)
-    image, context_image = _kontext_image(pipe, image, context_image)
+    image, context_image = _kontext_image(pipe, image, context_image, strength)
     args = locals()   # the pipeline-style arguments sample and steer share, by name
     embeds, skip = ({k: args[k] for k in names} for names in (_EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS, _SKIP_LAYER_ARGS))
     flow, cond, model, height, width, grid = _setup(pipe, prompt, embeds, num_images_per_prompt,
@@ -261,7 +321,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
           method: str = "glass", transitions: int = 5, inner_steps: int = 10, rho=0.4, solver: str = "euler",
           potential: str = "diff", lmbda: float = 1.0, resample: str = "systematic", ess_threshold: float = 0.5,
           guidance_scale: float | None = None, true_cfg_scale: float = 1.0, height: int | None = None,
-          width: int | None = None, latents: torch.Tensor | None = None, image=None, strength: float = 0.6,
+          width: int | None = None, latents: torch.Tensor | None = None, image=None, strength: float | None = None,
           generator: torch.Generator | None = None,
           max_batch: int | None = None, output_type: str = "pt", progress: bool = False,
           max_sequence_length: int = 512, joint_attention_kwargs: dict | None = None,
@@ -270,9 +330,10 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
           skip_layer_guidance_stop: float = 0.2, ip_adapter_image=None, ip_adapter_image_embeds=None,
           negative_ip_adapter_image=None, negative_ip_adapter_image_embeds=None, prompt_2=None, prompt_3=None,
           negative_prompt_2=None, negative_prompt_3=None, sigmas=None, context_image=None,
-          context_auto_resize: bool = True, algorithm: str = "fk", **steering_options):
-    """Feynman-Kac steering of a FLUX or SD3 pipeline towards p(image | prompt) exp(lmbda reward(image)),
-    or beam search for high-reward images.
+          context_auto_resize: bool = True, text_encoder_out_layers=None, algorithm: str = "fk",
+          **steering_options):
+    """Feynman-Kac steering of a FLUX.1, FLUX.2 or SD3 pipeline towards p(image | prompt)
+    exp(lmbda reward(image)), or beam search for high-reward images.
 
     Each of the P prompts gets a group of ``particles`` particles. After every transition the x0-prediction
     of every particle is decoded through the VAE (under ``max_batch`` rows) and scored by ``reward``; with
@@ -282,7 +343,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
 
     Args:
         pipe, prompt, prompt_embeds, ..., max_sequence_length, joint_attention_kwargs, guidance,
-            skip_guidance_layers, ..., ip_adapter_image, ..., prompt_2, ..., sigmas, context_image, ...: as in
+            skip_guidance_layers, ..., ip_adapter_image, ..., prompt_2, ..., sigmas, context_image, ...,
+            text_encoder_out_layers: as in
             ``sample`` (guidance shifts the proposal's model calls; its reward may differ from ``reward``).
         reward: an ``ImageReward``: reward(images [N, 3, H, W] in [0, 1], prompts list of N) -> Tensor[N].
         particles: K particles per prompt.
@@ -309,7 +371,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     if not callable(reward):
         raise TypeError(f"reward must be callable(images, prompts) -> Tensor[N], got {type(reward).__name__}")
     _check_capturable(steering_options.get("cuda_graph", False), skip_guidance_layers)
-    image, context_image = _kontext_image(pipe, image, context_image)
+    image, context_image = _kontext_image(pipe, image, context_image, strength)
     args = locals()   # the pipeline-style arguments sample and steer share, by name
     embeds, skip = ({k: args[k] for k in names} for names in (_EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS, _SKIP_LAYER_ARGS))
     flow, cond, model, height, width, grid = _setup(pipe, prompt, embeds, particles, "particles", height, width,

@@ -1,4 +1,4 @@
-"""A diffusers flow-matching transformer (FLUX or Stable Diffusion 3) as a glass_fast velocity model.
+"""A diffusers flow-matching transformer (FLUX.1, FLUX.2 or Stable Diffusion 3) as a glass_fast velocity model.
 
 Conventions at the boundary (MATH.md section 1):
 
@@ -6,12 +6,17 @@ Conventions at the boundary (MATH.md section 1):
     glass_fast: x_t = t z + (1 - t) eps, t = 0 is noise (LinearSchedule); velocity u = dx/dt = z - eps
     so          t = 1 - sigma and u = -v.
 
-Timestep inputs: the FLUX transformer takes sigma in [0, 1] and multiplies it (and the distilled guidance
-scale) by 1000 itself; the SD3 transformer takes sigma * num_train_timesteps.
+Timestep inputs: the FLUX.1 and FLUX.2 transformers take sigma in [0, 1] and multiply it (and the distilled
+guidance scale) by 1000 themselves; the SD3 transformer takes sigma * num_train_timesteps.
 
-State layout: the transformer's own. FLUX works on packed latents [N, (h/2)(w/2), 4C] (2x2 patches, as
-the FLUX pipeline's ``latents`` argument); SD3 on [N, C, h, w]. Noise is drawn in the unpacked layout and
-packed like the pipeline does, so one generator seed gives the pipeline's starting point.
+State layout: the transformer's own. FLUX.1 and FLUX.2 work on packed latents [N, (h/2)(w/2), 4C]: token
+(i, j) holds the 2x2 patch of VAE latents at rows 2i, 2i+1 and columns 2j, 2j+1, features ordered (channel,
+row, column) in both (FLUX.1's ``latents`` argument; FLUX.2's patchified latents with tokens in raster order).
+They differ in the latent normalisation: FLUX.1 shifts and scales the VAE latents by the VAE config's
+shift_factor and scaling_factor, FLUX.2 standardises every packed feature by its VAE's batch-norm running
+statistics. SD3 works on [N, C, h, w]. Noise is drawn in the layout each pipeline draws it (FLUX.1 and SD3
+[N, C, h, w], FLUX.2 [N, 4C, h/2, w/2]) and packed the way it packs it, so one generator seed gives the
+pipeline's starting point.
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ import numpy as np
 import torch
 
 try:
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import (FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel, FluxTransformer2DModel,
+                           SD3Transformer2DModel)
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("glass_fast.integrations.diffusers needs the diffusers package: "
                       "pip install \"glass_fast[diffusers]\"") from exc
@@ -27,26 +33,31 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ..model import FlowModel
 from ..schedules import LinearSchedule
 from .diffusers_conditioning import Conditioning
+from .diffusers_flux import check_flux2_pipeline, flux2_guidance, flux2_mu, packed_image_ids, text_ids
 
-KINDS = {"flux": FluxTransformer2DModel, "sd3": SD3Transformer2DModel}
+KINDS = {"flux": FluxTransformer2DModel, "flux2": Flux2Transformer2DModel, "sd3": SD3Transformer2DModel}
+PACKED = ("flux", "flux2")   # kinds whose state is packed 2x2 latent patches
+NAMES = {"flux": "FLUX.1", "flux2": "FLUX.2", "sd3": "SD3"}
 
 
 def transformer_kind(transformer) -> str:
-    """"flux" or "sd3" for a supported transformer; TypeError naming what is supported otherwise."""
+    """"flux", "flux2" or "sd3" for a supported transformer; TypeError naming what is supported otherwise."""
     for kind, cls in KINDS.items():
         if isinstance(transformer, cls):
             return kind
-    raise TypeError(f"unsupported transformer {type(transformer).__name__}: glass_fast supports FLUX "
-                    f"(FluxTransformer2DModel) and Stable Diffusion 3 (SD3Transformer2DModel) pipelines")
+    raise TypeError(f"unsupported transformer {type(transformer).__name__}: glass_fast supports FLUX.1 "
+                    f"(FluxTransformer2DModel), FLUX.2 (Flux2Transformer2DModel) and Stable Diffusion 3 "
+                    f"(SD3Transformer2DModel) pipelines")
 
 
 class DiffusersFlow:
-    """A FLUX or SD3 transformer, its flow-matching scheduler config and (optionally) its VAE.
+    """A FLUX.1, FLUX.2 or SD3 transformer, its flow-matching scheduler config and (optionally) its VAE.
 
     Args:
-        transformer: FluxTransformer2DModel or SD3Transformer2DModel.
+        transformer: FluxTransformer2DModel, Flux2Transformer2DModel or SD3Transformer2DModel.
         scheduler: a FlowMatchEulerDiscreteScheduler (only its config is read; it is never stepped).
-        vae: AutoencoderKL for decoding, or None (then only latents can be produced).
+        vae: AutoencoderKL (AutoencoderKLFlux2 for FLUX.2) for decoding, or None (then only latents can be
+            produced).
         pipeline: the pipeline these came from, used for prompt encoding and default sizes; may be None.
 
     Example:
@@ -63,12 +74,17 @@ class DiffusersFlow:
         if config.get("stochastic_sampling", False) or config.get("invert_sigmas", False):
             raise ValueError("scheduler configs with stochastic_sampling or invert_sigmas are not supported: "
                              "their sigmas are not the flow-matching noise levels of the sampled states")
+        if self.kind == "flux2" and pipeline is not None:
+            check_flux2_pipeline(pipeline)
+        if self.kind == "flux2" and vae is not None and getattr(vae, "bn", None) is None:
+            raise TypeError(f"a FLUX.2 transformer needs the FLUX.2 VAE (AutoencoderKLFlux2, whose batch-norm "
+                            f"statistics normalise the latents), got {type(vae).__name__}")
         self.transformer, self.scheduler_config, self.vae, self.pipeline = transformer, config, vae, pipeline
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
 
     @classmethod
     def from_pipeline(cls, pipe) -> "DiffusersFlow":
-        """The adapter of a loaded FluxPipeline / StableDiffusion3Pipeline (or any object with
+        """The adapter of a loaded FLUX.1 / FLUX.2 / StableDiffusion3 pipeline (or any object with
         ``transformer``, ``scheduler`` and optionally ``vae`` attributes)."""
         if isinstance(pipe, DiffusersFlow):
             return pipe
@@ -93,32 +109,33 @@ class DiffusersFlow:
         """The pipeline's default image side in pixels."""
         sample = getattr(self.pipeline, "default_sample_size", None)
         if sample is None:
-            sample = 128 if self.kind == "flux" else self.transformer.config.sample_size
+            sample = 128 if self.kind in PACKED else self.transformer.config.sample_size
         return sample * self.vae_scale_factor
 
     def latent_hw(self, height: int, width: int) -> tuple[int, int]:
         """Unpacked latent (h, w) of an image; ValueError for sizes the transformer cannot tile."""
-        step = self.vae_scale_factor * (2 if self.kind == "flux" else self.transformer.config.patch_size)
+        step = self.vae_scale_factor * (2 if self.kind in PACKED else self.transformer.config.patch_size)
         for name, v in (("height", height), ("width", width)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % step:
                 raise ValueError(f"{name} must be a positive multiple of {step} pixels for this "
-                                 f"{self.kind.upper()} model, got {v!r}")
+                                 f"{NAMES[self.kind]} model, got {v!r}")
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
     def latent_channels(self) -> int:
         c = self.transformer.config.in_channels
-        return c // 4 if self.kind == "flux" else c
+        return c // 4 if self.kind in PACKED else c
 
     def pack(self, lat: torch.Tensor) -> torch.Tensor:
-        """[N, C, h, w] -> the state layout (FLUX: [N, (h/2)(w/2), 4C] of 2x2 patches; SD3: unchanged)."""
-        if self.kind != "flux":
+        """[N, C, h, w] -> the state layout (FLUX.1 / FLUX.2: [N, (h/2)(w/2), 4C] of 2x2 patches; SD3:
+        unchanged). Layout only: the latent normalisation is ``to_state``'s."""
+        if self.kind not in PACKED:
             return lat
         n, c, h, w = lat.shape
         return lat.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), 4 * c)
 
     def unpack(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The state layout -> [N, C, h, w]."""
-        if self.kind != "flux":
+        if self.kind not in PACKED:
             return x
         h, w = self.latent_hw(height, width)
         n, _, c4 = x.shape
@@ -128,22 +145,28 @@ class DiffusersFlow:
         """Shape of one state (no batch dimension)."""
         h, w = self.latent_hw(height, width)
         c = self.latent_channels()
-        return ((h // 2) * (w // 2), 4 * c) if self.kind == "flux" else (c, h, w)
+        return ((h // 2) * (w // 2), 4 * c) if self.kind in PACKED else (c, h, w)
 
     def noise(self, n: int, height: int, width: int, generator=None, dtype=torch.float32) -> torch.Tensor:
-        """[n, *state_shape] draws of N(0, I), drawn unpacked then packed (the pipelines' order)."""
+        """[n, *state_shape] draws of N(0, I) in the pipelines' order: FLUX.1 and SD3 draw [n, C, h, w]
+        (then FLUX.1 packs it), FLUX.2 draws the patchified [n, 4C, h/2, w/2] and lists its tokens."""
         h, w = self.latent_hw(height, width)
-        lat = torch.randn((n, self.latent_channels(), h, w), generator=generator, device=self.device, dtype=dtype)
+        c = self.latent_channels()
+        if self.kind == "flux2":
+            lat = torch.randn((n, 4 * c, h // 2, w // 2), generator=generator, device=self.device, dtype=dtype)
+            return lat.flatten(2).transpose(1, 2)
+        lat = torch.randn((n, c, h, w), generator=generator, device=self.device, dtype=dtype)
         return self.pack(lat)
 
     # -- time grid ------------------------------------------------------------------------------------------
     def sigmas(self, steps: int, height: int, width: int, custom=None) -> torch.Tensor:
         """The pipeline's sigma schedule for ``steps`` steps: float32 [steps + 1], decreasing to 0.
 
-        Shifts (FLUX's resolution-dependent mu, SD3's static shift) are applied exactly as the pipelines do,
-        by a fresh scheduler built from the same config (the pipeline's own scheduler is not touched).
-        ``custom``: the pipelines' ``sigmas`` argument (a decreasing sequence, shifted like the default one);
-        it sets the number of steps.
+        Shifts (FLUX.1's resolution-dependent mu, FLUX.2's mu depending on resolution and step count, SD3's
+        static shift) are applied exactly as the pipelines do, by a fresh scheduler built from the same config
+        (the pipeline's own scheduler is not touched). ``custom``: the pipelines' ``sigmas`` argument (a
+        decreasing sequence, shifted like the default one); it sets the number of steps (FLUX.2's mu is then
+        computed for that many steps: the FLUX.2 pipelines' with ``num_inference_steps=len(sigmas)``).
         """
         cfg = self.scheduler_config
         sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
@@ -154,7 +177,7 @@ class DiffusersFlow:
             if custom.ndim != 1 or custom.size < 1 or not np.all(np.isfinite(custom)):
                 raise ValueError(f"sigmas must be a 1-D sequence of finite noise levels, got {custom.tolist()}")
             steps = custom.size
-        if self.kind == "flux":
+        if self.kind in PACKED:
             seq_len = (h // 2) * (w // 2)
             if not cfg.get("use_flow_sigmas", False):
                 kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps) if custom is None else custom
@@ -164,7 +187,8 @@ class DiffusersFlow:
             if custom is not None:
                 kwargs["sigmas"] = custom
         if cfg.get("use_dynamic_shifting", False):
-            kwargs["mu"] = _shift_mu(seq_len, cfg, 1.15 if self.kind == "flux" else 1.16)
+            kwargs["mu"] = (flux2_mu(seq_len, steps) if self.kind == "flux2" else
+                            _shift_mu(seq_len, cfg, 1.15 if self.kind == "flux" else 1.16))
         sched.set_timesteps(steps, device="cpu", **kwargs)
         return sched.sigmas.to(torch.float32)
 
@@ -182,38 +206,47 @@ class DiffusersFlow:
         Args:
             x: [N, *state_shape] in the transformer's dtype.
             sigma: [N] noise levels in [0, 1].
-            embeds, pooled: [N, S, D] and [N, Dp] conditioning rows.
-            guidance_scale: FLUX's distilled guidance value (ignored by models without a guidance embedding).
+            embeds, pooled: [N, S, D] and [N, Dp] conditioning rows (FLUX.2: pooled is None).
+            guidance_scale: the distilled guidance embedding's value (FLUX.1, and FLUX.2 outside Klein; see
+                ``embedded_guidance``).
             attention_kwargs: the transformer's ``joint_attention_kwargs`` (e.g. {"scale": lora_scale}).
             skip_layers: SD3 only: transformer blocks to skip (skip-layer guidance's extra call).
-            context: FLUX.1 Kontext only: (tokens [N, L, 4C], ids [L, 3]) of the reference image, appended to
-                the image tokens; the output is read on x's tokens.
+            context: FLUX.1 Kontext's or FLUX.2's reference images: (tokens [N, L, 4C], ids [L, 3] (FLUX.1) or
+                [L, 4] (FLUX.2)), appended to the image tokens; the output is read on x's tokens.
         Returns:
             [N, *state_shape] raw transformer output.
         """
         tr = self.transformer
         # A fresh dict per call: the transformers pop entries (ip_adapter_image_embeds) from the one they get.
         extra = None if attention_kwargs is None else dict(attention_kwargs)
-        if self.kind == "flux":
+        if self.kind in PACKED:
             h, w = self.latent_hw(height, width)
-            img_ids = _flux_image_ids(h // 2, w // 2, x.device, x.dtype)
-            txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=x.dtype)
-            guidance = None
-            if tr.config.guidance_embeds:
-                g = 3.5 if guidance_scale is None else float(guidance_scale)
-                guidance = torch.full((x.shape[0],), g, device=x.device, dtype=torch.float32)
+            img_ids = packed_image_ids(self.kind, h // 2, w // 2, x.device, x.dtype)
+            txt_ids = text_ids(self.kind, embeds.shape[1], x.device, x.dtype)
+            g = self.embedded_guidance(guidance_scale)
+            guidance = None if g is None else torch.full((x.shape[0],), g, device=x.device, dtype=torch.float32)
             hidden = x
             if context is not None:
                 hidden = torch.cat([x, context[0].to(x.dtype)], dim=1)
                 img_ids = torch.cat([img_ids, context[1].to(x.dtype)])
-            out = tr(hidden_states=hidden, timestep=sigma.to(x.dtype), guidance=guidance, pooled_projections=pooled,
-                     encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids, joint_attention_kwargs=extra,
-                     return_dict=False)[0]
+            pooled_kw = {} if self.kind == "flux2" else {"pooled_projections": pooled}
+            out = tr(hidden_states=hidden, timestep=sigma.to(x.dtype), guidance=guidance, encoder_hidden_states=embeds,
+                     txt_ids=txt_ids, img_ids=img_ids, joint_attention_kwargs=extra, return_dict=False,
+                     **pooled_kw)[0]
             return out if context is None else out[:, :x.shape[1]]
         timestep = sigma.to(torch.float32) * self.scheduler_config.get("num_train_timesteps", 1000)
         skip = {} if skip_layers is None else {"skip_layers": list(skip_layers)}
         return tr(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled,
                   joint_attention_kwargs=extra, return_dict=False, **skip)[0]
+
+    def embedded_guidance(self, guidance_scale: float | None) -> float | None:
+        """The value given to the transformer's guidance embedding (None: no guidance input): FLUX.1 with a
+        guidance embedding, default 3.5 (FluxPipeline); FLUX.2 outside Klein, default 4.0 (Flux2Pipeline)."""
+        if self.kind == "flux" and self.transformer.config.guidance_embeds:
+            return 3.5 if guidance_scale is None else float(guidance_scale)
+        if self.kind == "flux2" and flux2_guidance(self) == "embedded":
+            return 4.0 if guidance_scale is None else float(guidance_scale)
+        return None
 
     def flow_model(self, cond: Conditioning, per_prompt: int, height: int, width: int, *,
                    guidance_scale: float | None = None, cfg_scale: float = 1.0,
@@ -231,8 +264,9 @@ class DiffusersFlow:
             cond: prompt conditioning of P prompts.
             per_prompt: rows (particles, images) per prompt.
             height, width: image size in pixels.
-            guidance_scale: FLUX's distilled guidance embedding value.
-            cfg_scale: classifier-free guidance weight (SD3's guidance_scale, FLUX's true_cfg_scale).
+            guidance_scale: FLUX's distilled guidance embedding value (``embedded_guidance``).
+            cfg_scale: classifier-free guidance weight (SD3's and FLUX.2 Klein's guidance_scale, FLUX's
+                true_cfg_scale).
             max_batch: most rows per transformer call (guided rows count twice); None = all at once.
             attention_kwargs: the transformer's ``joint_attention_kwargs``, given to every call as they are (with
                 each call's rows' IP-Adapter image prompts from ``cond`` added).
@@ -262,7 +296,7 @@ class DiffusersFlow:
                 if use_cfg:
                     both = self.predict(torch.cat([xc, xc]), torch.cat([sc, sc]),
                                         torch.cat([cond.negative_embeds[idx], cond.prompt_embeds[idx]]),
-                                        torch.cat([cond.negative_pooled[idx], cond.pooled[idx]]),
+                                        _rows(cond.negative_pooled, cond.pooled, idx=idx),
                                         height, width, guidance_scale,
                                         cond.attention_kwargs(self.kind, attention_kwargs, idx, True),
                                         context=cond.context_rows(idx, cfg_pair=True)).float()
@@ -272,14 +306,14 @@ class DiffusersFlow:
                     on = None if slg is None else slg.active(t[lo:lo + size])
                     # A host check (one small sync per call) saves the extra transformer call outside the window.
                     if on is not None and bool(on.any()):
-                        skipped = self.predict(xc, sc, cond.prompt_embeds[idx], cond.pooled[idx], height, width,
-                                               guidance_scale,
+                        skipped = self.predict(xc, sc, cond.prompt_embeds[idx], _rows(cond.pooled, idx=idx),
+                                               height, width, guidance_scale,
                                                cond.attention_kwargs(self.kind, attention_kwargs, idx, False),
                                                slg.layers).float()
                         shift = slg.scale * (con - skipped)
                         v = v + torch.where(on.view((-1,) + (1,) * (v.dim() - 1)), shift, torch.zeros_like(shift))
                 else:
-                    v = self.predict(xc, sc, cond.prompt_embeds[idx], cond.pooled[idx], height, width,
+                    v = self.predict(xc, sc, cond.prompt_embeds[idx], _rows(cond.pooled, idx=idx), height, width,
                                      guidance_scale, cond.attention_kwargs(self.kind, attention_kwargs, idx, False),
                                      context=cond.context_rows(idx, cfg_pair=False))
                 outs.append((-v).to(x.dtype))  # u = dx/dt = z - eps = -v
@@ -289,30 +323,51 @@ class DiffusersFlow:
         return FlowModel(fn, LinearSchedule(), prediction="velocity", dtype=self.dtype)
 
     # -- the VAE -------------------------------------------------------------------------------------------
-    def _vae_config(self, purpose: str):
+    def _need_vae(self, purpose: str) -> None:
         if self.vae is None:
             raise ValueError(f"{purpose} needs a VAE: build the adapter with vae=...")
+
+    def _latent_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """FLUX.2: (mean, std) [4C] of every packed feature, the VAE's batch-norm running statistics."""
+        bn = self.vae.bn
+        return bn.running_mean.float(), torch.sqrt(bn.running_var.float() + self.vae.config.batch_norm_eps)
+
+    def to_state(self, lat: torch.Tensor) -> torch.Tensor:
+        """VAE latents [n, C, h, w] -> normalised states [n, *state_shape]: FLUX.2 packs then standardises by
+        the batch-norm statistics; FLUX.1 and SD3 shift and scale by the VAE config, then FLUX.1 packs."""
+        self._need_vae("latent normalisation")
+        if self.kind == "flux2":
+            mean, std = self._latent_stats()
+            return (self.pack(lat) - mean.to(lat.device)) / std.to(lat.device)
         cfg = self.vae.config
-        return cfg, cfg.get("shift_factor", None) or 0.0
+        return self.pack((lat - (cfg.get("shift_factor", None) or 0.0)) * cfg.scaling_factor)
+
+    def to_vae(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """States -> the VAE's latents [n, C, h, w] (``to_state``'s inverse; FLUX.2 Klein's "latent" output)."""
+        self._need_vae("latent normalisation")
+        if self.kind == "flux2":
+            mean, std = self._latent_stats()
+            return self.unpack(x * std.to(x.device) + mean.to(x.device), height, width)
+        cfg = self.vae.config
+        return self.unpack(x, height, width) / cfg.scaling_factor + (cfg.get("shift_factor", None) or 0.0)
 
     def encode_images(self, images: torch.Tensor, generator=None, mean: bool = False) -> torch.Tensor:
         """Images [n, 3, H, W] in [-1, 1] -> states [n, *state_shape] (float32): one draw from the VAE's
         posterior with ``generator`` (as the img2img pipelines encode images) or its mean (``mean``, as FLUX.1
-        Kontext encodes its reference image), shifted, scaled and packed."""
-        cfg, shift = self._vae_config("encoding an image")
+        Kontext and FLUX.2 encode reference images), normalised and packed (``to_state``)."""
+        self._need_vae("encoding an image")
         with torch.no_grad():
             dist = self.vae.encode(images.to(device=self.device, dtype=self.vae.dtype)).latent_dist
             lat = dist.mode() if mean else dist.sample(generator)
-        return self.pack((lat.float() - shift) * cfg.scaling_factor)
+        return self.to_state(lat.float())
 
     def decode(self, x: torch.Tensor, height: int, width: int, max_batch: int | None = None) -> torch.Tensor:
         """States -> images [N, 3, height, width] in [-1, 1] (float32), decoded under ``max_batch`` rows."""
-        cfg, shift = self._vae_config("decoding (output_type other than 'latent')")
+        self._need_vae("decoding (output_type other than 'latent')")
         size = x.shape[0] if max_batch is None else max(1, int(max_batch))
         out = []
         for lo in range(0, x.shape[0], size):
-            lat = self.unpack(x[lo:lo + size], height, width)
-            lat = lat / cfg.scaling_factor + shift
+            lat = self.to_vae(x[lo:lo + size], height, width)
             # Under CPU offload the VAE's weights sit on the CPU until its hook moves them for the call.
             img = self.vae.decode(lat.to(device=self.device, dtype=self.vae.dtype), return_dict=False)[0]
             out.append(img.float())
@@ -327,13 +382,12 @@ def _shift_mu(seq_len: int, cfg, default_max_shift: float) -> float:
     return seq_len * slope + (lo - slope * lo_len)
 
 
-def _flux_image_ids(h2: int, w2: int, device, dtype, index: int = 0) -> torch.Tensor:
-    """FLUX's positional ids of packed image tokens: [(h/2)(w/2), 3] = (index, row, column); index 0 for
-    the generated image, 1 for FLUX.1 Kontext's reference image. Built on the device (no host-to-device copy
-    per transformer call, so a transition stays capturable as a CUDA graph)."""
-    rows = torch.arange(h2, device=device).repeat_interleave(w2)
-    cols = torch.arange(w2, device=device).repeat(h2)
-    return torch.stack([torch.full_like(rows, index), rows, cols], dim=1).to(dtype=dtype)
+def _rows(*tensors, idx: torch.Tensor):
+    """The rows ``idx`` of every tensor, concatenated; None when they are None (FLUX.2 has no pooled
+    embeddings)."""
+    if tensors[0] is None:
+        return None
+    return torch.cat([t[idx] for t in tensors]) if len(tensors) > 1 else tensors[0][idx]
 
 
 class SkipLayerGuidance:

@@ -1,4 +1,4 @@
-"""Prompt and image-prompt conditioning of a FLUX or SD3 pipeline: encoded once, one row per prompt.
+"""Prompt and image-prompt conditioning of a FLUX.1, FLUX.2 or SD3 pipeline: encoded once, one row per prompt.
 
 Text prompts go through the pipeline's text encoders (or precomputed embeddings are checked and used);
 IP-Adapter image prompts through its image encoder (or precomputed embeddings). Every row (image,
@@ -22,18 +22,18 @@ class Conditioning:
 
     Attributes:
         prompt_embeds: [P, S, D] text token embeddings.
-        pooled: [P, Dp] pooled text embeddings.
+        pooled: [P, Dp] pooled text embeddings (None for FLUX.2, which has none).
         negative_embeds, negative_pooled: the same for the unconditional branch of classifier-free
             guidance, or None when no guidance branch is run.
         prompts: the P prompt strings where known (rewards such as CLIP score read them), else None.
         image_embeds: IP-Adapter image prompts, one Tensor [P, ...] per loaded adapter, or None.
         negative_image_embeds: the same for the unconditional branch (with classifier-free guidance).
-        context, context_ids: FLUX.1 Kontext's reference image as packed latent tokens [P, L, 4C] and their
-            position ids [L, 3], or None.
+        context, context_ids: FLUX.1 Kontext's reference image (or FLUX.2's reference images) as packed latent
+            tokens [P, L, 4C] and their position ids [L, 3] (FLUX.2: [L, 4]), or None.
     """
 
     prompt_embeds: torch.Tensor
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None
     negative_embeds: torch.Tensor | None = None
     negative_pooled: torch.Tensor | None = None
     prompts: list | None = None
@@ -97,7 +97,7 @@ def _check_embeds(name: str, value, dims: int, rows: int | None):
 def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt=None,
            negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, cfg: bool = False,
            max_sequence_length: int = 512, prompt_2=None, prompt_3=None, negative_prompt_2=None,
-           negative_prompt_3=None) -> Conditioning:
+           negative_prompt_3=None, text_encoder_out_layers=None) -> Conditioning:
     """Prompt conditioning, one row per prompt: precomputed embeddings, or the pipeline's text encoders.
 
     Args:
@@ -109,10 +109,19 @@ def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_promp
             encoders (FLUX: prompt_2 for T5; SD3: prompt_2 for CLIP-G, prompt_3 for T5), one or one per prompt;
             None: the same as prompt / negative_prompt.
         cfg: whether classifier-free guidance will run (then an unconditional branch is required).
-        max_sequence_length: T5 token budget when encoding.
+        max_sequence_length: T5 token budget when encoding (FLUX.2: its text encoder's).
+        text_encoder_out_layers: FLUX.2 only: the text encoder's hidden layers stacked into the embeddings
+            (None: the pipeline's default).
     Returns:
         Conditioning on the transformer's device and dtype.
     """
+    if flow.kind == "flux2":
+        return _encode_flux2(flow, _prompts(prompt), prompt_embeds, pooled_prompt_embeds, negative_prompt,
+                             negative_prompt_embeds, negative_pooled_prompt_embeds, cfg, max_sequence_length,
+                             prompt_2, prompt_3, negative_prompt_2, negative_prompt_3, text_encoder_out_layers)
+    if text_encoder_out_layers is not None:
+        raise ValueError("text_encoder_out_layers is a FLUX.2 argument (the layers of its text encoder); this "
+                         "pipeline has no such argument")
     prompts = _prompts(prompt)
     pipe = flow.pipeline
     if flow.kind == "flux" and (prompt_3 is not None or negative_prompt_3 is not None):
@@ -173,6 +182,55 @@ def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_promp
     return Conditioning(prompt_embeds.to(**to), pooled_prompt_embeds.to(**to),
                         negative_prompt_embeds.to(**to) if cfg else None,
                         negative_pooled_prompt_embeds.to(**to) if cfg else None, prompts)
+
+
+def _encode_flux2(flow: DiffusersFlow, prompts, prompt_embeds, pooled_prompt_embeds, negative_prompt,
+                  negative_prompt_embeds, negative_pooled_prompt_embeds, cfg: bool, max_sequence_length: int,
+                  prompt_2, prompt_3, negative_prompt_2, negative_prompt_3, out_layers) -> Conditioning:
+    """``encode`` for FLUX.2: one text encoder (the pipeline's encode_prompt), no pooled embeddings; the
+    unconditional branch's prompt is "" unless given (Flux2KleinPipeline's)."""
+    given = {"pooled_prompt_embeds": pooled_prompt_embeds, "negative_pooled_prompt_embeds":
+             negative_pooled_prompt_embeds, "prompt_2": prompt_2, "prompt_3": prompt_3,
+             "negative_prompt_2": negative_prompt_2, "negative_prompt_3": negative_prompt_3}
+    extra = [k for k, v in given.items() if v is not None]
+    if extra:
+        raise ValueError(f"FLUX.2 has one text encoder and no pooled embeddings: {', '.join(extra)} cannot be used "
+                         f"(pass prompt / prompt_embeds and negative_prompt / negative_prompt_embeds)")
+    if prompt_embeds is None and prompts is None:
+        raise ValueError("pass prompt or prompt_embeds")
+    need_neg = cfg and negative_prompt_embeds is None
+    pipe = flow.pipeline
+    if (prompt_embeds is None or need_neg) and (pipe is None or getattr(pipe, "text_encoder", None) is None
+                                                or not hasattr(pipe, "encode_prompt")):
+        if prompt_embeds is None:
+            raise ValueError("prompt_embeds is required when the pipeline has no text encoder (text_encoder is None)")
+        raise ValueError("classifier-free guidance needs negative_prompt_embeds when the pipeline has no text "
+                         "encoder (text_encoder is None); pass them, or guidance_scale=1.0 (FLUX.2 Klein) / "
+                         "true_cfg_scale=1.0 to run without guidance")
+    kw = dict(device=flow.device, num_images_per_prompt=1, max_sequence_length=max_sequence_length)
+    if out_layers is not None:
+        kw["text_encoder_out_layers"] = tuple(out_layers)
+    with torch.no_grad():
+        if prompt_embeds is None:
+            prompt_embeds = pipe.encode_prompt(prompt=prompts, **kw)[0]
+        _check_embeds("prompt_embeds", prompt_embeds, 3, None)
+        n = prompt_embeds.shape[0]
+        if need_neg:
+            negative = "" if negative_prompt is None else negative_prompt
+            negative_prompt_embeds = pipe.encode_prompt(prompt=_matching("negative_prompt", negative, n), **kw)[0]
+    n = prompt_embeds.shape[0]
+    if prompts is not None and len(prompts) != n:
+        raise ValueError(f"prompt has {len(prompts)} entries but prompt_embeds has {n} rows: they must match")
+    if cfg:
+        _check_embeds("negative_prompt_embeds", negative_prompt_embeds, 3, n)
+        if negative_prompt_embeds.shape[1:] != prompt_embeds.shape[1:]:
+            raise ValueError(f"negative_prompt_embeds has shape {tuple(negative_prompt_embeds.shape)} but "
+                             f"prompt_embeds {tuple(prompt_embeds.shape)}: classifier-free guidance runs both in "
+                             f"one batched call, so they need the same tokens and width (encode both with the "
+                             f"same max_sequence_length)")
+    to = dict(device=flow.device, dtype=flow.dtype)
+    return Conditioning(prompt_embeds.to(**to), None, negative_prompt_embeds.to(**to) if cfg else None, None,
+                        prompts)
 
 
 def _loaded_ip_adapters(flow: DiffusersFlow) -> int:
@@ -255,7 +313,7 @@ def context_tokens(flow: DiffusersFlow, image, prompts: int, auto_resize: bool =
     from diffusers.image_processor import VaeImageProcessor
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
-    from .diffusers_adapter import _flux_image_ids
+    from .diffusers_flux import packed_image_ids
 
     multiple = flow.vae_scale_factor * 2
     proc = VaeImageProcessor(vae_scale_factor=multiple)
@@ -267,4 +325,5 @@ def context_tokens(flow: DiffusersFlow, image, prompts: int, auto_resize: bool =
     if pixels.shape[0] not in (1, prompts):
         raise ValueError(f"context_image holds {pixels.shape[0]} images; pass one, or one per prompt ({prompts})")
     tokens = flow.encode_images(pixels, mean=True).expand(prompts, -1, -1)
-    return tokens, _flux_image_ids(height // multiple, width // multiple, flow.device, torch.float32, index=1)
+    return tokens, packed_image_ids("flux", height // multiple, width // multiple, flow.device, torch.float32,
+                                    index=1)

@@ -1,0 +1,118 @@
+"""FLUX specifics shared by FLUX.1 and FLUX.2 (position ids) and FLUX.2's own: its schedule shift, how its
+pipelines guide, and its reference images.
+
+FLUX.2's conventions, as its pipelines (Flux2Pipeline, Flux2KleinPipeline) use them: 4-axis position ids
+(index, row, column, token) where text tokens count along the last axis, the generated image has index 0 and
+reference image i has index 10 (i + 1); the schedule shift mu depends on the token count and the step count.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .diffusers_adapter import DiffusersFlow
+
+# The FLUX.2 pipelines shrink reference images above this many pixels to it (keeping the aspect ratio).
+REFERENCE_MAX_AREA = 1024 * 1024
+
+
+def flux2_mu(seq_len: int, steps: int) -> float:
+    """FLUX.2's schedule shift: mu is linear in the step count between two lines in the token count, fitted
+    at 10 and at 200 steps; beyond 4300 tokens the 200-step line alone (the FLUX.2 pipelines' rule)."""
+    at_200 = 1.6927e-4 * seq_len + 0.45666666
+    if seq_len > 4300:
+        return float(at_200)
+    at_10 = 8.73809524e-05 * seq_len + 1.89833333
+    slope = (at_200 - at_10) / 190.0
+    return float(slope * steps + (at_200 - 200.0 * slope))
+
+
+def packed_image_ids(kind: str, h2: int, w2: int, device, dtype, index: int = 0) -> torch.Tensor:
+    """Positional ids of packed image tokens (raster order): FLUX.1 [(h/2)(w/2), 3] = (index, row, column),
+    index 0 for the generated image, 1 for Kontext's reference; FLUX.2 [(h/2)(w/2), 4] = (index, row, column,
+    0), index 0 for the generated image, 10 (i + 1) for reference image i. Built on the device (no
+    host-to-device copy per transformer call, so a transition stays capturable as a CUDA graph)."""
+    rows = torch.arange(h2, device=device).repeat_interleave(w2)
+    cols = torch.arange(w2, device=device).repeat(h2)
+    axes = [torch.full_like(rows, index), rows, cols] + ([torch.zeros_like(rows)] if kind == "flux2" else [])
+    return torch.stack(axes, dim=1).to(dtype=dtype)
+
+
+def text_ids(kind: str, tokens: int, device, dtype) -> torch.Tensor:
+    """Positional ids of text tokens: FLUX.1 zeros [S, 3]; FLUX.2 [S, 4] = (0, 0, 0, token index)."""
+    if kind != "flux2":
+        return torch.zeros(tokens, 3, device=device, dtype=dtype)
+    ids = torch.zeros(tokens, 4, device=device, dtype=dtype)
+    ids[:, 3] = torch.arange(tokens, device=device, dtype=dtype)
+    return ids
+
+
+SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline")
+
+
+def _flux2_pipeline_classes(pipeline) -> set:
+    """The FLUX.2 pipeline classes ``pipeline`` is an instance of, by name (subclasses count; nothing is
+    imported)."""
+    return {c.__name__ for c in type(pipeline).__mro__
+            if c.__name__.startswith("Flux2") and c.__name__.endswith("Pipeline")}
+
+
+def check_flux2_pipeline(pipeline) -> None:
+    """TypeError for FLUX.2 pipeline classes whose sampling loop differs from the text-to-image (and
+    reference image) loop reproduced here (inpainting, cached reference keys and values)."""
+    classes = _flux2_pipeline_classes(pipeline)
+    if classes and not classes & set(SUPPORTED_PIPELINES):
+        raise TypeError(f"{type(pipeline).__name__} is not supported: glass_fast reproduces the FLUX.2 "
+                        f"pipelines {' and '.join(SUPPORTED_PIPELINES)}")
+
+
+def flux2_guidance(flow: DiffusersFlow) -> str:
+    """How a FLUX.2 model is guided, as its pipeline does it: "embedded" (Flux2Pipeline, FLUX.2 [dev]: the
+    guidance value enters the guidance embedding), "cfg" (Flux2KleinPipeline: true classifier-free guidance
+    with guidance_scale as its weight, the negative prompt "" by default) or "distilled" (a step-wise
+    distilled Klein, ``is_distilled``: no guidance at all). Without a FLUX.2 pipeline it follows the
+    transformer: "embedded" when it has a guidance embedding, else "cfg"."""
+    classes = _flux2_pipeline_classes(flow.pipeline)
+    if "Flux2KleinPipeline" in classes:
+        return "distilled" if flow.pipeline.config.get("is_distilled", False) else "cfg"
+    if "Flux2Pipeline" in classes or flow.transformer.config.guidance_embeds:
+        return "embedded"
+    return "cfg"
+
+
+def reference_tokens(flow: DiffusersFlow, image) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """FLUX.2's reference images as the transformer reads them, prepared as the FLUX.2 pipelines prepare
+    their ``image``: each image (PIL) above REFERENCE_MAX_AREA pixels is shrunk to it, cropped to whole
+    patches, encoded to the VAE posterior's mean, normalised and packed; image i gets position index 10 (i + 1).
+
+    Args:
+        flow: a FLUX.2 adapter with a VAE.
+        image: a PIL image or a list of them, the references of every prompt.
+    Returns:
+        (tokens [1, L, 4C] float32 of all images in order, position ids [L, 4], (height, width) in pixels of
+        the first image after preparation: the pipelines' default output size).
+    """
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not images:
+        raise ValueError("image (FLUX.2's reference images) is an empty list; pass None for text-to-image")
+    multiple = flow.vae_scale_factor * 2
+    proc = getattr(flow.pipeline, "image_processor", None)
+    if not isinstance(proc, Flux2ImageProcessor):
+        proc = Flux2ImageProcessor(vae_scale_factor=multiple)
+    tokens, ids = [], []
+    for i, img in enumerate(images):
+        proc.check_image_input(img)   # a PIL image, 64 pixels a side or more, aspect ratio at most 8
+        if img.size[0] * img.size[1] > REFERENCE_MAX_AREA:
+            img = proc._resize_to_target_area(img, REFERENCE_MAX_AREA)
+        width, height = img.size[0] // multiple * multiple, img.size[1] // multiple * multiple
+        pixels = proc.preprocess(img, height=height, width=width, resize_mode="crop")
+        tokens.append(flow.encode_images(pixels, mean=True))
+        ids.append(packed_image_ids("flux2", height // multiple, width // multiple, flow.device, torch.float32,
+                                    index=10 * (i + 1)))
+        if i == 0:
+            size = (height, width)
+    return torch.cat(tokens, dim=1), torch.cat(ids), size
