@@ -1,12 +1,14 @@
 """Triton particle-weight kernels: log-weight normalisation and grouped resampling indices.
 
 Math, per group b (one program per group, the K weights of a group held in one block):
-    normalize:  lse = m + log sum_j exp(lw_j - m), m = max_j lw_j;  lw_j - lse;  ess = 1 / sum exp(2 (lw_j - lse))
+    normalize:  v_j = (lw_j - m) - log sum_i exp(lw_i - m), m = max_i lw_i;  ess = 1 / sum_j exp(2 v_j)
     weights:    w_j = exp(lw_j - m) / sum_j exp(lw_j - m);  cdf = cumsum(w), cdf_{K-1} = 1
     ancestors:  a_k = #{j : cdf_j <= p_k}, clamped to K - 1   (torch.searchsorted(..., right=True))
     residual:   n_j = floor(K w_j); slots k < sum n take #{j : cumsum(n)_j <= k}; the others take a
                 multinomial ancestor from the cdf of the residual weights K w_j - n_j.
 The search counts the cdf entries below each position in tiles of the cdf, so any K fits.
+A group without valid weights (all -inf, a NaN or +inf entry: NaN weights) keeps its particles
+(ancestors 0..K-1), as in the reference.
 """
 from __future__ import annotations
 
@@ -21,9 +23,8 @@ def _normalize_kernel(lw_ptr, norm_ptr, ess_ptr, K, ACC: tl.constexpr, BLOCK_K: 
     offs = tl.arange(0, BLOCK_K)
     mask = offs < K
     lw = tl.load(lw_ptr + row * K + offs, mask=mask, other=float("-inf")).to(ACC)
-    m = tl.max(lw, axis=0)
-    lse = m + tl.log(tl.sum(tl.where(mask, tl.exp(lw - m), 0.0), axis=0))
-    norm = lw - lse
+    d = lw - tl.max(lw, axis=0)
+    norm = d - tl.log(tl.sum(tl.where(mask, tl.exp(d), 0.0), axis=0))
     ess = 1.0 / tl.sum(tl.where(mask, tl.exp(2.0 * norm), 0.0), axis=0)
     tl.store(norm_ptr + row * K + offs, norm.to(norm_ptr.dtype.element_ty), mask=mask)
     tl.store(ess_ptr + row, ess.to(ess_ptr.dtype.element_ty))
@@ -64,7 +65,9 @@ def _search_kernel(sorted_ptr, pos_ptr, idx_ptr, K, BLOCK_P: tl.constexpr, BLOCK
     for j0 in range(0, K, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         cdf = tl.load(sorted_ptr + row * K + j, mask=j < K, other=float("inf"))
-        count += tl.sum((cdf[None, :] <= pos[:, None]).to(tl.int32), axis=1)
+        # not (pos < cdf) rather than cdf <= pos: a NaN position counts every entry (ancestor K - 1),
+        # like std::upper_bound and torch.searchsorted
+        count += tl.sum((~(pos[:, None] < cdf[None, :])).to(tl.int32), axis=1)
     tl.store(idx_ptr + row * K + p_offs, tl.minimum(count, K - 1).to(tl.int64), mask=p_mask)
 
 
@@ -110,7 +113,7 @@ def resample_indices_triton(log_w: torch.Tensor, uniforms: torch.Tensor, scheme:
             pos = (slots + u) / k
         else:
             pos = (slots + u[:, :1]) / k
-        return _search(cdf, pos)
+        return _keep_invalid(cdf, _search(cdf, pos))
     copies = torch.empty((b, k), dtype=acc, device=lw.device)
     rcdf = torch.empty_like(copies)
     total = torch.empty((b, 1), dtype=acc, device=lw.device)
@@ -118,4 +121,11 @@ def resample_indices_triton(log_w: torch.Tensor, uniforms: torch.Tensor, scheme:
     slots = torch.arange(k, device=lw.device, dtype=acc).expand(b, k)
     det = _search(copies, slots)
     rand = _search(rcdf, u)
-    return torch.where(slots < total, det, rand)
+    return _keep_invalid(copies, torch.where(slots < total, det, rand))
+
+
+def _keep_invalid(first: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """idx with the identity in groups whose weights are NaN (column 0 of the cdf or of the
+    cumulative copies is then NaN; with K = 1 the only ancestor is 0 anyway)."""
+    identity = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape)
+    return torch.where(torch.isnan(first[:, :1]), identity, idx)

@@ -17,7 +17,8 @@ from glass_fast.ops.testing import (INTERPRETER_BF16_ULPS, assert_within_referen
 PAIRS = backend_device_params()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
-# (shape, per_sample coef, with x_t, with stage, non-contiguous inputs, out dtype or None = state's)
+# (shape, per_sample coef, with x_t, with stage, layout, out dtype or None = state's); layout False is
+# contiguous, True non-contiguous, "broadcast" 0-stride views (one sample expanded over the batch)
 CASES = {
     "euler-shared": ((3, 5, 7), False, True, False, False, None),
     "batch1-odd": ((1, 1001), True, True, True, False, None),
@@ -26,6 +27,7 @@ CASES = {
     "non-contiguous": ((3, 6, 10), True, True, True, True, None),
     "fp32-out": ((2, 17), True, True, False, False, torch.float32),
     "bf16-out": ((5, 9), False, True, True, False, torch.bfloat16),
+    "broadcast": ((4, 3, 13), True, True, True, "broadcast", None),
 }
 
 
@@ -34,6 +36,8 @@ def _inputs(case, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
 
     def make(dt):
+        if strided == "broadcast":
+            return torch.randn((1,) + shape[1:], generator=g).to(device=device, dtype=dt).expand(shape)
         if strided:  # every other column of a wider tensor, then transposed: no contiguous view
             t = torch.randn(shape[:-1] + (2 * shape[-1],), generator=g)[..., ::2].transpose(0, -1)
             return t.to(device=device, dtype=dt)
@@ -73,8 +77,8 @@ def test_fused_step_matches_reference(backend, device, dtype, case):
     assert_within_reference_error(y, ref_y, true_y, "y_next", _extra_ulps(backend, device, y.dtype))
 
 
-@pytest.mark.parametrize("case", ["euler-shared", "non-contiguous", "bf16-out"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["euler-shared", "non-contiguous", "bf16-out", "broadcast"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_fused_step_inplace(backend, device, dtype, case):
     base, out, coef, x_t, stage = _inputs(case, dtype, device)
@@ -96,6 +100,63 @@ def test_fused_step_inplace(backend, device, dtype, case):
         state, out_buf = base.clone(), out.clone()
         ops.fused_step_(state, out_buf, coef, x_t, stage, y_out=out_buf)
         assert_within_reference_error(out_buf, ref_y, true_y, "y_next into out", extra_y)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS + [pytest.param("reference", "cpu", id="reference-cpu")])
+def test_fused_step_in_place_aliasing(backend, device):
+    """Outputs that share memory with inputs give what the reference's order gives: compute new and
+    y_next from the old values, then write new into base and y_next into y_out."""
+    g = torch.Generator().manual_seed(3)
+    shape, n = (3, 701), 2103  # more than one Triton block (1024): programs that run one after another
+    coef = torch.randn(3, 6, generator=g, dtype=torch.float64).to(device)
+    buf = torch.randn(n + 5, generator=g).to(device)
+    x_t = torch.randn(shape, generator=g).to(device)
+    other = torch.randn(shape, generator=g).to(device)
+
+    def expected(work, base, out, y_out, xt=x_t):
+        new, y = R.fused_step(base.clone(), out.clone(), coef, xt.clone())
+        base.copy_(new)
+        y_out.copy_(y)
+        return work
+
+    def views(work):  # base = work[0:n], and views of work shifted by 1 and by 5 elements
+        return work[:n].view(shape), work[1:n + 1].view(shape), work[5:n + 5].view(shape)
+
+    def run(setup):
+        want_buf, got_buf = buf.clone(), buf.clone()
+        expected(want_buf, *setup(want_buf))
+        with ops.use_backend(backend):
+            base, out, y_out = setup(got_buf)
+            ops.fused_step_(base, out, coef, x_t, y_out=y_out)
+        return got_buf, want_buf
+
+    cases = {
+        "y_out is base": lambda w: (views(w)[0], views(w)[1].clone(), views(w)[0]),
+        "out is base": lambda w: (views(w)[0], views(w)[0], torch.empty(shape, device=device)),
+        "y_out is out, shifted from base": lambda w: (views(w)[0], views(w)[1], views(w)[1]),
+        "y_out shifted by one from base": lambda w: (views(w)[0], views(w)[0].clone(), views(w)[1]),
+        "y_out shifted by five from out": lambda w: (other.clone(), views(w)[0], views(w)[2]),
+    }
+    for name, setup in cases.items():
+        got, want = run(setup)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
+    # x_t overwritten by y_next while other elements still need it
+    want_buf, got_buf = buf.clone(), buf.clone()
+    base = torch.randn(shape, generator=g).to(device)
+    expected(want_buf, base.clone(), base.clone(), views(want_buf)[1], xt=views(want_buf)[0])
+    with ops.use_backend(backend):
+        ops.fused_step_(base.clone(), base.clone(), coef, views(got_buf)[0], y_out=views(got_buf)[1])
+    torch.testing.assert_close(got_buf, want_buf, rtol=1e-6, atol=1e-6, msg="y_out shifted from x_t")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS + [pytest.param("reference", "cpu", id="reference-cpu")])
+def test_fused_step_empty_tensors(backend, device):
+    for shape, rows in (((0, 5), (0, 6)), ((0, 5), (6,)), ((3, 0), (3, 6)), ((2, 0, 4), (6,))):
+        base = torch.randn(shape, device=device)
+        with ops.use_backend(backend):
+            new, y = ops.fused_step(base, base.clone(), torch.zeros(rows, device=device), x_t=base.clone())
+            y2 = ops.fused_step_(base, base.clone(), torch.zeros(rows, device=device))
+        assert new.shape == y.shape == y2.shape == shape
 
 
 def test_reference_inplace_matches_functional():
@@ -143,6 +204,26 @@ def test_fused_step_rejects_bad_arguments(backend):
             ops.fused_step(x, x.to("meta"), torch.zeros(6))
         with pytest.raises(ValueError, match="coef is on meta but base is on cpu"):
             ops.fused_step(x, x, torch.zeros(6, device="meta"))
+        with pytest.raises(ValueError, match=r"coef has shape \(3, 5\); allowed: \[6\] or \[B, 6\] with B = 3"):
+            ops.fused_step(x, x, torch.zeros(3, 5))
+        with pytest.raises(ValueError, match=r"coef has shape \(3, 6, 1\)"):
+            ops.fused_step(x, x, torch.zeros(3, 6, 1))
+        with pytest.raises(TypeError, match="coef has dtype torch.float16; allowed: float32, float64"):
+            ops.fused_step(x, x, torch.zeros(6, dtype=torch.float16))
+        with pytest.raises(TypeError, match="coef must be a torch.Tensor, got list"):
+            ops.fused_step(x, x, [1.0, 0, 0, 0, 0, 1.0])
+        with pytest.raises(TypeError, match="out has dtype torch.int32; allowed: float32"):
+            ops.fused_step(x, x.int(), torch.zeros(6))
+        with pytest.raises(ValueError, match=r"stage has shape \(3, 5\) but base has shape \(3, 4\)"):
+            ops.fused_step(x, x, torch.zeros(6), stage=torch.randn(3, 5))
+        with pytest.raises(TypeError, match="stage has dtype torch.bool; allowed"):
+            ops.fused_step(x, x, torch.zeros(6), stage=x > 0)
+        with pytest.raises(ValueError, match="x_t is on meta but base is on cpu"):
+            ops.fused_step(x, x, torch.zeros(6), x_t=x.to("meta"))
+        with pytest.raises(ValueError, match=r"y_out has shape \(4, 3\) but base has shape \(3, 4\)"):
+            ops.fused_step_(x.clone(), x, torch.zeros(6), y_out=torch.empty(4, 3))
+        with pytest.raises(TypeError, match="y_out has dtype torch.int64; allowed"):
+            ops.fused_step_(x.clone(), x, torch.zeros(6), y_out=x.long())
 
 
 CPP_CPU = [b for b, d in backend_devices() if b == "cpp" and d == "cpu"]

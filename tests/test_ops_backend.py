@@ -71,6 +71,36 @@ def test_explicit_cuda_on_cpu_tensors_raises():
             ops.fused_step(x, x, torch.zeros(6))
 
 
+def test_explicit_backend_on_the_wrong_device_type_raises():
+    lw = torch.zeros(2, 3, device="meta")
+    for name, why in (("cpp", "the cpp backend runs on cpu tensors only; got device type 'meta'"),
+                      ("cuda", "the cuda backend runs on cuda tensors only; got device type 'meta'")):
+        with ops.use_backend(name), pytest.raises(ops.BackendUnavailableError, match=why):
+            ops.normalize_log_weights(lw)
+    with ops.use_backend("auto"):
+        assert ops.resolve_backend("meta") == "reference"
+
+
+@needs_cpp
+def test_cuda_device_type_choices_without_cuda_kernels(monkeypatch):
+    """What CUDA tensors would get from an extension built without CUDA (decided from the device type
+    alone, so checkable here): an explicit cuda raises; auto falls back to triton, then reference."""
+    if _backend.unavailable_reason("cuda", "cuda") is None:
+        pytest.skip("this extension has CUDA kernels")
+    monkeypatch.setattr(_backend, "_logged", set())
+    with ops.use_backend("cuda"), pytest.raises(ops.BackendUnavailableError,
+                                                 match="built without CUDA kernels.*rebuild on a CUDA machine"):
+        ops.resolve_backend("cuda")
+    with ops.use_backend("auto"):
+        want = "triton" if _backend._triton_status()[0] else "reference"
+        assert ops.resolve_backend("cuda") == want
+        monkeypatch.setattr(_backend, "_triton", (False, "pretend: triton is not installed"))
+        assert ops.resolve_backend("cuda") == "reference"
+    with ops.use_backend("triton"), pytest.raises(ops.BackendUnavailableError,
+                                                   match="backend 'triton' .*cannot run: pretend: triton"):
+        ops.resolve_backend("cuda")
+
+
 def test_explicit_cpp_without_extension_raises(no_extension):
     with ops.use_backend("cpp"):
         with pytest.raises(ops.BackendUnavailableError, match="backend 'cpp' .*cannot run: pretend"):
@@ -174,6 +204,36 @@ def test_compile_fullgraph_traces_every_op(backend, device):
         torch.testing.assert_close(r, e)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if p.values[1] == "cpu"]
+                         + [pytest.param("reference", "cpu", id="reference-cpu")])
+def test_compile_fullgraph_full_glass_transition(backend, device):
+    """A whole GLASS transition (noise injection, then midpoint predict / correct stages, each a model call
+    and a fused step with per-sample coefficients) traces into one graph on every CPU backend."""
+    import glass_fast as gf
+    from glass_fast import transitions as T
+    from glass_fast.plan import glass_plan
+    data = gf.GaussianMixture(means=[[2.0, 0.0], [-2.0, 0.0]], stds=[0.5, 0.5], weights=[0.5, 0.5])
+    model = data.flow_model(gf.LinearSchedule(), prediction="velocity")
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    t, t_next = T._interval(x, torch.linspace(0.1, 0.3, 6), torch.linspace(0.4, 0.6, 6))
+    plan = glass_plan(model, t, t_next, T.resolve_rho(0.4, model.schedule, t, t_next), 4, "midpoint")
+    dplan = T.DevicePlan(plan, x.device, x.dtype)
+    assert dplan.coefs.shape[1:] == (6, ops.NUM_COEFS) and "correct" in dplan.kinds
+    noise = T.draw_noise(dplan, x, torch.Generator().manual_seed(1))
+
+    def transition(x, noise):
+        return T.execute(model, dplan, x, noise)
+
+    torch._dynamo.reset()
+    with ops.use_backend(backend):
+        expected, finite = transition(x, noise)
+        got, got_finite = torch.compile(transition, fullgraph=True, backend="aot_eager")(x, noise)
+    assert finite.all() and torch.equal(got_finite, finite)
+    torch.testing.assert_close(got, expected)
+    with ops.use_backend("reference"):
+        torch.testing.assert_close(got, transition(x, noise)[0], rtol=1e-5, atol=1e-5)
+
+
 @needs_cpp
 def test_compile_inductor_with_cpp_ops_and_backend_switch_retraces():
     args = _pipeline_args("cpu")
@@ -226,3 +286,48 @@ def test_triton_cpu_kernels_in_a_fresh_interpreter():
     tail = "\n".join(proc.stdout.splitlines()[-15:])
     assert proc.returncode == 0, f"Triton CPU tests failed in a fresh interpreter:\n{tail}"
     assert " passed" in tail, tail  # pytest exits 5 (not 0) when nothing was collected
+
+
+# ------------------------------------------------------------------ argument checks, public and raw
+
+
+def _bad_calls():
+    """(op name, args, message pattern) that the public ops and the raw C++ ops both refuse."""
+    x, c6, i = torch.randn(3, 4), torch.zeros(6), torch.zeros(2, 3, dtype=torch.long)
+    lw, u, parts = torch.zeros(2, 3), torch.rand(2, 3), torch.randn(2, 3, 4)
+    return [
+        ("fused_step", (x, x, torch.zeros(5), None, None), r"coef has shape .*allowed: \[6\] or \[B, 6\] with B = 3"),
+        ("fused_step", (x, x, torch.zeros(3, 5), None, None), r"coef has shape .*allowed: \[6\] or \[B, 6\]"),
+        ("fused_step", (x, x, c6.long(), None, None), r"coef has dtype (torch\.int64|Long); allowed: float32, float64"),
+        ("fused_step", (x.long(), x, c6, None, None), r"base has dtype (torch\.int64|Long); allowed: float32"),
+        ("fused_step", (x, x.int(), c6, None, None), r"out has dtype (torch\.int32|Int); allowed: float32"),
+        ("fused_step", (x, torch.randn(3, 5), c6, None, None), "out has shape .* but base has shape"),
+        ("fused_step", (x, x, c6, x.half(), None), r"x_t has dtype (torch\.float16|Half) but base has dtype"),
+        ("fused_step", (x, x, c6, None, torch.randn(4, 3)), "stage has shape .* but base has shape"),
+        ("fused_step_", (x.clone(), x, c6, None, None, x.half()), "y_out has dtype .* but out has dtype"),
+        ("fused_step_", (x.clone(), x, c6, None, None, torch.empty(4, 3)), "y_out has shape .* but base has shape"),
+        ("normalize_log_weights", (torch.zeros(6),), r"log_w has shape .*; allowed: \[B, K\] with K >= 1"),
+        ("normalize_log_weights", (torch.zeros(2, 0),), r"log_w has shape .*; allowed: \[B, K\] with K >= 1"),
+        ("normalize_log_weights", (lw.long(),), r"log_w has dtype (torch\.int64|Long); allowed"),
+        ("resample_indices", (lw, torch.rand(2, 4), "multinomial"), "uniforms has shape .* but log_w has shape"),
+        ("resample_indices", (lw, u.long(), "systematic"), r"uniforms has dtype (torch\.int64|Long); allowed"),
+        ("resample_indices", (lw, u, "bogus"), "scheme='bogus' is not a resampling scheme; allowed: multinomial"),
+        ("gather_particles", (parts, i.int()), r"idx has dtype (torch\.int32|Int); allowed: (torch\.)?int64"),
+        ("gather_particles", (parts, torch.zeros(3, 2, dtype=torch.long)), r"idx has shape .* idx must be \[B, K\]"),
+        ("gather_particles", (torch.randn(4), i), r"x has shape .*; allowed: \[B, K, \.\.\.\]"),
+        ("gather_particles_", (parts.clone(), i, torch.empty(2, 3)), "scratch has (shape|dtype)"),
+        ("gather_particles_", (parts.clone(), i, parts.double()), "scratch has (shape|dtype)"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_COMPILED)
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_public_and_raw_ops_refuse_the_same_arguments(backend, case):
+    """Every backend refuses a bad call at the public boundary with a message naming the argument, the
+    value and what is allowed; the C++ ops, called directly through torch.ops, refuse it too."""
+    name, args, pattern = _bad_calls()[case]
+    with ops.use_backend(backend), pytest.raises((TypeError, ValueError), match=pattern):
+        getattr(ops, name)(*args)
+    if backend == "cpp":
+        with pytest.raises(RuntimeError, match=pattern):
+            _library.op("cpp", name)(*args)

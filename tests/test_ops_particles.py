@@ -11,14 +11,16 @@ import pytest  # noqa: E402
 
 from glass_fast import ops  # noqa: E402
 from glass_fast.ops import reference as R  # noqa: E402
-from glass_fast.ops.testing import backend_device_params, backend_devices  # noqa: E402
+from glass_fast.ops.testing import (INTERPRETER_BF16_ULPS, assert_within_reference_error,  # noqa: E402
+                                    backend_device_params, backend_devices, interpreted)
 
 
 PAIRS = backend_device_params()
 SCHEMES = list(R.RESAMPLING_SCHEMES)
-# All -inf groups and exactly-integer residual weights divide 0 by 0 by design (NaN, then unused);
-# Triton's CPU interpreter reports that through numpy.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+# All -inf groups and exactly-integer residual weights divide 0 by 0 by design (NaN, then unused),
+# and invalid groups reduce NaN rows; Triton's CPU interpreter reports those through numpy.
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")]
 SHAPES = [(1, 1), (1, 7), (5, 37), (3, 256), (2, 300)]
 
 
@@ -33,20 +35,38 @@ def _log_w(shape, dtype=torch.float32, seed=0, with_zero_weights=True):
 # ------------------------------------------------------------------ normalize_log_weights
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_normalize_matches_reference(backend, device, shape, dtype):
     lw = _log_w(shape, dtype).to(device)
     ref_n, ref_e = R.normalize_log_weights(lw)
+    true_n, true_e = R.normalize_log_weights(lw.double())
     with ops.use_backend(backend):
         n, e = ops.normalize_log_weights(lw)
     assert n.dtype == dtype and e.dtype == dtype and e.shape == (shape[0],)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype != torch.bfloat16 else dict(rtol=1e-2, atol=2e-2)
     finite = torch.isfinite(ref_n)
-    assert torch.equal(torch.isfinite(n), finite)
-    torch.testing.assert_close(n[finite].cpu(), ref_n[finite].cpu(), **tol)
-    torch.testing.assert_close(e.cpu(), ref_e.cpu(), **tol)
+    assert torch.equal(torch.isfinite(n), finite) and torch.equal(torch.isneginf(n), torch.isneginf(ref_n))
+    # error against float64 at most twice the reference's at this precision
+    extra = INTERPRETER_BF16_ULPS if interpreted(backend, device) and dtype == torch.bfloat16 else 0.0
+    assert_within_reference_error(n[finite], ref_n[finite], true_n[finite], "normalised log-weights", extra)
+    assert_within_reference_error(e, ref_e, true_e, "ess", extra)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_normalize_non_contiguous_and_empty(backend, device):
+    lw = _log_w((9, 4), seed=7).to(device).t()  # [4, 9] transposed view
+    with ops.use_backend(backend):
+        n, e = ops.normalize_log_weights(lw)
+        n0, e0 = ops.normalize_log_weights(torch.zeros(0, 5, device=device))
+        nb, eb = ops.normalize_log_weights(lw[:1].expand(3, 9))  # 0-stride rows
+    assert torch.equal(nb, n[:1].expand(3, 9)) and torch.equal(eb, e[:1].expand(3))
+    ref_n, ref_e = R.normalize_log_weights(lw.contiguous())
+    finite = torch.isfinite(ref_n)
+    torch.testing.assert_close(n[finite], ref_n[finite], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(e, ref_e, rtol=1e-6, atol=1e-6, equal_nan=True)  # group 1: all -inf
+    assert torch.isnan(e[1]) and torch.isfinite(e[[0, 2, 3]]).all()
+    assert n0.shape == (0, 5) and e0.shape == (0,)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + [b for b, d in backend_devices() if d == "cpu"])
@@ -106,7 +126,7 @@ def test_resample_same_ancestors_as_reference(backend, device, shape, scheme):
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_resample_float64_and_reduced_precision(backend, device, scheme):
-    for dtype in (torch.float64, torch.bfloat16):
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):
         lw = _log_w((3, 40), dtype, seed=3).to(device)
         u = torch.rand((3, 40), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
         u = u.to(device)
@@ -115,6 +135,99 @@ def test_resample_float64_and_reduced_precision(backend, device, scheme):
             got = ops.resample_indices(lw, u, scheme)
         mismatch = (got.cpu() != ref.cpu()) & ~_near_ties(lw, u, scheme)
         assert not mismatch.any(), f"{dtype}: {int(mismatch.sum())} ancestors differ"
+
+
+CPU_BACKENDS = ["reference"] + [b for b, d in backend_devices() if d == "cpu"]
+INF, NAN = math.inf, math.nan
+# Groups without valid weights: the normalisation is NaN throughout, the ancestors are the identity.
+INVALID_GROUPS = {
+    "all -inf": [-INF] * 5,
+    "one NaN": [0.0, NAN, 1.0, -2.0, 0.5],
+    "all NaN": [NAN] * 5,
+    "one +inf": [INF, 0.0, 0.0, -INF, 0.0],
+    "two +inf": [INF, 0.0, INF, 0.0, 0.0],
+    "NaN and -inf": [-INF, -INF, NAN, -INF, -INF],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_invalid_groups_keep_their_particles(backend, device, dtype):
+    valid = [0.3, -1.0, 2.0, -INF, 0.0]
+    rows = list(INVALID_GROUPS.values())
+    lw = torch.tensor([valid] + rows + [valid], dtype=dtype, device=device)
+    u = torch.rand(lw.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(device)
+    identity = torch.arange(5).expand(len(rows), 5)
+    with ops.use_backend(backend):
+        n, e = ops.normalize_log_weights(lw)
+        got = {s: ops.resample_indices(lw, u, s).cpu() for s in SCHEMES}
+    assert torch.isnan(n[1:-1]).all() and torch.isnan(e[1:-1]).all(), list(INVALID_GROUPS)
+    assert torch.isfinite(e[[0, -1]]).all()
+    for scheme, idx in got.items():
+        assert torch.equal(idx[1:-1], identity), (scheme, idx[1:-1].tolist())
+        ref = R.resample_indices(lw, u, scheme).cpu()
+        assert torch.equal(idx, ref), scheme  # the valid groups around them are untouched
+        assert not (idx[[0, -1]] == 3).any()  # ... and never pick a zero weight
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_one_huge_weight_and_single_particle_groups(backend, device):
+    # exp(lw - max) must not overflow: a weight of e^(1e30) (or e^(1e300) in float64) takes everything
+    for dtype, big in ((torch.float32, 1e30), (torch.float64, 1e300), (torch.bfloat16, 1e30)):
+        lw = torch.tensor([[0.0, big, -big, 1.0], [-big, -big, -big, -big]], dtype=dtype, device=device)
+        u = torch.rand(2, 4, generator=torch.Generator().manual_seed(9)).to(device)
+        with ops.use_backend(backend):
+            n, e = ops.normalize_log_weights(lw)
+            for scheme in SCHEMES:
+                idx = ops.resample_indices(lw, u, scheme).cpu()
+                assert idx[0].tolist() == [1, 1, 1, 1], (dtype, scheme)
+                assert torch.equal(idx[1], R.resample_indices(lw, u, scheme)[1].cpu()), (dtype, scheme)
+        # equal huge log-weights: normalised exactly to log(1/4), however large they are
+        torch.testing.assert_close(e.cpu().double(), torch.tensor([1.0, 4.0], dtype=torch.float64),
+                                   rtol=1e-2, atol=0.0)
+        torch.testing.assert_close(n[1].cpu().double(), torch.full((4,), -math.log(4.0), dtype=torch.float64),
+                                   rtol=1e-2, atol=0.0)
+        assert n[0, 1].item() == 0.0, dtype
+    # K = 1: the only ancestor is 0, for valid and invalid groups alike
+    lw = torch.tensor([[3.0], [-INF], [NAN], [INF]], device=device)
+    with ops.use_backend(backend):
+        n, e = ops.normalize_log_weights(lw)
+        for scheme in SCHEMES:
+            assert (ops.resample_indices(lw, torch.rand(4, 1).to(device), scheme) == 0).all()
+    assert n[0].item() == 0.0 and e[0].item() == 1.0 and torch.isnan(e[1:]).all()
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_resample_uniforms_outside_the_unit_interval(backend, device):
+    """Positions at or past the ends (u = 0, 1, < 0, > 1, +-inf, NaN) give the reference's ancestors:
+    #{j : cdf_j <= p} clamped to K - 1 (a NaN position counts every entry)."""
+    lw = torch.tensor([[0.0, 1.0, -1.0, 0.5]] * 5, device=device)
+    u = torch.tensor([[0.0, 0.3, 0.6, 0.9], [1.0] * 4, [-0.5, 0.2, 0.2, 0.2], [NAN] * 4,
+                      [0.999999, 2.0, INF, -INF]], device=device)
+    for scheme in SCHEMES:
+        with ops.use_backend(backend):
+            got = ops.resample_indices(lw, u, scheme)
+        assert torch.equal(got.cpu(), R.resample_indices(lw, u, scheme).cpu()), scheme
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_resample_non_contiguous_and_empty(backend, device):
+    lw = _log_w((37, 5), seed=10).to(device).t()  # [5, 37] transposed views
+    u = torch.rand(37, 5, generator=torch.Generator().manual_seed(11)).to(device).t()
+    with ops.use_backend(backend):
+        for scheme in SCHEMES:
+            got = ops.resample_indices(lw, u, scheme)
+            ref = R.resample_indices(lw.contiguous(), u.contiguous(), scheme)
+            mismatch = (got.cpu() != ref.cpu()) & ~_near_ties(lw, u, scheme)
+            assert not mismatch.any(), scheme
+            empty = ops.resample_indices(torch.zeros(0, 3, device=device),
+                                         torch.zeros(0, 3, device=device), scheme)
+            assert empty.shape == (0, 3) and empty.dtype == torch.int64
+            # 0-stride: one group's log-weights broadcast over 5 groups, each with its own uniforms
+            shared = lw[:1].expand(5, 37)
+            got = ops.resample_indices(shared, u, scheme)
+            ref = R.resample_indices(shared.contiguous(), u.contiguous(), scheme)
+            assert not ((got.cpu() != ref.cpu()) & ~_near_ties(shared, u, scheme)).any(), scheme
 
 
 BY_HAND = [
@@ -142,21 +255,44 @@ BY_HAND = [
 def test_resample_by_hand(scheme, log_w, u, expected):
     lw = torch.tensor([log_w], dtype=torch.float64)
     uu = torch.tensor([u], dtype=torch.float64)
-    backends = ["reference"] + [b for b, d in backend_devices() if d == "cpu"]
-    for backend in backends:
+    for backend in CPU_BACKENDS:
         with ops.use_backend(backend):
             got = ops.resample_indices(lw, uu, scheme)
         assert got.tolist() == [expected], backend
 
 
-def test_resample_rejects_bad_arguments():
-    lw = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="scheme='bogus' is not a resampling scheme"):
-        ops.resample_indices(lw, torch.rand(2, 3), "bogus")
-    with pytest.raises(ValueError, match=r"uniforms has shape \(2, 4\)"):
-        ops.resample_indices(lw, torch.rand(2, 4), "multinomial")
-    with pytest.raises(ValueError, match=r"log_w has shape \(6,\)"):
-        ops.normalize_log_weights(torch.zeros(6))
+# (call, exception, message): every backend refuses these before running a kernel.
+BAD_PARTICLE_CALLS = [
+    (lambda: ops.resample_indices(torch.zeros(2, 3), torch.rand(2, 3), "bogus"), ValueError,
+     "scheme='bogus' is not a resampling scheme; allowed: multinomial"),
+    (lambda: ops.resample_indices(torch.zeros(2, 3), torch.rand(2, 4), "multinomial"), ValueError,
+     r"uniforms has shape \(2, 4\) but log_w has shape \(2, 3\)"),
+    (lambda: ops.resample_indices(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), "systematic"),
+     TypeError, "uniforms has dtype torch.int64; allowed: float32"),
+    (lambda: ops.resample_indices(torch.zeros(2, 3, dtype=torch.int32), torch.rand(2, 3), "residual"),
+     TypeError, "log_w has dtype torch.int32; allowed: float32"),
+    (lambda: ops.resample_indices(torch.zeros(2, 3), torch.rand(2, 3, device="meta"), "stratified"),
+     ValueError, "uniforms is on meta but log_w is on cpu"),
+    (lambda: ops.resample_indices(torch.zeros(2, 3), torch.rand(2, 3), None), ValueError,
+     "scheme=None is not a resampling scheme"),
+    (lambda: ops.normalize_log_weights(torch.zeros(6)), ValueError,
+     r"log_w has shape \(6,\); allowed: \[B, K\] with K >= 1"),
+    (lambda: ops.normalize_log_weights(torch.zeros(2, 0)), ValueError, r"log_w has shape \(2, 0\)"),
+    (lambda: ops.normalize_log_weights(torch.zeros(2, 3, 4)), ValueError, r"log_w has shape \(2, 3, 4\)"),
+    (lambda: ops.normalize_log_weights(torch.zeros(2, 3, dtype=torch.bool)), TypeError,
+     "log_w has dtype torch.bool; allowed"),
+    (lambda: ops.normalize_log_weights(torch.zeros(2, 3, dtype=torch.complex64)), TypeError,
+     "log_w has dtype torch.complex64; allowed"),
+    (lambda: ops.normalize_log_weights([[0.0]]), TypeError, "log_w must be a torch.Tensor, got list"),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", range(len(BAD_PARTICLE_CALLS)))
+def test_particle_ops_reject_bad_arguments(backend, case):
+    call, exc, msg = BAD_PARTICLE_CALLS[case]
+    with ops.use_backend(backend), pytest.raises(exc, match=msg):
+        call()
 
 
 # ------------------------------------------------------------------ gather_particles
@@ -189,7 +325,7 @@ def test_gather_matches_reference(backend, device, dtype):
 def test_gather_non_contiguous(backend, device):
     g = torch.Generator().manual_seed(6)
     x = torch.randn(4, 3, 6, 5, generator=g).to(device).transpose(2, 3)  # [B, K, 5, 6] strided
-    idx = torch.randint(0, 3, (4, 3), generator=g).to(device)
+    idx = torch.randint(0, 3, (3, 4), generator=g).to(device).t()  # [B, K] strided too
     with ops.use_backend(backend):
         got = ops.gather_particles(x, idx)
         inplace = x.clone()
@@ -198,15 +334,89 @@ def test_gather_non_contiguous(backend, device):
     assert torch.equal(inplace, got)
 
 
-def test_gather_rejects_bad_arguments():
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_gather_broadcast_and_empty(backend, device):
+    g = torch.Generator().manual_seed(12)
+    idx = torch.randint(0, 3, (4, 3), generator=g).to(device)
+    row = torch.randn(1, 3, 5, generator=g).to(device)
+    for x in (row.expand(4, 3, 5), torch.randn(4, 1, 5, generator=g).to(device).expand(4, 3, 5)):
+        with ops.use_backend(backend):
+            got = ops.gather_particles(x, idx)  # 0-stride input: read as x.contiguous()
+        assert torch.equal(got, R.gather_particles(x.contiguous(), idx)) and got.is_contiguous()
+    for shape in ((0, 3, 2), (2, 3, 0), (2, 0)):
+        x = torch.randn(shape).to(device)
+        i = torch.zeros(shape[:2], dtype=torch.long, device=device)
+        with ops.use_backend(backend):
+            assert ops.gather_particles(x, i).shape == shape
+            assert ops.gather_particles_(x, i, torch.empty_like(x)).shape == shape
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_gather_any_dtype(backend, device):
+    """Particles may carry any dtype (labels, masks, complex states): the gather moves elements."""
+    g = torch.Generator().manual_seed(14)
+    idx = torch.randint(0, 3, (2, 3), generator=g).to(device)
+    for dtype in (torch.float16, torch.int64, torch.int8, torch.bool, torch.complex64):
+        x = (10 * torch.randn(2, 3, 5, generator=g)).to(dtype).to(device)
+        want = R.gather_particles(x, idx)
+        with ops.use_backend(backend):
+            assert torch.equal(ops.gather_particles(x, idx), want), dtype
+            inplace = x.clone()
+            ops.gather_particles_(inplace, idx, torch.empty_like(x))
+        assert torch.equal(inplace, want), dtype
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_gather_in_place_with_overlapping_scratch(backend, device):
+    """scratch may be x itself or share memory with it: x still gets the old x[b, idx[b, k]]."""
+    g = torch.Generator().manual_seed(13)
+    shape, n = (3, 4, 5), 60
+    idx = torch.randint(0, 4, (3, 4), generator=g).to(device)
+    buf = torch.randn(n + 7, generator=g).to(device)
+    want = R.gather_particles(buf[:n].view(shape).clone(), idx)
+    with ops.use_backend(backend):
+        x = buf[:n].clone().view(shape)
+        assert ops.gather_particles_(x, idx, x) is x
+        assert torch.equal(x, want), "scratch is x"
+        work = buf.clone()
+        x, scratch = work[:n].view(shape), work[7:].view(shape)  # scratch starts 7 elements into x
+        ops.gather_particles_(x, idx, scratch)
+        assert torch.equal(x, want), "scratch overlaps x"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gather_index_out_of_range_raises(backend):
+    """On CPU every backend refuses an ancestor outside [0, K) (never a particle of the next group)."""
+    x = torch.randn(3, 4, 2)
+    for bad in (4, -1):
+        idx = torch.tensor([[0, 1, 2, 3], [0, bad, 1, 1], [3, 3, 3, 3]])
+        with ops.use_backend(backend):
+            with pytest.raises(RuntimeError, match=rf"idx(\[1, 1\] = {bad} is out of range| holds an "
+                                                   r"ancestor outside) \[0, 4\)"):
+                ops.gather_particles(x, idx)
+            y = x.clone()
+            with pytest.raises(RuntimeError, match=r"idx.* \[0, 4\)"):
+                ops.gather_particles_(y, idx, torch.empty_like(x))
+            assert torch.equal(y, x), "a refused in-place gather must leave x as it was"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gather_rejects_bad_arguments(backend):
     x = torch.randn(2, 3, 4)
-    with pytest.raises(TypeError, match="idx has dtype torch.int32"):
-        ops.gather_particles(x, torch.zeros(2, 3, dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"idx has shape \(3, 2\)"):
-        ops.gather_particles(x, torch.zeros(3, 2, dtype=torch.long))
-    with pytest.raises(ValueError, match="scratch has shape"):
-        ops.gather_particles_(x, torch.zeros(2, 3, dtype=torch.long), torch.empty(2, 3))
-    with pytest.raises(ValueError, match=r"x has shape \(4,\); allowed: \[B, K, ...\]"):
-        ops.gather_particles(torch.randn(4), torch.zeros(2, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="idx is on meta but x is on cpu"):
-        ops.gather_particles(x, torch.zeros(2, 3, dtype=torch.long, device="meta"))
+    with ops.use_backend(backend):
+        with pytest.raises(TypeError, match="idx has dtype torch.int32"):
+            ops.gather_particles(x, torch.zeros(2, 3, dtype=torch.int32))
+        with pytest.raises(ValueError, match=r"idx has shape \(3, 2\)"):
+            ops.gather_particles(x, torch.zeros(3, 2, dtype=torch.long))
+        with pytest.raises(ValueError, match="scratch has shape"):
+            ops.gather_particles_(x, torch.zeros(2, 3, dtype=torch.long), torch.empty(2, 3))
+        with pytest.raises(ValueError, match=r"x has shape \(4,\); allowed: \[B, K, ...\]"):
+            ops.gather_particles(torch.randn(4), torch.zeros(2, 3, dtype=torch.long))
+        with pytest.raises(ValueError, match="idx is on meta but x is on cpu"):
+            ops.gather_particles(x, torch.zeros(2, 3, dtype=torch.long, device="meta"))
+        with pytest.raises(TypeError, match="scratch has dtype torch.float64 but x has dtype torch.float32"):
+            ops.gather_particles_(x, torch.zeros(2, 3, dtype=torch.long), x.double())
+        with pytest.raises(TypeError, match="idx has dtype torch.float32; allowed: torch.int64"):
+            ops.gather_particles(x, torch.zeros(2, 3))
+        with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+            ops.gather_particles([[0.0]], torch.zeros(2, 3, dtype=torch.long))

@@ -3,6 +3,7 @@
 // group the work is a few sequential passes over K, in the order the reference states
 // (glass_fast/ops/reference.py): w = exp(lw - max) / sum, cdf = cumsum(w) with cdf[K-1] = 1,
 // ancestor = #{j : cdf_j <= p} clamped to K - 1.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -26,10 +27,10 @@ int64_t search_right(const Acc* cdf, int64_t k, Acc p) {
   return std::min(a, k - 1);
 }
 
-// Normalised weights of one row: w = exp(lw - max) / sum.
-// A row without positive weight (all -inf) gives NaN weights.
+// Normalised weights of one row: w = exp(lw - max) / sum. Returns false for a row without valid
+// weights (all -inf, or a NaN or +inf entry): its sum is NaN (a valid row sums at least exp(0) = 1).
 template <typename Acc, typename T>
-void row_weights(const T* lw, int64_t k, Acc* w) {
+bool row_weights(const T* lw, int64_t k, Acc* w) {
   Acc m = -std::numeric_limits<Acc>::infinity();
   for (int64_t j = 0; j < k; ++j) m = std::max(m, static_cast<Acc>(lw[j]));
   Acc s = 0;
@@ -38,6 +39,7 @@ void row_weights(const T* lw, int64_t k, Acc* w) {
     s += w[j];
   }
   for (int64_t j = 0; j < k; ++j) w[j] = w[j] / s;
+  return !std::isnan(s);
 }
 
 template <typename Acc>
@@ -53,7 +55,10 @@ void closed_cumsum(const Acc* w, int64_t k, Acc* cdf) {
 template <typename Acc, typename T, typename U>
 void resample_row(const T* lw, const U* u, int64_t k, int scheme, int64_t* anc, Acc* w, Acc* cdf,
                   Acc* aux) {
-  row_weights<Acc>(lw, k, w);
+  if (!row_weights<Acc>(lw, k, w)) {  // no valid weights: the group keeps its particles
+    for (int64_t i = 0; i < k; ++i) anc[i] = i;
+    return;
+  }
   if (scheme != 3) {
     closed_cumsum<Acc>(w, k, cdf);
     for (int64_t i = 0; i < k; ++i) {
@@ -103,13 +108,14 @@ std::tuple<at::Tensor, at::Tensor> normalize_log_weights(const at::Tensor& log_w
         const T* x = src + r * k;
         Acc m = -std::numeric_limits<Acc>::infinity();
         for (int64_t j = 0; j < k; ++j) m = std::max(m, static_cast<Acc>(x[j]));
-        // logsumexp = m + log(sum exp(x - m)); a row of -inf has m = -inf and yields NaN.
+        // x - logsumexp = (x - m) - log(sum exp(x - m)), exact for any magnitude of m; a row of
+        // -inf has m = -inf and yields NaN, as does a NaN or +inf entry.
         Acc s = 0;
         for (int64_t j = 0; j < k; ++j) s += std::exp(static_cast<Acc>(x[j]) - m);
-        const Acc lse = m + std::log(s);
+        const Acc log_s = std::log(s);
         Acc s2 = 0;
         for (int64_t j = 0; j < k; ++j) {
-          const Acc v = static_cast<Acc>(x[j]) - lse;
+          const Acc v = (static_cast<Acc>(x[j]) - m) - log_s;
           dst[r * k + j] = static_cast<T>(v);
           s2 += std::exp(2 * v);
         }
@@ -177,7 +183,10 @@ void gather_particles_(const at::Tensor& x, const at::Tensor& idx, const at::Ten
   check_gather(x, idx);
   check_scratch(scratch, x);
   if (x.numel() == 0) return;
-  if (!scratch.is_contiguous() || !x.is_contiguous()) {
+  // Staging needs scratch apart from x (a caller may pass x itself, or an overlapping view); like
+  // strided tensors, such calls gather into a new tensor, which gives the reference's result.
+  if (!scratch.is_contiguous() || !x.is_contiguous() ||
+      at::get_overlap_status(scratch, x) != at::MemOverlapStatus::No) {
     x.copy_(gather_particles(x, idx));
     return;
   }

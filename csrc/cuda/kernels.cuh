@@ -156,10 +156,11 @@ __global__ void normalize_kernel(const T* __restrict__ lw, T* norm, T* ess, int6
   const Acc m = row_max<T, Acc>(x, k, smem);
   Acc s = 0;
   for (int64_t j = threadIdx.x; j < k; j += blockDim.x) s += exp_acc(to_acc(x[j], Acc{}) - m);
-  const Acc lse = m + log_acc(block_reduce<Acc, false>(s, smem));  // all -inf: NaN, by design
+  // (x - m) - log(s): exact for log-weights of any magnitude. All -inf, NaN or +inf: NaN, by design.
+  const Acc log_s = log_acc(block_reduce<Acc, false>(s, smem));
   Acc s2 = 0;
   for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
-    const Acc v = to_acc(x[j], Acc{}) - lse;
+    const Acc v = (to_acc(x[j], Acc{}) - m) - log_s;
     norm[blockIdx.x * k + j] = Store<T>::cast(v);
     s2 += exp_acc(2 * v);
   }
@@ -174,7 +175,7 @@ __device__ int64_t search_right(const Acc* cdf, int64_t k, Acc p) {
   int64_t lo = 0, hi = k;  // first index with cdf > p
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
-    if (cdf[mid] <= p) lo = mid + 1;
+    if (!(p < cdf[mid])) lo = mid + 1;  // a NaN position counts every entry, like std::upper_bound
     else hi = mid;
   }
   return lo < k - 1 ? lo : k - 1;
@@ -198,6 +199,10 @@ __global__ void resample_kernel(const T* __restrict__ lw, const U* __restrict__ 
   Acc s = 0;
   for (int64_t j = threadIdx.x; j < k; j += blockDim.x) s += exp_acc(to_acc(x[j], Acc{}) - m);
   s = block_reduce<Acc, false>(s, smem);
+  if (!(s == s)) {  // no valid weights (all -inf, a NaN or +inf entry): the group keeps its particles
+    for (int64_t i = threadIdx.x; i < k; i += blockDim.x) a[i] = i;
+    return;  // s is the block's reduction: every thread returns here together
+  }
   if (threadIdx.x == 0) {
     Acc run = 0, copies = 0, rsum = 0;
     for (int64_t j = 0; j < k; ++j) {

@@ -4,6 +4,7 @@
 // (c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream forwards to; the c10
 // headers keep this file free of the cuBLAS/cuSPARSE headers that ATen/cuda/CUDAContext.h pulls in.)
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -177,11 +178,13 @@ at::Tensor gather_particles(const at::Tensor& x, const at::Tensor& idx) {
 void gather_particles_(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& scratch) {
   check_gather(x, idx);
   check_scratch(scratch, x);
-  scratch.copy_(x);
-  if (x.is_contiguous()) {
+  // Staging needs scratch apart from x (it may be x itself or overlap it); otherwise, and for a
+  // strided x, gather into a new tensor, which gives the reference's result.
+  if (x.is_contiguous() && at::get_overlap_status(scratch, x) == at::MemOverlapStatus::No) {
+    scratch.copy_(x);
     gather_into(scratch, idx, x);
   } else {
-    x.copy_(gather_particles(scratch, idx));
+    x.copy_(gather_particles(x, idx));
   }
 }
 

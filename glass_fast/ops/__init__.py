@@ -61,7 +61,9 @@ def fused_step_(base: torch.Tensor, out: torch.Tensor, coef: torch.Tensor,
 
     Args:
         base, out, coef, x_t, stage: as in ``fused_step``.
-        y_out: [B, ...] buffer of dtype out.dtype (may be ``out`` itself), or None to allocate.
+        y_out: [B, ...] buffer of dtype out.dtype (may be ``out`` itself), or None to allocate. Outputs
+            may share memory with inputs in any way: the result is that of computing new and y_next
+            from the inputs first, then writing new into base and y_next into y_out.
     Returns:
         y_out (or the newly allocated y_next).
     """
@@ -81,7 +83,8 @@ def normalize_log_weights(log_w: torch.Tensor):
     Args:
         log_w: [B, K] log-weights (-inf = zero weight).
     Returns:
-        (log_w - logsumexp [B, K], ess [B]) in log_w.dtype; an all -inf group gives NaN.
+        (log_w - logsumexp [B, K], ess [B]) in log_w.dtype; a group without valid weights (all -inf,
+        or any NaN or +inf entry) gives NaN in every entry and in its ess.
     """
     _checks.log_weights(log_w)
     backend = resolve_backend(log_w.device.type)
@@ -98,7 +101,9 @@ def resample_indices(log_w: torch.Tensor, uniforms: torch.Tensor, scheme: str) -
         uniforms: [B, K] uniforms in [0, 1) (systematic uses column 0).
         scheme: "multinomial", "stratified", "systematic" or "residual".
     Returns:
-        [B, K] int64 ancestors in [0, K), on log_w's device.
+        [B, K] int64 ancestors in [0, K), on log_w's device. A group without valid weights (all -inf,
+        or any NaN or +inf entry) keeps its particles (ancestors 0..K-1) instead of garbage indices;
+        ``normalize_log_weights`` shows it as NaN (the check is the caller's: no op syncs the host).
     """
     _checks.resample(log_w, uniforms, scheme, RESAMPLING_SCHEMES)
     backend = resolve_backend(log_w.device.type)
@@ -114,7 +119,9 @@ def gather_particles(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         x: [B, K, ...] particles.
         idx: [B, K] int64 ancestors in [0, K).
     Returns:
-        [B, K, ...] contiguous.
+        [B, K, ...] contiguous. An index outside [0, K) raises on CPU (every backend); on CUDA it is a
+        device-side assert (cuda, reference) or an out-of-bounds read (triton), as checking it on the
+        host would wait for the device.
     """
     _checks.gather(x, idx)
     backend = resolve_backend(x.device.type)
@@ -129,7 +136,8 @@ def gather_particles_(x: torch.Tensor, idx: torch.Tensor, scratch: torch.Tensor)
     Args:
         x: [B, K, ...] particles, overwritten.
         idx: [B, K] int64 ancestors.
-        scratch: buffer like x; its contents are clobbered.
+        scratch: buffer like x; its contents are clobbered. It may be x itself or overlap x (then
+            the op allocates instead of staging).
     Returns:
         x.
     """

@@ -100,12 +100,31 @@ def triton_fused_step(base: Tensor, out: Tensor, coef: Tensor, x_t: Tensor | Non
     return new, y
 
 
+def _overwrites_unread(dst: Tensor, inputs) -> bool:
+    """Writing contiguous ``dst`` element by element could change a contiguous input before it is
+    read: they share memory other than element for element (a shifted view, another dtype). Strided
+    inputs are copied before the kernel writes. The C++ twin is in csrc/fused_step_entry.h."""
+    if not dst.is_contiguous():
+        return False
+    for t in inputs:
+        if t is not None and t.is_contiguous() and torch._C._overlaps(dst, t) and not (
+                t.data_ptr() == dst.data_ptr() and t.dtype == dst.dtype):
+            return True
+    return False
+
+
 @torch.library.custom_op("glass_fast_triton::fused_step_", mutates_args=("base", "y_out"))
 def triton_fused_step_(base: Tensor, out: Tensor, coef: Tensor, x_t: Tensor | None,
                        stage: Tensor | None, y_out: Tensor) -> None:
     fused_step_triton = _kernels("fused_step").fused_step_triton
-    new = base if base.is_contiguous() else torch.empty(base.shape, dtype=base.dtype, device=base.device)
-    y = y_out if y_out.is_contiguous() else torch.empty(base.shape, dtype=y_out.dtype, device=base.device)
+    # In place where outputs and inputs share memory element for element; otherwise through new
+    # buffers copied back in the reference's order (new, then y_next).
+    inputs = (base, out, x_t, stage)
+    direct = not (_overwrites_unread(base, inputs) or _overwrites_unread(y_out, inputs))
+    new = base if base.is_contiguous() and direct else torch.empty(base.shape, dtype=base.dtype,
+                                                                   device=base.device)
+    y = y_out if y_out.is_contiguous() and direct else torch.empty(base.shape, dtype=y_out.dtype,
+                                                                   device=base.device)
     fused_step_triton(base, out, coef, x_t, stage, new, y)
     if new is not base:
         base.copy_(new)
@@ -134,11 +153,13 @@ def triton_gather_particles(x: Tensor, idx: Tensor) -> Tensor:
 @torch.library.custom_op("glass_fast_triton::gather_particles_", mutates_args=("x", "scratch"))
 def triton_gather_particles_(x: Tensor, idx: Tensor, scratch: Tensor) -> None:
     gather_particles_triton = _kernels("gather").gather_particles_triton
-    scratch.copy_(x)
-    if x.is_contiguous():
+    # Staging needs scratch apart from x (it may be x itself or overlap it); otherwise, and for a
+    # strided x, gather into a new tensor, which gives the reference's result.
+    if x.is_contiguous() and not torch._C._overlaps(scratch, x):
+        scratch.copy_(x)
         gather_particles_triton(scratch, idx, x)
     else:
-        x.copy_(triton_gather_particles(scratch, idx))
+        x.copy_(triton_gather_particles(x, idx))
 
 
 for _name, _fn in FAKES.items():

@@ -82,17 +82,27 @@ def normalize_log_weights(log_w: torch.Tensor):
     Args:
         log_w: [B, K] log-weights of K particles in each of B groups; -inf is a zero weight.
     Returns:
-        (log_w - logsumexp_k log_w [B, K] in log_w.dtype, ess [B] in log_w.dtype) with
-        ess = 1 / sum_k w_k^2 = (sum w)^2 / sum w^2. A group whose weights are all -inf gives NaN.
+        (log_w - logsumexp_k log_w [B, K] in log_w.dtype, ess [B] in log_w.dtype), computed as
+        (lw_k - m) - log sum_j exp(lw_j - m) with m = max_j lw_j, and
+        ess = 1 / sum_k w_k^2 = (sum w)^2 / sum w^2. A group without a finite normalisation (all
+        -inf, or any NaN or +inf entry) gives NaN in every entry and in its ess.
     """
     lw = log_w.to(_acc_dtype(log_w))
-    lw = lw - torch.logsumexp(lw, dim=-1, keepdim=True)
+    # Written out rather than torch.logsumexp (which special-cases +inf) so that every backend follows
+    # one formula: an invalid group is NaN throughout on all of them. Subtracting m before log(sum)
+    # keeps the result exact for log-weights of any magnitude (lw - (m + log s) rounds to ulp(m)).
+    d = lw - lw.amax(dim=-1, keepdim=True)
+    lw = d - torch.log(torch.exp(d).sum(dim=-1, keepdim=True))
     ess = 1.0 / torch.exp(2.0 * lw).sum(dim=-1)
     return lw.to(log_w.dtype), ess.to(log_w.dtype)
 
 
 def _normalized_weights(log_w: torch.Tensor) -> torch.Tensor:
-    """[B, K] weights exp(lw - max) / sum exp(lw - max), the formula every backend follows."""
+    """[B, K] weights exp(lw - max) / sum exp(lw - max), the formula every backend follows.
+
+    A valid group sums at least exp(0) = 1; an invalid one (all -inf, any NaN or +inf) has a NaN sum
+    and NaN weights throughout.
+    """
     lw = log_w.to(_acc_dtype(log_w))
     e = torch.exp(lw - lw.amax(dim=-1, keepdim=True))
     return e / e.sum(dim=-1, keepdim=True)
@@ -133,6 +143,10 @@ def resample_indices(log_w: torch.Tensor, uniforms: torch.Tensor, scheme: str) -
     K - 1 (searchsorted, right). Residual: n_j = floor(K w_j) copies of j fill slots k < D = sum n,
     the rest draw multinomially (p_k = u_k) from the residual weights K w_j - n_j.
 
+    A group without valid weights (all -inf, or any NaN or +inf log-weight; its weights are NaN)
+    keeps its particles: ancestors 0, 1, ..., K - 1. That choice is arbitrary but harmless, and the
+    group stays visible to the caller as NaN in ``normalize_log_weights`` (its ESS is NaN).
+
     Args:
         log_w: [B, K] unnormalised log-weights (-inf = zero weight).
         uniforms: [B, K] uniforms in [0, 1) (systematic reads column 0 only).
@@ -145,10 +159,13 @@ def resample_indices(log_w: torch.Tensor, uniforms: torch.Tensor, scheme: str) -
     k = log_w.shape[-1]
     w = _normalized_weights(log_w)
     u = uniforms.to(w.dtype)
+    identity = torch.arange(k, device=w.device).expand(w.shape)
+    invalid = torch.isnan(w[..., :1])  # NaN weights are NaN in every entry of the group
     if scheme != "residual":
         cdf = _closed_cdf(w)
         pos = resampling_positions(u, scheme).contiguous()
-        return torch.searchsorted(cdf, pos, right=True).clamp_max(k - 1)
+        idx = torch.searchsorted(cdf, pos, right=True).clamp_max(k - 1)
+        return torch.where(invalid, identity, idx)
     kw = k * w
     n = torch.floor(kw)
     copies = torch.cumsum(n, dim=-1)
@@ -157,11 +174,14 @@ def resample_indices(log_w: torch.Tensor, uniforms: torch.Tensor, scheme: str) -
     r = kw - n
     rcdf = _closed_cdf(r / r.sum(dim=-1, keepdim=True))
     rand = torch.searchsorted(rcdf, u.contiguous(), right=True).clamp_max(k - 1)
-    return torch.where(slots < copies[..., -1:], det, rand)
+    return torch.where(invalid, identity, torch.where(slots < copies[..., -1:], det, rand))
 
 
 def gather_particles(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Select particles per group: result[b, k] = x[b, idx[b, k]].
+
+    An index outside [0, K) raises (RuntimeError on CPU, a device-side assert on CUDA: checked on the
+    device, without waiting for it), as in the compiled backends; it never reads a neighbouring group.
 
     Args:
         x: [B, K, ...] particles.
@@ -170,23 +190,21 @@ def gather_particles(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         [B, K, ...] gathered particles (a new contiguous tensor).
     """
     b, k = idx.shape
-    flat = (idx + torch.arange(b, device=idx.device).unsqueeze(1) * x.shape[1]).reshape(-1)
-    return x.reshape((b * x.shape[1],) + tuple(x.shape[2:])).index_select(0, flat).reshape(x.shape)
+    torch._assert_async(((idx >= 0) & (idx < k)).all(), f"idx holds an ancestor outside [0, {k})")
+    flat = (idx + torch.arange(b, device=idx.device).unsqueeze(1) * k).reshape(-1)
+    return x.reshape((b * k,) + tuple(x.shape[2:])).index_select(0, flat).reshape(x.shape)
 
 
 def gather_particles_(x: torch.Tensor, idx: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """In-place ``gather_particles``: x[b, k] <- x[b, idx[b, k]], staged through ``scratch``.
+    """In-place ``gather_particles``: x[b, k] <- x[b, idx[b, k]] of the x before the call.
 
     Args:
         x: [B, K, ...] particles, overwritten.
         idx: [B, K] int64 ancestor indices.
-        scratch: buffer with x's shape and dtype (its contents are clobbered).
+        scratch: buffer with x's shape and dtype; its contents are clobbered (the compiled backends
+            stage x through it). It may be x itself or overlap x: the result is the same.
     Returns:
         x.
     """
-    scratch.copy_(x)
-    b = idx.shape[0]
-    flat = (idx + torch.arange(b, device=idx.device).unsqueeze(1) * x.shape[1]).reshape(-1)
-    src = scratch.reshape((b * x.shape[1],) + tuple(x.shape[2:]))
-    x.copy_(src.index_select(0, flat).reshape(x.shape))
+    x.copy_(gather_particles(x, idx))
     return x

@@ -61,6 +61,20 @@ int main() {
     check_case(dtype, {4, 33}, true, false, true);
     check_case(dtype, {2, 3, 11}, false, false, false);
   }
+  // In place with y_out one element past base in the same buffer: computed as if from copies (new,
+  // then y_next written), not element by element over values already overwritten.
+  {
+    const at::Tensor buf = at::randn({2 * 301 + 1}, at::TensorOptions().dtype(at::kDouble));
+    const at::Tensor out = at::randn({2, 301}, at::TensorOptions().dtype(at::kDouble));
+    const at::Tensor coef = at::randn({2, 6});
+    const at::Tensor want = buf.clone();
+    const auto [enw, ey] = expected(want.narrow(0, 0, 602).view({2, 301}), out, coef, at::Tensor(), at::Tensor());
+    want.narrow(0, 0, 602).copy_(enw.view({602}));
+    want.narrow(0, 1, 602).copy_(ey.view({602}));
+    glass_fast::cpu::fused_step_(buf.narrow(0, 0, 602).view({2, 301}), out, coef, std::nullopt, std::nullopt,
+                                 buf.narrow(0, 1, 602).view({2, 301}));
+    GF_EXPECT(close(buf, want, 1e-12, 1e-12));
+  }
   // A bad coefficient shape is rejected with a message naming the argument.
   bool threw = false;
   try {

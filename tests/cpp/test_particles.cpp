@@ -54,6 +54,20 @@ int main() {
   expect_ancestors("residual", {std::log(0.6), std::log(0.4), -inf, -inf}, {0.5, 0.5, 0.5, 0.7},
                    {0, 0, 1, 1});
 
+  // Groups without valid weights (all -inf, NaN, +inf) keep their particles; their ess is NaN.
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (const char* scheme : {"multinomial", "stratified", "systematic", "residual"}) {
+    expect_ancestors(scheme, {-inf, -inf, -inf}, {0.9, 0.5, 0.1}, {0, 1, 2});
+    expect_ancestors(scheme, {0.0, nan, 1.0}, {0.9, 0.5, 0.1}, {0, 1, 2});
+    expect_ancestors(scheme, {inf, 0.0, 1.0}, {0.9, 0.5, 0.1}, {0, 1, 2});
+  }
+  const auto [n_bad, ess_bad] = gc::normalize_log_weights(row({0.0, nan, 1.0}));
+  GF_EXPECT(n_bad.isnan().all().item<bool>() && ess_bad.isnan().all().item<bool>());
+  // Equal huge log-weights normalise exactly: (lw - max) - log(sum), not lw - (max + log(sum)).
+  const auto [n_big, ess_big] = gc::normalize_log_weights(at::full({1, 4}, -1e30f));
+  GF_EXPECT(close(n_big, at::full({1, 4}, -std::log(4.0)), 1e-6, 1e-6));
+  GF_EXPECT(close(ess_big, at::full({1}, 4.0), 1e-6, 1e-6));
+
   // Multinomial equals searchsorted on ATen's cumsum away from ties.
   const at::Tensor u = at::rand({5, 37});
   const at::Tensor anc = gc::resample_indices(lw, u, "multinomial");
@@ -71,6 +85,16 @@ int main() {
   const at::Tensor y = x.clone(), scratch = at::empty_like(x);
   gc::gather_particles_(y, idx, scratch);
   GF_EXPECT(y.equal(g));
+  const at::Tensor z = x.clone();
+  gc::gather_particles_(z, idx, z);  // scratch may be x itself
+  GF_EXPECT(z.equal(g));
+  bool range_threw = false;
+  try {
+    gc::gather_particles(x, at::full({3, 4}, 4, at::TensorOptions().dtype(at::kLong)));
+  } catch (const c10::Error& e) {
+    range_threw = std::string(e.what()).find("is out of range [0, 4)") != std::string::npos;
+  }
+  GF_EXPECT(range_threw);
 
   bool threw = false;
   try {
