@@ -17,7 +17,7 @@ import torch
 
 from .model import FlowModel
 from .plan import check_calls
-from .transitions import all_finite
+from .transitions import all_finite, check_state
 
 DIVERGENCES = ("auto", "exact", "hutchinson")
 _EXACT_UP_TO = 32   # "auto": exact divergence up to this many dimensions per sample
@@ -48,12 +48,15 @@ def log_likelihood(model: FlowModel, x: torch.Tensor, *, steps: int = 100, solve
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] < 1:
         raise ValueError(f"x must be a Tensor[B, ...] with B >= 1, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    check_calls(steps, "steps")
+    check_state(model, x, generator)
+    if not bool(all_finite(x)):
+        raise ValueError("x holds NaN or Inf: a log-density needs finite data points")
+    steps = check_calls(steps, "steps")
     if solver not in ("euler", "heun"):
         raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    check_calls(probes, "probes")
+    probes = check_calls(probes, "probes")
     dims = x[0].numel()
     exact = divergence == "exact" or (divergence == "auto" and dims <= _EXACT_UP_TO)
     lo, hi = model.time_range

@@ -32,10 +32,12 @@ class GaussianMixture:
         C = self.means.shape[0]
         if self.stds.shape != (C,) or w.shape != (C,):
             raise ValueError(f"stds and weights must be [{C}], got {tuple(self.stds.shape)} and {tuple(w.shape)}")
-        if not bool(torch.all(self.stds > 0)):
-            raise ValueError(f"stds must be > 0, got {self.stds.tolist()}")
-        if not bool(torch.all(w >= 0)) or float(w.sum()) <= 0:
-            raise ValueError(f"weights must be >= 0 with a positive sum, got {w.tolist()}")
+        if not bool(torch.isfinite(self.means).all()):
+            raise ValueError(f"means must be finite, got {self.means.tolist()}")
+        if not bool(torch.all((self.stds > 0) & torch.isfinite(self.stds))):
+            raise ValueError(f"stds must be finite and > 0, got {self.stds.tolist()}")
+        if not bool(torch.all((w >= 0) & torch.isfinite(w))) or float(w.sum()) <= 0:
+            raise ValueError(f"weights must be finite, >= 0 and with a positive sum, got {w.tolist()}")
         self.weights = w / w.sum()
 
     @property

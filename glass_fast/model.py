@@ -5,6 +5,7 @@ coefficients computed on the host: D_t(x) = a_x x + a_o out (MATH.md section 1).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import torch
@@ -84,16 +85,20 @@ class FlowModel:
             raise TypeError(f"FlowModel: schedule must be a glass_fast Schedule, got {type(schedule).__name__}")
         if prediction not in PREDICTIONS:
             raise ValueError(f"FlowModel: prediction must be one of {PREDICTIONS}, got {prediction!r}")
-        if dtype is not None and not dtype.is_floating_point:
-            raise ValueError(f"FlowModel: dtype must be a floating dtype, got {dtype}")
-        lo, hi = time_range if time_range is not None else _DEFAULT_TIME_RANGE[prediction]
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"FlowModel: dtype must be None or a floating torch.dtype, got {dtype!r}")
+        try:
+            lo, hi = (float(v) for v in (time_range if time_range is not None else _DEFAULT_TIME_RANGE[prediction]))
+        except (TypeError, ValueError):
+            raise ValueError(f"FlowModel: time_range must be None or a pair (lo, hi) of times, got {time_range!r}") from None
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"FlowModel: time_range must satisfy 0 <= lo < hi <= 1, got {(lo, hi)}")
         self.fn, self.schedule, self.prediction, self.dtype = fn, schedule, prediction, dtype
         self.time_range = (float(lo), float(hi))
-        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, numbers.Integral)
+                                      or max_batch < 1):
             raise ValueError(f"FlowModel: max_batch must be None or an integer >= 1, got {max_batch!r}")
-        self.max_batch = max_batch
+        self.max_batch = None if max_batch is None else int(max_batch)
         self.calls = 0  # network evaluations (batched calls), for accounting
 
     # -- the single call site -------------------------------------------------------------------------------
@@ -120,6 +125,8 @@ class FlowModel:
             raise ValueError(f"model output has shape {tuple(out.shape)}, expected the input's shape {tuple(x.shape)}")
         if out.dtype != x.dtype:
             raise TypeError(f"model output has dtype {out.dtype}, expected the input's dtype {x.dtype}")
+        if out.device != x.device:
+            raise ValueError(f"model output is on {out.device}, expected the input's device {x.device}")
         return out
 
     def with_max_batch(self, max_batch: int | None) -> "FlowModel":
@@ -153,6 +160,8 @@ class FlowModel:
             c_x, c_o = (c.reshape((-1,) + (1,) * (x.dim() - 1)) for c in coefficients(self.schedule, self.prediction, tc))
             t_net = tc
         else:
+            if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= float(t) <= 1.0:
+                raise ValueError(f"t must be a time in [0, 1] (0 noise, 1 data) or a Tensor, got {t!r}")
             tc = self.clamp_time(float(t))
             host_t = torch.tensor(tc, dtype=torch.float64)  # CPU tensor: inf, not ZeroDivisionError, at singularities
             c_x, c_o = (float(c) for c in coefficients(self.schedule, self.prediction, host_t))

@@ -16,7 +16,7 @@ The per-element work never sees a schedule, a rho or a parameterization: only th
 from __future__ import annotations
 
 import math
-
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -58,12 +58,12 @@ def _stack(rows, times, kinds, first_denoised, init=None) -> Plan:
                 first_denoised.expand(shape), None if init is None else init.expand(shape))
 
 
-def _steps(calls: int, solver: str) -> tuple[int, int]:
+def steps_per_call(calls: int, solver: str) -> tuple[int, int]:
     """(solver steps, model calls per step) for a budget of ``calls`` model calls."""
     per = 1 if solver == "euler" else 2
     if calls % per:
         raise ValueError(f"solver {solver!r} makes {per} model calls per step: the number of model calls "
-                         f"must be a multiple of {per}, got {calls}")
+                         f"(inner_steps) must be a multiple of {per}, got {calls}")
     return calls // per, per
 
 
@@ -74,18 +74,44 @@ def rho_ddpm(schedule, t, t_next, kappa: float = 1.0):
     return r if kappa == 1.0 else r ** kappa
 
 
+_RHO_FORMS = "a float in [-1, 1], 'ddpm', ('ddpm', kappa) with kappa a finite number >= 0, or a callable of (t, t_next)"
+
+
+def check_rho_form(rho) -> None:
+    """Validate rho's form (ValueError naming it), and a constant rho's value, without a schedule or times."""
+    if isinstance(rho, str) and rho == "ddpm" or callable(rho):
+        return
+    if isinstance(rho, tuple) and len(rho) == 2 and isinstance(rho[0], str) and rho[0] == "ddpm":
+        kappa = rho[1]
+        # kappa >= 0 keeps rho_DDPM^kappa in [0, 1]; kappa = 0 is rho = 1.
+        if isinstance(kappa, bool) or not isinstance(kappa, numbers.Real) or not 0 <= float(kappa) < math.inf:
+            raise ValueError(f"rho must be {_RHO_FORMS}, got kappa={kappa!r}")
+        return
+    if isinstance(rho, numbers.Real) and not isinstance(rho, bool):
+        if not -1.0 <= float(rho) <= 1.0:
+            raise ValueError(f"rho must lie in [-1, 1], got {float(rho)}")
+        return
+    raise ValueError(f"rho must be {_RHO_FORMS}, got {rho!r}")
+
+
 def resolve_rho(rho, schedule, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
     """rho as a float64 tensor: a float, "ddpm", ("ddpm", kappa) or a callable of (t, t_next)."""
-    if isinstance(rho, str) and rho == "ddpm":
+    check_rho_form(rho)
+    if isinstance(rho, str):
         r = rho_ddpm(schedule, t, t_next)
-    elif isinstance(rho, tuple) and len(rho) == 2 and rho[0] == "ddpm":
+    elif isinstance(rho, tuple):
         r = rho_ddpm(schedule, t, t_next, float(rho[1]))
     elif callable(rho):
-        r = rho(t, t_next)
-    elif isinstance(rho, (int, float)) and not isinstance(rho, bool):
-        r = float(rho)
+        out = rho(t, t_next)
+        try:
+            r = torch.as_tensor(out, **_F64)
+            torch.broadcast_shapes(r.shape, torch.broadcast_shapes(t.shape, t_next.shape))
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"rho: the callable must return a float or a float64 Tensor broadcastable to the "
+                             f"times' shape {tuple(torch.broadcast_shapes(t.shape, t_next.shape))}, got "
+                             f"{out!r}") from None
     else:
-        raise ValueError(f"rho must be a float in [-1, 1], 'ddpm', ('ddpm', kappa) or a callable of (t, t_next), got {rho!r}")
+        r = float(rho)
     r = torch.as_tensor(r, **_F64)
     if not bool(torch.all((r >= -1) & (r <= 1))):
         raise ValueError(f"rho must lie in [-1, 1], got {r.tolist() if r.dim() else float(r)}")
@@ -142,10 +168,11 @@ class _Inner:
 
 def glass_plan(model: FlowModel, t, t_next, rho, calls: int, solver: str, sigmabar0: float = 1.0) -> Plan:
     """Stages of a GLASS transition t -> t_next spending ``calls`` model calls with ``solver``."""
-    if isinstance(sigmabar0, bool) or not isinstance(sigmabar0, (int, float)) or not 0 < sigmabar0 < math.inf:
+    if isinstance(sigmabar0, bool) or not isinstance(sigmabar0, numbers.Real) or not 0 < sigmabar0 < math.inf:
         raise ValueError(f"sigmabar0 must be a finite number > 0, got {sigmabar0!r}")
+    sigmabar0 = float(sigmabar0)
     inner = _Inner(model, t, t_next, rho, sigmabar0)
-    n, _ = _steps(calls, solver)
+    n, _ = steps_per_call(calls, solver)
     h = 1.0 / n
     rows, times, kinds = [], [], []
     # Heun's corrector evaluates at s + h; at s = 1 with sigma_bar = 0 the inner velocity is singular.
@@ -181,7 +208,7 @@ def glass_plan(model: FlowModel, t, t_next, rho, calls: int, solver: str, sigmab
 # ---------------------------------------------------------------------------------------------------- ODE
 def ode_plan(model: FlowModel, t, t_next, calls: int, solver: str) -> Plan:
     """Stages of ``calls`` model calls of an ODE solver from t to t_next."""
-    n, _ = _steps(calls, solver)
+    n, _ = steps_per_call(calls, solver)
     h = (t_next - t) / n
     sch, pred = model.schedule, model.prediction
 
@@ -249,7 +276,7 @@ def as_times(t, name: str, batch: int) -> torch.Tensor:
         if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != batch):
             raise ValueError(f"{name} must be a float or a Tensor[{batch}], got shape {tuple(t.shape)}")
         tt = t.detach().to(**_F64)
-    elif isinstance(t, (int, float)) and not isinstance(t, bool):
+    elif isinstance(t, numbers.Real) and not isinstance(t, bool):
         tt = torch.tensor(float(t), **_F64)
     else:
         raise TypeError(f"{name} must be a float or a Tensor, got {type(t).__name__}")
@@ -265,9 +292,10 @@ def check_interval(t: torch.Tensor, t_next: torch.Tensor) -> None:
 
 
 def check_calls(calls, name: str) -> int:
-    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
+    """A count >= 1 (Python or NumPy integer; not a bool or a float) as an int."""
+    if isinstance(calls, bool) or not isinstance(calls, numbers.Integral) or calls < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {calls!r}")
-    return calls
+    return int(calls)
 
 
 def check_solver(solver) -> str:

@@ -11,8 +11,9 @@ import torch
 
 from .capture import GraphedTransition, compile_transition
 from .model import FlowModel
-from .plan import check_calls, check_solver, glass_plan, ode_plan, resolve_rho, sde_plan
-from .transitions import DevicePlan, FiniteGuard, check_state, draw_noise, execute, guided_denoised, stage_labels
+from .plan import check_calls, check_rho_form, check_solver, glass_plan, ode_plan, resolve_rho, sde_plan, steps_per_call
+from .transitions import (DevicePlan, FiniteGuard, check_denoised, check_rows, check_state, draw_noise, execute,
+                          guided_denoised, stage_labels)
 
 METHODS = ("glass", "ode", "sde", "plugin")
 
@@ -39,18 +40,34 @@ def check_grid(grid) -> torch.Tensor:
     return g
 
 
-def check_sampler_options(method: str, transitions: int, inner_steps: int, solver: str, compile, cuda_graph) -> None:
-    """Validate the options every Sampler takes (raises ValueError naming the argument)."""
+def check_sampler_options(method: str, transitions: int, inner_steps: int, solver: str, compile, cuda_graph,
+                          rho=0.4) -> None:
+    """Validate the options every Sampler takes (raises ValueError naming the argument), before any planning."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_calls(transitions, "transitions")
     check_calls(inner_steps, "inner_steps")
     check_solver(solver)
+    if method in ("glass", "ode"):
+        steps_per_call(inner_steps, solver)
+    if method in ("glass", "plugin"):
+        check_rho_form(rho)
     if compile not in (None, False, True) and not isinstance(compile, (str, dict)):
         raise ValueError(f"compile must be None, a bool, a torch.compile mode string or a dict of torch.compile "
                          f"arguments, got {compile!r}")
     if compile and cuda_graph:
         raise ValueError("choose one of compile= and cuda_graph= (compile='reduce-overhead' also uses CUDA graphs)")
+    if not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+
+
+def check_hooks(guidance, callback) -> None:
+    """guidance and callback are None or callables (TypeError naming the argument)."""
+    if guidance is not None and not callable(guidance):
+        raise TypeError(f"guidance must be None or callable(model, y, t, t_host, out) -> out (e.g. RewardGuidance), "
+                        f"got {type(guidance).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be None or callable(k, t, x, x0), got {type(callback).__name__}")
 
 
 class Sampler:
@@ -80,7 +97,12 @@ class Sampler:
                  rho=0.4, solver: str = "euler", sigmabar0: float = 1.0, device=None, dtype=torch.float32,
                  grid: torch.Tensor | None = None, compile=None, cuda_graph: bool = False,
                  max_batch: int | None = None):
-        check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph)
+        check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph, rho)
+        transitions, inner_steps = int(transitions), int(inner_steps)   # NumPy integers pass the checks above
+        if not isinstance(model, FlowModel):
+            raise TypeError(f"model must be a glass_fast.FlowModel, got {type(model).__name__}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch.dtype (the state's), got {dtype!r}")
         self.model = model if max_batch is None else model.with_max_batch(max_batch)
         self.method = method
         self.compiled = bool(compile)
@@ -132,6 +154,8 @@ class Sampler:
         the coefficients are float64 for float64 states, float32 for every other dtype)."""
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < self.transitions:
             raise ValueError(f"k must be a transition index in [0, {self.transitions}), got {k!r}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a floating Tensor[B, ...], got {type(x).__name__}")
         same_device = x.device.type == self.device.type and self.device.index in (None, x.device.index)
         if not same_device or (x.dtype == torch.float64) != (self.dtype == torch.float64):
             raise ValueError(f"x is {x.dtype} on {x.device} but this Sampler was planned for {self.dtype} on "
@@ -146,7 +170,10 @@ class Sampler:
             guidance: reward guidance hook (eager only).
         """
         self._check_step(k, x)
+        check_state(self.model, x, generator)
+        check_denoised(denoised, x)
         plan = self.plans[k]
+        check_rows(plan, x)
         noise = draw_noise(plan, x, generator)
         if (self.cuda_graph or self.compiled) and guidance is not None:
             raise ValueError("guidance is not supported with compile= or cuda_graph=: run it eagerly")
@@ -163,7 +190,10 @@ class Sampler:
         else:
             x_next, finite = execute(self.model, plan, x, noise, denoised=denoised, guidance=guidance)
         if guard is not None:
-            guard.extend(finite, self.labels[k])
+            labels = self.labels[k] if guidance is None else [
+                f"{label} (its output after guidance: the guidance's reward gradient may be the cause)"
+                for label in self.labels[k]]
+            guard.extend(finite, labels)
         return x_next
 
     def run(self, x: torch.Tensor, *, generator=None, guidance=None, callback=None) -> torch.Tensor:
@@ -175,7 +205,10 @@ class Sampler:
                 the state x and its x0-prediction x0 = D_t(x). That prediction is the transition's first model
                 call, handed in, so watching costs no model calls.
         """
+        check_state(self.model, x, generator)
+        check_hooks(guidance, callback)
         guard = FiniteGuard(x.device)
+        guard.check_input(x, "the initial state (noise)")
         times = self.grid.to(x.device).unbind(0) if callback is not None else None  # copied once, not per call
         for k in range(self.transitions):
             denoised = None
@@ -214,6 +247,7 @@ def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", tran
         >>> x = sample(model, torch.randn(64, 2), method="glass", transitions=5, inner_steps=10)
     """
     check_state(model, noise, generator, "noise")
+    check_hooks(guidance, callback)
     sampler = Sampler(model, method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
                       solver=solver, sigmabar0=sigmabar0, device=noise.device, dtype=noise.dtype, compile=compile,
                       cuda_graph=cuda_graph, max_batch=max_batch)

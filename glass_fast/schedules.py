@@ -6,6 +6,7 @@ host once per transition, so the per-element work never sees a schedule.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import torch
@@ -119,8 +120,11 @@ class VPSchedule(Schedule):
     """
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
-        if not 0 <= beta_min <= beta_max:
-            raise ValueError(f"VPSchedule needs 0 <= beta_min <= beta_max, got beta_min={beta_min}, beta_max={beta_max}")
+        # beta_max > 0: with beta_min = beta_max = 0 the path never leaves the data (alpha = 1, sigma = 0).
+        ok = all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in (beta_min, beta_max))
+        if not ok or not 0 <= beta_min <= beta_max < math.inf or not beta_max > 0:
+            raise ValueError(f"VPSchedule needs finite numbers 0 <= beta_min <= beta_max with beta_max > 0, got "
+                             f"beta_min={beta_min!r}, beta_max={beta_max!r}")
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
 
     def _T(self, t):
@@ -165,13 +169,55 @@ class VPSchedule(Schedule):
 
 
 class CustomSchedule(Schedule):
-    """A schedule from user callables. time_at_snr falls back to a float64 bisection."""
+    """A schedule from user callables. time_at_snr falls back to a float64 bisection.
+
+    Each callable takes a float64 Tensor of times (and a float) and returns values of the same shape. Checked
+    once on a grid of interior times, since a wrong schedule would sample silently wrong: alpha >= 0 and
+    sigma >= 0 finite, SNR strictly increasing (the bisection inverts it), and d_alpha / d_sigma equal to
+    the derivatives of alpha / sigma (central differences).
+    """
 
     def __init__(self, alpha: Callable, sigma: Callable, d_alpha: Callable, d_sigma: Callable):
         for name, f in (("alpha", alpha), ("sigma", sigma), ("d_alpha", d_alpha), ("d_sigma", d_sigma)):
             if not callable(f):
                 raise TypeError(f"CustomSchedule: {name} must be callable, got {type(f).__name__}")
         self._a, self._s, self._da, self._ds = alpha, sigma, d_alpha, d_sigma
+        self._validate()
+
+    def _validate(self, points: int = 199, h: float = 1e-5) -> None:
+        t = torch.linspace(0.005, 0.995, points, dtype=torch.float64)
+        vals = {}
+        for name, tt in (("alpha", t), ("sigma", t), ("d_alpha", t), ("d_sigma", t),
+                         ("alpha", t + h), ("alpha", t - h), ("sigma", t + h), ("sigma", t - h)):
+            try:
+                v = torch.as_tensor(getattr(self, name)(tt), dtype=torch.float64)
+            except Exception as e:   # a callable written for floats only
+                raise TypeError(f"CustomSchedule: {name} must accept a float64 Tensor of times and return a Tensor "
+                                f"of the same shape ({type(e).__name__}: {e})") from None
+            if v.shape != tt.shape:
+                raise TypeError(f"CustomSchedule: {name} must return one value per time, got shape "
+                                f"{tuple(v.shape)} for times of shape {tuple(tt.shape)}")
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"CustomSchedule: {name} is not finite inside (0, 1)")
+            vals.setdefault(name, []).append(v)
+        a, s = vals["alpha"][0], vals["sigma"][0]
+        if not bool(torch.all(a >= 0) & torch.all(s > 0)):
+            raise ValueError("CustomSchedule: alpha must be >= 0 and sigma > 0 inside (0, 1)")
+        snr = a * a / (s * s)
+        if not bool(torch.all(snr[1:] > snr[:-1])):
+            i = int((snr[1:] <= snr[:-1]).nonzero()[0, 0])
+            raise ValueError(f"CustomSchedule: the SNR alpha^2 / sigma^2 must increase strictly with t (t = 0 noise, "
+                             f"t = 1 data), but it does not between t={float(t[i]):.4f} and t={float(t[i + 1]):.4f}")
+        for d_name, f_name in (("d_alpha", "alpha"), ("d_sigma", "sigma")):
+            fd = (vals[f_name][1] - vals[f_name][2]) / (2 * h)
+            d = vals[d_name][0]
+            # Central differences are exact to O(h^2) (1e-10 here) plus rounding (1e-11): 1e-5 leaves room
+            # for any smooth schedule and still catches a wrong or swapped derivative.
+            err = (d - fd).abs() / (1 + fd.abs())
+            if float(err.max()) > 1e-5:
+                i = int(err.argmax())
+                raise ValueError(f"CustomSchedule: {d_name} is not the derivative of {f_name}: at t={float(t[i]):.4f} "
+                                 f"it is {float(d[i]):.6g}, the central difference is {float(fd[i]):.6g}")
 
     def alpha(self, t):
         return self._a(t)

@@ -20,25 +20,31 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
 
 
 class FiniteGuard:
-    """Records which model outputs were finite, without synchronising the host.
+    """Records which model outputs (and caller inputs) were finite, without synchronising the host.
 
-    ``check`` / ``extend`` keep device-side flags; ``raise_if_bad`` reads them once, after the loop, and names
-    the first non-finite output.
+    ``check`` / ``extend`` keep device-side flags for model outputs, ``check_input`` for tensors the caller
+    handed in (so a NaN in the noise is not blamed on the model); ``raise_if_bad`` reads them once, after
+    the loop, and names the first non-finite one.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.flags: list[torch.Tensor] = []
-        self.labels: list[str] = []
+        self.labels: list[str] = []   # one full error message per flag
 
     def check(self, out: torch.Tensor, label: str) -> None:
         self.flags.append(all_finite(out).reshape(1))
-        self.labels.append(label)
+        self.labels.append(f"the model returned NaN or Inf at {label}")
+
+    def check_input(self, x: torch.Tensor, name: str) -> None:
+        """Flag a caller's tensor ``name`` (e.g. the initial noise) that holds NaN or Inf."""
+        self.flags.append(all_finite(x).reshape(1))
+        self.labels.append(f"{name} holds NaN or Inf (it was passed in so, before any model call)")
 
     def extend(self, flags: torch.Tensor, labels: list[str]) -> None:
         """Add flags [S] computed elsewhere (e.g. inside a compiled or captured transition)."""
         self.flags.append(flags.reshape(-1))
-        self.labels.extend(labels)
+        self.labels.extend(f"the model returned NaN or Inf at {label}" for label in labels)
 
     def raise_if_bad(self) -> None:
         if not self.flags:
@@ -46,7 +52,7 @@ class FiniteGuard:
         ok = torch.cat([f.to(self.device) for f in self.flags])
         if not bool(ok.all()):
             i = int((~ok).nonzero()[0, 0])
-            raise FloatingPointError(f"the model returned NaN or Inf at {self.labels[i]}")
+            raise FloatingPointError(self.labels[i])
 
 
 class DevicePlan:
@@ -146,9 +152,11 @@ def check_state(model, x, generator, name: str = "x") -> None:
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        if generator.device.type != x.device.type:
-            raise ValueError(f"generator is on {generator.device} but {name} is on {x.device}: "
-                             f"create it with torch.Generator(device={str(x.device.type)!r})")
+        g_dev = generator.device
+        if g_dev.type != x.device.type or (g_dev.index is not None and x.device.index is not None
+                                           and g_dev.index != x.device.index):
+            raise ValueError(f"generator is on {g_dev} but {name} is on {x.device}: "
+                             f"create it with torch.Generator(device={str(x.device)!r})")
 
 
 def _interval(x, t, t_next):
@@ -158,10 +166,34 @@ def _interval(x, t, t_next):
     return t, t_next
 
 
+def check_denoised(denoised, x: torch.Tensor) -> None:
+    """``denoised`` (D_t(x) handed in) is None or a floating Tensor shaped and placed like x."""
+    if denoised is None:
+        return
+    if not isinstance(denoised, torch.Tensor) or not denoised.is_floating_point():
+        got = type(denoised).__name__ if not isinstance(denoised, torch.Tensor) else str(denoised.dtype)
+        raise TypeError(f"denoised must be None or a floating Tensor shaped like x, got {got}")
+    if denoised.shape != x.shape or denoised.device != x.device:
+        raise ValueError(f"denoised must have x's shape {tuple(x.shape)} on {x.device}, got shape "
+                         f"{tuple(denoised.shape)} on {denoised.device}")
+
+
+def check_rows(plan, x: torch.Tensor) -> None:
+    """Per-sample plan rows [S, B, 6] (per-sample times or rho) must match x's batch."""
+    if plan.coefs.dim() == 3 and plan.coefs.shape[1] != x.shape[0]:
+        raise ValueError(f"the transition was planned for {plan.coefs.shape[1]} states (per-sample times or a "
+                         f"per-sample rho of that length) but x holds {x.shape[0]}: rho and the times must be "
+                         f"floats or have one entry per state")
+
+
 def _run(model, plan: Plan, x, generator, denoised, label: str) -> torch.Tensor:
+    check_rows(plan, x)
     dplan = DevicePlan(plan, x.device, x.dtype)
-    x_next, finite = execute(model, dplan, x, draw_noise(dplan, x, generator), denoised=denoised)
     guard = FiniteGuard(x.device)
+    guard.check_input(x, "x")
+    if denoised is not None:
+        guard.check_input(denoised, "denoised")
+    x_next, finite = execute(model, dplan, x, draw_noise(dplan, x, generator), denoised=denoised)
     guard.extend(finite, stage_labels(dplan, label))
     guard.raise_if_bad()
     return x_next
@@ -190,8 +222,9 @@ def glass_transition(model: FlowModel, x: torch.Tensor, t, t_next, *, rho=0.4, i
         >>> x1 = glass_transition(model, x, 0.2, 0.4, rho=0.4, inner_steps=8, solver="midpoint")
     """
     check_state(model, x, generator)
+    check_denoised(denoised, x)
     t, t_next = _interval(x, t, t_next)
-    check_calls(inner_steps, "inner_steps")
+    inner_steps = check_calls(inner_steps, "inner_steps")
     check_solver(solver)
     plan = glass_plan(model, t, t_next, resolve_rho(rho, model.schedule, t, t_next), inner_steps, solver, sigmabar0)
     return _run(model, plan, x, generator, denoised, "glass transition, ")
@@ -211,8 +244,9 @@ def ode_transition(model: FlowModel, x: torch.Tensor, t, t_next, *, steps: int =
                    denoised: torch.Tensor | None = None) -> torch.Tensor:
     """Integrate dX/dt = u_t(X) from t to t_next with ``steps`` model calls (deterministic)."""
     check_state(model, x, None)
+    check_denoised(denoised, x)
     t, t_next = _interval(x, t, t_next)
-    check_calls(steps, "steps")
+    steps = check_calls(steps, "steps")
     check_solver(solver)
     return _run(model, ode_plan(model, t, t_next, steps, solver), x, None, denoised, "ode transition, ")
 
@@ -221,6 +255,7 @@ def sde_transition(model: FlowModel, x: torch.Tensor, t, t_next, *, steps: int =
                    generator: torch.Generator | None = None, denoised: torch.Tensor | None = None) -> torch.Tensor:
     """DDPM SDE by Euler-Maruyama with ``steps`` model calls; a step from alpha_t = 0 uses the plug-in kernel."""
     check_state(model, x, generator)
+    check_denoised(denoised, x)
     t, t_next = _interval(x, t, t_next)
-    check_calls(steps, "steps")
+    steps = check_calls(steps, "steps")
     return _run(model, sde_plan(model, t, t_next, steps), x, generator, denoised, "sde transition, ")

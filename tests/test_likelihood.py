@@ -81,3 +81,15 @@ def test_nan_model_output_is_reported_with_time_and_step():
                             "velocity")
     with pytest.raises(FloatingPointError, match=r"velocity is NaN/Inf at t=0\.4000 \(step 6\)"):
         gf.log_likelihood(poisoned, MIX.sample(4, torch.Generator().manual_seed(2)), steps=10, solver="euler")
+
+
+def test_bad_model_data_or_generator_are_named():
+    model = MIX.flow_model(SCH, "velocity")
+    with pytest.raises(TypeError, match="model must be a glass_fast.FlowModel, got function"):
+        gf.log_likelihood(lambda x, t: x, torch.zeros(3, 2))
+    with pytest.raises(TypeError, match=r"x must be a floating Tensor\[B, ...\], got torch.int64"):
+        gf.log_likelihood(model, torch.zeros(3, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="x holds NaN or Inf"):
+        gf.log_likelihood(model, torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        gf.log_likelihood(model, torch.zeros(3, 64), divergence="hutchinson", generator=3)

@@ -29,6 +29,23 @@ def test_generation_reaches_the_data(mixture, method, solver, rho):
     assert ks_statistic(x.double() @ U, lambda y: mixture_cdf(y, W, M, V, U)) < ks_critical(n, 0.001)
 
 
+def test_plugin_sampler_with_ddpm_rho_reaches_the_data(mixture):
+    """The one-step plug-in kernel with rho_DDPM is DDPM ancestral sampling: consistent as the grid refines
+    (a constant rho is not: the kernel re-noises a fixed fraction at every step whatever its size)."""
+    n = 4000
+    m = mixture.flow_model(gf.LinearSchedule(), "velocity")
+    W, M, V = mixture.marginal_law(gf.LinearSchedule(), 1.0)
+    noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(1))
+    directions = [U, torch.tensor([1.0, 0.0], dtype=torch.float64)]
+
+    def ks(transitions):
+        x = gf.sample(m, noise, method="plugin", transitions=transitions, rho="ddpm",
+                      generator=torch.Generator().manual_seed(2)).double()
+        return max(ks_statistic(x @ u, lambda y, u=u: mixture_cdf(y, W, M, V, u)) for u in directions)
+    assert ks(100) < ks_critical(n, 0.001 / len(directions))
+    assert ks(5) > ks_critical(n, 0.001)            # the statistic sees a coarse grid's error at this size
+
+
 @pytest.mark.parametrize("method", ["glass", "ode", "sde"])
 def test_a_grid_may_start_from_a_partly_noised_state_and_stop_early(mixture, method):
     """From exact draws of x_0.4 (t z + (1 - t) eps), grid [0.4, 0.7] gives the exact marginal at 0.7 and
@@ -88,11 +105,26 @@ def test_every_method_spends_transitions_times_inner_steps_calls(mixture, method
     assert fn.calls == calls == m.calls
 
 
-def test_image_shaped_states(mixture):
-    # Any trailing shape: a [B, C, H, W] state through a per-pixel model.
-    m = gf.FlowModel(lambda x, t: -x * t.view(-1, 1, 1, 1), gf.LinearSchedule(), "x0")
-    x = gf.sample(m, torch.randn(3, 2, 5, 7), transitions=2, inner_steps=3, generator=torch.Generator().manual_seed(0))
-    assert x.shape == (3, 2, 5, 7) and torch.isfinite(x).all()
+@pytest.mark.parametrize("method", ["glass", "sde", "ode"])
+def test_image_shaped_states(method):
+    # Any trailing shape: a [B, C, H, W] state through a per-pixel model gives, element by element, what the
+    # same state flattened to [B, C*H*W] gives (the noise is drawn in the same order).
+    def per_pixel(x, t):
+        return -x * t.view((-1,) + (1,) * (x.dim() - 1))
+    m = gf.FlowModel(per_pixel, gf.LinearSchedule(), "x0")
+    noise = torch.randn(3, 2, 5, 7, generator=torch.Generator().manual_seed(1))
+    kw = dict(method=method, transitions=2, inner_steps=3)
+    x = gf.sample(m, noise, generator=torch.Generator().manual_seed(0), **kw)
+    flat = gf.sample(m, noise.reshape(3, -1), generator=torch.Generator().manual_seed(0), **kw)
+    assert x.shape == (3, 2, 5, 7)
+    torch.testing.assert_close(x.reshape(3, -1), flat, rtol=0, atol=0)
+    assert not torch.allclose(x, noise)                  # the state moved
+    # Per-sample times: each row's coefficients must broadcast over all of its trailing dims.
+    t, tn = torch.tensor([0.1, 0.3, 0.5], dtype=torch.float64), torch.tensor([0.4, 0.6, 1.0], dtype=torch.float64)
+    y = gf.glass_transition(m, noise, t, tn, inner_steps=4, solver="heun", generator=torch.Generator().manual_seed(2))
+    y_flat = gf.glass_transition(m, noise.reshape(3, -1), t, tn, inner_steps=4, solver="heun",
+                                 generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(y.reshape(3, -1), y_flat, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -228,3 +260,90 @@ def test_callback_with_guidance_equals_guided_sampling(mixture):
     plain = gf.sample(m, noise, generator=torch.Generator().manual_seed(1), **kw)
     watched = gf.sample(m, noise, generator=torch.Generator().manual_seed(1), callback=lambda *a: None, **kw)
     torch.testing.assert_close(watched, plain, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------- more bad input, named clearly
+def test_non_finite_inputs_are_named_not_blamed_on_the_model(model):
+    nan_noise = torch.randn(4, 2)
+    nan_noise[1, 0] = float("nan")
+    grouped = nan_noise.reshape(2, 2, 2)
+    for run in (lambda: gf.sample(model, nan_noise), lambda: gf.Sampler(model).run(nan_noise)):
+        with pytest.raises(FloatingPointError, match=r"the initial state \(noise\) holds NaN or Inf"):
+            run()
+    for run in (lambda: gf.fk_steering(model, lambda z: z[:, 0], grouped),
+                lambda: gf.best_of_n(model, lambda z: z[:, 0], grouped),
+                lambda: gf.beam_search(model, lambda z: z[:, 0], grouped, transitions=2, inner_steps=2)):
+        with pytest.raises(FloatingPointError, match="noise holds NaN or Inf"):
+            run()
+    with pytest.raises(FloatingPointError, match="^x holds NaN or Inf"):
+        gf.glass_transition(model, nan_noise, 0.1, 0.3)
+    with pytest.raises(FloatingPointError, match="^denoised holds NaN or Inf"):
+        gf.ode_transition(model, torch.zeros(4, 2), 0.1, 0.3, denoised=nan_noise)
+
+
+def test_non_finite_guided_output_points_at_the_guidance(model):
+    # The reward's gradient is NaN everywhere (sqrt of a negative number): the model is fine, the guided output
+    # is not.
+    g = gf.RewardGuidance(lambda z: (z[:, 0] - 1e3).sqrt(), scale=1.0, window=(0.2, 0.7))
+    with pytest.raises(FloatingPointError, match="after guidance: the guidance's reward gradient may be the cause"):
+        gf.sample(model, torch.randn(8, 2, generator=torch.Generator().manual_seed(0)), guidance=g)
+
+
+def test_numpy_numbers_are_accepted_like_python_numbers(model):
+    np = pytest.importorskip("numpy")
+    noise = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    plain = gf.sample(model, noise, transitions=3, inner_steps=2, rho=0.5, sigmabar0=2.0,
+                      generator=torch.Generator().manual_seed(1))
+    numpy = gf.sample(model, noise, transitions=np.int64(3), inner_steps=np.int32(2), rho=np.float32(0.5),
+                      sigmabar0=np.float32(2.0), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(numpy, plain, rtol=0, atol=0)
+    a = gf.glass_transition(model, noise, np.float32(0.25), np.float64(0.5), generator=torch.Generator().manual_seed(1))
+    b = gf.glass_transition(model, noise, 0.25, 0.5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    (dict(guidance=3), TypeError, "guidance must be None or callable"),
+    (dict(callback="print"), TypeError, "callback must be None or callable"),
+    (dict(cuda_graph="yes"), ValueError, "cuda_graph must be True or False"),
+    (dict(solver="heun", inner_steps=3), ValueError, r"\(inner_steps\) must be a multiple of 2, got 3"),
+])
+def test_bad_sampling_options_are_named(model, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        gf.sample(model, torch.zeros(4, 2), **kwargs)
+
+
+def test_sampler_run_and_step_check_their_state(model):
+    sampler = gf.Sampler(model, transitions=2, inner_steps=2)
+    with pytest.raises(TypeError, match=r"x must be a floating Tensor\[B, ...\], got list"):
+        sampler.run([[0.0, 0.0]])
+    with pytest.raises(TypeError, match=r"x must be a floating Tensor\[B, ...\], got torch.int64"):
+        sampler.run(torch.zeros(4, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"x must hold at least one state .* got shape \(0, 2\)"):
+        sampler.run(torch.zeros(0, 2))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        sampler.step(0, torch.zeros(4, 2), generator=3)
+    with pytest.raises(ValueError, match=r"denoised must have x's shape \(4, 2\) on cpu, got shape \(3, 2\)"):
+        sampler.step(0, torch.zeros(4, 2), denoised=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        gf.Sampler(model, dtype=torch.int64)
+    with pytest.raises(TypeError, match="model must be a glass_fast.FlowModel, got function"):
+        gf.Sampler(lambda x, t: x)
+
+
+def test_bad_model_definitions_and_outputs_are_named(model):
+    with pytest.raises(ValueError, match="dtype must be None or a floating torch.dtype, got 'bf16'"):
+        gf.FlowModel(lambda x, t: x, gf.LinearSchedule(), dtype="bf16")
+    with pytest.raises(ValueError, match=r"time_range must be None or a pair \(lo, hi\) of times, got \(0.5,\)"):
+        gf.FlowModel(lambda x, t: x, gf.LinearSchedule(), time_range=(0.5,))
+    wrong_device = gf.FlowModel(lambda x, t: torch.zeros(x.shape, device="meta"), gf.LinearSchedule())
+    with pytest.raises(ValueError, match="model output is on meta, expected the input's device cpu"):
+        gf.sample(wrong_device, torch.zeros(4, 2))
+    with pytest.raises(ValueError, match=r"denoised must have x's shape \(4, 2\) on cpu, got shape \(3, 2\)"):
+        gf.glass_transition(model, torch.zeros(4, 2), 0.1, 0.2, denoised=torch.zeros(3, 2))
+    with pytest.raises(TypeError, match="denoised must be None or a floating Tensor shaped like x, got list"):
+        gf.sde_transition(model, torch.zeros(4, 2), 0.1, 0.2, denoised=[[0.0, 0.0]])
+    # A float time outside [0, 1] used to be clamped (t = 2 read as 1), NaN reached the network.
+    for t in (2.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match=r"t must be a time in \[0, 1\]"):
+            model.denoise(torch.zeros(4, 2), t)

@@ -50,6 +50,32 @@ def test_custom_schedule_falls_back_to_bisection():
         gf.CustomSchedule(lin.alpha, lin.sigma, lin.d_alpha, 3.0)
 
 
-def test_vp_rejects_bad_betas():
-    with pytest.raises(ValueError, match="beta_min"):
-        gf.VPSchedule(beta_min=2.0, beta_max=1.0)
+@pytest.mark.parametrize("betas", [(2.0, 1.0), (0.0, 0.0), (0.1, math.inf), (math.nan, 1.0), ("0.1", 1.0), (-1.0, 1.0)])
+def test_vp_rejects_bad_betas(betas):
+    # beta_min = beta_max = 0 is the constant path alpha = 1, sigma = 0: nothing to sample.
+    with pytest.raises(ValueError, match="VPSchedule needs finite numbers 0 <= beta_min <= beta_max with beta_max > 0"):
+        gf.VPSchedule(*betas)
+
+
+def _lin_parts():
+    lin = gf.LinearSchedule()
+    return lin.alpha, lin.sigma, lin.d_alpha, lin.d_sigma
+
+
+def test_custom_schedule_is_checked_when_built():
+    a, s, da, ds = _lin_parts()
+    with pytest.raises(TypeError, match="alpha must accept a float64 Tensor of times"):
+        gf.CustomSchedule(lambda t: math.sin(t), s, da, ds)            # a float-only callable
+    with pytest.raises(TypeError, match=r"sigma must return one value per time, got shape \(\)"):
+        gf.CustomSchedule(a, lambda t: torch.tensor(0.5, dtype=torch.float64), da, ds)
+    # SNR falling after t = 0.5: time_at_snr would bisect a non-monotone function.
+    with pytest.raises(ValueError, match=r"the SNR alpha\^2 / sigma\^2 must increase strictly with t"):
+        gf.CustomSchedule(lambda t: torch.minimum(t, 1 - t), lambda t: 1 - t + 0 * t, da, ds)
+    with pytest.raises(ValueError, match="d_alpha is not the derivative of alpha"):
+        gf.CustomSchedule(a, s, lambda t: 2 * torch.ones_like(t), ds)
+    with pytest.raises(ValueError, match="d_sigma is not the derivative of sigma"):
+        gf.CustomSchedule(a, s, da, da)                                  # swapped sign
+    with pytest.raises(ValueError, match="alpha is not finite"):
+        gf.CustomSchedule(lambda t: t / (t - 0.5), s, da, ds)
+    cos = gf.CosineSchedule()                                            # a correct schedule passes
+    gf.CustomSchedule(cos.alpha, cos.sigma, cos.d_alpha, cos.d_sigma)

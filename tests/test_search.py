@@ -81,9 +81,29 @@ def test_nan_rewards_never_win():
     def half_nan(z):
         r = near_target(z)
         return torch.where(z[:, 0] > 0, torch.full_like(r, float("nan")), r)
-    res = gf.beam_search(model, half_nan, _noise(8, 2), expansions=6, transitions=3, inner_steps=2,
-                         generator=torch.Generator().manual_seed(4))
+    with pytest.warns(UserWarning, match=r"beam_search: the reward was NaN or Inf for \d+ candidate evaluations"):
+        res = gf.beam_search(model, half_nan, _noise(8, 2), expansions=6, transitions=3, inner_steps=2,
+                             generator=torch.Generator().manual_seed(4))
     assert torch.isfinite(res.rewards).all() and torch.all(res.samples[..., 0] <= 0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_group_without_any_valid_reward_is_named(bad):
+    # Group 1's children all score NaN (or Inf) from the second transition on: no beam can be chosen.
+    model = MIX.flow_model(SCH, "velocity")
+    calls = []
+
+    def reward(z):
+        calls.append(1)
+        r = near_target(z)
+        if len(calls) >= 2:
+            r = r.clone()
+            r[6:12] = bad            # group 1's 2 beams x 3 children, rows 6..11
+        return r
+    with pytest.raises(RuntimeError, match=r"beam_search: .* every candidate of group 1 after transition 1 "
+                                           r"\(t=0\.3333 -> 0\.6667\)"):
+        gf.beam_search(model, reward, _noise(3, 2), expansions=3, transitions=3, inner_steps=2,
+                       generator=torch.Generator().manual_seed(4))
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(expansions=0), "expansions must be an integer >= 1"),

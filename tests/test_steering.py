@@ -159,6 +159,22 @@ def test_result_fields(mixture):
     assert res.select(generator=torch.Generator().manual_seed(0)).shape == (3, 2)
 
 
+@pytest.mark.parametrize("scheme", ["multinomial", "systematic"])
+def test_final_selection_draws_by_weight(scheme):
+    # G groups of particles 0, 1, 2 (the sample is its index) with weights (0.2, 0.8, 0): selected and
+    # resampled particles come from their own group, never the zero weight, with frequencies w (5 SE).
+    g, w = 4000, torch.tensor([0.2, 0.8, 0.0], dtype=torch.float64)
+    samples = torch.arange(3, dtype=torch.float64).expand(g, 3)[..., None] + 10 * torch.arange(g)[:, None, None]
+    res = gf.SteeringResult(samples=samples, log_weights=torch.log(w).expand(g, 3), rewards=torch.zeros(g, 3),
+                            best=samples[:, 0], nfe=0.0)
+    picked = res.select(generator=torch.Generator().manual_seed(1))[:, 0] - 10 * torch.arange(g)
+    kept = res.resample(scheme, generator=torch.Generator().manual_seed(2))[..., 0] - 10 * torch.arange(g)[:, None]
+    assert set(picked.tolist()) <= {0.0, 1.0} and set(kept.flatten().tolist()) <= {0.0, 1.0}
+    se = math.sqrt(0.2 * 0.8 / g)
+    assert abs(float((picked == 0).double().mean()) - 0.2) < 5 * se
+    assert abs(float((kept == 0).double().mean()) - 0.2) < 5 * se
+
+
 @pytest.mark.parametrize("method", ["glass", "ode", "sde"])
 def test_best_of_n(mixture, method):
     model, fn = _counting_model(mixture, "velocity")
@@ -339,3 +355,61 @@ def test_reusable_objects_check_settings_when_built(mixture, make, kwargs, err, 
         make(mixture.flow_model(SCH, "x0"), linear_reward, **kwargs)
     with pytest.raises(TypeError, match="reward must be callable"):
         make(mixture.flow_model(SCH, "x0"), 3.0)
+
+
+@pytest.mark.parametrize("make,kwargs,match", [
+    (gf.FKSteering, dict(rho=3.0), r"rho must lie in \[-1, 1\], got 3.0"),
+    (gf.FKSteering, dict(rho=("ddpm", -2)), "got kappa=-2"),
+    (gf.FKSteering, dict(solver="midpoint", inner_steps=3), r"\(inner_steps\) must be a multiple of 2, got 3"),
+    (gf.FKSteering, dict(final_correction="no"), "final_correction must be True or False, got 'no'"),
+    (gf.BestOfN, dict(rho=5.0), r"rho must lie in \[-1, 1\], got 5.0"),
+    (gf.BestOfN, dict(solver="heun", inner_steps=5), r"\(inner_steps\) must be a multiple of 2, got 5"),
+    (gf.FKSteering, dict(grid=[0.0, 0.7, 0.5, 1.0]), "grid must hold finite, strictly increasing times"),
+    (gf.BestOfN, dict(grid=[0.5]), "grid must be 1-D with at least two times"),
+])
+def test_sampler_settings_are_checked_when_built_not_at_the_first_batch(mixture, make, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make(mixture.flow_model(SCH, "x0"), linear_reward, **kwargs)
+
+
+def test_best_of_n_never_picks_an_invalid_reward_and_says_so(mixture):
+    def reward(x):
+        r = linear_reward(x).clone()
+        r[0], r[9] = math.nan, math.inf              # group 0 particle 0 (NaN), group 1 particle 1 (+inf)
+        return r
+
+    with pytest.warns(UserWarning, match="best_of_n: the reward was NaN or Inf for 2 candidate evaluations"):
+        res = best_of_n(mixture.flow_model(SCH, "x0"), reward, _noise(2, 8), generator=torch.Generator().manual_seed(0))
+    finite = torch.where(torch.isfinite(res.rewards), res.rewards, -math.inf)
+    torch.testing.assert_close(res.best, res.samples[torch.arange(2), finite.argmax(-1)])
+    assert not torch.equal(res.best[1], res.samples[1, 1])  # +inf is an invalid reward, not the best one
+
+
+def test_best_of_n_group_without_a_valid_reward_raises(mixture):
+    def reward(x):
+        r = linear_reward(x).clone()
+        r[4:8] = math.nan                            # all of group 1
+        return r
+
+    with pytest.raises(RuntimeError, match=r"best_of_n: the reward was NaN or Inf for every candidate of group 1"):
+        best_of_n(mixture.flow_model(SCH, "x0"), reward, _noise(3, 4))
+
+
+def test_steering_keeps_no_autograd_graph_of_the_reward(mixture):
+    # A reward computed with gradients on (e.g. a network): the weights are values, not graphs that grow
+    # with every transition.
+    res = fk_steering(mixture.flow_model(SCH, "x0"), lambda x: linear_reward(x.requires_grad_()), _noise(2, 3))
+    assert not res.log_weights.requires_grad and not res.rewards.requires_grad
+
+
+def test_numpy_steering_settings(mixture):
+    np = pytest.importorskip("numpy")
+    model = mixture.flow_model(SCH, "x0")
+    kw = dict(generator=torch.Generator().manual_seed(0))
+    a = fk_steering(model, linear_reward, _noise(2, 3), lmbda=np.float32(0.5), ess_threshold=np.float64(0.5),
+                    resample_every=np.int64(2), transitions=np.int64(3), inner_steps=np.int64(2), **kw)
+    kw = dict(generator=torch.Generator().manual_seed(0))
+    b = fk_steering(model, linear_reward, _noise(2, 3), lmbda=0.5, ess_threshold=0.5, resample_every=2,
+                    transitions=3, inner_steps=2, **kw)
+    torch.testing.assert_close(a.samples, b.samples, rtol=0, atol=0)
+    torch.testing.assert_close(a.log_weights, b.log_weights, rtol=0, atol=0)

@@ -131,3 +131,13 @@ def test_bad_guidance_arguments():
         RewardGuidance(linear_reward, 1.0, window=(0.8, 0.2))
     with pytest.raises(TypeError, match="reward must be callable"):
         RewardGuidance(3.0, 1.0)
+
+
+def test_non_differentiable_reward_is_named(mixture):
+    model = mixture.flow_model(SCH, "velocity")
+    for reward in (lambda x: (x[:, 0] > 0).to(x.dtype), lambda x: x[:, 0].detach()):
+        g = RewardGuidance(reward, 1.0)
+        with pytest.raises(TypeError, match="RewardGuidance: the reward's output has no gradient with respect to its input"):
+            gf.sample(model, torch.randn(4, 2), guidance=g)
+    with pytest.raises(ValueError, match="detach must be True or False, got 'no'"):
+        RewardGuidance(linear_reward, 1.0, detach="no")

@@ -166,7 +166,9 @@ def test_rho_forms_agree():
     torch.testing.assert_close(gf.rho_ddpm(sch, t, tn), torch.tensor(0.3 * 0.3 / (0.7 * 0.7), dtype=torch.float64))
     torch.testing.assert_close(gf.rho_ddpm(sch, t, tn, 0.5), gf.rho_ddpm(sch, t, tn).sqrt())
     from glass_fast.plan import resolve_rho
-    assert float(resolve_rho(("ddpm", 1.0), sch, t, tn)) == float(resolve_rho("ddpm", sch, t, tn))
+    # Cosine path: sin(pi t / 2) cos(pi t' / 2) / (cos(pi t / 2) sin(pi t' / 2)) = tan(pi t / 2) / tan(pi t' / 2).
+    torch.testing.assert_close(gf.rho_ddpm(gf.CosineSchedule(), t, tn), torch.tan(math.pi * t / 2) / torch.tan(math.pi * tn / 2))
+    assert float(resolve_rho(("ddpm", 0), sch, t, tn)) == 1.0      # kappa = 0: rho = 1
     assert float(resolve_rho(lambda a, b: 0.4, sch, t, tn)) == float(resolve_rho(0.4, sch, t, tn)) == 0.4
 
 
@@ -178,8 +180,73 @@ def test_kappa_family_gives_the_exact_transition(mixture):
     assert ks < ks_critical(n, 0.001 / len(DIRECTIONS)), ks
 
 
+def test_per_sample_rho_must_match_the_batch(mixture):
+    model = mixture.flow_model(gf.LinearSchedule(), "x0")
+    three = lambda t, tn: torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)   # noqa: E731
+    with pytest.raises(ValueError, match="planned for 3 states .* but x holds 4"):
+        gf.glass_transition(model, torch.zeros(4, 2), 0.2, 0.4, rho=three)
+    with pytest.raises(ValueError, match="planned for 3 states .* but x holds 4"):
+        gf.sample(model, torch.zeros(4, 2), rho=three)
+    # One rho per state is allowed: row i equals a run with that rho alone.
+    x = mixture.marginal_sample(gf.LinearSchedule(), 0.2, 3, torch.Generator().manual_seed(0)).float()
+    per_row = gf.glass_transition(model, x, 0.2, 0.4, rho=three, inner_steps=2, generator=torch.Generator().manual_seed(1))
+    for i, r in enumerate((0.1, 0.2, 0.3)):
+        one = gf.glass_transition(model, x, 0.2, 0.4, rho=r, inner_steps=2, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(per_row[i], one[i], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("rho,match", [(1.5, r"rho must lie in \[-1, 1\]"), (lambda t, tn: 2.0, r"rho must lie in"),
-                                       ("dpm", "rho must be a float in"), (True, "rho must be a float in")])
+                                       ("dpm", "rho must be a float in"), (True, "rho must be a float in"),
+                                       (("ddpm", "a"), "got kappa='a'"), (("ddpm", -1.0), "got kappa=-1.0"),
+                                       (("ddpm", float("nan")), "got kappa=nan"),
+                                       (lambda t, tn: "0.4", "the callable must return a float or a float64 Tensor"),
+                                       (lambda t, tn: float("nan"), r"rho must lie in \[-1, 1\], got nan")])
 def test_bad_rho_is_named(mixture, rho, match):
     with pytest.raises(ValueError, match=match):
         gf.glass_transition(mixture.flow_model(gf.LinearSchedule(), "x0"), torch.zeros(2, 2), 0.2, 0.4, rho=rho)
+
+
+@pytest.mark.parametrize("sch", [gf.LinearSchedule(), gf.CosineSchedule(), gf.VPSchedule()], ids=repr)
+@pytest.mark.parametrize("t,t_next,rho,s", [(0.3, 0.7, 0.4, 0.5), (0.0, 0.4, 0.0, 0.25), (0.5, 1.0, "ddpm", 0.75)])
+def test_inner_model_input_is_the_posterior_of_both_observations(mixture, sch, t, t_next, rho, s):
+    """MATH.md section 3 from first principles: given z, x_t = alpha_t z + sigma_t e1 and
+    xbar_s - gamma x_t = alphabar_s z + sigmabar_s e2 are independent observations, so
+    E[z | x_t, xbar_s] is a ratio of integrals over z. The plan's model input y = c_x x_t + c_b xbar_s at
+    model time t* must give the same mean through the data's denoiser D_{t*}(y)."""
+    from glass_fast.plan import _Inner, resolve_rho
+    model = mixture.flow_model(sch, "x0")
+    t64, tn64 = torch.tensor(t, dtype=torch.float64), torch.tensor(t_next, dtype=torch.float64)
+    inner = _Inner(model, t64, tn64, resolve_rho(rho, sch, t64, tn64), 1.0)
+    tm, c_x, c_b, *_ = inner.at(s)
+    g = torch.Generator().manual_seed(3)
+    z0 = mixture.sample(1, g)[0]
+    a_t, s_t = float(sch.alpha(t64)), float(sch.sigma(t64))
+    abar, sbar = s * float(inner.alpha_bar), (1 - s) + s * float(inner.sigma_bar)
+    x_t = a_t * z0 + s_t * torch.randn(2, generator=g, dtype=torch.float64)
+    xbar = float(inner.gamma) * x_t + abar * z0 + sbar * torch.randn(2, generator=g, dtype=torch.float64)
+    # Quadrature of p(z) N(x_t; a z, s^2) N(xbar - gamma x_t; abar z, sbar^2) on a fine grid of z.
+    axis = torch.linspace(-5, 5, 401, dtype=torch.float64)
+    zz = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+    comps = -0.5 * ((zz[:, None, :] - mixture.means) ** 2).sum(-1) / mixture.stds ** 2 - 2 * torch.log(mixture.stds)
+    log_prior = torch.logsumexp(torch.log(mixture.weights) + comps, -1)
+    log_lik = -0.5 * ((x_t - a_t * zz) ** 2).sum(-1) / s_t ** 2 if a_t > 0 else 0.0
+    log_lik = log_lik - 0.5 * ((xbar - float(inner.gamma) * x_t - abar * zz) ** 2).sum(-1) / sbar ** 2
+    w = torch.softmax(log_prior + log_lik, 0)
+    expected = (w[:, None] * zz).sum(0)
+    y = float(c_x) * x_t + float(c_b) * xbar
+    got = mixture.denoise(y[None], float(tm), sch)[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(means=[[0.0, float("nan")]]), "means must be finite"),
+    (dict(stds=[float("inf")]), "stds must be finite and > 0"),
+    (dict(stds=[0.0]), "stds must be finite and > 0"),
+    (dict(weights=[float("inf")]), "weights must be finite, >= 0 and with a positive sum"),
+    (dict(weights=[0.0]), "weights must be finite, >= 0 and with a positive sum"),
+])
+def test_bad_mixtures_are_named(kwargs, match):
+    # The ground truth itself must not be silently NaN (an inf weight normalised to NaN before).
+    args = dict(means=[[0.0, 0.0]], stds=[1.0], weights=[1.0]) | kwargs
+    with pytest.raises(ValueError, match=match):
+        gf.GaussianMixture(**args)

@@ -6,9 +6,10 @@ import math
 import torch
 
 from ..model import FlowModel
-from ..sampling import check_sampler_options
+from ..sampling import check_grid, check_sampler_options
 from ..transitions import FiniteGuard
-from .result import SteeringResult, best_of_groups, check_particles, metered_sampler, progress_bar
+from .result import (SteeringResult, best_of_groups, check_particles, check_selection_rewards, metered_sampler,
+                     progress_bar)
 
 _SETTINGS = ("transitions", "inner_steps", "rho", "solver", "sigmabar0", "guidance", "timings", "compile",
              "cuda_graph", "max_batch", "grid")
@@ -38,7 +39,9 @@ class BestOfN:
             raise TypeError(f"reward must be callable(x [N, ...]) -> Tensor[N], got {type(reward).__name__}")
         check_sampler_options(method, settings.get("transitions", 5), settings.get("inner_steps", 10),
                               settings.get("solver", "euler"), settings.get("compile"),
-                              settings.get("cuda_graph", False))
+                              settings.get("cuda_graph", False), settings.get("rho", 0.4))
+        if settings.get("grid") is not None:
+            check_grid(settings["grid"])
         self.model, self.reward, self.method = model, reward, method
         self.guidance = settings.pop("guidance", None)
         self.timings = settings.pop("timings", None)
@@ -62,6 +65,7 @@ class BestOfN:
         meter, sampler = self._build(noise.device, noise.dtype)
         meter.begin()
         guard = FiniteGuard(noise.device)
+        guard.check_input(noise, "noise")
         x = noise.reshape((n,) + rest)
         for i in progress_bar(range(sampler.transitions), progress, "best_of_n"):
             x = sampler.step(i, x, generator=generator, guard=guard, guidance=self.guidance)
@@ -69,6 +73,9 @@ class BestOfN:
         r = meter.reward(self.reward, x, "in best_of_n")
         nfe, reward_calls, secs = meter.close(n)
         samples, rewards = x.reshape(noise.shape), r.reshape(b, k)
+        bad = ~torch.isfinite(rewards)
+        last = sampler.transitions - 1
+        check_selection_rewards(bad.sum(), torch.where(bad.all(-1), last, -1), sampler.grid, "best_of_n")
         log_w = torch.full((b, k), -math.log(k), dtype=torch.float64, device=noise.device)
         return SteeringResult(samples=samples, log_weights=log_w, rewards=rewards,
                               best=best_of_groups(samples, rewards), nfe=nfe, reward_calls=reward_calls,
@@ -88,7 +95,11 @@ def best_of_n(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "g
         **settings: see ``BestOfN`` (keep one of those to reuse compiled code or CUDA graphs across batches).
     Returns:
         SteeringResult: samples [B, K, ...] with equal log_weights (the samples are draws of p, not p_r),
-        rewards [B, K], best [B, ...] (the argmax), nfe, reward_calls (1), timings.
+        rewards [B, K], best [B, ...] (the argmax over valid rewards), nfe, reward_calls (1), timings.
+
+    Raises:
+        RuntimeError: every reward of a group was NaN or Inf (no best exists); fewer such rewards only warn
+        (they never win).
 
     Example:
         >>> res = best_of_n(model, lambda x: x[:, 0], torch.randn(4, 8, 2), method="ode")

@@ -20,12 +20,14 @@ non-finite rewards (each gives its particle zero weight).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
 
 from ..model import FlowModel
-from ..sampling import METHODS, check_sampler_options
+from ..plan import check_calls
+from ..sampling import METHODS, check_grid, check_sampler_options
 from ..transitions import FiniteGuard, guided_denoised
 from .guidance import time_window
 from .potentials import PotentialState, check_potential
@@ -78,8 +80,11 @@ class FKSteering:
         if not callable(reward):
             raise TypeError(f"reward must be callable(x [N, ...]) -> Tensor[N], got {type(reward).__name__}")
         self.window = _check_options(method, potential, lmbda, resample, ess_threshold, resample_window,
-                                     resample_every, value_samples, guidance)
-        check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph)
+                                     resample_every, value_samples, guidance, final_correction)
+        check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph, rho)
+        resample_every, value_samples = int(resample_every), int(value_samples)
+        if grid is not None:
+            check_grid(grid)
         self.model, self.reward = model, reward
         self.sampler_options = dict(method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
                                     solver=solver, compile=compile, cuda_graph=cuda_graph, grid=grid)
@@ -124,6 +129,7 @@ class FKSteering:
         resampler = (AdaptiveResampler(b, k_part, self.resample, self.ess_threshold, dev)
                      if self.ess_threshold > 0 else None)
         guard = FiniteGuard(dev)
+        guard.check_input(noise, "noise")
 
         def score(z):  # lmbda r(z) in float64, shape [M]
             return lmbda * meter.reward(self.reward, z, "in fk_steering").to(torch.float64)
@@ -232,22 +238,23 @@ def _raise_dead(dead_at: torch.Tensor, grid: torch.Tensor) -> None:
                            f"Inf for all of them")
 
 
-def _check_options(method, potential, lmbda, resample, ess_threshold, window, every, value_samples, guidance):
+def _check_options(method, potential, lmbda, resample, ess_threshold, window, every, value_samples, guidance,
+                   final_correction):
     """Validate the steering options; returns the resampling window as floats (lo, hi)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_potential(potential)
     check_scheme(resample)
-    if isinstance(lmbda, bool) or not isinstance(lmbda, (int, float)) or not math.isfinite(lmbda) or lmbda < 0:
+    if isinstance(lmbda, bool) or not isinstance(lmbda, numbers.Real) or not math.isfinite(lmbda) or lmbda < 0:
         raise ValueError(f"lmbda must be a finite number >= 0, got {lmbda!r}")
-    if (isinstance(ess_threshold, bool) or not isinstance(ess_threshold, (int, float))
+    if (isinstance(ess_threshold, bool) or not isinstance(ess_threshold, numbers.Real)
             or not 0.0 <= ess_threshold <= 1.0):
         raise ValueError(f"ess_threshold must be a number in [0, 1], got {ess_threshold!r}")
     lo, hi = time_window(window, "resample_window")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"resample_every must be an integer >= 1, got {every!r}")
-    if isinstance(value_samples, bool) or not isinstance(value_samples, int) or value_samples < 1:
-        raise ValueError(f"value_samples must be an integer >= 1, got {value_samples!r}")
+    check_calls(every, "resample_every")
+    check_calls(value_samples, "value_samples")
+    if not isinstance(final_correction, bool):
+        raise ValueError(f"final_correction must be True or False, got {final_correction!r}")
     if guidance is not None and not callable(guidance):
         raise TypeError(f"guidance must be callable(model, y, t, t_host, out) -> out (e.g. RewardGuidance), "
                         f"got {type(guidance).__name__}")

@@ -20,6 +20,7 @@ which re-runs the model with gradients enabled: one extra model call per guided 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -56,9 +57,11 @@ class RewardGuidance:
     def __init__(self, reward, scale: float, window=(0.2, 0.7), detach: bool = True):
         if not callable(reward):
             raise TypeError(f"RewardGuidance: reward must be callable, got {type(reward).__name__}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
             raise ValueError(f"RewardGuidance: scale must be a finite number, got {scale!r}")
-        self.reward, self.scale, self.detach = reward, float(scale), bool(detach)
+        if not isinstance(detach, bool):
+            raise ValueError(f"RewardGuidance: detach must be True or False, got {detach!r}")
+        self.reward, self.scale, self.detach = reward, float(scale), detach
         self.window = time_window(window, "RewardGuidance: window")
 
     def __repr__(self) -> str:
@@ -91,6 +94,10 @@ class RewardGuidance:
                 out = model(leaf, t_dev)
                 target = _host_or_device(a_x, leaf) * leaf + _host_or_device(a_o, leaf) * out
             r = check_reward(self.reward(target), target, "in RewardGuidance")
+            if not r.requires_grad:
+                raise TypeError("RewardGuidance: the reward's output has no gradient with respect to its input "
+                                "(it was detached, or computed by non-differentiable operations such as "
+                                "comparisons, argmax or .item()); guidance needs a differentiable reward")
             (g,) = torch.autograd.grad(r.sum(), leaf)
         return g.detach()
 

@@ -1,8 +1,9 @@
-"""Grouped resampling for particle systems: ESS, ancestor indices, gathering. On device, no host sync.
+"""Grouped resampling for particle systems: ESS, ancestor indices, gathering. On device.
 
 The per-group arithmetic (normalisation, the four schemes, the gather) lives in ``glass_fast.ops`` with a
 plain-PyTorch reference and compiled backends; this module draws the uniforms, validates public input and
-implements the ESS-adaptive step used inside Feynman-Kac steering.
+implements the ESS-adaptive step used inside Feynman-Kac steering. That step never synchronises the host;
+the public ``resample`` reads one flag to refuse weights without a distribution (NaN, +inf, all zero).
 """
 from __future__ import annotations
 
@@ -63,6 +64,9 @@ def resample(log_weights: torch.Tensor, scheme: str = "systematic",
         generator: source of the uniforms (on log_weights' device).
     Returns:
         LongTensor[B, K] of indices in [0, K).
+    Raises:
+        ValueError: a group with a NaN or +inf log-weight, or whose weights are all zero (one host read; the
+            ESS-adaptive step inside FK steering does not use this function and never synchronises).
 
     Example:
         >>> idx = resample(torch.randn(4, 8), "systematic")
@@ -70,6 +74,15 @@ def resample(log_weights: torch.Tensor, scheme: str = "systematic",
     """
     _check_log_weights(log_weights)
     check_scheme(scheme)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    # One host read: NaN or +inf weights (or a group of zero weights) have no distribution to draw from, and
+    # the index arithmetic would return arbitrary ancestors instead of failing.
+    valid = ~(torch.isnan(log_weights) | torch.isposinf(log_weights)).any(-1) & ~torch.isneginf(log_weights).all(-1)
+    if not bool(valid.all()):
+        g = int((~valid).nonzero()[0, 0])
+        raise ValueError(f"log_weights of group {g} must be finite or -inf (a zero weight), with at least one "
+                         f"finite, got {log_weights[g].tolist()}")
     u = uniforms(log_weights.shape, generator, log_weights.device)
     return resample_indices(log_weights, u, scheme)
 

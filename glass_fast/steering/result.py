@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -120,7 +121,8 @@ class Meter:
         r = reward(x)
         if self.measure:
             self.reward_s += self._now() - start
-        return check_reward(r, x, what)
+        # Weights and selections need the values only: a graph kept alive here would grow with every transition.
+        return check_reward(r, x, what).detach()
 
     def close(self, particles: int) -> tuple[float, float, dict]:
         """(nfe per particle, reward calls per particle, timings); advances the user model's call count."""
@@ -180,8 +182,26 @@ def check_particles(model, reward, noise, generator) -> tuple[int, int]:
     return b, k
 
 
+def check_selection_rewards(bad: torch.Tensor, dead_at: torch.Tensor, grid, who: str) -> None:
+    """After a selection run (best-of-N, beam search): raise if every candidate of a group had a NaN or Inf
+    reward (no best exists; ``dead_at[b]`` is the first transition where that happened, -1 never), and warn
+    with the number of such rewards otherwise (they never win). One host read, after the loop."""
+    dead_at = dead_at.cpu()
+    groups = torch.nonzero(dead_at >= 0).flatten().tolist()
+    if groups:
+        g, k = groups[0], int(dead_at[groups[0]])
+        more = f" (and {len(groups) - 1} more groups: {groups[1:8]})" if len(groups) > 1 else ""
+        raise RuntimeError(f"{who}: the reward was NaN or Inf for every candidate of group {g} after transition {k} "
+                           f"(t={float(grid[k]):.4f} -> {float(grid[k + 1]):.4f}){more}: no best candidate exists")
+    bad = int(bad)
+    if bad:
+        warnings.warn(f"{who}: the reward was NaN or Inf for {bad} candidate evaluations; those candidates were "
+                      f"never selected", UserWarning, stacklevel=3)
+
+
 def best_of_groups(samples: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-    """[B, ...] the highest-reward particle of each group; NaN rewards never win."""
-    r = torch.nan_to_num(rewards.to(torch.float64), nan=-math.inf)
+    """[B, ...] the highest-reward particle of each group; NaN or Inf rewards never win (an invalid reward)."""
+    r = rewards.to(torch.float64)
+    r = torch.where(torch.isfinite(r), r, -math.inf)
     idx = r.argmax(dim=-1)
     return samples[torch.arange(samples.shape[0], device=samples.device), idx]

@@ -19,7 +19,8 @@ from ..model import FlowModel
 from ..plan import check_calls
 from ..sampling import check_sampler_options
 from ..transitions import FiniteGuard
-from .result import SteeringResult, best_of_groups, check_particles, metered_sampler, progress_bar
+from .result import (SteeringResult, best_of_groups, check_particles, check_selection_rewards, metered_sampler,
+                     progress_bar)
 from .value import PosteriorValue
 
 
@@ -47,17 +48,21 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
         SteeringResult: samples [B, K, ...] (the final beams, best first), equal log_weights (a selection,
         not a weighted sample), rewards [B, K], best [B, ...], nfe per beam, reward_calls per beam.
 
+    Raises:
+        RuntimeError: every child of a group scored NaN or Inf at some transition (nothing to keep); fewer
+        such scores only warn (they are never kept).
+
     Example:
         >>> res = beam_search(model, lambda x: x[:, 0], torch.randn(4, 2, 2), expansions=4)
     """
     b, k_beams = check_particles(model, reward, noise, generator)
-    check_calls(expansions, "expansions")
+    expansions = check_calls(expansions, "expansions")
     if value_samples is not None:
-        check_calls(value_samples, "value_samples")
+        value_samples = check_calls(value_samples, "value_samples")
     if method == "ode":
         raise ValueError("method='ode' is deterministic: every child of a beam would be the same; "
                          "use 'glass', 'sde' or 'plugin'")
-    check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph)
+    check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph, rho)
     n, rest, dev = b * k_beams, tuple(noise.shape[2:]), noise.device
     meter, sampler = metered_sampler(model, dev, noise.dtype, timings=timings, max_batch=max_batch, method=method,
                                      transitions=transitions, inner_steps=inner_steps, rho=rho, solver=solver,
@@ -67,6 +72,7 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
                                  solver=solver, device=dev, dtype=noise.dtype) for k in range(1, steps)}
               if value_samples is not None else {})
     guard = FiniteGuard(dev)
+    guard.check_input(noise, "noise")
 
     def score(z):
         return meter.reward(reward, z, "in beam_search").to(torch.float64)
@@ -77,6 +83,10 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
     d = m.denoise(x, times[0])
     guard.check(d, f"the denoiser at t={float(grid[0]):.4f}")
     scores, value_calls = None, 0
+    # Non-finite scores on the device (no host read in the loop): their count, and per group the first
+    # transition where every child's score was non-finite (-1: never).
+    bad_count = torch.zeros((), dtype=torch.int64, device=dev)
+    dead_at = torch.full((b,), -1, dtype=torch.int64, device=dev)
     for k in progress_bar(range(steps), progress, "beam_search"):
         # Every beam's children in one batched transition, rows beam-major: beam i's children are
         # rows i * expansions ... (i + 1) * expansions - 1.
@@ -95,13 +105,18 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
             d_children = None
             s = meter.reward(reward, children, "in beam_search at t = 1").to(torch.float64)
         # K best of each group's K x expansions children (NaN rewards never win), best first.
-        s = torch.nan_to_num(s.reshape(b, k_beams * expansions), nan=-math.inf)
+        s = s.reshape(b, k_beams * expansions)
+        bad = ~torch.isfinite(s)
+        bad_count = bad_count + bad.sum()
+        dead_at = torch.where(bad.all(-1) & (dead_at < 0), k, dead_at)
+        s = torch.where(bad, -math.inf, s)
         scores, keep = s.topk(k_beams, dim=1)
         rows = (keep + torch.arange(b, device=dev)[:, None] * (k_beams * expansions)).reshape(-1)
         x = children[rows]
         if d_children is not None:
             d = d_children[rows]
     guard.raise_if_bad()
+    check_selection_rewards(bad_count, dead_at, grid, "beam_search")
     # Every call after the first D_{t_0} ran on `expansions` copies of each beam (value draws on
     # value_samples copies of those): count each copy.
     meter.extra += (m.calls - 1) * (expansions - 1) + value_calls

@@ -8,6 +8,7 @@ draw of a particle: when the caller already has it (FK steering does), it is reu
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -70,14 +71,14 @@ def value_estimate(model: FlowModel, reward, x: torch.Tensor, t, *, samples: int
         >>> v = value_estimate(model, lambda z: z[:, 0], x_t, 0.4, samples=16)
     """
     check_state(model, x, generator)
-    check_calls(samples, "samples")
-    check_calls(inner_steps, "inner_steps")
+    samples = check_calls(samples, "samples")
+    inner_steps = check_calls(inner_steps, "inner_steps")
     check_solver(solver)
     if isinstance(t, torch.Tensor):
         if t.dim() != 0:
             raise ValueError(f"t must be a float (one time for the batch), got a Tensor of shape {tuple(t.shape)}")
         t = float(t)
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= float(t) <= 1.0:
         raise ValueError(f"t must be a float in [0, 1], got {t!r}")
     if float(t) == 1.0:
         return check_reward(reward(x), x, "value_estimate at t = 1").to(torch.float64)
