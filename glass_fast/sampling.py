@@ -40,12 +40,30 @@ def check_grid(grid) -> torch.Tensor:
     return g
 
 
-def check_sampler_options(method: str, transitions: int, inner_steps: int, solver: str, compile, cuda_graph,
-                          rho=0.4) -> None:
-    """Validate the options every Sampler takes (raises ValueError naming the argument), before any planning."""
+DEFAULT_TRANSITIONS = 5
+
+
+def transition_grid(transitions: int | None, grid) -> torch.Tensor:
+    """The transition grid, float64: ``grid`` (checked, see ``check_grid``) or the uniform grid of
+    ``transitions`` intervals (DEFAULT_TRANSITIONS when neither is given). Given both, they must agree:
+    a grid sets the number of transitions, and a different ``transitions`` would otherwise be ignored."""
+    if grid is None:
+        return time_grid(DEFAULT_TRANSITIONS if transitions is None else check_calls(transitions, "transitions"))
+    grid = check_grid(grid)
+    if transitions is not None and transitions != len(grid) - 1:
+        raise ValueError(f"transitions={transitions!r} disagrees with grid, which has {len(grid) - 1} transitions: "
+                         f"pass grid alone (it sets the number of transitions)")
+    return grid
+
+
+def check_sampler_options(method: str, transitions: int | None, inner_steps: int, solver: str, compile,
+                          cuda_graph, rho=0.4) -> None:
+    """Validate the options every Sampler takes (raises ValueError naming the argument), before any planning.
+    ``transitions`` None: the grid's count (or DEFAULT_TRANSITIONS)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    check_calls(transitions, "transitions")
+    if transitions is not None:
+        check_calls(transitions, "transitions")
     check_calls(inner_steps, "inner_steps")
     check_solver(solver)
     if method in ("glass", "ode"):
@@ -76,7 +94,8 @@ class Sampler:
     Args:
         model: the FlowModel.
         method: "glass" | "ode" | "sde" | "plugin" (one-step GLASS kernel).
-        transitions: number of intervals of the uniform grid on [0, 1].
+        transitions: number of intervals of the uniform grid on [0, 1] (default 5; with ``grid``, leave it
+            unset or give the grid's count).
         inner_steps: model calls per transition (the plug-in kernel always makes one).
         rho, solver, sigmabar0: GLASS settings (solver also applies to "ode").
         device, dtype: where the state lives and its dtype.
@@ -93,12 +112,13 @@ class Sampler:
     on first use and kept).
     """
 
-    def __init__(self, model: FlowModel, *, method: str = "glass", transitions: int = 5, inner_steps: int = 10,
+    def __init__(self, model: FlowModel, *, method: str = "glass", transitions: int | None = None,
+                 inner_steps: int = 10,
                  rho=0.4, solver: str = "euler", sigmabar0: float = 1.0, device=None, dtype=torch.float32,
                  grid: torch.Tensor | None = None, compile=None, cuda_graph: bool = False,
                  max_batch: int | None = None):
         check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph, rho)
-        transitions, inner_steps = int(transitions), int(inner_steps)   # NumPy integers pass the checks above
+        inner_steps = int(inner_steps)   # NumPy integers pass the checks above
         if not isinstance(model, FlowModel):
             raise TypeError(f"model must be a glass_fast.FlowModel, got {type(model).__name__}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -112,7 +132,7 @@ class Sampler:
         self._runners: dict = {}
         self.device, self.dtype = torch.device(device or "cpu"), dtype
         model = self.model
-        self.grid = time_grid(transitions) if grid is None else check_grid(grid)
+        self.grid = transition_grid(transitions, grid)
         self.plans = []
         for k in range(len(self.grid) - 1):
             t, tn = self.grid[k], self.grid[k + 1]
@@ -222,10 +242,10 @@ class Sampler:
         return x
 
 
-def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", transitions: int = 5,
+def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", transitions: int | None = None,
            inner_steps: int = 10, rho=0.4, solver: str = "euler", generator: torch.Generator | None = None,
            sigmabar0: float = 1.0, guidance=None, compile=None, cuda_graph: bool = False,
-           max_batch: int | None = None, callback=None) -> torch.Tensor:
+           max_batch: int | None = None, callback=None, grid=None) -> torch.Tensor:
     """Generate data from noise with ``transitions`` transitions of ``inner_steps`` model calls each.
 
     Args:
@@ -240,8 +260,10 @@ def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", tran
             ``Sampler`` and call its ``run``.
         callback: optional fn(k, t, x, x0) at every grid time before transition k, with the state and its
             x0-prediction (no extra model calls; see ``Sampler.run``).
+        grid: optional increasing times in [0, 1] replacing the uniform grid (see ``Sampler``); ``noise`` is
+            then the state at grid[0] and the result the state at grid[-1].
     Returns:
-        [B, ...] samples at t = 1.
+        [B, ...] samples at t = 1 (at grid[-1]).
 
     Example:
         >>> x = sample(model, torch.randn(64, 2), method="glass", transitions=5, inner_steps=10)
@@ -250,5 +272,5 @@ def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", tran
     check_hooks(guidance, callback)
     sampler = Sampler(model, method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
                       solver=solver, sigmabar0=sigmabar0, device=noise.device, dtype=noise.dtype, compile=compile,
-                      cuda_graph=cuda_graph, max_batch=max_batch)
+                      cuda_graph=cuda_graph, max_batch=max_batch, grid=grid)
     return sampler.run(noise, generator=generator, guidance=guidance, callback=callback)

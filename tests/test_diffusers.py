@@ -664,9 +664,15 @@ def test_custom_sigmas_reproduce_the_pipeline(flux, sd3, kind):
     sigmas = [1.0, 0.8, 0.45, 0.2]
     kw = dict(height=SIZE, width=SIZE, output_type="latent", guidance_scale=3.5 if kind == "flux" else 4.0, **emb)
     theirs = pipe(num_inference_steps=len(sigmas), sigmas=sigmas, latents=lat.clone(), **kw).images
-    # transitions is ignored when sigmas are given, as num_inference_steps is by the pipelines.
-    ours = gd.sample(pipe, method="ode", transitions=9, inner_steps=1, sigmas=sigmas, latents=lat, **kw)
+    ours = gd.sample(pipe, method="ode", inner_steps=1, sigmas=sigmas, latents=lat, **kw)
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    # The sigmas set the number of transitions; a different count is refused rather than ignored.
+    same = gd.sample(pipe, method="ode", transitions=4, inner_steps=1, sigmas=sigmas, latents=lat, **kw)
+    torch.testing.assert_close(same, ours, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="transitions=9 disagrees with sigmas, which set 4 transitions"):
+        gd.sample(pipe, transitions=9, sigmas=sigmas, **kw)
+    with pytest.raises(ValueError, match="transitions=3 disagrees with grid, which has 4 transitions"):
+        gd.sample(pipe, transitions=3, grid=torch.linspace(0, 1, 5, dtype=torch.float64), **kw)
     default = gd.sample(pipe, method="ode", transitions=4, inner_steps=1, latents=lat, **kw)
     assert (ours - default).abs().max() > 100 * ATOL
     with pytest.raises(ValueError, match="pass grid .* or sigmas .*, not both"):

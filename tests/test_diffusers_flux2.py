@@ -146,7 +146,7 @@ def test_custom_sigmas_reproduce_the_pipeline(flux2):
     kw = dict(height=SIZE, width=SIZE, output_type="latent", **emb)
     # The shift is computed for len(sigmas) steps: the pipeline with num_inference_steps=len(sigmas).
     theirs = pipe(num_inference_steps=len(sigmas), sigmas=sigmas, generator=_seed(13), **kw).images
-    ours = gd.sample(pipe, method="ode", transitions=9, inner_steps=1, sigmas=sigmas, generator=_seed(13), **kw)
+    ours = gd.sample(pipe, method="ode", inner_steps=1, sigmas=sigmas, generator=_seed(13), **kw)
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
 
 

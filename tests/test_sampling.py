@@ -71,6 +71,26 @@ def test_bad_grids_are_named(model, grid, match):
         gf.Sampler(model, grid=grid)
 
 
+def test_transitions_and_grid_must_agree(model):
+    """A grid sets the number of transitions: the same count is accepted, a different one refused everywhere
+    (it used to be ignored), and transitions alone defaults to 5."""
+    grid = [0.0, 0.3, 0.7, 1.0]
+    assert gf.Sampler(model, transitions=3, grid=grid).transitions == 3
+    assert gf.Sampler(model).transitions == 5
+    noise = torch.randn(2, 4, 2, generator=torch.Generator().manual_seed(0))
+    reward = lambda x: x[:, 0]  # noqa: E731
+    calls = {"Sampler": lambda: gf.Sampler(model, transitions=5, grid=grid),
+             "sample": lambda: gf.sample(model, noise[0], transitions=5, grid=grid),
+             "fk_steering": lambda: gf.fk_steering(model, reward, noise, transitions=5, grid=grid),
+             "FKSteering": lambda: gf.FKSteering(model, reward, transitions=5, grid=grid),
+             "best_of_n": lambda: gf.best_of_n(model, reward, noise, transitions=5, grid=grid),
+             "beam_search": lambda: gf.beam_search(model, reward, noise, transitions=5, grid=grid)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="transitions=5 disagrees with grid, which has 3 transitions"):
+            call()
+            pytest.fail(f"{name} accepted transitions=5 with a 3-transition grid")
+
+
 def test_a_grid_may_be_a_list(model):
     kw = dict(generator=torch.Generator().manual_seed(0))
     noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
@@ -78,6 +98,8 @@ def test_a_grid_may_be_a_list(model):
     kw = dict(generator=torch.Generator().manual_seed(0))
     from_tensor = gf.Sampler(model, grid=torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)).run(noise, **kw)
     torch.testing.assert_close(from_list, from_tensor, rtol=0, atol=0)
+    through_sample = gf.sample(model, noise, grid=[0.0, 0.3, 1.0], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(through_sample, from_list, rtol=0, atol=0)
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ..sampling import Sampler
+from ..plan import check_calls
+from ..sampling import DEFAULT_TRANSITIONS, Sampler, transition_grid
 from ..transitions import check_state
 from .diffusers_adapter import NAMES, DiffusersFlow, SkipLayerGuidance, transformer_kind  # noqa: F401
 from .diffusers_conditioning import Conditioning, context_tokens, encode, image_prompts  # noqa: F401
@@ -38,7 +39,7 @@ def as_flow(pipe) -> DiffusersFlow:
 
 
 def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, width, guidance_scale,
-           true_cfg_scale, max_batch, attention_kwargs, transitions: int, grid, skip_layers: dict, sigmas=None):
+           true_cfg_scale, max_batch, attention_kwargs, transitions: int | None, grid, skip_layers: dict, sigmas=None):
     """(adapter, conditioning, FlowModel, height, width, transition grid), shared by sample and steer.
 
     ``embeds``: the prompt and image-prompt arguments by name; ``skip_layers``: the pipeline's
@@ -73,7 +74,16 @@ def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, w
             cond.context, cond.context_ids = context_tokens(flow, context, cond.num_prompts, auto_resize)
     if grid is not None and sigmas is not None:
         raise ValueError("pass grid (glass_fast times) or sigmas (the pipeline's noise levels), not both")
-    grid = flow.time_grid(transitions, height, width, sigmas) if grid is None else grid
+    if grid is not None:
+        grid = transition_grid(transitions, grid)
+    elif sigmas is not None:
+        grid = flow.time_grid(None, height, width, sigmas)   # the sigmas set the number of steps
+        if transitions is not None and transitions != len(grid) - 1:
+            raise ValueError(f"transitions={transitions!r} disagrees with sigmas, which set {len(grid) - 1} "
+                             f"transitions: pass sigmas alone")
+    else:
+        steps = DEFAULT_TRANSITIONS if transitions is None else check_calls(transitions, "transitions")
+        grid = flow.time_grid(steps, height, width)
     slg = None
     if skip_layers["skip_guidance_layers"] is not None:
         slg = SkipLayerGuidance.from_steps(skip_layers["skip_guidance_layers"],
@@ -212,7 +222,7 @@ def _check_output(output_type):
 
 def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt=None,
            negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, method: str = "glass",
-           transitions: int = 5, inner_steps: int = 10, rho=0.4, solver: str = "euler",
+           transitions: int | None = None, inner_steps: int = 10, rho=0.4, solver: str = "euler",
            guidance_scale: float | None = None, true_cfg_scale: float = 1.0, num_images_per_prompt: int = 1,
            height: int | None = None, width: int | None = None, grid: torch.Tensor | None = None,
            latents: torch.Tensor | None = None, image=None, strength: float | None = None,
@@ -236,7 +246,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
             unconditional branch (SD3 and FLUX.2 Klein with guidance_scale > 1, where Klein's default negative
             prompt is ""; FLUX.1 and FLUX.2 [dev] with true_cfg_scale > 1).
         method: "glass" | "ode" | "sde" | "plugin".
-        transitions: steps of the pipeline's sigma schedule used as the transition grid.
+        transitions: steps of the pipeline's sigma schedule used as the transition grid (default 5; set by
+            ``grid`` or ``sigmas`` when given).
         inner_steps: model calls per transition (ODE: Euler steps inside each transition).
         rho, solver: GLASS correlation and inner solver (see ``glass_fast.glass_transition``).
         guidance_scale: SD3: CFG weight (default 7.0); FLUX.1: distilled guidance embedding (default 3.5, as
@@ -318,7 +329,7 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
 
 def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=None, pooled_prompt_embeds=None,
           negative_prompt=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
-          method: str = "glass", transitions: int = 5, inner_steps: int = 10, rho=0.4, solver: str = "euler",
+          method: str = "glass", transitions: int | None = None, inner_steps: int = 10, rho=0.4, solver: str = "euler",
           potential: str = "diff", lmbda: float = 1.0, resample: str = "systematic", ess_threshold: float = 0.5,
           guidance_scale: float | None = None, true_cfg_scale: float = 1.0, height: int | None = None,
           width: int | None = None, latents: torch.Tensor | None = None, image=None, strength: float | None = None,
@@ -391,8 +402,9 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     steering_options["grid"] = grid
     if guidance is not None:
         steering_options["guidance"] = _bind_guidance(guidance, flow, cond, particles, height, width, max_batch)
-    proposal = dict(method=method, transitions=transitions, inner_steps=inner_steps, rho=rho, solver=solver,
-                    generator=generator, progress=progress)
+    # The grid (set by transitions, sigmas or grid, and shortened by an image-to-image strength) sets the count.
+    proposal = dict(method=method, inner_steps=inner_steps, rho=rho, solver=solver, generator=generator,
+                    progress=progress)
     with torch.no_grad():
         if algorithm == "beam":
             result = beam_search(model, scorer, noise, **proposal, **steering_options)

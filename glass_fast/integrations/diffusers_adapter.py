@@ -159,7 +159,7 @@ class DiffusersFlow:
         return self.pack(lat)
 
     # -- time grid ------------------------------------------------------------------------------------------
-    def sigmas(self, steps: int, height: int, width: int, custom=None) -> torch.Tensor:
+    def sigmas(self, steps: int | None, height: int, width: int, custom=None) -> torch.Tensor:
         """The pipeline's sigma schedule for ``steps`` steps: float32 [steps + 1], decreasing to 0.
 
         Shifts (FLUX.1's resolution-dependent mu, FLUX.2's mu depending on resolution and step count, SD3's
@@ -192,7 +192,7 @@ class DiffusersFlow:
         sched.set_timesteps(steps, device="cpu", **kwargs)
         return sched.sigmas.to(torch.float32)
 
-    def time_grid(self, steps: int, height: int, width: int, custom=None) -> torch.Tensor:
+    def time_grid(self, steps: int | None, height: int, width: int, custom=None) -> torch.Tensor:
         """The same schedule as glass_fast times t = 1 - sigma: float64 [steps + 1], increasing to 1."""
         return 1.0 - self.sigmas(steps, height, width, custom).to(torch.float64)
 

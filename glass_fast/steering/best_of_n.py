@@ -6,7 +6,7 @@ import math
 import torch
 
 from ..model import FlowModel
-from ..sampling import check_grid, check_sampler_options
+from ..sampling import check_sampler_options, transition_grid
 from ..transitions import FiniteGuard
 from .result import (SteeringResult, best_of_groups, check_particles, check_selection_rewards, metered_sampler,
                      progress_bar)
@@ -37,11 +37,10 @@ class BestOfN:
             raise TypeError(f"best_of_n got unexpected keyword arguments {unknown}; allowed settings: {_SETTINGS}")
         if not callable(reward):
             raise TypeError(f"reward must be callable(x [N, ...]) -> Tensor[N], got {type(reward).__name__}")
-        check_sampler_options(method, settings.get("transitions", 5), settings.get("inner_steps", 10),
+        check_sampler_options(method, settings.get("transitions"), settings.get("inner_steps", 10),
                               settings.get("solver", "euler"), settings.get("compile"),
                               settings.get("cuda_graph", False), settings.get("rho", 0.4))
-        if settings.get("grid") is not None:
-            check_grid(settings["grid"])
+        transition_grid(settings.get("transitions"), settings.get("grid"))   # refused before any model call
         self.model, self.reward, self.method = model, reward, method
         self.guidance = settings.pop("guidance", None)
         self.timings = settings.pop("timings", None)

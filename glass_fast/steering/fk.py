@@ -27,7 +27,7 @@ import torch
 
 from ..model import FlowModel
 from ..plan import check_calls
-from ..sampling import METHODS, check_grid, check_sampler_options
+from ..sampling import METHODS, check_sampler_options, transition_grid
 from ..transitions import FiniteGuard, guided_denoised
 from .guidance import time_window
 from .potentials import PotentialState, check_potential
@@ -71,7 +71,7 @@ class FKSteering:
         >>> results = [steer(torch.randn(4, 8, 2, device="cuda")) for _ in range(3)]  # captured once
     """
 
-    def __init__(self, model: FlowModel, reward, *, method: str = "glass", transitions: int = 5,
+    def __init__(self, model: FlowModel, reward, *, method: str = "glass", transitions: int | None = None,
                  inner_steps: int = 10, rho=0.4, solver: str = "euler", potential: str = "diff",
                  lmbda: float = 1.0, resample: str = "systematic", ess_threshold: float = 0.5,
                  resample_window=(0.0, 1.0), resample_every: int = 1, final_correction: bool = True,
@@ -83,8 +83,7 @@ class FKSteering:
                                      resample_every, value_samples, guidance, final_correction)
         check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph, rho)
         resample_every, value_samples = int(resample_every), int(value_samples)
-        if grid is not None:
-            check_grid(grid)
+        transition_grid(transitions, grid)   # refused here, before any particle is drawn
         self.model, self.reward = model, reward
         self.sampler_options = dict(method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
                                     solver=solver, compile=compile, cuda_graph=cuda_graph, grid=grid)
@@ -189,8 +188,8 @@ class FKSteering:
                               timings=secs)
 
 
-def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "glass", transitions: int = 5,
-                inner_steps: int = 10, rho=0.4, solver: str = "euler", potential: str = "diff",
+def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "glass",
+                transitions: int | None = None, inner_steps: int = 10, rho=0.4, solver: str = "euler", potential: str = "diff",
                 lmbda: float = 1.0, resample: str = "systematic", ess_threshold: float = 0.5,
                 resample_window=(0.0, 1.0), resample_every: int = 1, final_correction: bool = True,
                 guidance=None, generator: torch.Generator | None = None, progress: bool = False,

@@ -25,7 +25,7 @@ from .value import PosteriorValue
 
 
 def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: int = 4, method: str = "glass",
-                transitions: int = 5, inner_steps: int = 10, rho=0.4, solver: str = "euler",
+                transitions: int | None = None, inner_steps: int = 10, rho=0.4, solver: str = "euler",
                 generator: torch.Generator | None = None, progress: bool = False, timings: bool | None = None,
                 max_batch: int | None = None, grid: torch.Tensor | None = None,
                 value_samples: int | None = None, compile=None, cuda_graph: bool = False) -> SteeringResult:
