@@ -213,11 +213,17 @@ def test_steering_methods(benchmark, name):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--groups", type=int, default=2000, help="outputs per method")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--groups", type=int, default=2000, help="outputs per method (default: 2000)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--gpu-check", action="store_true", help="host-sync audit and timings on CUDA")
     args = parser.parse_args()
+    if args.groups < 2:  # KS and W1 distances need at least two outputs
+        parser.error(f"--groups must be an integer >= 2, got {args.groups}")
+    try:
+        torch.empty(1, device=args.device)
+    except (RuntimeError, AssertionError) as exc:
+        parser.error(f"--device {args.device!r} cannot be used here ({str(exc).splitlines()[0][:200]}); use cpu")
     if args.gpu_check:
         print(gpu_check())
         raise SystemExit(0)

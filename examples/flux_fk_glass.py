@@ -57,25 +57,45 @@ def colourfulness(images: torch.Tensor, prompts) -> torch.Tensor:
     return images.std(dim=1).mean(dim=(1, 2))
 
 
+def _positive(text: str) -> int:
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _check_args(ap, args) -> None:
+    """Bad paths and devices fail here, in one line, before minutes of model loading."""
+    for flag, path in (("--model", None if args.tiny else args.model), ("--clip", args.clip)):
+        if path is not None and not os.path.isdir(path):
+            ap.error(f"{flag} {path!r} is not a folder; give the local folder of the saved model")
+    try:
+        torch.empty(1, device=args.device)
+    except (RuntimeError, AssertionError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:300]
+        ap.error(f"--device {args.device!r} cannot be used here ({reason}); use cpu"
+                 + (" or cuda" if torch.cuda.is_available() else ""))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="FLUX + FK steering over GLASS transitions")
     ap.add_argument("--model", default=os.environ.get("FLUX_PATH"), help="local FLUX.1-dev folder")
     ap.add_argument("--clip", default=os.environ.get("CLIP_PATH"), help="local CLIP folder (reward)")
     ap.add_argument("--tiny", action="store_true", help="tiny random weights instead of --model")
     ap.add_argument("--prompt", action="append", help="prompt (repeat for several groups)")
-    ap.add_argument("--particles", type=int, default=8)
-    ap.add_argument("--transitions", type=int, default=5)
-    ap.add_argument("--inner-steps", type=int, default=10)
+    ap.add_argument("--particles", type=_positive, default=8)
+    ap.add_argument("--transitions", type=_positive, default=5)
+    ap.add_argument("--inner-steps", type=_positive, default=10)
     ap.add_argument("--rho", type=float, default=0.4)
     ap.add_argument("--lmbda", type=float, default=10.0, help="reward temperature (CLIP cosines span ~0.1)")
     ap.add_argument("--guidance", type=float, default=3.5, help="FLUX distilled guidance")
-    ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--max-batch", type=int, default=4)
+    ap.add_argument("--size", type=_positive, default=1024)
+    ap.add_argument("--max-batch", type=_positive, default=4)
     ap.add_argument("--offload", action="store_true", help="model CPU offload (low-memory GPUs)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="flux_fk_glass")
     args = ap.parse_args(argv)
+    _check_args(ap, args)
 
     from glass_fast.integrations.diffusers import sample, steer
     from glass_fast.integrations.rewards import CLIPScoreReward
@@ -103,10 +123,13 @@ def main(argv=None) -> int:
 
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     t0 = time.perf_counter()
-    images, res = steer(pipe, prompts, reward, particles=args.particles, method="glass",
-                        transitions=args.transitions, inner_steps=args.inner_steps, rho=args.rho, lmbda=args.lmbda,
-                        guidance_scale=args.guidance, height=size, width=size, generator=g,
-                        max_batch=args.max_batch, output_type="pil", progress=True, **extra)
+    try:
+        images, res = steer(pipe, prompts, reward, particles=args.particles, method="glass",
+                            transitions=args.transitions, inner_steps=args.inner_steps, rho=args.rho,
+                            lmbda=args.lmbda, guidance_scale=args.guidance, height=size, width=size, generator=g,
+                            max_batch=args.max_batch, output_type="pil", progress=True, **extra)
+    except ValueError as exc:  # the library's argument checks (rho, lmbda, size) name the value and what is allowed
+        ap.error(str(exc).splitlines()[0])
     secs = time.perf_counter() - t0
     # The baseline at the same budget: one plain ODE sample per prompt (50 calls; steering spent 400).
     base = sample(pipe, prompts, method="ode", transitions=args.transitions * args.inner_steps, inner_steps=1,

@@ -2,7 +2,7 @@
 
     glass-fast                      # = glass-fast demo: steer toward a 3, compare with baselines, write PNGs
     glass-fast sample --method glass --n 64
-    glass-fast steer --digit 7 --method glass --particles 8
+    glass-fast steer --digit 7 --method fks-glass --particles 8
     glass-fast bench --table all --out bench_out
 
 Bad arguments exit with status 2 and one line on stderr (no traceback).
@@ -20,6 +20,18 @@ import torch
 PROG = "glass-fast"
 COMMANDS = ("demo", "sample", "steer", "bench")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
+SAMPLE_METHODS = ("glass", "ode", "sde", "plugin")
+STEER_METHODS = ("fks-glass", "fks-glass-guided", "fks-sde", "fks-ode", "bon-glass", "bon-sde", "bon-ode", "beam-glass")
+TWO_CALL_SOLVERS = ("midpoint", "heun")  # two model calls per inner step
+MAX_SEED = 2**63 - 2  # torch seeds are 64-bit; the sampler's generator uses seed + 1
+MIN_KS_SAMPLES = 100  # below this the asymptotic KS critical value is meaningless
+EXAMPLES = """examples:
+  glass-fast                                    same as glass-fast demo
+  glass-fast demo --digit 7                     steer toward a 7 with every method, write demo_out/demo.png
+  glass-fast sample --method glass --n 64       plain samples and quality metrics
+  glass-fast steer --method fks-glass --digit 7 one steering method
+  glass-fast bench --out bench_out              the README's digits tables (minutes)
+  glass-fast COMMAND --help                     the options of one command"""
 
 
 class UsageError(Exception):
@@ -67,20 +79,35 @@ def _nonneg_float(name):
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number >= 0, got {text!r}") from None
-        if not value >= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a number >= 0, got {value}")
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {text!r}") from None
+        if not 0 <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {text}")
         return value
     return parse
+
+
+def _seed(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer in [0, {MAX_SEED}], got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer in [0, {MAX_SEED}], got {value}")
+    return value
+
+
+def _ks_samples(text):
+    value = _positive("--ks-samples")(text)
+    if value < MIN_KS_SAMPLES:
+        raise argparse.ArgumentTypeError(f"--ks-samples must be an integer >= {MIN_KS_SAMPLES}, got {value}")
+    return value
 
 
 def _common(p: argparse.ArgumentParser, *, out: str) -> None:
     g = p.add_argument_group("common options")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     g.add_argument("--dtype", default="float32", choices=DTYPES, help="sampler dtype (default: float32)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    g.add_argument("--particles", type=_positive("--particles"), default=8,
-                   help="particles per group for best-of-N / FK steering (default: 8)")
+    g.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     g.add_argument("--transitions", type=_positive("--transitions"), default=5, help="transitions (default: 5)")
     g.add_argument("--inner-steps", type=_positive("--inner-steps"), default=10,
                    help="model calls per transition (default: 10)")
@@ -94,7 +121,13 @@ def _common(p: argparse.ArgumentParser, *, out: str) -> None:
                         "mostly add synchronisation)")
 
 
+def _particles(p):
+    p.add_argument("--particles", type=_positive("--particles"), default=8,
+                   help="particles per group for best-of-N / FK steering / beam search (default: 8)")
+
+
 def _steer_options(p):
+    _particles(p)
     p.add_argument("--digit", type=_digit, default=3, help="target digit 0..9 (default: 3)")
     p.add_argument("--groups", type=_positive("--groups"), default=16, help="outputs per method (default: 16)")
     p.add_argument("--lmbda", type=_nonneg_float("--lmbda"), default=1.0,
@@ -102,7 +135,9 @@ def _steer_options(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="GLASS Flows on a small digits model: sample, steer, benchmark.")
+    parser = _Parser(prog=PROG, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     description="GLASS Flows on the small digits model shipped with glass_fast: sample, steer "
+                                 "toward a digit, reproduce the README's tables. Without a command: demo.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{demo,sample,steer,bench}")
 
     p = sub.add_parser("demo", help="steer toward a digit with every method at equal model calls (default)")
@@ -110,25 +145,30 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, out="demo_out")
 
     p = sub.add_parser("sample", help="plain sampling; prints quality metrics, writes a grid")
-    p.add_argument("--method", default="glass", choices=("glass", "ode", "sde", "plugin"))
+    p.add_argument("--method", default="glass", choices=SAMPLE_METHODS, help="sampler (default: glass)")
     p.add_argument("--n", type=_positive("--n"), default=64, help="number of samples (default: 64)")
     _common(p, out="out")
 
     p = sub.add_parser("steer", help="one steering run; prints rewards, writes a grid")
-    p.add_argument("--method", default="fks-glass", choices=("fks-glass", "fks-glass-guided", "fks-sde", "fks-ode",
-                                                             "bon-glass", "bon-sde", "bon-ode", "beam-glass"))
-    p.add_argument("--potential", default="diff", choices=("diff", "max", "add", "immediate"))
+    p.add_argument("--method", default="fks-glass", choices=STEER_METHODS,
+                   help="fks-*: FK steering, bon-*: best-of-N, beam-glass: beam search, over GLASS / SDE / ODE "
+                        "transitions; fks-glass-guided adds reward guidance (default: fks-glass)")
+    p.add_argument("--potential", default="diff", choices=("diff", "max", "add", "immediate"),
+                   help="FK potential (default: diff)")
     _steer_options(p)
     _common(p, out="out")
 
     p = sub.add_parser("bench", help="the miniature paper tables (markdown) and plots")
-    p.add_argument("--table", default="all", choices=("quality", "steering", "accuracy", "all"))
+    p.add_argument("--table", default="all", choices=("quality", "steering", "accuracy", "all"),
+                   help="which table (default: all)")
     p.add_argument("--n", type=_positive("--n"), default=2000, help="samples per method, quality table (default: 2000)")
     p.add_argument("--groups", type=_positive("--groups"), default=64,
                    help="outputs per method and digit, steering table (default: 64)")
-    p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated target digits")
+    p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9",
+                   help="comma-separated target digits, steering table (default: 0,1,...,9)")
     p.add_argument("--lmbda", type=_nonneg_float("--lmbda"), default=1.0, help="FK reward temperature (default: 1)")
-    p.add_argument("--ks-samples", type=_positive("--ks-samples"), default=20000,
+    _particles(p)
+    p.add_argument("--ks-samples", type=_ks_samples, default=20000,
                    help="samples per KS estimate, accuracy table (default: 20000)")
     _common(p, out="bench_out")
     return parser
@@ -136,18 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _parse(argv) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # No subcommand (or only options): the demo is the default job.
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        raise UsageError(f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)} "
+                         f"(or give options only, for the demo)")
+    # No subcommand (only options): the demo is the default job.
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
         argv = ["demo"] + argv
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        if str(exc).startswith("unrecognized arguments") and argv[0] in COMMANDS:
+            raise UsageError(f"{exc} ({PROG} {argv[0]} --help lists its options)") from None
+        raise
     args.argv = argv
-    if args.device != "cpu":
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise UsageError(f"--device {args.device!r} is not a torch device; use e.g. cpu or cuda") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device!r} is not available here (torch sees no CUDA device); use cpu")
+    _check_device(args.device)
+    _check_inner_steps(args)
     if getattr(args, "digits", None) is not None:
         try:
             args.digits = [_digit(d.strip()) for d in args.digits.split(",") if d.strip()]
@@ -158,6 +201,54 @@ def _parse(argv) -> argparse.Namespace:
     args.torch_dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     return args
+
+
+def _check_device(name: str) -> None:
+    if name == "cpu":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device; use e.g. cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name!r} is not available here (torch sees no CUDA device); use cpu")
+    try:  # a device torch knows by name may still be missing (cuda:7 on one GPU, mps without Metal)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        # torch's first sentence says why; the rest (dispatch-key lists) is noise on a command line
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:300]
+        raise UsageError(f"--device {name!r} cannot be used here ({reason}); use cpu"
+                         + (" or cuda" if torch.cuda.is_available() else "")) from None
+
+
+def _uses_solver(args) -> bool:
+    """Whether --solver reaches a GLASS or ODE sampler in this command (SDE, plug-in and KS runs ignore it)."""
+    if args.command == "sample":
+        return args.method in ("glass", "ode")
+    if args.command == "steer":
+        return "glass" in args.method or "ode" in args.method
+    return args.command == "demo" or args.table in ("steering", "all")
+
+
+def _check_inner_steps(args) -> None:
+    solver = args.solver if _uses_solver(args) and args.solver in TWO_CALL_SOLVERS else None
+    if args.command == "bench" and args.table in ("quality", "all"):
+        solver = solver or "midpoint"  # the quality table has a GLASS-midpoint row at the same model calls
+    if solver and args.inner_steps % 2:
+        raise UsageError(f"--inner-steps must be even with the {solver} solver (2 model calls per step), "
+                         f"got {args.inner_steps}")
+
+
+def _make_out(path: str) -> None:
+    """Create the output folder before the run, so that a bad --out fails before minutes of sampling."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--out {path!r} is a file; give a folder (created if missing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {path!r} cannot be created ({exc.strerror}); give a writable folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {path!r} is not writable; give a writable folder")
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -349,6 +440,7 @@ def main(argv=None) -> int:
     try:
         args = _parse(argv)
         run = COMMAND_FUNCTIONS[args.command]
+        _make_out(args.out)
         start = time.perf_counter()
         run(args)
         if not args.quiet:

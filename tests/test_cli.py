@@ -7,7 +7,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--transitions", "2", "--inner-steps", "2", "--particles", "2", "--quiet"]
+SAMPLER = ["--transitions", "2", "--inner-steps", "2", "--quiet"]
+TINY = SAMPLER + ["--particles", "2"]  # steering commands (demo, steer, bench)
 
 
 def run_cli(*args, timeout=240):
@@ -40,7 +41,7 @@ def test_no_subcommand_means_demo():
 
 def test_sample(tmp_path):
     method = "sde"
-    res = run_cli("sample", "--method", method, "--n", "8", "--rho", "ddpm", "--out", str(tmp_path), *TINY)
+    res = run_cli("sample", "--method", method, "--n", "8", "--rho", "ddpm", "--out", str(tmp_path), *SAMPLER)
     assert_ok(res)
     assert f"method={method} samples=8 model calls=4" in res.stdout
     assert (tmp_path / "samples.png").exists() and (tmp_path / "samples.pt").exists()
@@ -91,6 +92,24 @@ BAD_ARGUMENTS = [
     (["demo", "--no-such-flag"], "--no-such-flag"),
     (["sample", "--n", "many"], "--n"),
     (["demo", "--device", "cuda:7" if not shutil.which("nvidia-smi") else "nonsense"], "--device"),
+    (["demo", "--device", "cuda:99"], "'cuda:99'"),
+    (["demo", "--device", "mps"], "'mps'"),
+    (["frobnicate"], "unknown command 'frobnicate'; choose from demo, sample, steer, bench"),
+    (["sample", "--particles", "3"], "glass-fast sample --help"),
+    (["demo", "--groups", "-2"], "--groups must be an integer >= 1, got -2"),
+    (["steer", "--transitions", "0"], "--transitions must be an integer >= 1, got 0"),
+    (["sample", "--inner-steps", "-1"], "--inner-steps must be an integer >= 1, got -1"),
+    (["demo", "--threads", "0"], "--threads must be an integer >= 1, got 0"),
+    (["demo", "--lmbda", "inf"], "--lmbda must be a finite number >= 0, got inf"),
+    (["demo", "--lmbda", "-1"], "--lmbda must be a finite number >= 0, got -1"),
+    (["demo", "--seed", "-1"], "--seed must be an integer in [0, 9223372036854775806], got -1"),
+    (["demo", "--seed", str(2**70)], "--seed must be an integer in [0, "),
+    (["bench", "--ks-samples", "5"], "--ks-samples must be an integer >= 100, got 5"),
+    (["steer", "--solver", "heun", "--inner-steps", "3"], "--inner-steps must be even with the heun solver"),
+    # The quality table has a GLASS-midpoint row whatever --solver says.
+    (["bench", "--table", "quality", "--inner-steps", "5"], "--inner-steps must be even with the midpoint solver"),
+    (["steer", "--method", "fks-sde", "--potential", "best"], "argument --potential: invalid choice: 'best'"),
+    (["bench", "--table", "speed"], "argument --table: invalid choice: 'speed'"),
 ]
 
 
@@ -104,6 +123,56 @@ def test_bad_arguments_give_one_line_and_status_2(capsys, args, needle):
     assert len(lines) == 1, err
     assert lines[0].startswith("glass-fast: error:") and needle in lines[0]
     assert out == ""
+
+
+@pytest.mark.parametrize("kind", ["file", "unreachable"])
+def test_bad_output_folder_is_a_usage_error(tmp_path, capsys, kind):
+    from glass_fast.cli import main
+
+    if kind == "file":
+        out = tmp_path / "taken"
+        out.write_text("")
+        needle = f"--out {str(out)!r} is a file"
+    else:
+        blocker = tmp_path / "blocker"
+        blocker.write_text("")
+        out = blocker / "sub"  # a folder below a file cannot be created
+        needle = f"--out {str(out)!r} cannot be created"
+    assert main(["demo", "--out", str(out), *TINY]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"glass-fast: error: {needle}"), lines
+    assert not out.is_dir()
+
+
+def test_solver_checks_apply_only_where_the_solver_is_used():
+    from glass_fast.cli import _parse
+
+    # The SDE ignores --solver, and the accuracy table sets its own model calls: odd inner steps are fine.
+    assert _parse(["sample", "--method", "sde", "--solver", "heun", "--inner-steps", "3"]).inner_steps == 3
+    assert _parse(["bench", "--table", "accuracy", "--inner-steps", "3"]).inner_steps == 3
+    assert _parse(["steer", "--method", "bon-sde", "--solver", "midpoint", "--inner-steps", "1"]).solver == "midpoint"
+
+
+def test_sample_does_not_take_particles_but_steering_commands_do():
+    from glass_fast.cli import _parse
+
+    for command in ("demo", "steer", "bench"):
+        assert _parse([command, "--particles", "3"]).particles == 3
+
+
+def test_help_of_every_command(capsys):
+    from glass_fast.cli import COMMANDS, main
+
+    for argv in [["--help"]] + [[c, "--help"] for c in COMMANDS]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: glass-fast" + (f" {argv[0]}" if len(argv) > 1 else ""))
+        if len(argv) == 1:
+            assert "Without a command: demo" in out and "examples:" in out
+        else:
+            assert "--out" in out and "--device" in out
 
 
 def test_bad_argument_in_a_real_process():

@@ -172,3 +172,13 @@ def test_ode_samples_are_confidently_classified_like_real_digits():
     se = (real_rate * (1 - real_rate) / 359 + gen_rate * (1 - gen_rate) / n) ** 0.5
     assert gen_rate > real_rate - 0.1 - 3 * se
     assert zoo.class_diversity(x) > 9.0
+
+
+@pytest.mark.parametrize("module", ["glass_fast.zoo", "glass_fast.zoo.data", "glass_fast.zoo.models",
+                                    "glass_fast.zoo.metrics"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0, result
