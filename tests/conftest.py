@@ -50,3 +50,18 @@ def klein():
     pytest.importorskip("diffusers")
     from diffusers_parts import tiny_flux2
     return tiny_flux2(guidance_embeds=False)
+
+
+# Tiny random FLUX.1 Fill (32 features beside the state's) and Control (16) parts.
+@pytest.fixture(scope="module")
+def flux_fill():
+    pytest.importorskip("diffusers")
+    from diffusers_parts import tiny_flux, tiny_flux_channels_transformer
+    return tiny_flux(tiny_flux_channels_transformer(32))
+
+
+@pytest.fixture(scope="module")
+def flux_control():
+    pytest.importorskip("diffusers")
+    from diffusers_parts import tiny_flux, tiny_flux_channels_transformer
+    return tiny_flux(tiny_flux_channels_transformer(16, seed=5))

@@ -122,3 +122,24 @@ def flux2_pipeline(parts, cls_name: str = "Flux2Pipeline", **config):
                                         text_encoder=None, tokenizer=None, **config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ------------------------------------------------------------------------------------- FLUX.1 Fill and Control
+def tiny_flux_channels_transformer(extra: int, seed: int = 4):
+    """A FLUX.1 transformer reading ``extra`` features per token beyond its 16 state features (FLUX.1 Fill:
+    16 masked-image + 16 mask features with the tiny VAE's scale factor 2; Control: 16)."""
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16 + extra, out_channels=16, num_layers=1,
+                                  num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                  joint_attention_dim=DIM, pooled_projection_dim=DIM, guidance_embeds=True,
+                                  axes_dims_rope=(4, 6, 6)).eval()
+
+
+def sharpen_posterior(vae):
+    """The VAE with its posterior's log-variance pinned to -30 (std 3e-7): a draw equals the mean to float
+    precision, for comparisons where the pipelines draw per generated image and glass_fast once per prompt."""
+    conv = vae.quant_conv
+    with torch.no_grad():
+        conv.weight[vae.config.latent_channels:] = 0.0
+        conv.bias[vae.config.latent_channels:] = -30.0
+    return vae

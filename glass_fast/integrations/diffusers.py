@@ -19,6 +19,7 @@ from ..plan import check_calls
 from ..sampling import DEFAULT_TRANSITIONS, Sampler, transition_grid
 from ..transitions import check_state
 from .diffusers_adapter import NAMES, DiffusersFlow, SkipLayerGuidance, transformer_kind  # noqa: F401
+from .diffusers_channels import ChannelCondition, control_latents, fill_latents  # noqa: F401
 from .diffusers_conditioning import Conditioning, context_tokens, encode, image_prompts  # noqa: F401
 from .diffusers_flux import flux2_guidance, reference_tokens
 from .rewards import CLIPScoreReward, ImageGuidance, ImageReward, LatentReward  # noqa: F401
@@ -234,12 +235,13 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
            ip_adapter_image_embeds=None, negative_ip_adapter_image=None, negative_ip_adapter_image_embeds=None,
            compile=None, cuda_graph: bool = False, prompt_2=None, prompt_3=None, negative_prompt_2=None,
            negative_prompt_3=None, sigmas=None, context_image=None, context_auto_resize: bool = True,
-           text_encoder_out_layers=None):
+           text_encoder_out_layers=None, mask_image=None, masked_image_latents=None, control_image=None):
     """Generate images from a FLUX.1, FLUX.2 or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
 
     Args:
         pipe: FluxPipeline / Flux2Pipeline / Flux2KleinPipeline / StableDiffusion3Pipeline (and FLUX.1's
-            img2img and Kontext pipelines), an object with .transformer/.scheduler/.vae, or a DiffusersFlow.
+            img2img, Kontext, Fill and Control pipelines), an object with .transformer/.scheduler/.vae, or a
+            DiffusersFlow.
         prompt: str or list of P strings (needs text encoders unless prompt_embeds are given).
         prompt_embeds, pooled_prompt_embeds: [P, S, D] and [P, Dp] precomputed embeddings (FLUX.2: no pooled).
         negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds: classifier-free guidance's
@@ -251,7 +253,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
         inner_steps: model calls per transition (ODE: Euler steps inside each transition).
         rho, solver: GLASS correlation and inner solver (see ``glass_fast.glass_transition``).
         guidance_scale: SD3: CFG weight (default 7.0); FLUX.1: distilled guidance embedding (default 3.5, as
-            FluxPipeline; FluxImg2ImgPipeline's default is 7.0: pass it to match that pipeline); FLUX.2 [dev]
+            FluxPipeline, and 30.0 with FLUX.1 Fill, as FluxFillPipeline; FluxImg2ImgPipeline's and
+            FluxControlImg2ImgPipeline's default is 7.0: pass it to match them); FLUX.2 [dev]
             (Flux2Pipeline): guidance embedding (default 4.0); FLUX.2 Klein: CFG weight (default 4.0; a
             step-wise distilled Klein takes none).
         true_cfg_scale: FLUX.1 and FLUX.2 [dev] only: real CFG weight, active above 1 with a negative prompt.
@@ -303,20 +306,31 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
             encoders (FLUX: prompt_2 for T5; SD3: prompt_2 for CLIP-G, prompt_3 for T5); None: prompt's.
         text_encoder_out_layers: FLUX.2 only: the text encoder's hidden layers its embeddings stack (None: the
             pipeline's default).
+        mask_image, masked_image_latents: FLUX.1 Fill (FluxFillPipeline) with ``image``: the mask (white is
+            repainted; one, or one per prompt) or the packed condition itself [1 or P, L, 4C + 4 f^2]; ``image``
+            is also the image-to-image start at ``strength`` (default 1.0: pure noise, FluxFillPipeline's), and
+            guidance_scale defaults to 30.0 (FluxFillPipeline's). See ``diffusers_channels``.
+        control_image: FLUX.1 Canny / Depth (FluxControlPipeline): the control image (one, or one per prompt),
+            whose packed latents join every transformer call along features.
     Returns:
         The images (or latents) of the P * num_images_per_prompt rows.
     """
     _check_output(output_type)
     _check_capturable(cuda_graph, skip_guidance_layers)
     image, context_image = _kontext_image(pipe, image, context_image, strength)
+    chan = ChannelCondition(pipe, image, strength, latents is not None, mask_image, masked_image_latents,
+                            control_image, context_image)
+    image, strength, guidance_scale = chan.image, chan.strength, chan.guidance(guidance_scale)
     args = locals()   # the pipeline-style arguments sample and steer share, by name
     embeds, skip = ({k: args[k] for k in names} for names in (_EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS, _SKIP_LAYER_ARGS))
     flow, cond, model, height, width, grid = _setup(pipe, prompt, embeds, num_images_per_prompt,
                                                     "num_images_per_prompt", height, width, guidance_scale,
                                                     true_cfg_scale, max_batch, joint_attention_kwargs, transitions,
                                                     grid, skip, sigmas)
+    chan.attach(flow, cond, height, width, generator, before_noise=True)
     x, grid = _start(flow, latents, cond.num_prompts, num_images_per_prompt, height, width, generator, grid, image,
                      strength)
+    chan.attach(flow, cond, height, width, generator, before_noise=False)
     check_state(model, x, generator)
     sampler = Sampler(model, method=method, transitions=len(grid) - 1, inner_steps=inner_steps, rho=rho,
                       solver=solver, grid=grid, device=x.device, dtype=x.dtype, compile=compile,
@@ -341,8 +355,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
           skip_layer_guidance_stop: float = 0.2, ip_adapter_image=None, ip_adapter_image_embeds=None,
           negative_ip_adapter_image=None, negative_ip_adapter_image_embeds=None, prompt_2=None, prompt_3=None,
           negative_prompt_2=None, negative_prompt_3=None, sigmas=None, context_image=None,
-          context_auto_resize: bool = True, text_encoder_out_layers=None, algorithm: str = "fk",
-          **steering_options):
+          context_auto_resize: bool = True, text_encoder_out_layers=None, mask_image=None,
+          masked_image_latents=None, control_image=None, algorithm: str = "fk", **steering_options):
     """Feynman-Kac steering of a FLUX.1, FLUX.2 or SD3 pipeline towards p(image | prompt)
     exp(lmbda reward(image)), or beam search for high-reward images.
 
@@ -355,7 +369,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     Args:
         pipe, prompt, prompt_embeds, ..., max_sequence_length, joint_attention_kwargs, guidance,
             skip_guidance_layers, ..., ip_adapter_image, ..., prompt_2, ..., sigmas, context_image, ...,
-            text_encoder_out_layers: as in
+            text_encoder_out_layers, mask_image, masked_image_latents, control_image: as in
             ``sample`` (guidance shifts the proposal's model calls; its reward may differ from ``reward``).
         reward: an ``ImageReward``: reward(images [N, 3, H, W] in [0, 1], prompts list of N) -> Tensor[N].
         particles: K particles per prompt.
@@ -383,6 +397,9 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
         raise TypeError(f"reward must be callable(images, prompts) -> Tensor[N], got {type(reward).__name__}")
     _check_capturable(steering_options.get("cuda_graph", False), skip_guidance_layers)
     image, context_image = _kontext_image(pipe, image, context_image, strength)
+    chan = ChannelCondition(pipe, image, strength, latents is not None, mask_image, masked_image_latents,
+                            control_image, context_image)
+    image, strength, guidance_scale = chan.image, chan.strength, chan.guidance(guidance_scale)
     args = locals()   # the pipeline-style arguments sample and steer share, by name
     embeds, skip = ({k: args[k] for k in names} for names in (_EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS, _SKIP_LAYER_ARGS))
     flow, cond, model, height, width, grid = _setup(pipe, prompt, embeds, particles, "particles", height, width,
@@ -396,7 +413,9 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
         raise ValueError(f"latents must have shape {(p, particles) + shape} ([prompts, particles, state]), "
                          f"got {got}")
     flat = None if latents is None else latents.reshape((p * particles,) + tuple(latents.shape[2:]))
+    chan.attach(flow, cond, height, width, generator, before_noise=True)
     noise, grid = _start(flow, flat, p, particles, height, width, generator, grid, image, strength)
+    chan.attach(flow, cond, height, width, generator, before_noise=False)
     noise = noise.reshape((p, particles) + shape)
     scorer = LatentReward(flow, reward, cond.prompts, p, particles, height, width, max_batch)
     steering_options["grid"] = grid

@@ -32,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ..model import FlowModel
 from ..schedules import LinearSchedule
+from .diffusers_channels import check_features
 from .diffusers_conditioning import Conditioning
 from .diffusers_flux import check_flux2_pipeline, flux2_guidance, flux2_mu, packed_image_ids, text_ids
 
@@ -122,7 +123,8 @@ class DiffusersFlow:
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
     def latent_channels(self) -> int:
-        c = self.transformer.config.in_channels
+        """VAE latent channels of the state: the transformer's output (FLUX.1 Fill and Control read more)."""
+        c = getattr(self.transformer.config, "out_channels", None) or self.transformer.config.in_channels
         return c // 4 if self.kind in PACKED else c
 
     def pack(self, lat: torch.Tensor) -> torch.Tensor:
@@ -200,7 +202,8 @@ class DiffusersFlow:
     def predict(self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
                 height: int, width: int, guidance_scale: float | None = None,
                 attention_kwargs: dict | None = None, skip_layers: tuple[int, ...] | None = None,
-                context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                context: tuple[torch.Tensor, torch.Tensor] | None = None,
+                channels: torch.Tensor | None = None) -> torch.Tensor:
         """One transformer call, diffusers' convention: v = eps - z at noise level ``sigma``.
 
         Args:
@@ -213,6 +216,7 @@ class DiffusersFlow:
             skip_layers: SD3 only: transformer blocks to skip (skip-layer guidance's extra call).
             context: FLUX.1 Kontext's or FLUX.2's reference images: (tokens [N, L, 4C], ids [L, 3] (FLUX.1) or
                 [L, 4] (FLUX.2)), appended to the image tokens; the output is read on x's tokens.
+            channels: FLUX.1 Fill's or Control's condition [N, L, features], appended to x's features.
         Returns:
             [N, *state_shape] raw transformer output.
         """
@@ -225,7 +229,8 @@ class DiffusersFlow:
             txt_ids = text_ids(self.kind, embeds.shape[1], x.device, x.dtype)
             g = self.embedded_guidance(guidance_scale)
             guidance = None if g is None else torch.full((x.shape[0],), g, device=x.device, dtype=torch.float32)
-            hidden = x
+            check_features(self, x.shape[-1], channels)
+            hidden = x if channels is None else torch.cat([x, channels.to(x.dtype)], dim=2)
             if context is not None:
                 hidden = torch.cat([x, context[0].to(x.dtype)], dim=1)
                 img_ids = torch.cat([img_ids, context[1].to(x.dtype)])
@@ -299,7 +304,8 @@ class DiffusersFlow:
                                         _rows(cond.negative_pooled, cond.pooled, idx=idx),
                                         height, width, guidance_scale,
                                         cond.attention_kwargs(self.kind, attention_kwargs, idx, True),
-                                        context=cond.context_rows(idx, cfg_pair=True)).float()
+                                        context=cond.context_rows(idx, cfg_pair=True),
+                                        channels=cond.channel_rows(idx, cfg_pair=True)).float()
                     unc, con = both.chunk(2)
                     v = unc + cfg_scale * (con - unc)
                     slg = skip_layer_guidance
@@ -315,7 +321,8 @@ class DiffusersFlow:
                 else:
                     v = self.predict(xc, sc, cond.prompt_embeds[idx], _rows(cond.pooled, idx=idx), height, width,
                                      guidance_scale, cond.attention_kwargs(self.kind, attention_kwargs, idx, False),
-                                     context=cond.context_rows(idx, cfg_pair=False))
+                                     context=cond.context_rows(idx, cfg_pair=False),
+                                     channels=cond.channel_rows(idx, cfg_pair=False))
                 outs.append((-v).to(x.dtype))  # u = dx/dt = z - eps = -v
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 

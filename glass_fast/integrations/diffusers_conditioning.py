@@ -30,6 +30,8 @@ class Conditioning:
         negative_image_embeds: the same for the unconditional branch (with classifier-free guidance).
         context, context_ids: FLUX.1 Kontext's reference image (or FLUX.2's reference images) as packed latent
             tokens [P, L, 4C] and their position ids [L, 3] (FLUX.2: [L, 4]), or None.
+        channels: FLUX.1 Fill's or Control's condition [P, L, features], concatenated to the state's features
+            in every call (``diffusers_channels``), or None.
     """
 
     prompt_embeds: torch.Tensor
@@ -41,6 +43,7 @@ class Conditioning:
     negative_image_embeds: list | None = None
     context: torch.Tensor | None = None
     context_ids: torch.Tensor | None = None
+    channels: torch.Tensor | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -50,8 +53,11 @@ class Conditioning:
         """(tokens, ids) of the reference image for ``rows`` (prompt indices; twice for a CFG pair), or None."""
         if self.context is None:
             return None
-        tokens = self.context[rows]
-        return (torch.cat([tokens, tokens]) if cfg_pair else tokens), self.context_ids
+        return _pair(self.context[rows], cfg_pair), self.context_ids
+
+    def channel_rows(self, rows: torch.Tensor, cfg_pair: bool) -> torch.Tensor | None:
+        """The channel-concatenated condition of ``rows`` (prompt indices; twice for a CFG pair), or None."""
+        return None if self.channels is None else _pair(self.channels[rows], cfg_pair)
 
     def attention_kwargs(self, kind: str, base: dict | None, rows: torch.Tensor, cfg_pair: bool) -> dict | None:
         """``base`` joint_attention_kwargs plus the IP-Adapter image prompts of ``rows`` (prompt indices), in
@@ -62,6 +68,11 @@ class Conditioning:
         branches = (self.negative_image_embeds, self.image_embeds) if cfg_pair else (self.image_embeds,)
         per_adapter = [torch.cat([branch[i][rows] for branch in branches]) for i in range(len(self.image_embeds))]
         return {**(base or {}), "ip_adapter_image_embeds": per_adapter if kind == "flux" else per_adapter[0]}
+
+
+def _pair(rows: torch.Tensor, cfg_pair: bool) -> torch.Tensor:
+    """Rows for one call: twice, stacked, for classifier-free guidance's (unconditional, conditional) pair."""
+    return torch.cat([rows, rows]) if cfg_pair else rows
 
 
 def _prompts(prompt):
