@@ -143,3 +143,66 @@ def sharpen_posterior(vae):
         conv.weight[vae.config.latent_channels:] = 0.0
         conv.bias[vae.config.latent_channels:] = -30.0
     return vae
+
+
+# ----------------------------------------------------------------------------------------- FLUX.1 / SD3 ControlNets
+def _unzero(model, seed: int):
+    """ControlNets start with zero-initialised output projections (their residuals vanish); random values make
+    the residuals, and so the comparisons, sensitive to every input."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().any():
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tiny_flux_controlnet(seed: int = 6, **config):
+    """A FluxControlNetModel shaped like the tiny FLUX.1 transformer (``num_mode=`` for a union ControlNet,
+    ``conditioning_embedding_channels=`` for one embedding pixels with an input hint block, ``num_layers=``)."""
+    from diffusers import FluxControlNetModel
+    torch.manual_seed(seed)
+    config = dict(dict(num_layers=1, num_single_layers=1), **config)
+    net = FluxControlNetModel(patch_size=1, in_channels=16, attention_head_dim=16, num_attention_heads=2,
+                              joint_attention_dim=DIM, pooled_projection_dim=DIM, guidance_embeds=True,
+                              axes_dims_rope=(4, 6, 6), **config).eval()
+    return _unzero(net, seed)
+
+
+def tiny_sd3_controlnet_transformer(seed: int = 7):
+    """An SD3 transformer with two blocks: the last block takes no ControlNet residual (context_pre_only)."""
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=DIM, caption_projection_dim=16,
+                                 pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16).eval()
+
+
+def tiny_sd3_controlnet(seed: int = 8, **config):
+    """An SD3ControlNetModel shaped like ``tiny_sd3_controlnet_transformer`` (``force_zeros_for_pooled_projection``
+    defaults to True, as in SD3ControlNetModel; ``joint_attention_dim=None``: one reading no prompt tokens)."""
+    from diffusers import SD3ControlNetModel
+    torch.manual_seed(seed)
+    config = dict(dict(joint_attention_dim=DIM), **config)
+    net = SD3ControlNetModel(sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                             num_attention_heads=2, caption_projection_dim=16, pooled_projection_dim=16,
+                             out_channels=4, pos_embed_max_size=16, **config).eval()
+    return _unzero(net, seed)
+
+
+def tiny_flux_hint_parts(seed: int = 16):
+    """FLUX.1 parts for ControlNets with an input hint block (which embeds pixels, downsampling by 8): a VAE
+    downsampling by 4, so that packed tokens are 8 pixels a side too, and a transformer of three double blocks,
+    so that the hint ControlNet's two residuals repeat over them (block i reads residual i % 2) rather than
+    being spread (block i reads residual floor(i / 1.5))."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=SIZE, scaling_factor=1.5,
+                        shift_factor=0.06).eval()
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=3, num_single_layers=1, attention_head_dim=16,
+                                num_attention_heads=2, joint_attention_dim=DIM, pooled_projection_dim=DIM,
+                                guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+    parts = tiny_flux(tr)
+    parts.vae = vae
+    return parts

@@ -21,7 +21,8 @@ from ..transitions import check_state
 from .diffusers_adapter import NAMES, DiffusersFlow, SkipLayerGuidance, transformer_kind  # noqa: F401
 from .diffusers_channels import ChannelCondition, control_latents, fill_latents  # noqa: F401
 from .diffusers_conditioning import Conditioning, context_tokens, encode, image_prompts  # noqa: F401
-from .diffusers_flux import flux2_guidance, reference_tokens
+from .diffusers_controlnet import ControlNetArgs
+from .diffusers_flux import check_flux2_images, flux2_guidance, kontext_image, reference_tokens
 from .rewards import CLIPScoreReward, ImageGuidance, ImageReward, LatentReward  # noqa: F401
 
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
@@ -56,7 +57,7 @@ def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, w
     context, auto_resize = images.pop("context_image"), images.pop("context_auto_resize")
     references = None
     if flow.kind == "flux2":
-        _check_flux2_images(images, auto_resize)
+        check_flux2_images(images, auto_resize)
         if context is not None:   # the FLUX.2 pipelines' default size is their first reference image's
             references = reference_tokens(flow, context)
             height, width = (references[2][0] if height is None else height,
@@ -119,17 +120,6 @@ def _guidance(flow: DiffusersFlow, guidance_scale, true_cfg_scale, embeds: dict)
     return cfg_scale > 1.0 and negative, cfg_scale, guidance_scale
 
 
-def _check_flux2_images(images: dict, auto_resize) -> None:
-    """FLUX.2 has no IP-Adapters, and its reference images are prepared as its pipelines prepare them."""
-    given = [k for k, v in images.items() if v is not None]
-    if given:
-        raise ValueError(f"{', '.join(given)}: FLUX.2 pipelines take no IP-Adapter image prompts (their image "
-                         f"conditioning is reference images: image= or context_image=)")
-    if auto_resize is not True:
-        raise ValueError(f"context_auto_resize={auto_resize!r} is FLUX.1 Kontext's; FLUX.2's reference images are "
-                         f"prepared as its pipelines prepare them (shrunk above 1024 x 1024 pixels)")
-
-
 def _bind_guidance(guidance, flow: DiffusersFlow, cond, per_prompt: int, height: int, width: int, max_batch):
     """The sampler hook of an ``ImageGuidance`` over this call's rows, or None."""
     if guidance is None:
@@ -190,25 +180,6 @@ def postprocess(flow: DiffusersFlow, x: torch.Tensor, height: int, width: int, o
     return VaeImageProcessor(vae_scale_factor=flow.vae_scale_factor).postprocess(img, output_type=output_type)
 
 
-def _kontext_image(pipe, image, context_image, strength):
-    """(image, context_image): FluxKontextPipeline's ``image`` is its reference image, not an img2img start;
-    so is the FLUX.2 pipelines' (reference images; FLUX.2 has no image-to-image pipeline). ``strength``, an
-    image-to-image argument, is refused with a reference image rather than ignored."""
-    if image is None:
-        return image, context_image
-    flux2 = as_flow(pipe).kind == "flux2"
-    owner = pipe.pipeline if isinstance(pipe, DiffusersFlow) else pipe
-    if not flux2 and type(owner).__name__ != "FluxKontextPipeline":
-        return image, context_image
-    name = "FLUX.2's reference image" if flux2 else "FLUX.1 Kontext's reference image"
-    if context_image is not None:
-        raise ValueError(f"pass {name} once: image= (as the pipeline takes it) or context_image=")
-    if strength is not None:
-        raise ValueError(f"strength={strength!r} applies to image-to-image, but image= is {name} here (this "
-                         "pipeline has no image-to-image mode): leave strength unset")
-    return None, image
-
-
 def _check_capturable(cuda_graph: bool, skip_guidance_layers) -> None:
     if cuda_graph and skip_guidance_layers is not None:
         raise ValueError("skip-layer guidance decides on the host, at every call, whether its extra transformer "
@@ -235,13 +206,15 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
            ip_adapter_image_embeds=None, negative_ip_adapter_image=None, negative_ip_adapter_image_embeds=None,
            compile=None, cuda_graph: bool = False, prompt_2=None, prompt_3=None, negative_prompt_2=None,
            negative_prompt_3=None, sigmas=None, context_image=None, context_auto_resize: bool = True,
-           text_encoder_out_layers=None, mask_image=None, masked_image_latents=None, control_image=None):
+           text_encoder_out_layers=None, mask_image=None, masked_image_latents=None, control_image=None,
+           controlnet_conditioning_scale=None, control_guidance_start=None, control_guidance_end=None,
+           control_mode=None):
     """Generate images from a FLUX.1, FLUX.2 or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
 
     Args:
         pipe: FluxPipeline / Flux2Pipeline / Flux2KleinPipeline / StableDiffusion3Pipeline (and FLUX.1's
-            img2img, Kontext, Fill and Control pipelines), an object with .transformer/.scheduler/.vae, or a
-            DiffusersFlow.
+            img2img, Kontext, Fill, Control and ControlNet pipelines, SD3's img2img and ControlNet pipelines), an
+            object with .transformer/.scheduler/.vae (and .controlnet), or a DiffusersFlow.
         prompt: str or list of P strings (needs text encoders unless prompt_embeds are given).
         prompt_embeds, pooled_prompt_embeds: [P, S, D] and [P, Dp] precomputed embeddings (FLUX.2: no pooled).
         negative_prompt, negative_prompt_embeds, negative_pooled_prompt_embeds: classifier-free guidance's
@@ -311,15 +284,26 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
             is also the image-to-image start at ``strength`` (default 1.0: pure noise, FluxFillPipeline's), and
             guidance_scale defaults to 30.0 (FluxFillPipeline's). See ``diffusers_channels``.
         control_image: FLUX.1 Canny / Depth (FluxControlPipeline): the control image (one, or one per prompt),
-            whose packed latents join every transformer call along features.
+            whose packed latents join every transformer call along features. With a ControlNet pipeline
+            (FluxControlNetPipeline, StableDiffusion3ControlNetPipeline: ``pipe.controlnet``): the ControlNet's
+            image (one, or one per prompt; a multi-ControlNet: a list of those, one per ControlNet).
+        controlnet_conditioning_scale, control_guidance_start, control_guidance_end, control_mode: as in the
+            ControlNet pipelines (defaults 1.0, 0.0, 1.0; a list: one per control image); ``control_mode``: a
+            union ControlNet's control type. The steps' window becomes the glass_fast times those steps span
+            on the grid (``diffusers_controlnet``). FluxControlNetPipeline's default guidance_scale is 7.0:
+            pass it to match it.
     Returns:
         The images (or latents) of the P * num_images_per_prompt rows.
     """
     _check_output(output_type)
     _check_capturable(cuda_graph, skip_guidance_layers)
-    image, context_image = _kontext_image(pipe, image, context_image, strength)
+    image, context_image = kontext_image(pipe, image, context_image, strength)
+    ctl = ControlNetArgs(pipe, control_image, controlnet_conditioning_scale, control_guidance_start,
+                         control_guidance_end, control_mode)
     chan = ChannelCondition(pipe, image, strength, latents is not None, mask_image, masked_image_latents,
-                            control_image, context_image)
+                            None if ctl.net is not None else control_image, context_image)
+    ctl.check(as_flow(pipe), image, chan.kind, context_image, (ip_adapter_image, ip_adapter_image_embeds),
+              skip_guidance_layers)
     image, strength, guidance_scale = chan.image, chan.strength, chan.guidance(guidance_scale)
     args = locals()   # the pipeline-style arguments sample and steer share, by name
     embeds, skip = ({k: args[k] for k in names} for names in (_EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS, _SKIP_LAYER_ARGS))
@@ -328,9 +312,11 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
                                                     true_cfg_scale, max_batch, joint_attention_kwargs, transitions,
                                                     grid, skip, sigmas)
     chan.attach(flow, cond, height, width, generator, before_noise=True)
+    ctl.attach(flow, cond, height, width, generator, grid, before_noise=True)
     x, grid = _start(flow, latents, cond.num_prompts, num_images_per_prompt, height, width, generator, grid, image,
                      strength)
     chan.attach(flow, cond, height, width, generator, before_noise=False)
+    ctl.attach(flow, cond, height, width, generator, grid, before_noise=False)
     check_state(model, x, generator)
     sampler = Sampler(model, method=method, transitions=len(grid) - 1, inner_steps=inner_steps, rho=rho,
                       solver=solver, grid=grid, device=x.device, dtype=x.dtype, compile=compile,
@@ -356,7 +342,9 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
           negative_ip_adapter_image=None, negative_ip_adapter_image_embeds=None, prompt_2=None, prompt_3=None,
           negative_prompt_2=None, negative_prompt_3=None, sigmas=None, context_image=None,
           context_auto_resize: bool = True, text_encoder_out_layers=None, mask_image=None,
-          masked_image_latents=None, control_image=None, algorithm: str = "fk", **steering_options):
+          masked_image_latents=None, control_image=None, controlnet_conditioning_scale=None,
+          control_guidance_start=None, control_guidance_end=None, control_mode=None, algorithm: str = "fk",
+          **steering_options):
     """Feynman-Kac steering of a FLUX.1, FLUX.2 or SD3 pipeline towards p(image | prompt)
     exp(lmbda reward(image)), or beam search for high-reward images.
 
@@ -369,7 +357,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     Args:
         pipe, prompt, prompt_embeds, ..., max_sequence_length, joint_attention_kwargs, guidance,
             skip_guidance_layers, ..., ip_adapter_image, ..., prompt_2, ..., sigmas, context_image, ...,
-            text_encoder_out_layers, mask_image, masked_image_latents, control_image: as in
+            text_encoder_out_layers, mask_image, masked_image_latents, control_image,
+            controlnet_conditioning_scale, control_guidance_start, control_guidance_end, control_mode: as in
             ``sample`` (guidance shifts the proposal's model calls; its reward may differ from ``reward``).
         reward: an ``ImageReward``: reward(images [N, 3, H, W] in [0, 1], prompts list of N) -> Tensor[N].
         particles: K particles per prompt.
@@ -396,9 +385,13 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     if not callable(reward):
         raise TypeError(f"reward must be callable(images, prompts) -> Tensor[N], got {type(reward).__name__}")
     _check_capturable(steering_options.get("cuda_graph", False), skip_guidance_layers)
-    image, context_image = _kontext_image(pipe, image, context_image, strength)
+    image, context_image = kontext_image(pipe, image, context_image, strength)
+    ctl = ControlNetArgs(pipe, control_image, controlnet_conditioning_scale, control_guidance_start,
+                         control_guidance_end, control_mode)
     chan = ChannelCondition(pipe, image, strength, latents is not None, mask_image, masked_image_latents,
-                            control_image, context_image)
+                            None if ctl.net is not None else control_image, context_image)
+    ctl.check(as_flow(pipe), image, chan.kind, context_image, (ip_adapter_image, ip_adapter_image_embeds),
+              skip_guidance_layers)
     image, strength, guidance_scale = chan.image, chan.strength, chan.guidance(guidance_scale)
     args = locals()   # the pipeline-style arguments sample and steer share, by name
     embeds, skip = ({k: args[k] for k in names} for names in (_EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS, _SKIP_LAYER_ARGS))
@@ -414,8 +407,10 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
                          f"got {got}")
     flat = None if latents is None else latents.reshape((p * particles,) + tuple(latents.shape[2:]))
     chan.attach(flow, cond, height, width, generator, before_noise=True)
+    ctl.attach(flow, cond, height, width, generator, grid, before_noise=True)
     noise, grid = _start(flow, flat, p, particles, height, width, generator, grid, image, strength)
     chan.attach(flow, cond, height, width, generator, before_noise=False)
+    ctl.attach(flow, cond, height, width, generator, grid, before_noise=False)
     noise = noise.reshape((p, particles) + shape)
     scorer = LatentReward(flow, reward, cond.prompts, p, particles, height, width, max_batch)
     steering_options["grid"] = grid

@@ -203,7 +203,7 @@ class DiffusersFlow:
                 height: int, width: int, guidance_scale: float | None = None,
                 attention_kwargs: dict | None = None, skip_layers: tuple[int, ...] | None = None,
                 context: tuple[torch.Tensor, torch.Tensor] | None = None,
-                channels: torch.Tensor | None = None) -> torch.Tensor:
+                channels: torch.Tensor | None = None, control=None) -> torch.Tensor:
         """One transformer call, diffusers' convention: v = eps - z at noise level ``sigma``.
 
         Args:
@@ -217,6 +217,8 @@ class DiffusersFlow:
             context: FLUX.1 Kontext's or FLUX.2's reference images: (tokens [N, L, 4C], ids [L, 3] (FLUX.1) or
                 [L, 4] (FLUX.2)), appended to the image tokens; the output is read on x's tokens.
             channels: FLUX.1 Fill's or Control's condition [N, L, features], appended to x's features.
+            control: the call's ControlNet residuals, fn(x, sigma, embeds, pooled, guidance, attention_kwargs,
+                txt_ids, img_ids) -> the transformer's keyword arguments (``Conditioning.control_rows``).
         Returns:
             [N, *state_shape] raw transformer output.
         """
@@ -235,12 +237,16 @@ class DiffusersFlow:
                 hidden = torch.cat([x, context[0].to(x.dtype)], dim=1)
                 img_ids = torch.cat([img_ids, context[1].to(x.dtype)])
             pooled_kw = {} if self.kind == "flux2" else {"pooled_projections": pooled}
+            if control is not None:
+                pooled_kw.update(control(x, sigma.to(x.dtype), embeds, pooled, g, attention_kwargs, txt_ids, img_ids))
             out = tr(hidden_states=hidden, timestep=sigma.to(x.dtype), guidance=guidance, encoder_hidden_states=embeds,
                      txt_ids=txt_ids, img_ids=img_ids, joint_attention_kwargs=extra, return_dict=False,
                      **pooled_kw)[0]
             return out if context is None else out[:, :x.shape[1]]
         timestep = sigma.to(torch.float32) * self.scheduler_config.get("num_train_timesteps", 1000)
         skip = {} if skip_layers is None else {"skip_layers": list(skip_layers)}
+        if control is not None:
+            skip.update(control(x, timestep, embeds, pooled, None, attention_kwargs))
         return tr(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled,
                   joint_attention_kwargs=extra, return_dict=False, **skip)[0]
 
@@ -305,7 +311,8 @@ class DiffusersFlow:
                                         height, width, guidance_scale,
                                         cond.attention_kwargs(self.kind, attention_kwargs, idx, True),
                                         context=cond.context_rows(idx, cfg_pair=True),
-                                        channels=cond.channel_rows(idx, cfg_pair=True)).float()
+                                        channels=cond.channel_rows(idx, cfg_pair=True),
+                                        control=cond.control_rows(idx, t[lo:lo + size], cfg_pair=True)).float()
                     unc, con = both.chunk(2)
                     v = unc + cfg_scale * (con - unc)
                     slg = skip_layer_guidance
@@ -322,7 +329,8 @@ class DiffusersFlow:
                     v = self.predict(xc, sc, cond.prompt_embeds[idx], _rows(cond.pooled, idx=idx), height, width,
                                      guidance_scale, cond.attention_kwargs(self.kind, attention_kwargs, idx, False),
                                      context=cond.context_rows(idx, cfg_pair=False),
-                                     channels=cond.channel_rows(idx, cfg_pair=False))
+                                     channels=cond.channel_rows(idx, cfg_pair=False),
+                                     control=cond.control_rows(idx, t[lo:lo + size], cfg_pair=False))
                 outs.append((-v).to(x.dtype))  # u = dx/dt = z - eps = -v
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 

@@ -195,7 +195,8 @@ def fill_latents(flow: DiffusersFlow, image, mask_image, prompts: int, height: i
     return out.to(dtype=flow.dtype)
 
 
-def control_latents(flow: DiffusersFlow, control_image, prompts: int, height: int, width: int, generator=None):
+def control_latents(flow: DiffusersFlow, control_image, prompts: int, height: int, width: int, generator=None,
+                    name: str = "control_image"):
     """FLUX.1 Control's condition as FluxControlPipeline prepares it: [P, L, 4C] in the transformer's dtype.
 
     Images are resized to height x width (a 4-D Tensor is taken as pixels in [-1, 1], a 3-D one as packed
@@ -204,14 +205,21 @@ def control_latents(flow: DiffusersFlow, control_image, prompts: int, height: in
     the same for one image per prompt, a fresh draw for each further image of a prompt.
     """
     if isinstance(control_image, torch.Tensor) and control_image.dim() == 3:
-        return _packed("control_image", control_image, prompts, flow, height, width, "control")
+        return _packed(name, control_image, prompts, flow, height, width, "control")
+    pixels = control_pixels(flow, control_image, prompts, height, width, name)
+    return flow.encode_images(pixels, generator).to(dtype=flow.dtype)
+
+
+def control_pixels(flow: DiffusersFlow, control_image, prompts: int, height: int, width: int,
+                   name: str = "control_image") -> torch.Tensor:
+    """Control images as pixels [P, 3, height, width] in [-1, 1]: images are resized to height x width, a 4-D
+    Tensor is taken as pixels in [-1, 1] at that size; one image is repeated for every prompt."""
     if isinstance(control_image, torch.Tensor) and control_image.dim() == 4:
         pixels = control_image
     else:
         pixels = _processor(flow).preprocess(control_image, height=height, width=width)
-    _count("control_image", pixels.shape[0], prompts)
+    _count(name, pixels.shape[0], prompts)
     if tuple(pixels.shape[-2:]) != (height, width):
-        raise ValueError(f"control_image has {tuple(pixels.shape[-2:])} pixels; a Tensor of pixels must have the "
+        raise ValueError(f"{name} has {tuple(pixels.shape[-2:])} pixels; a Tensor of pixels must have the "
                          f"output's ({height}, {width})")
-    pixels = pixels.expand(prompts, -1, -1, -1) if pixels.shape[0] == 1 else pixels
-    return flow.encode_images(pixels, generator).to(dtype=flow.dtype)
+    return pixels.expand(prompts, -1, -1, -1) if pixels.shape[0] == 1 else pixels

@@ -6,6 +6,7 @@ particle) of a prompt later reads its prompt's row (``DiffusersFlow.flow_model``
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ class Conditioning:
             tokens [P, L, 4C] and their position ids [L, 3] (FLUX.2: [L, 4]), or None.
         channels: FLUX.1 Fill's or Control's condition [P, L, features], concatenated to the state's features
             in every call (``diffusers_channels``), or None.
+        control: the ControlNets and their per-prompt conditions (``diffusers_controlnet.ControlNets``), or None.
     """
 
     prompt_embeds: torch.Tensor
@@ -44,6 +46,7 @@ class Conditioning:
     context: torch.Tensor | None = None
     context_ids: torch.Tensor | None = None
     channels: torch.Tensor | None = None
+    control: object | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -58,6 +61,13 @@ class Conditioning:
     def channel_rows(self, rows: torch.Tensor, cfg_pair: bool) -> torch.Tensor | None:
         """The channel-concatenated condition of ``rows`` (prompt indices; twice for a CFG pair), or None."""
         return None if self.channels is None else _pair(self.channels[rows], cfg_pair)
+
+    def control_rows(self, rows: torch.Tensor, t: torch.Tensor, cfg_pair: bool):
+        """The ControlNet residuals of a call on ``rows`` (prompt indices) at glass_fast times ``t`` (once, also
+        for a CFG pair), as fn(x, sigma, embeds, pooled, guidance, attention_kwargs, txt_ids, img_ids), or None."""
+        if self.control is None:
+            return None
+        return functools.partial(self.control.residuals, rows, t, cfg_pair)
 
     def attention_kwargs(self, kind: str, base: dict | None, rows: torch.Tensor, cfg_pair: bool) -> dict | None:
         """``base`` joint_attention_kwargs plus the IP-Adapter image prompts of ``rows`` (prompt indices), in

@@ -116,3 +116,34 @@ def reference_tokens(flow: DiffusersFlow, image) -> tuple[torch.Tensor, torch.Te
         if i == 0:
             size = (height, width)
     return torch.cat(tokens, dim=1), torch.cat(ids), size
+
+
+def check_flux2_images(images: dict, auto_resize) -> None:
+    """FLUX.2 has no IP-Adapters, and its reference images are prepared as its pipelines prepare them."""
+    given = [k for k, v in images.items() if v is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: FLUX.2 pipelines take no IP-Adapter image prompts (their image "
+                         f"conditioning is reference images: image= or context_image=)")
+    if auto_resize is not True:
+        raise ValueError(f"context_auto_resize={auto_resize!r} is FLUX.1 Kontext's; FLUX.2's reference images are "
+                         f"prepared as its pipelines prepare them (shrunk above 1024 x 1024 pixels)")
+
+
+def kontext_image(pipe, image, context_image, strength):
+    """(image, context_image): FluxKontextPipeline's ``image`` is its reference image, not an img2img start;
+    so is the FLUX.2 pipelines' (reference images; FLUX.2 has no image-to-image pipeline). ``strength``, an
+    image-to-image argument, is refused with a reference image rather than ignored."""
+    if image is None:
+        return image, context_image
+    from .diffusers_adapter import DiffusersFlow
+    flux2 = DiffusersFlow.from_pipeline(pipe).kind == "flux2"
+    owner = pipe.pipeline if isinstance(pipe, DiffusersFlow) else pipe
+    if not flux2 and type(owner).__name__ != "FluxKontextPipeline":
+        return image, context_image
+    name = "FLUX.2's reference image" if flux2 else "FLUX.1 Kontext's reference image"
+    if context_image is not None:
+        raise ValueError(f"pass {name} once: image= (as the pipeline takes it) or context_image=")
+    if strength is not None:
+        raise ValueError(f"strength={strength!r} applies to image-to-image, but image= is {name} here (this "
+                         "pipeline has no image-to-image mode): leave strength unset")
+    return None, image
