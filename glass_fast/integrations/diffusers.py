@@ -98,6 +98,49 @@ def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, w
     return flow, cond, model, height, width, grid
 
 
+def _prepare(a: dict, per_name: str, grid, cuda_graph: bool):
+    """What sample and steer share: check and map the pipeline-style arguments ``a`` (the caller's locals, by
+    name), encode prompts and images, build the FlowModel and the transition grid, draw the start states.
+
+    ``per_name``: "num_images_per_prompt" (sample; ``latents`` [P * n, *state]) or "particles" (steer;
+    ``latents`` [P, K, *state]). Returns (adapter, conditioning, FlowModel, height, width, grid, start states
+    [P * rows, *state])."""
+    pipe, latents, generator, per_prompt = a["pipe"], a["latents"], a["generator"], a[per_name]
+    _check_capturable(cuda_graph, a["skip_guidance_layers"])
+    image, context_image = kontext_image(pipe, a["image"], a["context_image"], a["strength"])
+    ctl = ControlNetArgs(pipe, a["control_image"], a["controlnet_conditioning_scale"], a["control_guidance_start"],
+                         a["control_guidance_end"], a["control_mode"])
+    chan = ChannelCondition(pipe, image, a["strength"], latents is not None, a["mask_image"],
+                            a["masked_image_latents"], None if ctl.net is not None else a["control_image"],
+                            context_image)
+    ctl.check(as_flow(pipe), image, chan.kind, context_image, (a["ip_adapter_image"], a["ip_adapter_image_embeds"]),
+              a["skip_guidance_layers"])
+    embeds = {k: a[k] for k in _EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS} | {"context_image": context_image}
+    flow, cond, model, height, width, grid = _setup(pipe, a["prompt"], embeds, per_prompt, per_name, a["height"],
+                                                    a["width"], chan.guidance(a["guidance_scale"]),
+                                                    a["true_cfg_scale"], a["max_batch"], a["joint_attention_kwargs"],
+                                                    a["transitions"], grid, {k: a[k] for k in _SKIP_LAYER_ARGS},
+                                                    a["sigmas"])
+    if per_name == "particles" and latents is not None:
+        latents = _flat_particles(latents, cond.num_prompts, per_prompt, flow.state_shape(height, width))
+    chan.attach(flow, cond, height, width, generator, before_noise=True)
+    ctl.attach(flow, cond, height, width, generator, grid, before_noise=True)
+    x, grid = _start(flow, latents, cond.num_prompts, per_prompt, height, width, generator, grid, chan.image,
+                     chan.strength)
+    chan.attach(flow, cond, height, width, generator, before_noise=False)
+    ctl.attach(flow, cond, height, width, generator, grid, before_noise=False)
+    return flow, cond, model, height, width, grid, x
+
+
+def _flat_particles(latents, prompts: int, particles: int, shape: tuple) -> torch.Tensor:
+    """steer's ``latents`` [P, K, *state] as [P * K, *state] (its state layout is checked by ``_start``)."""
+    if not isinstance(latents, torch.Tensor) or latents.dim() < 2 or tuple(latents.shape[:2]) != (prompts, particles):
+        got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents must have shape {(prompts, particles) + shape} ([prompts, particles, state]), "
+                         f"got {got}")
+    return latents.reshape((prompts * particles,) + tuple(latents.shape[2:]))
+
+
 def _guidance(flow: DiffusersFlow, guidance_scale, true_cfg_scale, embeds: dict) -> tuple[bool, float, float | None]:
     """(classifier-free guidance on, its weight, the guidance embedding's value) as each pipeline reads its
     arguments: SD3 and FLUX.2 Klein: guidance_scale is the CFG weight (defaults 7.0 and 4.0); FLUX.1 and
@@ -296,27 +339,7 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
         The images (or latents) of the P * num_images_per_prompt rows.
     """
     _check_output(output_type)
-    _check_capturable(cuda_graph, skip_guidance_layers)
-    image, context_image = kontext_image(pipe, image, context_image, strength)
-    ctl = ControlNetArgs(pipe, control_image, controlnet_conditioning_scale, control_guidance_start,
-                         control_guidance_end, control_mode)
-    chan = ChannelCondition(pipe, image, strength, latents is not None, mask_image, masked_image_latents,
-                            None if ctl.net is not None else control_image, context_image)
-    ctl.check(as_flow(pipe), image, chan.kind, context_image, (ip_adapter_image, ip_adapter_image_embeds),
-              skip_guidance_layers)
-    image, strength, guidance_scale = chan.image, chan.strength, chan.guidance(guidance_scale)
-    args = locals()   # the pipeline-style arguments sample and steer share, by name
-    embeds, skip = ({k: args[k] for k in names} for names in (_EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS, _SKIP_LAYER_ARGS))
-    flow, cond, model, height, width, grid = _setup(pipe, prompt, embeds, num_images_per_prompt,
-                                                    "num_images_per_prompt", height, width, guidance_scale,
-                                                    true_cfg_scale, max_batch, joint_attention_kwargs, transitions,
-                                                    grid, skip, sigmas)
-    chan.attach(flow, cond, height, width, generator, before_noise=True)
-    ctl.attach(flow, cond, height, width, generator, grid, before_noise=True)
-    x, grid = _start(flow, latents, cond.num_prompts, num_images_per_prompt, height, width, generator, grid, image,
-                     strength)
-    chan.attach(flow, cond, height, width, generator, before_noise=False)
-    ctl.attach(flow, cond, height, width, generator, grid, before_noise=False)
+    flow, cond, model, height, width, grid, x = _prepare(locals(), "num_images_per_prompt", grid, cuda_graph)
     check_state(model, x, generator)
     sampler = Sampler(model, method=method, transitions=len(grid) - 1, inner_steps=inner_steps, rho=rho,
                       solver=solver, grid=grid, device=x.device, dtype=x.dtype, compile=compile,
@@ -384,34 +407,11 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
         raise ValueError("guidance is not supported with algorithm='beam'; use algorithm='fk'")
     if not callable(reward):
         raise TypeError(f"reward must be callable(images, prompts) -> Tensor[N], got {type(reward).__name__}")
-    _check_capturable(steering_options.get("cuda_graph", False), skip_guidance_layers)
-    image, context_image = kontext_image(pipe, image, context_image, strength)
-    ctl = ControlNetArgs(pipe, control_image, controlnet_conditioning_scale, control_guidance_start,
-                         control_guidance_end, control_mode)
-    chan = ChannelCondition(pipe, image, strength, latents is not None, mask_image, masked_image_latents,
-                            None if ctl.net is not None else control_image, context_image)
-    ctl.check(as_flow(pipe), image, chan.kind, context_image, (ip_adapter_image, ip_adapter_image_embeds),
-              skip_guidance_layers)
-    image, strength, guidance_scale = chan.image, chan.strength, chan.guidance(guidance_scale)
-    args = locals()   # the pipeline-style arguments sample and steer share, by name
-    embeds, skip = ({k: args[k] for k in names} for names in (_EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS, _SKIP_LAYER_ARGS))
-    flow, cond, model, height, width, grid = _setup(pipe, prompt, embeds, particles, "particles", height, width,
-                                                    guidance_scale, true_cfg_scale, max_batch,
-                                                    joint_attention_kwargs, transitions,
-                                                    steering_options.pop("grid", None), skip, sigmas)
-    p, shape = cond.num_prompts, flow.state_shape(height, width)
-    if latents is not None and (not isinstance(latents, torch.Tensor) or latents.dim() < 2
-                                or tuple(latents.shape[:2]) != (p, particles)):
-        got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-        raise ValueError(f"latents must have shape {(p, particles) + shape} ([prompts, particles, state]), "
-                         f"got {got}")
-    flat = None if latents is None else latents.reshape((p * particles,) + tuple(latents.shape[2:]))
-    chan.attach(flow, cond, height, width, generator, before_noise=True)
-    ctl.attach(flow, cond, height, width, generator, grid, before_noise=True)
-    noise, grid = _start(flow, flat, p, particles, height, width, generator, grid, image, strength)
-    chan.attach(flow, cond, height, width, generator, before_noise=False)
-    ctl.attach(flow, cond, height, width, generator, grid, before_noise=False)
-    noise = noise.reshape((p, particles) + shape)
+    grid = steering_options.pop("grid", None)
+    flow, cond, model, height, width, grid, noise = _prepare(locals(), "particles", grid,
+                                                             steering_options.get("cuda_graph", False))
+    p = cond.num_prompts
+    noise = noise.reshape((p, particles) + flow.state_shape(height, width))
     scorer = LatentReward(flow, reward, cond.prompts, p, particles, height, width, max_batch)
     steering_options["grid"] = grid
     if guidance is not None:
