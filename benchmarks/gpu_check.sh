@@ -24,7 +24,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 $PY -c "import torch, glass_fast.ops as o; print('torch', torch.__version__, 'backends', o.available_backends())"
 
 step "GPU tests"
-timeout 150 $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/test_ops.py tests/test_ops_particles.py \
+timeout 200 $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/test_ops.py tests/test_ops_particles.py \
   tests/test_ops_backend.py tests/test_capture.py 2>&1 | tail -12
 
 step "op bandwidth"
