@@ -19,13 +19,14 @@ from ..plan import check_calls
 from ..sampling import DEFAULT_TRANSITIONS, Sampler, transition_grid
 from ..transitions import check_state
 from .diffusers_adapter import NAMES, DiffusersFlow, SkipLayerGuidance, transformer_kind  # noqa: F401
-from .diffusers_channels import ChannelCondition, control_latents, fill_latents  # noqa: F401
+from .diffusers_channels import ChannelCondition, check_finite, control_latents, fill_latents  # noqa: F401
+from .diffusers_checks import (OUTPUT_TYPES, check_capturable, check_generator, check_output,  # noqa: F401
+                               check_steering_options, guidance_weight)
 from .diffusers_conditioning import Conditioning, context_tokens, encode, image_prompts  # noqa: F401
 from .diffusers_controlnet import ControlNetArgs
 from .diffusers_flux import check_flux2_images, flux2_guidance, kontext_image, reference_tokens
 from .rewards import CLIPScoreReward, ImageGuidance, ImageReward, LatentReward  # noqa: F401
 
-OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 _EMBEDDING_ARGS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt", "negative_prompt_embeds",
                    "negative_pooled_prompt_embeds", "max_sequence_length", "prompt_2", "prompt_3",
                    "negative_prompt_2", "negative_prompt_3", "text_encoder_out_layers")
@@ -106,7 +107,8 @@ def _prepare(a: dict, per_name: str, grid, cuda_graph: bool):
     ``latents`` [P, K, *state]). Returns (adapter, conditioning, FlowModel, height, width, grid, start states
     [P * rows, *state])."""
     pipe, latents, generator, per_prompt = a["pipe"], a["latents"], a["generator"], a[per_name]
-    _check_capturable(cuda_graph, a["skip_guidance_layers"])
+    check_capturable(cuda_graph, a["skip_guidance_layers"])
+    check_generator(generator, as_flow(pipe).device)
     image, context_image = kontext_image(pipe, a["image"], a["context_image"], a["strength"])
     ctl = ControlNetArgs(pipe, a["control_image"], a["controlnet_conditioning_scale"], a["control_guidance_start"],
                          a["control_guidance_end"], a["control_mode"])
@@ -146,6 +148,8 @@ def _guidance(flow: DiffusersFlow, guidance_scale, true_cfg_scale, embeds: dict)
     arguments: SD3 and FLUX.2 Klein: guidance_scale is the CFG weight (defaults 7.0 and 4.0); FLUX.1 and
     FLUX.2 [dev]: guidance_scale is the guidance embedding's value, and true_cfg_scale > 1 with a negative
     prompt adds true CFG (as FluxPipeline; FLUX.2 pipelines have no true_cfg_scale)."""
+    guidance_scale = guidance_weight("guidance_scale", guidance_scale)
+    true_cfg_scale = guidance_weight("true_cfg_scale", true_cfg_scale, none_ok=False)
     negative = embeds.get("negative_prompt") is not None or embeds.get("negative_prompt_embeds") is not None
     mode = flux2_guidance(flow) if flow.kind == "flux2" else None
     if mode in ("cfg", "distilled") and float(true_cfg_scale) != 1.0:
@@ -194,10 +198,13 @@ def _start(flow: DiffusersFlow, latents, prompts: int, per_prompt: int, height: 
         from diffusers.image_processor import VaeImageProcessor
         pixels = VaeImageProcessor(vae_scale_factor=flow.vae_scale_factor).preprocess(image, height=height,
                                                                                      width=width)
+        check_finite("image", pixels)
         if pixels.shape[0] not in (1, prompts):
             raise ValueError(f"image holds {pixels.shape[0]} images; pass one, or one per prompt ({prompts})")
         z = flow.encode_images(pixels, generator)
     shape = (rows,) + flow.state_shape(height, width)
+    if isinstance(latents, torch.Tensor) and latents.is_complex():
+        raise TypeError(f"latents must be a real Tensor, got {latents.dtype}")
     if latents is None:
         noise = flow.noise(rows, height, width, generator)
     elif not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
@@ -221,18 +228,6 @@ def postprocess(flow: DiffusersFlow, x: torch.Tensor, height: int, width: int, o
     with torch.no_grad():
         img = flow.decode(x, height, width, max_batch)
     return VaeImageProcessor(vae_scale_factor=flow.vae_scale_factor).postprocess(img, output_type=output_type)
-
-
-def _check_capturable(cuda_graph: bool, skip_guidance_layers) -> None:
-    if cuda_graph and skip_guidance_layers is not None:
-        raise ValueError("skip-layer guidance decides on the host, at every call, whether its extra transformer "
-                         "call runs, which a CUDA graph cannot replay: use it without cuda_graph=True "
-                         "(eagerly or with compile=)")
-
-
-def _check_output(output_type):
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
 
 
 def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt=None,
@@ -295,7 +290,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
             int(transitions * (1 - strength)) transitions are skipped (strength defaults to 0.6, as in the
             pipelines; it is refused without an image, or where ``image`` is a reference image). ``latents`` is
             then the noise mixed in.
-        generator: randomness for the starting noise and the stochastic transitions.
+        generator: randomness for the starting noise and the stochastic transitions: one torch.Generator on
+            the pipeline's device (not the pipelines' list of one per image: pass ``latents`` for that).
         max_batch: most rows per transformer or VAE call (guided rows count twice).
         output_type: "pt" ([N, 3, H, W] in [0, 1]), "np", "pil" or "latent" (final states).
         joint_attention_kwargs: given to every transformer call as the pipelines do (e.g. {"scale": s} for
@@ -338,8 +334,9 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
     Returns:
         The images (or latents) of the P * num_images_per_prompt rows.
     """
-    _check_output(output_type)
+    check_output(output_type)
     flow, cond, model, height, width, grid, x = _prepare(locals(), "num_images_per_prompt", grid, cuda_graph)
+    check_output(output_type, flow)
     check_state(model, x, generator)
     sampler = Sampler(model, method=method, transitions=len(grid) - 1, inner_steps=inner_steps, rho=rho,
                       solver=solver, grid=grid, device=x.device, dtype=x.dtype, compile=compile,
@@ -400,13 +397,15 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     ``grid`` (every grid gives exact GLASS transitions; only the step placement differs).
     """
     from ..steering import beam_search, fk_steering
-    _check_output(output_type)
+    check_output(output_type)
     if algorithm not in ("fk", "beam"):
         raise ValueError(f"algorithm must be 'fk' or 'beam', got {algorithm!r}")
     if algorithm == "beam" and guidance is not None:
         raise ValueError("guidance is not supported with algorithm='beam'; use algorithm='fk'")
     if not callable(reward):
         raise TypeError(f"reward must be callable(images, prompts) -> Tensor[N], got {type(reward).__name__}")
+    check_steering_options(algorithm, steering_options, dict(potential=potential, lmbda=lmbda, resample=resample,
+                                                             ess_threshold=ess_threshold), steer)
     grid = steering_options.pop("grid", None)
     flow, cond, model, height, width, grid, noise = _prepare(locals(), "particles", grid,
                                                              steering_options.get("cuda_graph", False))

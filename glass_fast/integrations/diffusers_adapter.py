@@ -176,8 +176,10 @@ class DiffusersFlow:
         kwargs = {}
         if custom is not None:
             custom = np.asarray(custom, dtype=np.float64)
-            if custom.ndim != 1 or custom.size < 1 or not np.all(np.isfinite(custom)):
-                raise ValueError(f"sigmas must be a 1-D sequence of finite noise levels, got {custom.tolist()}")
+            if (custom.ndim != 1 or custom.size < 1 or not np.all(np.isfinite(custom)) or np.any(custom <= 0)
+                    or np.any(custom > 1) or np.any(np.diff(custom) >= 0)):
+                raise ValueError(f"sigmas must be a 1-D sequence of finite noise levels, strictly decreasing in "
+                                 f"(0, 1] (the final 0 is appended), got {custom.tolist()}")
             steps = custom.size
         if self.kind in PACKED:
             seq_len = (h // 2) * (w // 2)
@@ -418,6 +420,8 @@ class SkipLayerGuidance:
     def __init__(self, layers, scale: float, window: tuple[float, float]):
         if isinstance(layers, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
             raise ValueError(f"skip_guidance_layers must be a list of block indices, got {layers!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
+            raise ValueError(f"skip_layer_guidance_scale must be a finite number, got {scale!r}")
         self.layers, self.scale = tuple(layers), float(scale)
         self.window = None if window is None else (float(window[0]), float(window[1]))
 

@@ -67,6 +67,13 @@ def _pipeline_name(pipe) -> str:
     return type(owner).__name__
 
 
+def check_finite(name: str, value: torch.Tensor) -> None:
+    """ValueError naming the argument when it holds NaN or Inf: caught here rather than as the NaN velocities
+    it would give."""
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} holds NaN or Inf values")
+
+
 def _count(name: str, n: int, prompts: int) -> None:
     if n not in (1, prompts):
         raise ValueError(f"{name} holds {n} images; pass one, or one per prompt ({prompts})")
@@ -165,6 +172,7 @@ def _packed(name: str, value, prompts: int, flow: DiffusersFlow, height: int, wi
         raise ValueError(f"{name} must be a Tensor [1 or {prompts}, {shape[0]}, {shape[1]}] (packed latents at this "
                          f"height and width), got {got}")
     _count(name, value.shape[0], prompts)
+    check_finite(name, value)
     return value.to(device=flow.device, dtype=flow.dtype).expand(prompts, -1, -1)
 
 
@@ -186,6 +194,8 @@ def fill_latents(flow: DiffusersFlow, image, mask_image, prompts: int, height: i
                       do_convert_grayscale=True).preprocess(mask_image, height=height, width=width).float()
     _count("image", pixels.shape[0], prompts)
     _count("mask_image", mask.shape[0], prompts)
+    check_finite("image", pixels)
+    check_finite("mask_image", mask)
     masked = flow.encode_images(pixels * (1 - mask), generator)   # one draw per masked image, as the pipeline
     h, w = flow.latent_hw(height, width)
     n = mask.shape[0]
@@ -219,6 +229,7 @@ def control_pixels(flow: DiffusersFlow, control_image, prompts: int, height: int
     else:
         pixels = _processor(flow).preprocess(control_image, height=height, width=width)
     _count(name, pixels.shape[0], prompts)
+    check_finite(name, pixels)
     if tuple(pixels.shape[-2:]) != (height, width):
         raise ValueError(f"{name} has {tuple(pixels.shape[-2:])} pixels; a Tensor of pixels must have the "
                          f"output's ({height}, {width})")

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .diffusers_channels import check_finite
+
 if TYPE_CHECKING:
     from .diffusers_adapter import DiffusersFlow
 
@@ -107,12 +109,35 @@ def _matching(name: str, value, n: int):
     return texts
 
 
-def _check_embeds(name: str, value, dims: int, rows: int | None):
+def _check_embeds(name: str, value, dims: int, rows: int | None, flow: DiffusersFlow | None = None,
+                  width_key: str | None = None, like=None):
+    """``value`` is a finite Tensor with ``dims`` dimensions and ``rows`` rows (at least one), whose last dimension
+    is the transformer config's ``width_key`` and whose shape past the rows is ``like``'s (the conditional
+    embeddings, which classifier-free guidance batches with the unconditional ones)."""
     if not isinstance(value, torch.Tensor) or value.dim() != dims:
         got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(f"{name} must be a Tensor with {dims} dimensions, got {got}")
     if rows is not None and value.shape[0] != rows:
         raise ValueError(f"{name} has {value.shape[0]} rows but there are {rows} prompts")
+    if value.shape[0] < 1:
+        raise ValueError(f"{name} must hold at least one prompt's row, got shape {tuple(value.shape)}")
+    width = None if width_key is None else flow.transformer.config.get(width_key, None)
+    if width is not None and value.shape[-1] != width:
+        raise ValueError(f"{name} has width {value.shape[-1]} (shape {tuple(value.shape)}) but the transformer reads "
+                         f"{width} ({width_key} in its config)")
+    if like is not None and value.shape[1:] != like.shape[1:]:
+        raise ValueError(f"{name} has shape {tuple(value.shape)} but {name.replace('negative_', '')} "
+                         f"{tuple(like.shape)}: classifier-free guidance runs both in one batched call, so they "
+                         f"need the same tokens and width (encode both with the same max_sequence_length)")
+    check_finite(name, value)
+
+
+def _unused_texts(embeds_name: str, embeds, **texts) -> None:
+    """Text prompts that precomputed embeddings would leave unread are refused (as the pipelines refuse them)."""
+    given = [k for k, v in texts.items() if v is not None]
+    if embeds is not None and given:
+        raise ValueError(f"{', '.join(given)} would be ignored: {embeds_name} is given, and the text encoders only "
+                         f"run without it; pass one or the other")
 
 
 def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt=None,
@@ -145,6 +170,9 @@ def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_promp
                          "pipeline has no such argument")
     prompts = _prompts(prompt)
     pipe = flow.pipeline
+    _unused_texts("prompt_embeds", prompt_embeds, prompt_2=prompt_2, prompt_3=prompt_3)
+    _unused_texts("negative_prompt_embeds", negative_prompt_embeds, negative_prompt=negative_prompt,
+                  negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3)
     if flow.kind == "flux" and (prompt_3 is not None or negative_prompt_3 is not None):
         raise ValueError("prompt_3 / negative_prompt_3 are for Stable Diffusion 3's third text encoder; FLUX has "
                          "two (prompt, prompt_2)")
@@ -191,14 +219,14 @@ def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_promp
                                    negative_prompt_embeds=negative_prompt_embeds,
                                    negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                                    max_sequence_length=max_sequence_length)
-    _check_embeds("prompt_embeds", prompt_embeds, 3, None)
+    _check_embeds("prompt_embeds", prompt_embeds, 3, None, flow, "joint_attention_dim")
     n = prompt_embeds.shape[0]
-    _check_embeds("pooled_prompt_embeds", pooled_prompt_embeds, 2, n)
+    _check_embeds("pooled_prompt_embeds", pooled_prompt_embeds, 2, n, flow, "pooled_projection_dim")
     if prompts is not None and len(prompts) != n:
         raise ValueError(f"prompt has {len(prompts)} entries but prompt_embeds has {n} rows: they must match")
     if cfg:
-        _check_embeds("negative_prompt_embeds", negative_prompt_embeds, 3, n)
-        _check_embeds("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, 2, n)
+        _check_embeds("negative_prompt_embeds", negative_prompt_embeds, 3, n, like=prompt_embeds)
+        _check_embeds("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, 2, n, like=pooled_prompt_embeds)
     to = dict(device=dev, dtype=flow.dtype)
     return Conditioning(prompt_embeds.to(**to), pooled_prompt_embeds.to(**to),
                         negative_prompt_embeds.to(**to) if cfg else None,
@@ -219,6 +247,7 @@ def _encode_flux2(flow: DiffusersFlow, prompts, prompt_embeds, pooled_prompt_emb
                          f"(pass prompt / prompt_embeds and negative_prompt / negative_prompt_embeds)")
     if prompt_embeds is None and prompts is None:
         raise ValueError("pass prompt or prompt_embeds")
+    _unused_texts("negative_prompt_embeds", negative_prompt_embeds, negative_prompt=negative_prompt)
     need_neg = cfg and negative_prompt_embeds is None
     pipe = flow.pipeline
     if (prompt_embeds is None or need_neg) and (pipe is None or getattr(pipe, "text_encoder", None) is None
@@ -234,7 +263,7 @@ def _encode_flux2(flow: DiffusersFlow, prompts, prompt_embeds, pooled_prompt_emb
     with torch.no_grad():
         if prompt_embeds is None:
             prompt_embeds = pipe.encode_prompt(prompt=prompts, **kw)[0]
-        _check_embeds("prompt_embeds", prompt_embeds, 3, None)
+        _check_embeds("prompt_embeds", prompt_embeds, 3, None, flow, "joint_attention_dim")
         n = prompt_embeds.shape[0]
         if need_neg:
             negative = "" if negative_prompt is None else negative_prompt
@@ -243,12 +272,7 @@ def _encode_flux2(flow: DiffusersFlow, prompts, prompt_embeds, pooled_prompt_emb
     if prompts is not None and len(prompts) != n:
         raise ValueError(f"prompt has {len(prompts)} entries but prompt_embeds has {n} rows: they must match")
     if cfg:
-        _check_embeds("negative_prompt_embeds", negative_prompt_embeds, 3, n)
-        if negative_prompt_embeds.shape[1:] != prompt_embeds.shape[1:]:
-            raise ValueError(f"negative_prompt_embeds has shape {tuple(negative_prompt_embeds.shape)} but "
-                             f"prompt_embeds {tuple(prompt_embeds.shape)}: classifier-free guidance runs both in "
-                             f"one batched call, so they need the same tokens and width (encode both with the "
-                             f"same max_sequence_length)")
+        _check_embeds("negative_prompt_embeds", negative_prompt_embeds, 3, n, like=prompt_embeds)
     to = dict(device=flow.device, dtype=flow.dtype)
     return Conditioning(prompt_embeds.to(**to), None, negative_prompt_embeds.to(**to) if cfg else None, None,
                         prompts)
@@ -290,6 +314,7 @@ def _image_prompt(flow: DiffusersFlow, name: str, images, embeds, adapters: int,
             got = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
             raise ValueError(f"{name}_embeds entries must be Tensors with a leading dimension of 1 or the number "
                              f"of prompts ({prompts}), got {got}")
+        check_finite(f"{name}_embeds", e)
         out.append(e.to(device=flow.device, dtype=flow.dtype).expand((prompts,) + tuple(e.shape[1:])))
     return out
 

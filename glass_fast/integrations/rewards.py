@@ -32,6 +32,8 @@ def check_scores(scores, rows: int, name: str = "reward") -> torch.Tensor:
     came back otherwise."""
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"{name} must return a Tensor[{rows}], got {type(scores).__name__}")
+    if scores.is_complex():
+        raise TypeError(f"{name} must return real scores, got a Tensor of {scores.dtype}")
     if scores.shape != (rows,):
         raise ValueError(f"{name} must return a Tensor of shape [{rows}] (one score per image), "
                          f"got shape {list(scores.shape)}")
