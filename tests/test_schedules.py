@@ -62,6 +62,31 @@ def _lin_parts():
     return lin.alpha, lin.sigma, lin.d_alpha, lin.d_sigma
 
 
+def test_custom_schedule_accepts_float32_callables_and_piecewise_linear_tables():
+    """The derivative check admits float32 rounding and kinks, yet refuses a derivative off by 1%."""
+    f32 = gf.CustomSchedule(lambda t: t.float(), lambda t: (1 - t).float(), lambda t: torch.ones_like(t).float(),
+                            lambda t: -torch.ones_like(t).float())
+    assert f32.alpha(torch.tensor([0.25])).item() == 0.25
+    # A discrete schedule as a table of 1000 knots, interpolated linearly (alpha^2 + sigma^2 = 1 at knots).
+    knots = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    a_tab = torch.sin(0.5 * math.pi * knots)
+    s_tab = torch.cos(0.5 * math.pi * knots).clamp_min(1e-4)
+
+    def table(values):
+        def at(t):
+            i = (t * 1000).floor().clamp(0, 999).long()
+            w = t * 1000 - i
+            return values[i] * (1 - w) + values[i + 1] * w
+        return at
+
+    def slope(values):
+        return lambda t: (values[1:] - values[:-1])[(t * 1000).floor().clamp(0, 999).long()] * 1000
+
+    gf.CustomSchedule(table(a_tab), table(s_tab), slope(a_tab), slope(s_tab))
+    with pytest.raises(ValueError, match="d_alpha is not the derivative of alpha"):
+        gf.CustomSchedule(table(a_tab), table(s_tab), lambda t: 1.01 * slope(a_tab)(t), slope(s_tab))
+
+
 def test_custom_schedule_is_checked_when_built():
     a, s, da, ds = _lin_parts()
     with pytest.raises(TypeError, match="alpha must accept a float64 Tensor of times"):
