@@ -252,3 +252,28 @@ def test_an_output_that_needs_the_missing_vae_is_refused_before_sampling(flux):
         gd.sample(novae, callback=lambda *a: calls.append(1), **kw)
     assert calls == []
     assert gd.sample(novae, **{**kw, "output_type": "latent"}).shape[0] == 2
+
+
+def test_a_subclass_of_a_pipeline_is_read_as_that_pipeline(flux):
+    """A user's subclass of FluxKontextPipeline keeps image= as Kontext's reference (not an image-to-image
+    start), and a subclass of a refused pipeline is refused too."""
+    import diffusers
+
+    from glass_fast.integrations.diffusers_flux import kontext_image
+
+    class MyKontext(diffusers.FluxKontextPipeline):
+        pass
+
+    class MyInpaint(diffusers.FluxInpaintPipeline):
+        pass
+
+    base = pipeline(flux, "FluxKontextPipeline")
+    mine = MyKontext(transformer=flux.transformer, scheduler=flux.scheduler, vae=flux.vae, text_encoder=None,
+                     tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    ref = object()
+    assert kontext_image(base, ref, None, None) == (None, ref)
+    assert kontext_image(mine, ref, None, None) == (None, ref)
+    inpaint = MyInpaint(transformer=flux.transformer, scheduler=flux.scheduler, vae=flux.vae, text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    with pytest.raises(TypeError, match="FluxInpaintPipeline is not supported"):
+        gd.sample(inpaint, height=32, width=32, **random_embeds(1, DIM))

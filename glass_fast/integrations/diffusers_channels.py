@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .diffusers_checks import pipeline_classes
+
 if TYPE_CHECKING:
     from .diffusers_adapter import DiffusersFlow
     from .diffusers_conditioning import Conditioning
@@ -61,12 +63,6 @@ def _missing(flow: DiffusersFlow) -> str:
     return "neither a FLUX.1 Fill nor a Control model's width"
 
 
-def _pipeline_name(pipe) -> str:
-    from .diffusers_adapter import DiffusersFlow
-    owner = pipe.pipeline if isinstance(pipe, DiffusersFlow) else pipe
-    return type(owner).__name__
-
-
 def check_finite(name: str, value: torch.Tensor) -> None:
     """ValueError naming the argument when it holds NaN or Inf: caught here rather than as the NaN velocities
     it would give."""
@@ -98,11 +94,12 @@ class ChannelCondition:
 
     def __init__(self, pipe, image, strength, latents_given: bool, mask_image=None, masked_image_latents=None,
                  control_image=None, context_image=None):
-        name = _pipeline_name(pipe)
-        if name in UNSUPPORTED:
+        classes = pipeline_classes(pipe)
+        if classes & set(UNSUPPORTED):
+            name = sorted(classes & set(UNSUPPORTED))[0]
             raise TypeError(f"{name} is not supported: glass_fast reproduces FLUX.1 inpainting with FLUX.1 Fill "
                             f"(FluxFillPipeline: image=, mask_image=)")
-        fill = name == "FluxFillPipeline" or mask_image is not None or masked_image_latents is not None
+        fill = "FluxFillPipeline" in classes or mask_image is not None or masked_image_latents is not None
         self.kind = "fill" if fill else ("control" if control_image is not None else None)
         self.mask_image, self.masked, self.control = mask_image, masked_image_latents, control_image
         self.image, self.strength, self.fill_image = image, strength, None

@@ -15,6 +15,14 @@ if TYPE_CHECKING:
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 
 
+def pipeline_classes(pipe) -> set[str]:
+    """The class names of the pipeline behind ``pipe`` (a pipeline or its DiffusersFlow adapter), its base
+    classes included, so that a user's subclass of a pipeline is read as that pipeline (nothing imported)."""
+    from .diffusers_adapter import DiffusersFlow
+    owner = pipe.pipeline if isinstance(pipe, DiffusersFlow) else pipe
+    return {c.__name__ for c in type(owner).__mro__}
+
+
 def check_output(output_type, flow: DiffusersFlow | None = None):
     """A known output_type; with ``flow``: one it can produce (decoding needs a VAE), checked before sampling."""
     if output_type not in OUTPUT_TYPES:

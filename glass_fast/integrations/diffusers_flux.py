@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .diffusers_checks import pipeline_classes
+
 if TYPE_CHECKING:
     from .diffusers_adapter import DiffusersFlow
 
@@ -137,8 +139,7 @@ def kontext_image(pipe, image, context_image, strength):
         return image, context_image
     from .diffusers_adapter import DiffusersFlow
     flux2 = DiffusersFlow.from_pipeline(pipe).kind == "flux2"
-    owner = pipe.pipeline if isinstance(pipe, DiffusersFlow) else pipe
-    if not flux2 and type(owner).__name__ != "FluxKontextPipeline":
+    if not flux2 and "FluxKontextPipeline" not in pipeline_classes(pipe):
         return image, context_image
     name = "FLUX.2's reference image" if flux2 else "FLUX.1 Kontext's reference image"
     if context_image is not None:
