@@ -17,12 +17,13 @@ import time
 
 import torch
 
+from .plan import steps_per_call
+
 PROG = "glass-fast"
 COMMANDS = ("demo", "sample", "steer", "bench")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 SAMPLE_METHODS = ("glass", "ode", "sde", "plugin")
 STEER_METHODS = ("fks-glass", "fks-glass-guided", "fks-sde", "fks-ode", "bon-glass", "bon-sde", "bon-ode", "beam-glass")
-TWO_CALL_SOLVERS = ("midpoint", "heun")  # two model calls per inner step
 MAX_SEED = 2**63 - 2  # torch seeds are 64-bit; the sampler's generator uses seed + 1
 MIN_KS_SAMPLES = 100  # below this the asymptotic KS critical value is meaningless
 EXAMPLES = """examples:
@@ -226,17 +227,20 @@ def _uses_solver(args) -> bool:
     if args.command == "sample":
         return args.method in ("glass", "ode")
     if args.command == "steer":
-        return "glass" in args.method or "ode" in args.method
+        return "glass" in args.method   # ODE proposals in steering always use Euler (run_steering_method)
     return args.command == "demo" or args.table in ("steering", "all")
 
 
 def _check_inner_steps(args) -> None:
-    solver = args.solver if _uses_solver(args) and args.solver in TWO_CALL_SOLVERS else None
+    solvers = [args.solver] if _uses_solver(args) else []
     if args.command == "bench" and args.table in ("quality", "all"):
-        solver = solver or "midpoint"  # the quality table has a GLASS-midpoint row at the same model calls
-    if solver and args.inner_steps % 2:
-        raise UsageError(f"--inner-steps must be even with the {solver} solver (2 model calls per step), "
-                         f"got {args.inner_steps}")
+        solvers.append("midpoint")  # the quality table has a GLASS-midpoint row at the same model calls
+    for solver in solvers:
+        try:
+            steps_per_call(args.inner_steps, solver)
+        except ValueError:
+            raise UsageError(f"--inner-steps must be even with the {solver} solver (2 model calls per step), "
+                             f"got {args.inner_steps}") from None
 
 
 def _make_out(path: str) -> None:

@@ -58,12 +58,12 @@ def _stack(rows, times, kinds, first_denoised, init=None) -> Plan:
                 first_denoised.expand(shape), None if init is None else init.expand(shape))
 
 
-def steps_per_call(calls: int, solver: str) -> tuple[int, int]:
-    """(solver steps, model calls per step) for a budget of ``calls`` model calls."""
+def steps_per_call(calls: int, solver: str, name: str = "inner_steps") -> tuple[int, int]:
+    """(solver steps, model calls per step) for a budget of ``calls`` model calls (the argument ``name``)."""
     per = 1 if solver == "euler" else 2
     if calls % per:
         raise ValueError(f"solver {solver!r} makes {per} model calls per step: the number of model calls "
-                         f"(inner_steps) must be a multiple of {per}, got {calls}")
+                         f"({name}) must be a multiple of {per}, got {calls}")
     return calls // per, per
 
 

@@ -8,7 +8,8 @@ import torch
 
 from . import ops
 from .model import FlowModel, denoiser_coefficients
-from .plan import Plan, as_times, check_calls, check_interval, check_solver, glass_plan, ode_plan, resolve_rho, sde_plan
+from .plan import (Plan, as_times, check_calls, check_interval, check_solver, glass_plan, ode_plan, resolve_rho, sde_plan,
+                   steps_per_call)
 
 
 def all_finite(t: torch.Tensor) -> torch.Tensor:
@@ -248,6 +249,7 @@ def ode_transition(model: FlowModel, x: torch.Tensor, t, t_next, *, steps: int =
     t, t_next = _interval(x, t, t_next)
     steps = check_calls(steps, "steps")
     check_solver(solver)
+    steps_per_call(steps, solver, "steps")
     return _run(model, ode_plan(model, t, t_next, steps, solver), x, None, denoised, "ode transition, ")
 
 

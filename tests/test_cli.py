@@ -151,6 +151,8 @@ def test_solver_checks_apply_only_where_the_solver_is_used():
     assert _parse(["sample", "--method", "sde", "--solver", "heun", "--inner-steps", "3"]).inner_steps == 3
     assert _parse(["bench", "--table", "accuracy", "--inner-steps", "3"]).inner_steps == 3
     assert _parse(["steer", "--method", "bon-sde", "--solver", "midpoint", "--inner-steps", "1"]).solver == "midpoint"
+    # ODE proposals in steering always integrate with Euler, whatever --solver says.
+    assert _parse(["steer", "--method", "fks-ode", "--solver", "midpoint", "--inner-steps", "5"]).inner_steps == 5
 
 
 def test_sample_does_not_take_particles_but_steering_commands_do():

@@ -250,3 +250,9 @@ def test_bad_mixtures_are_named(kwargs, match):
     args = dict(means=[[0.0, 0.0]], stds=[1.0], weights=[1.0]) | kwargs
     with pytest.raises(ValueError, match=match):
         gf.GaussianMixture(**args)
+
+
+def test_ode_transition_names_its_steps_argument(mixture):
+    m = mixture.flow_model(gf.LinearSchedule(), "x0")
+    with pytest.raises(ValueError, match=r"the number of model calls \(steps\) must be a multiple of 2, got 3"):
+        gf.ode_transition(m, torch.zeros(4, 2), 0.2, 0.5, steps=3, solver="midpoint")
