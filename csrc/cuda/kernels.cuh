@@ -135,7 +135,8 @@ __device__ __forceinline__ double exp_acc(double v) { return exp(v); }
 __device__ __forceinline__ float log_acc(float v) { return logf(v); }
 __device__ __forceinline__ double log_acc(double v) { return log(v); }
 
-// Row max of lw (as Acc); NaN-free inputs assumed except -inf (zero weights).
+// Row max of lw (as Acc). A NaN may be dropped by the max; callers still see it, as a NaN sum of
+// exp(lw - max), and so does +inf (inf - inf): such a group has no valid weights.
 template <typename T, typename Acc>
 __device__ Acc row_max(const T* lw, int64_t k, Acc* smem) {
   Acc m = -INFINITY;
