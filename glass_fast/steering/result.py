@@ -185,7 +185,7 @@ def check_particles(model, reward, noise, generator) -> tuple[int, int]:
 def check_selection_rewards(bad: torch.Tensor, dead_at: torch.Tensor, grid, who: str) -> None:
     """After a selection run (best-of-N, beam search): raise if every candidate of a group had a NaN or Inf
     reward (no best exists; ``dead_at[b]`` is the first transition where that happened, -1 never), and warn
-    with the number of such rewards otherwise (they never win). One host read, after the loop."""
+    with the number of such rewards otherwise (they rank below every finite one). One host read, after the loop."""
     dead_at = dead_at.cpu()
     groups = torch.nonzero(dead_at >= 0).flatten().tolist()
     if groups:
@@ -195,8 +195,8 @@ def check_selection_rewards(bad: torch.Tensor, dead_at: torch.Tensor, grid, who:
                            f"(t={float(grid[k]):.4f} -> {float(grid[k + 1]):.4f}){more}: no best candidate exists")
     bad = int(bad)
     if bad:
-        warnings.warn(f"{who}: the reward was NaN or Inf for {bad} candidate evaluations; those candidates were "
-                      f"never selected", UserWarning, stacklevel=3)
+        warnings.warn(f"{who}: the reward was NaN or Inf for {bad} candidate evaluations; those candidates ranked "
+                      f"below every candidate with a finite reward", UserWarning, stacklevel=3)
 
 
 def best_of_groups(samples: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:

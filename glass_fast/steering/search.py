@@ -50,7 +50,8 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
 
     Raises:
         RuntimeError: every child of a group scored NaN or Inf at some transition (nothing to keep); fewer
-        such scores only warn (they are never kept).
+        such scores only warn (they rank below every finite score: kept only where a group has fewer than K
+        children with finite scores, and then reported with reward -inf).
 
     Example:
         >>> res = beam_search(model, lambda x: x[:, 0], torch.randn(4, 2, 2), expansions=4)
