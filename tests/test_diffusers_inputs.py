@@ -277,3 +277,14 @@ def test_a_subclass_of_a_pipeline_is_read_as_that_pipeline(flux):
                         tokenizer=None, text_encoder_2=None, tokenizer_2=None)
     with pytest.raises(TypeError, match="FluxInpaintPipeline is not supported"):
         gd.sample(inpaint, height=32, width=32, **random_embeds(1, DIM))
+
+
+def test_numpy_scalars_are_numbers_everywhere(sd3):
+    """A NumPy scale is accepted like a float (guidance_scale already was), giving the same images."""
+    kw = dict(height=SIZE, width=SIZE, transitions=2, inner_steps=1, method="ode", output_type="latent",
+              skip_guidance_layers=[0], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0,
+              latents=torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3)),
+              **random_embeds(1, 16, negative=True))
+    as_numpy = gd.sample(sd3, guidance_scale=np.float32(4.0), skip_layer_guidance_scale=np.float32(2.5), **kw)
+    as_float = gd.sample(sd3, guidance_scale=4.0, skip_layer_guidance_scale=2.5, **kw)
+    torch.testing.assert_close(as_numpy, as_float, atol=0, rtol=0)

@@ -20,6 +20,7 @@ pipeline's starting point.
 """
 from __future__ import annotations
 
+import numbers
 import numpy as np
 import torch
 
@@ -420,7 +421,7 @@ class SkipLayerGuidance:
     def __init__(self, layers, scale: float, window: tuple[float, float]):
         if isinstance(layers, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
             raise ValueError(f"skip_guidance_layers must be a list of block indices, got {layers!r}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not np.isfinite(scale):
             raise ValueError(f"skip_layer_guidance_scale must be a finite number, got {scale!r}")
         self.layers, self.scale = tuple(layers), float(scale)
         self.window = None if window is None else (float(window[0]), float(window[1]))

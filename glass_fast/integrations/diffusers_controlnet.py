@@ -21,6 +21,7 @@ gives its residuals to both branches; SD3 runs it on the stacked (unconditional,
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -65,7 +66,7 @@ def _as_list(name: str, value, n: int) -> list:
 
 
 def _number(name: str, value, lo=None, hi=None) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
             or (lo is not None and not lo <= value <= hi)):
         allowed = "a number and finite" if lo is None else f"a number in [{lo}, {hi}]"
         raise ValueError(f"{name} must be {allowed} (or a list of them, one per control image), got {value!r}")
