@@ -14,6 +14,7 @@ encodes its image before the starting noise is drawn, FLUX.1 Fill its masked ima
 """
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING
 
 import torch
@@ -126,7 +127,8 @@ class ChannelCondition:
         self.fill_image = image
         self.strength = 1.0 if strength is None else strength
         # At strength 1 the start is the given noise, and the pipeline then encodes no start image.
-        if type(self.strength) in (int, float) and self.strength == 1 and latents_given:
+        if (isinstance(self.strength, numbers.Real) and not isinstance(self.strength, bool) and self.strength == 1
+                and latents_given):
             self.image, self.strength = None, None
 
     def guidance(self, guidance_scale):
