@@ -17,7 +17,7 @@ import torch
 
 from .model import FlowModel
 from .plan import check_calls
-from .transitions import all_finite, check_state
+from .transitions import FiniteGuard, all_finite, check_state
 
 DIVERGENCES = ("auto", "exact", "hutchinson")
 _EXACT_UP_TO = 32   # "auto": exact divergence up to this many dimensions per sample
@@ -65,13 +65,14 @@ def log_likelihood(model: FlowModel, x: torch.Tensor, *, steps: int = 100, solve
         raise ValueError(f"t_max must lie in ({lo}, 1] (above the model's lowest time), got {t_max!r}")
     grid = torch.linspace(min(top, hi), lo, steps + 1, dtype=torch.float64)
 
+    guard = FiniteGuard(x.device)   # NaN/Inf flags stay on the device; read once, after the loop
+
     def field(y: torch.Tensor, t: float, k: int):
         """(u_t(y), div u_t(y) in float64), both detached."""
         with torch.enable_grad():
             y = y.detach().requires_grad_(True)
             u = model.velocity(y, t)
-            if not bool(all_finite(u)):
-                raise FloatingPointError(f"log_likelihood: the model's velocity is NaN/Inf at t={t:.4f} (step {k})")
+            guard.note(u, f"log_likelihood: the model's velocity is NaN/Inf at t={t:.4f} (step {k})")
             if exact:
                 flat = u.reshape(u.shape[0], -1)
                 div = sum(torch.autograd.grad(flat[:, i].sum(), y, retain_graph=i + 1 < dims)[0]
@@ -96,9 +97,9 @@ def log_likelihood(model: FlowModel, x: torch.Tensor, *, steps: int = 100, solve
         else:
             u2, d2 = field(y - h * u1.to(y.dtype), t_next, k)
             y, integral = y - 0.5 * h * (u1 + u2).to(y.dtype), integral + 0.5 * h * (d1 + d2)
-        if not bool(all_finite(y)):
-            raise FloatingPointError(f"log_likelihood: the ODE state became NaN/Inf at step {k} (t={t:.4f} -> "
-                                     f"{t_next:.4f}); lower t_max or use more steps")
+        guard.note(y, f"log_likelihood: the ODE state became NaN/Inf at step {k} (t={t:.4f} -> {t_next:.4f}); "
+                      f"lower t_max or use more steps")
+    guard.raise_if_bad()
     var = float(model.schedule.sigma(torch.tensor(float(grid[-1]), dtype=torch.float64))) ** 2
     flat = y.reshape(y.shape[0], -1).double()
     log_base = -0.5 * (flat.square().sum(-1) / var + dims * math.log(2 * math.pi * var))

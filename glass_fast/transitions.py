@@ -33,14 +33,17 @@ class FiniteGuard:
         self.flags: list[torch.Tensor] = []
         self.labels: list[str] = []   # one full error message per flag
 
+    def note(self, x: torch.Tensor, message: str) -> None:
+        """Flag ``x`` holding NaN or Inf, reported with ``message`` if it is the first such flag."""
+        self.flags.append(all_finite(x).reshape(1))
+        self.labels.append(message)
+
     def check(self, out: torch.Tensor, label: str) -> None:
-        self.flags.append(all_finite(out).reshape(1))
-        self.labels.append(f"the model returned NaN or Inf at {label}")
+        self.note(out, f"the model returned NaN or Inf at {label}")
 
     def check_input(self, x: torch.Tensor, name: str) -> None:
         """Flag a caller's tensor ``name`` (e.g. the initial noise) that holds NaN or Inf."""
-        self.flags.append(all_finite(x).reshape(1))
-        self.labels.append(f"{name} holds NaN or Inf (it was passed in so, before any model call)")
+        self.note(x, f"{name} holds NaN or Inf (it was passed in so, before any model call)")
 
     def extend(self, flags: torch.Tensor, labels: list[str]) -> None:
         """Add flags [S] computed elsewhere (e.g. inside a compiled or captured transition)."""
