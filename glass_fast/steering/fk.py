@@ -33,7 +33,7 @@ from .guidance import time_window
 from .potentials import PotentialState, check_potential
 from .resampling import AdaptiveResampler, check_scheme, gather, normalize_log_weights
 from .result import SteeringResult, best_of_groups, check_particles, metered_sampler, progress_bar
-from .value import PosteriorValue
+from .value import values_on_grid
 
 
 class FKSteering:
@@ -103,10 +103,8 @@ class FKSteering:
             lo, hi = self.window
             due = [0 < k + 1 < steps and lo <= float(grid[k + 1]) <= hi and (k + 1) % self.resample_every == 0
                    for k in range(steps)]
-            values = ({k: PosteriorValue(meter.model, float(grid[k]), samples=self.value_samples,
-                                         inner_steps=o["inner_steps"], rho=o["rho"], solver=o["solver"],
-                                         device=device, dtype=dtype) for k in range(1, steps)}
-                      if self.potential == "value" else {})
+            values = (values_on_grid(meter.model, grid, self.value_samples, o["inner_steps"], o["rho"], o["solver"],
+                                     device, dtype) if self.potential == "value" else {})
             self._parts[key] = (meter, sampler, due, values)
         return self._parts[key]
 

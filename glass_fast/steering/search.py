@@ -21,7 +21,7 @@ from ..sampling import check_sampler_options
 from ..transitions import FiniteGuard
 from .result import (SteeringResult, best_of_groups, check_particles, check_selection_rewards, metered_sampler,
                      progress_bar)
-from .value import PosteriorValue
+from .value import values_on_grid
 
 
 def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: int = 4, method: str = "glass",
@@ -69,8 +69,7 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
                                      transitions=transitions, inner_steps=inner_steps, rho=rho, solver=solver,
                                      grid=grid, compile=compile, cuda_graph=cuda_graph)
     m, grid, steps = meter.model, sampler.grid, sampler.transitions
-    values = ({k: PosteriorValue(m, float(grid[k]), samples=value_samples, inner_steps=inner_steps, rho=rho,
-                                 solver=solver, device=dev, dtype=noise.dtype) for k in range(1, steps)}
+    values = (values_on_grid(m, grid, value_samples, inner_steps, rho, solver, dev, noise.dtype)
               if value_samples is not None else {})
     guard = FiniteGuard(dev)
     guard.check_input(noise, "noise")

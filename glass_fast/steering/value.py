@@ -49,6 +49,14 @@ class PosteriorValue:
         return logmeanexp(score(z).reshape(n, self.samples))
 
 
+def values_on_grid(model: FlowModel, grid: torch.Tensor, samples: int, inner_steps: int, rho, solver: str,
+                   device, dtype) -> dict:
+    """{k: PosteriorValue at grid[k]} for the interior grid times k = 1 .. K - 1 (where steering and search
+    estimate a state's value; grid[0] needs none and at grid[K] the reward itself is the value)."""
+    return {k: PosteriorValue(model, float(grid[k]), samples=samples, inner_steps=inner_steps, rho=rho, solver=solver,
+                              device=device, dtype=dtype) for k in range(1, len(grid) - 1)}
+
+
 def value_estimate(model: FlowModel, reward, x: torch.Tensor, t, *, samples: int = 8, inner_steps: int = 10,
                    rho=0.4, solver: str = "euler", generator: torch.Generator | None = None,
                    denoised: torch.Tensor | None = None) -> torch.Tensor:
