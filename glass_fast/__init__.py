@@ -6,7 +6,7 @@ from .transitions import glass_transition, ode_transition, plugin_transition, sd
 from .sampling import Sampler, sample, time_grid
 from .mixtures import GaussianMixture
 from .likelihood import log_likelihood
-from .steering import (BestOfN, FKSteering, RewardGuidance, SteeringResult, beam_search, best_of_n, ess, fk_steering,
+from .steering import (BeamSearch, BestOfN, FKSteering, RewardGuidance, SteeringResult, beam_search, best_of_n, ess, fk_steering,
                        resample, value_estimate)
 from . import ops
 
@@ -18,6 +18,6 @@ __all__ = [
     "glass_transition", "ode_transition", "sde_transition", "plugin_transition",
     "Sampler", "sample", "time_grid",
     "GaussianMixture", "log_likelihood",
-    "fk_steering", "best_of_n", "beam_search", "FKSteering", "BestOfN", "SteeringResult", "resample", "ess", "value_estimate", "RewardGuidance",
+    "fk_steering", "best_of_n", "beam_search", "FKSteering", "BestOfN", "BeamSearch", "SteeringResult", "resample", "ess", "value_estimate", "RewardGuidance",
     "ops",
 ]

@@ -322,6 +322,24 @@ def test_best_of_n_object_reused_equals_the_function(mixture):
     assert got32.samples.dtype == torch.float32 and len(best._parts) == 2
 
 
+def test_beam_search_object_reused_equals_the_function(mixture):
+    model, fn = _counting_model(mixture)
+    kw = dict(method="glass", transitions=3, inner_steps=2, expansions=3, value_samples=2)
+    search = gf.BeamSearch(model, linear_reward, **kw)
+    for seed in (0, 1, 0):   # the third call repeats the first: no state carried over between calls
+        want = gf.beam_search(model, linear_reward, _noise(2, 2, seed), generator=torch.Generator().manual_seed(seed),
+                              **kw)
+        calls, net_calls = model.calls, fn.calls
+        got = search(_noise(2, 2, seed), generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(got.samples, want.samples, rtol=0, atol=0)
+        torch.testing.assert_close(got.rewards, want.rewards, rtol=0, atol=0)
+        assert got.nfe == want.nfe and got.reward_calls == want.reward_calls
+        assert model.calls - calls == fn.calls - net_calls > 0
+    assert len(search._parts) == 1
+    with pytest.raises(ValueError, match="method='ode' is deterministic"):
+        gf.BeamSearch(model, linear_reward, method="ode")
+
+
 @torch.no_grad()
 def test_reused_objects_compile_once(mixture):
     from torch._dynamo.utils import counters
@@ -330,14 +348,17 @@ def test_reused_objects_compile_once(mixture):
     compile_eager = {"backend": "eager", "fullgraph": True}
     steer = gf.FKSteering(model, linear_reward, transitions=3, inner_steps=2, compile=compile_eager)
     best = gf.BestOfN(model, linear_reward, transitions=3, inner_steps=2, compile=compile_eager)
-    for run in (steer, best):
+    search = gf.BeamSearch(model, linear_reward, transitions=3, inner_steps=2, expansions=2, compile=compile_eager)
+    for run, nfe in ((steer, 6), (best, 6), (search, 11)):
         before = counters["stats"]["unique_graphs"]
         first = run(_noise(2, 3, 0))
         compiled = counters["stats"]["unique_graphs"] - before
         assert 0 < compiled <= 3             # at most one graph per transition of the first batch
         res = run(_noise(2, 3, 1))
         assert counters["stats"]["unique_graphs"] - before == compiled   # the second batch reuses them
-        assert first.nfe == res.nfe == 6     # 3 transitions x 2 calls, counted outside the compiled code
+        # 3 transitions x 2 calls, counted outside the compiled code (beam search: the first call on each
+        # beam, the other 5 on its 2 children)
+        assert first.nfe == res.nfe == nfe
         # The network runs inside compiled code (fullgraph: no clock in it): its time is not separable.
         assert math.isnan(res.timings["model"]) and res.timings["total"] >= res.timings["sampler"] > 0
 

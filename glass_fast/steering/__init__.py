@@ -6,8 +6,8 @@ from .guidance import RewardGuidance
 from .potentials import POTENTIALS
 from .resampling import SCHEMES, ess, gather, resample
 from .result import SteeringResult
-from .search import beam_search
+from .search import BeamSearch, beam_search
 from .value import value_estimate
 
-__all__ = ["fk_steering", "best_of_n", "beam_search", "FKSteering", "BestOfN", "SteeringResult", "resample", "ess",
+__all__ = ["fk_steering", "best_of_n", "beam_search", "FKSteering", "BestOfN", "BeamSearch", "SteeringResult", "resample", "ess",
            "gather", "value_estimate", "RewardGuidance", "POTENTIALS", "SCHEMES"]

@@ -17,11 +17,114 @@ import torch
 
 from ..model import FlowModel
 from ..plan import check_calls
-from ..sampling import check_sampler_options
+from ..sampling import check_sampler_options, transition_grid
 from ..transitions import FiniteGuard
 from .result import (SteeringResult, best_of_groups, check_particles, check_selection_rewards, metered_sampler,
                      progress_bar)
 from .value import values_on_grid
+
+
+class BeamSearch:
+    """Beam search with its settings bound once, reusable across batches (for serving).
+
+    ``BeamSearch(model, reward, **settings)(noise)`` equals ``beam_search(model, reward, noise, **settings)``;
+    the Sampler, with its compiled code or CUDA graphs, and the value estimators are kept across calls (built
+    once per device and dtype). One call at a time per object. Settings as in ``beam_search``.
+    """
+
+    def __init__(self, model: FlowModel, reward, *, expansions: int = 4, method: str = "glass",
+                 transitions: int | None = None, inner_steps: int = 10, rho=0.4, solver: str = "euler",
+                 timings: bool | None = None, max_batch: int | None = None, grid: torch.Tensor | None = None,
+                 value_samples: int | None = None, compile=None, cuda_graph: bool = False):
+        if not callable(reward):
+            raise TypeError(f"reward must be callable(x [N, ...]) -> Tensor[N], got {type(reward).__name__}")
+        self.expansions = check_calls(expansions, "expansions")
+        self.value_samples = None if value_samples is None else check_calls(value_samples, "value_samples")
+        if method == "ode":
+            raise ValueError("method='ode' is deterministic: every child of a beam would be the same; "
+                             "use 'glass', 'sde' or 'plugin'")
+        check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph, rho)
+        transition_grid(transitions, grid)   # refused here, before any beam is drawn
+        self.model, self.reward, self.timings, self.max_batch = model, reward, timings, max_batch
+        self.sampler_options = dict(method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
+                                    solver=solver, grid=grid, compile=compile, cuda_graph=cuda_graph)
+        self._parts: dict = {}
+
+    def _build(self, device: torch.device, dtype: torch.dtype):
+        """(meter, sampler, value estimators by grid index) for beams of this device and dtype."""
+        key = (device, dtype)
+        if key not in self._parts:
+            o = self.sampler_options
+            meter, sampler = metered_sampler(self.model, device, dtype, timings=self.timings,
+                                             max_batch=self.max_batch, **o)
+            values = (values_on_grid(meter.model, sampler.grid, self.value_samples, o["inner_steps"], o["rho"],
+                                     o["solver"], device, dtype) if self.value_samples is not None else {})
+            self._parts[key] = (meter, sampler, values)
+        return self._parts[key]
+
+    def __call__(self, noise: torch.Tensor, *, generator: torch.Generator | None = None,
+                 progress: bool = False) -> SteeringResult:
+        """Search from noise [B, K, ...] (K beams per group); see ``beam_search``."""
+        b, k_beams = check_particles(self.model, self.reward, noise, generator)
+        n, rest, dev = b * k_beams, tuple(noise.shape[2:]), noise.device
+        meter, sampler, values = self._build(dev, noise.dtype)
+        meter.begin()
+        m, grid, steps = meter.model, sampler.grid, sampler.transitions
+        reward, expansions, value_samples = self.reward, self.expansions, self.value_samples
+        guard = FiniteGuard(dev)
+        guard.check_input(noise, "noise")
+
+        def score(z):
+            return meter.reward(reward, z, "in beam_search").to(torch.float64)
+
+        # Grid times on the device, copied once (a Python float would be copied host-to-device per call).
+        times = torch.as_tensor(grid, dtype=torch.float64).to(dev).unbind(0)
+        x = noise.reshape((n,) + rest)
+        d = m.denoise(x, times[0])
+        guard.check(d, f"the denoiser at t={float(grid[0]):.4f}")
+        scores, value_calls = None, 0
+        # Non-finite scores on the device (no host read in the loop): their count, and per group the first
+        # transition where every child's score was non-finite (-1: never).
+        bad_count = torch.zeros((), dtype=torch.int64, device=dev)
+        dead_at = torch.full((b,), -1, dtype=torch.int64, device=dev)
+        for k in progress_bar(range(steps), progress, "beam_search"):
+            # Every beam's children in one batched transition, rows beam-major: beam i's children are
+            # rows i * expansions ... (i + 1) * expansions - 1.
+            children = sampler.step(k, x.repeat_interleave(expansions, dim=0), generator=generator,
+                                    denoised=d.repeat_interleave(expansions, dim=0), guard=guard)
+            if k + 1 < steps:
+                d_children = m.denoise(children, times[k + 1])
+                guard.check(d_children, f"the denoiser at t={float(grid[k + 1]):.4f}")
+                if values:
+                    calls = m.calls
+                    s = values[k + 1](children, score, denoised=d_children, generator=generator, guard=guard)
+                    value_calls += (m.calls - calls) * expansions * (value_samples - 1)  # rows beyond the copies
+                else:
+                    s = score(d_children)
+            else:
+                d_children = None
+                s = meter.reward(reward, children, "in beam_search at t = 1").to(torch.float64)
+            # K best of each group's K x expansions children (NaN rewards never win), best first.
+            s = s.reshape(b, k_beams * expansions)
+            bad = ~torch.isfinite(s)
+            bad_count = bad_count + bad.sum()
+            dead_at = torch.where(bad.all(-1) & (dead_at < 0), k, dead_at)
+            s = torch.where(bad, -math.inf, s)
+            scores, keep = s.topk(k_beams, dim=1)
+            rows = (keep + torch.arange(b, device=dev)[:, None] * (k_beams * expansions)).reshape(-1)
+            x = children[rows]
+            if d_children is not None:
+                d = d_children[rows]
+        guard.raise_if_bad()
+        check_selection_rewards(bad_count, dead_at, grid, "beam_search")
+        # Every call after the first D_{t_0} ran on `expansions` copies of each beam (value draws on
+        # value_samples copies of those): count each copy.
+        meter.extra += (m.calls - 1) * (expansions - 1) + value_calls
+        nfe, reward_calls, secs = meter.close(n)
+        samples, rewards = x.reshape(noise.shape), scores
+        log_w = torch.full((b, k_beams), -math.log(k_beams), dtype=torch.float64, device=dev)
+        return SteeringResult(samples=samples, log_weights=log_w, rewards=rewards, best=best_of_groups(samples, rewards),
+                              nfe=nfe, reward_calls=reward_calls, timings=secs)
 
 
 def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: int = 4, method: str = "glass",
@@ -56,72 +159,8 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
     Example:
         >>> res = beam_search(model, lambda x: x[:, 0], torch.randn(4, 2, 2), expansions=4)
     """
-    b, k_beams = check_particles(model, reward, noise, generator)
-    expansions = check_calls(expansions, "expansions")
-    if value_samples is not None:
-        value_samples = check_calls(value_samples, "value_samples")
-    if method == "ode":
-        raise ValueError("method='ode' is deterministic: every child of a beam would be the same; "
-                         "use 'glass', 'sde' or 'plugin'")
-    check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph, rho)
-    n, rest, dev = b * k_beams, tuple(noise.shape[2:]), noise.device
-    meter, sampler = metered_sampler(model, dev, noise.dtype, timings=timings, max_batch=max_batch, method=method,
-                                     transitions=transitions, inner_steps=inner_steps, rho=rho, solver=solver,
-                                     grid=grid, compile=compile, cuda_graph=cuda_graph)
-    m, grid, steps = meter.model, sampler.grid, sampler.transitions
-    values = (values_on_grid(m, grid, value_samples, inner_steps, rho, solver, dev, noise.dtype)
-              if value_samples is not None else {})
-    guard = FiniteGuard(dev)
-    guard.check_input(noise, "noise")
-
-    def score(z):
-        return meter.reward(reward, z, "in beam_search").to(torch.float64)
-
-    # Grid times on the device, copied once (a Python float would be copied host-to-device per call).
-    times = torch.as_tensor(grid, dtype=torch.float64).to(dev).unbind(0)
-    x = noise.reshape((n,) + rest)
-    d = m.denoise(x, times[0])
-    guard.check(d, f"the denoiser at t={float(grid[0]):.4f}")
-    scores, value_calls = None, 0
-    # Non-finite scores on the device (no host read in the loop): their count, and per group the first
-    # transition where every child's score was non-finite (-1: never).
-    bad_count = torch.zeros((), dtype=torch.int64, device=dev)
-    dead_at = torch.full((b,), -1, dtype=torch.int64, device=dev)
-    for k in progress_bar(range(steps), progress, "beam_search"):
-        # Every beam's children in one batched transition, rows beam-major: beam i's children are
-        # rows i * expansions ... (i + 1) * expansions - 1.
-        children = sampler.step(k, x.repeat_interleave(expansions, dim=0), generator=generator,
-                                denoised=d.repeat_interleave(expansions, dim=0), guard=guard)
-        if k + 1 < steps:
-            d_children = m.denoise(children, times[k + 1])
-            guard.check(d_children, f"the denoiser at t={float(grid[k + 1]):.4f}")
-            if values:
-                calls = m.calls
-                s = values[k + 1](children, score, denoised=d_children, generator=generator, guard=guard)
-                value_calls += (m.calls - calls) * expansions * (value_samples - 1)  # rows beyond the copies
-            else:
-                s = score(d_children)
-        else:
-            d_children = None
-            s = meter.reward(reward, children, "in beam_search at t = 1").to(torch.float64)
-        # K best of each group's K x expansions children (NaN rewards never win), best first.
-        s = s.reshape(b, k_beams * expansions)
-        bad = ~torch.isfinite(s)
-        bad_count = bad_count + bad.sum()
-        dead_at = torch.where(bad.all(-1) & (dead_at < 0), k, dead_at)
-        s = torch.where(bad, -math.inf, s)
-        scores, keep = s.topk(k_beams, dim=1)
-        rows = (keep + torch.arange(b, device=dev)[:, None] * (k_beams * expansions)).reshape(-1)
-        x = children[rows]
-        if d_children is not None:
-            d = d_children[rows]
-    guard.raise_if_bad()
-    check_selection_rewards(bad_count, dead_at, grid, "beam_search")
-    # Every call after the first D_{t_0} ran on `expansions` copies of each beam (value draws on
-    # value_samples copies of those): count each copy.
-    meter.extra += (m.calls - 1) * (expansions - 1) + value_calls
-    nfe, reward_calls, secs = meter.close(n)
-    samples, rewards = x.reshape(noise.shape), scores
-    log_w = torch.full((b, k_beams), -math.log(k_beams), dtype=torch.float64, device=dev)
-    return SteeringResult(samples=samples, log_weights=log_w, rewards=rewards, best=best_of_groups(samples, rewards),
-                          nfe=nfe, reward_calls=reward_calls, timings=secs)
+    check_particles(model, reward, noise, generator)
+    search = BeamSearch(model, reward, expansions=expansions, method=method, transitions=transitions,
+                        inner_steps=inner_steps, rho=rho, solver=solver, timings=timings, max_batch=max_batch,
+                        grid=grid, value_samples=value_samples, compile=compile, cuda_graph=cuda_graph)
+    return search(noise, generator=generator, progress=progress)
