@@ -32,8 +32,8 @@ from ..transitions import FiniteGuard, guided_denoised
 from .guidance import time_window
 from .potentials import PotentialState, check_potential
 from .resampling import AdaptiveResampler, check_scheme, gather, normalize_log_weights
-from .result import SteeringResult, best_of_groups, check_particles, metered_sampler, progress_bar
-from .value import values_on_grid
+from .result import SteeringResult, best_of_groups, check_particles, progress_bar
+from .value import metered_parts
 
 
 class FKSteering:
@@ -96,15 +96,13 @@ class FKSteering:
         """(meter, sampler, resampling-due flags, value estimators) for particles of this device and dtype."""
         key = (device, dtype)
         if key not in self._parts:
-            o = self.sampler_options
-            meter, sampler = metered_sampler(self.model, device, dtype, timings=self.timings,
-                                             max_batch=self.max_batch, **o)
+            meter, sampler, values = metered_parts(self.model, device, dtype, self.timings, self.max_batch,
+                                                   self.value_samples if self.potential == "value" else None,
+                                                   self.sampler_options)
             grid, steps = sampler.grid, sampler.transitions
             lo, hi = self.window
             due = [0 < k + 1 < steps and lo <= float(grid[k + 1]) <= hi and (k + 1) % self.resample_every == 0
                    for k in range(steps)]
-            values = (values_on_grid(meter.model, grid, self.value_samples, o["inner_steps"], o["rho"], o["solver"],
-                                     device, dtype) if self.potential == "value" else {})
             self._parts[key] = (meter, sampler, due, values)
         return self._parts[key]
 

@@ -19,9 +19,8 @@ from ..model import FlowModel
 from ..plan import check_calls
 from ..sampling import check_sampler_options, transition_grid
 from ..transitions import FiniteGuard
-from .result import (SteeringResult, best_of_groups, check_particles, check_selection_rewards, metered_sampler,
-                     progress_bar)
-from .value import values_on_grid
+from .result import SteeringResult, best_of_groups, check_particles, check_selection_rewards, progress_bar
+from .value import metered_parts
 
 
 class BeamSearch:
@@ -54,12 +53,8 @@ class BeamSearch:
         """(meter, sampler, value estimators by grid index) for beams of this device and dtype."""
         key = (device, dtype)
         if key not in self._parts:
-            o = self.sampler_options
-            meter, sampler = metered_sampler(self.model, device, dtype, timings=self.timings,
-                                             max_batch=self.max_batch, **o)
-            values = (values_on_grid(meter.model, sampler.grid, self.value_samples, o["inner_steps"], o["rho"],
-                                     o["solver"], device, dtype) if self.value_samples is not None else {})
-            self._parts[key] = (meter, sampler, values)
+            self._parts[key] = metered_parts(self.model, device, dtype, self.timings, self.max_batch,
+                                             self.value_samples, self.sampler_options)
         return self._parts[key]
 
     def __call__(self, noise: torch.Tensor, *, generator: torch.Generator | None = None,

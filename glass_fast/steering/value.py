@@ -16,7 +16,7 @@ from ..model import FlowModel
 from ..plan import check_calls, check_solver
 from ..sampling import Sampler
 from ..transitions import FiniteGuard, check_state
-from .result import check_reward
+from .result import check_reward, metered_sampler
 
 
 def logmeanexp(r: torch.Tensor) -> torch.Tensor:
@@ -55,6 +55,18 @@ def values_on_grid(model: FlowModel, grid: torch.Tensor, samples: int, inner_ste
     estimate a state's value; grid[0] needs none and at grid[K] the reward itself is the value)."""
     return {k: PosteriorValue(model, float(grid[k]), samples=samples, inner_steps=inner_steps, rho=rho, solver=solver,
                               device=device, dtype=dtype) for k in range(1, len(grid) - 1)}
+
+
+def metered_parts(model: FlowModel, device, dtype, timings, max_batch, value_samples: int | None,
+                  sampler_options: dict) -> tuple:
+    """(meter, sampler, value estimators by grid index; {} when ``value_samples`` is None): what a steering or
+    search object builds once per device and dtype and reuses across batches."""
+    meter, sampler = metered_sampler(model, device, dtype, timings=timings, max_batch=max_batch, **sampler_options)
+    o = sampler_options
+    values = ({} if value_samples is None else
+              values_on_grid(meter.model, sampler.grid, value_samples, o["inner_steps"], o["rho"], o["solver"],
+                             device, dtype))
+    return meter, sampler, values
 
 
 def value_estimate(model: FlowModel, reward, x: torch.Tensor, t, *, samples: int = 8, inner_steps: int = 10,
