@@ -79,13 +79,29 @@ def check_sampler_options(method: str, transitions: int | None, inner_steps: int
         raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
 
 
-def check_hooks(guidance, callback) -> None:
-    """guidance and callback are None or callables (TypeError naming the argument)."""
+def check_hooks(guidance, callback, project=None) -> None:
+    """guidance, callback and project are None or callables (TypeError naming the argument)."""
     if guidance is not None and not callable(guidance):
         raise TypeError(f"guidance must be None or callable(model, y, t, t_host, out) -> out (e.g. RewardGuidance), "
                         f"got {type(guidance).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be None or callable(k, t, x, x0), got {type(callback).__name__}")
+    if project is not None and not callable(project):
+        raise TypeError(f"project must be None or callable(k, t, x) -> x, got {type(project).__name__}")
+
+
+def projected(project, k: int, t: float, x: torch.Tensor, guard: FiniteGuard | None) -> torch.Tensor:
+    """``project(k, t, x)``, the state a transition reached at t = grid[k] as the caller's hook maps it
+    (e.g. inpainting's latent blending), checked to keep x's shape, dtype and device. A NaN or Inf it brings
+    in is flagged on ``guard`` as the hook's (no host read here)."""
+    y = project(k, t, x)
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype or y.device != x.device:
+        got = (f"{tuple(y.shape)} {y.dtype} on {y.device}" if isinstance(y, torch.Tensor) else type(y).__name__)
+        raise ValueError(f"project must return the state's shape, dtype and device ({tuple(x.shape)} {x.dtype} on "
+                         f"{x.device}), got {got} at grid index {k} (t={t:.4f})")
+    if guard is not None:
+        guard.note(y, f"project returned NaN or Inf at grid index {k} (t={t:.4f})")
+    return y
 
 
 class Sampler:
@@ -181,15 +197,18 @@ class Sampler:
             raise ValueError(f"x is {x.dtype} on {x.device} but this Sampler was planned for {self.dtype} on "
                              f"{self.device}: build it with device=x.device, dtype=x.dtype")
 
-    def step(self, k: int, x: torch.Tensor, *, generator=None, denoised=None, guard=None, guidance=None):
+    def step(self, k: int, x: torch.Tensor, *, generator=None, denoised=None, guard=None, guidance=None,
+             project=None):
         """Transition k: x at grid[k] -> a state at grid[k+1].
 
         Args:
             x: [N, ...] states at grid[k]. denoised: D_{grid[k]}(x) if already known (saves one model call).
             guard: a FiniteGuard collecting non-finite model outputs (checked by the caller after the loop).
             guidance: reward guidance hook (eager only).
+            project: optional fn(k + 1, grid[k+1], x_next) -> x_next applied to the state reached (see ``run``).
         """
         self._check_step(k, x)
+        check_hooks(guidance, None, project)
         check_state(self.model, x, generator)
         check_denoised(denoised, x)
         plan = self.plans[k]
@@ -214,9 +233,11 @@ class Sampler:
                 f"{label} (its output after guidance: the guidance's reward gradient may be the cause)"
                 for label in self.labels[k]]
             guard.extend(finite, labels)
+        if project is not None:
+            x_next = projected(project, k + 1, float(self.grid[k + 1]), x_next, guard)
         return x_next
 
-    def run(self, x: torch.Tensor, *, generator=None, guidance=None, callback=None) -> torch.Tensor:
+    def run(self, x: torch.Tensor, *, generator=None, guidance=None, callback=None, project=None) -> torch.Tensor:
         """All transitions from ``x`` at grid[0]; returns the state at grid[-1].
 
         Args:
@@ -224,9 +245,13 @@ class Sampler:
             callback: optional fn(k, t, x, x0) called at every grid time t = grid[k] before transition k, with
                 the state x and its x0-prediction x0 = D_t(x). That prediction is the transition's first model
                 call, handed in, so watching costs no model calls.
+            project: optional fn(k, t, x) -> x applied after every transition to the state x it reached at
+                t = grid[k] (k >= 1; not to the start state), returning the state to go on from, of the same
+                shape, dtype and device: a constraint such as inpainting's blending of known content, noised to
+                t, into the state. It runs eagerly between transitions (also with compile= or cuda_graph=).
         """
         check_state(self.model, x, generator)
-        check_hooks(guidance, callback)
+        check_hooks(guidance, callback, project)
         guard = FiniteGuard(x.device)
         guard.check_input(x, "the initial state (noise)")
         times = self.grid.to(x.device).unbind(0) if callback is not None else None  # copied once, not per call
@@ -237,7 +262,8 @@ class Sampler:
                 guard.check(d, f"the denoiser at t={float(self.grid[k]):.4f}")
                 callback(k, float(self.grid[k]), x, d)
                 denoised = guided_denoised(guidance, self.model, x, d, self.grid[k])
-            x = self.step(k, x, generator=generator, denoised=denoised, guard=guard, guidance=guidance)
+            x = self.step(k, x, generator=generator, denoised=denoised, guard=guard, guidance=guidance,
+                          project=project)
         guard.raise_if_bad()
         return x
 
@@ -245,7 +271,7 @@ class Sampler:
 def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", transitions: int | None = None,
            inner_steps: int = 10, rho=0.4, solver: str = "euler", generator: torch.Generator | None = None,
            sigmabar0: float = 1.0, guidance=None, compile=None, cuda_graph: bool = False,
-           max_batch: int | None = None, callback=None, grid=None) -> torch.Tensor:
+           max_batch: int | None = None, callback=None, grid=None, project=None) -> torch.Tensor:
     """Generate data from noise with ``transitions`` transitions of ``inner_steps`` model calls each.
 
     Args:
@@ -262,6 +288,7 @@ def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", tran
             x0-prediction (no extra model calls; see ``Sampler.run``).
         grid: optional increasing times in [0, 1] replacing the uniform grid (see ``Sampler``); ``noise`` is
             then the state at grid[0] and the result the state at grid[-1].
+        project: optional fn(k, t, x) -> x applied to the state after every transition (see ``Sampler.run``).
     Returns:
         [B, ...] samples at t = 1 (at grid[-1]).
 
@@ -269,8 +296,8 @@ def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", tran
         >>> x = sample(model, torch.randn(64, 2), method="glass", transitions=5, inner_steps=10)
     """
     check_state(model, noise, generator, "noise")
-    check_hooks(guidance, callback)
+    check_hooks(guidance, callback, project)
     sampler = Sampler(model, method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
                       solver=solver, sigmabar0=sigmabar0, device=noise.device, dtype=noise.dtype, compile=compile,
                       cuda_graph=cuda_graph, max_batch=max_batch, grid=grid)
-    return sampler.run(noise, generator=generator, guidance=guidance, callback=callback)
+    return sampler.run(noise, generator=generator, guidance=guidance, callback=callback, project=project)

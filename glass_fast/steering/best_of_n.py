@@ -6,7 +6,7 @@ import math
 import torch
 
 from ..model import FlowModel
-from ..sampling import check_sampler_options, transition_grid
+from ..sampling import check_hooks, check_sampler_options, transition_grid
 from ..transitions import FiniteGuard
 from .result import (SteeringResult, best_of_groups, check_particles, check_selection_rewards, metered_sampler,
                      progress_bar)
@@ -57,9 +57,10 @@ class BestOfN:
         return self._parts[key]
 
     def __call__(self, noise: torch.Tensor, *, generator: torch.Generator | None = None,
-                 progress: bool = False) -> SteeringResult:
+                 progress: bool = False, project=None) -> SteeringResult:
         """Sample ``noise`` [B, K, ...] and keep the best of each group (see ``best_of_n``)."""
         b, k = check_particles(self.model, self.reward, noise, generator)
+        check_hooks(None, None, project)
         n, rest = b * k, tuple(noise.shape[2:])
         meter, sampler = self._build(noise.device, noise.dtype)
         meter.begin()
@@ -67,7 +68,7 @@ class BestOfN:
         guard.check_input(noise, "noise")
         x = noise.reshape((n,) + rest)
         for i in progress_bar(range(sampler.transitions), progress, "best_of_n"):
-            x = sampler.step(i, x, generator=generator, guard=guard, guidance=self.guidance)
+            x = sampler.step(i, x, generator=generator, guard=guard, guidance=self.guidance, project=project)
         guard.raise_if_bad()
         r = meter.reward(self.reward, x, "in best_of_n")
         nfe, reward_calls, secs = meter.close(n)
@@ -82,7 +83,8 @@ class BestOfN:
 
 
 def best_of_n(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "glass",
-              generator: torch.Generator | None = None, progress: bool = False, **settings) -> SteeringResult:
+              generator: torch.Generator | None = None, progress: bool = False, project=None,
+              **settings) -> SteeringResult:
     """Sample B groups of K particles independently and select the highest-reward particle per group.
 
     Args:
@@ -91,6 +93,7 @@ def best_of_n(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "g
         noise: [B, K, ...] initial noise (K = N candidates per group).
         method: "glass" | "ode" | "sde" | "plugin".
         generator: randomness of the sampler. progress: tqdm bar over transitions.
+        project: optional fn(k, t, x) -> x applied to the states after every transition (``Sampler.run``).
         **settings: see ``BestOfN`` (keep one of those to reuse compiled code or CUDA graphs across batches).
     Returns:
         SteeringResult: samples [B, K, ...] with equal log_weights (the samples are draws of p, not p_r),
@@ -103,4 +106,5 @@ def best_of_n(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "g
     Example:
         >>> res = best_of_n(model, lambda x: x[:, 0], torch.randn(4, 8, 2), method="ode")
     """
-    return BestOfN(model, reward, method=method, **settings)(noise, generator=generator, progress=progress)
+    return BestOfN(model, reward, method=method, **settings)(noise, generator=generator, progress=progress,
+                                                                   project=project)

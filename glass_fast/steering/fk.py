@@ -27,7 +27,7 @@ import torch
 
 from ..model import FlowModel
 from ..plan import check_calls
-from ..sampling import METHODS, check_sampler_options, transition_grid
+from ..sampling import METHODS, check_hooks, check_sampler_options, transition_grid
 from ..transitions import FiniteGuard, guided_denoised
 from .guidance import time_window
 from .potentials import PotentialState, check_potential
@@ -107,16 +107,19 @@ class FKSteering:
         return self._parts[key]
 
     def __call__(self, noise: torch.Tensor, *, generator: torch.Generator | None = None,
-                 progress: bool = False) -> SteeringResult:
+                 progress: bool = False, project=None) -> SteeringResult:
         """Steer B groups of K particles from ``noise`` [B, K, ...] (draws of N(0, I)).
 
         Args:
             noise: [B, K, ...] initial particles. generator: randomness of the proposal and of the
             resampling. progress: show a tqdm bar over transitions.
+            project: optional fn(k, t, x) -> x applied to the particles [B * K, ...] after every transition
+                (see ``Sampler.run``), before they are weighted.
         Returns:
             SteeringResult (see ``fk_steering``).
         """
         b, k_part = check_particles(self.model, self.reward, noise, generator)
+        check_hooks(None, None, project)
         n, rest, dev = b * k_part, tuple(noise.shape[2:]), noise.device
         meter, sampler, due, values = self._build(dev, noise.dtype)
         meter.begin()
@@ -146,7 +149,7 @@ class FKSteering:
         r_final = None
         for k in progress_bar(range(steps), progress, "fk_steering"):
             x = sampler.step(k, x, generator=generator, denoised=guided_denoised(guidance, m, x, d, grid[k]), guard=guard,
-                             guidance=guidance)
+                             guidance=guidance, project=project)
             if k + 1 < steps:
                 t_next = float(grid[k + 1])
                 d = m.denoise(x, times[k + 1])
@@ -190,7 +193,7 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
                 resample_window=(0.0, 1.0), resample_every: int = 1, final_correction: bool = True,
                 guidance=None, generator: torch.Generator | None = None, progress: bool = False,
                 value_samples: int = 4, timings: bool | None = None, compile=None, cuda_graph: bool = False,
-                max_batch: int | None = None, grid: torch.Tensor | None = None) -> SteeringResult:
+                max_batch: int | None = None, grid: torch.Tensor | None = None, project=None) -> SteeringResult:
     """Steer B groups of K particles towards p_r(z) proportional to p(z) exp(lmbda r(z)).
 
     Args:
@@ -199,6 +202,8 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
         noise: [B, K, ...] initial particles drawn from N(0, I).
         generator: randomness of the proposal and of the resampling.
         progress: show a tqdm bar over transitions.
+        project: optional fn(k, t, x) -> x applied to the particles after every transition (see
+            ``Sampler.run``), before they are weighted.
     Returns:
         SteeringResult with samples [B, K, ...], per-group normalised log_weights [B, K] (the weighted
         system targets p_r), rewards [B, K], best [B, ...], nfe, reward_calls, timings. The particles are
@@ -218,7 +223,7 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
                        ess_threshold=ess_threshold, resample_window=resample_window, resample_every=resample_every,
                        final_correction=final_correction, guidance=guidance, value_samples=value_samples,
                        timings=timings, compile=compile, cuda_graph=cuda_graph, max_batch=max_batch, grid=grid)
-    return steer(noise, generator=generator, progress=progress)
+    return steer(noise, generator=generator, progress=progress, project=project)
 
 
 def _raise_dead(dead_at: torch.Tensor, grid: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from ..model import FlowModel
 from ..plan import check_calls
-from ..sampling import check_sampler_options, transition_grid
+from ..sampling import check_hooks, check_sampler_options, transition_grid
 from ..transitions import FiniteGuard
 from .result import SteeringResult, best_of_groups, check_particles, check_selection_rewards, progress_bar
 from .value import metered_parts
@@ -58,9 +58,10 @@ class BeamSearch:
         return self._parts[key]
 
     def __call__(self, noise: torch.Tensor, *, generator: torch.Generator | None = None,
-                 progress: bool = False) -> SteeringResult:
+                 progress: bool = False, project=None) -> SteeringResult:
         """Search from noise [B, K, ...] (K beams per group); see ``beam_search``."""
         b, k_beams = check_particles(self.model, self.reward, noise, generator)
+        check_hooks(None, None, project)
         n, rest, dev = b * k_beams, tuple(noise.shape[2:]), noise.device
         meter, sampler, values = self._build(dev, noise.dtype)
         meter.begin()
@@ -86,7 +87,8 @@ class BeamSearch:
             # Every beam's children in one batched transition, rows beam-major: beam i's children are
             # rows i * expansions ... (i + 1) * expansions - 1.
             children = sampler.step(k, x.repeat_interleave(expansions, dim=0), generator=generator,
-                                    denoised=d.repeat_interleave(expansions, dim=0), guard=guard)
+                                    denoised=d.repeat_interleave(expansions, dim=0), guard=guard,
+                                    project=project)
             if k + 1 < steps:
                 d_children = m.denoise(children, times[k + 1])
                 guard.check(d_children, f"the denoiser at t={float(grid[k + 1]):.4f}")
@@ -126,7 +128,8 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
                 transitions: int | None = None, inner_steps: int = 10, rho=0.4, solver: str = "euler",
                 generator: torch.Generator | None = None, progress: bool = False, timings: bool | None = None,
                 max_batch: int | None = None, grid: torch.Tensor | None = None,
-                value_samples: int | None = None, compile=None, cuda_graph: bool = False) -> SteeringResult:
+                value_samples: int | None = None, compile=None, cuda_graph: bool = False,
+                project=None) -> SteeringResult:
     """Keep the K best of K x ``expansions`` children per group after every transition.
 
     Args:
@@ -142,6 +145,8 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
             this many GLASS posterior draws each (``value_estimate``; samples x (inner_steps - 1) more calls
             per child) instead of the reward of the x0-prediction.
         compile, cuda_graph: run every transition compiled or as a replayed CUDA graph (see ``Sampler``).
+        project: optional fn(k, t, x) -> x applied to the children [B * K * expansions, ...] after every
+            transition (see ``Sampler.run``), before they are scored.
     Returns:
         SteeringResult: samples [B, K, ...] (the final beams, best first), equal log_weights (a selection,
         not a weighted sample), rewards [B, K], best [B, ...], nfe per beam, reward_calls per beam.
@@ -158,4 +163,4 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
     search = BeamSearch(model, reward, expansions=expansions, method=method, transitions=transitions,
                         inner_steps=inner_steps, rho=rho, solver=solver, timings=timings, max_batch=max_batch,
                         grid=grid, value_samples=value_samples, compile=compile, cuda_graph=cuda_graph)
-    return search(noise, generator=generator, progress=progress)
+    return search(noise, generator=generator, progress=progress, project=project)

@@ -1,0 +1,143 @@
+"""The ``project`` hook: a map applied to the state after every transition (e.g. inpainting's blending of
+known content into the state), in sample, Sampler.run / step, FK steering, best-of-N and beam search."""
+import math
+
+import pytest
+import torch
+
+import glass_fast as gf
+from glass_fast.mixtures import GaussianMixture, ks_critical, ks_statistic
+
+# One isotropic Gaussian: the coordinates are independent, and so are their denoisers, so fixing coordinate 0
+# leaves the law of coordinate 1 (and, given the same noise draws, its values) unchanged.
+MU, S = (0.5, -1.0), 0.7
+DATA = GaussianMixture([MU], [S], [1.0])
+KNOWN = 2.0
+
+
+def pin_first(noise):
+    """Coordinate 0 set to the known value noised to t with the run's own start noise (as inpainting does)."""
+    eps = noise.reshape(-1, 2)[:, :1]
+
+    def project(k, t, x):
+        rows = x.shape[0] // eps.shape[0]
+        known = t * KNOWN + (1.0 - t) * eps.repeat_interleave(rows, dim=0)
+        return torch.cat([known.to(x.dtype), x[:, 1:]], dim=1)
+    return project
+
+
+def model():
+    return DATA.flow_model(gf.LinearSchedule(), "velocity")
+
+
+def draws(n, seed=0):
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", ["glass", "ode", "sde", "plugin"])
+def test_sample_with_project_pins_the_known_part_and_leaves_the_rest(method):
+    noise = draws(64)
+    kw = dict(method=method, transitions=4, inner_steps=4)
+    free = gf.sample(model(), noise, generator=torch.Generator().manual_seed(1), **kw)
+    pinned = gf.sample(model(), noise, generator=torch.Generator().manual_seed(1), project=pin_first(noise), **kw)
+    assert torch.all(pinned[:, 0] == KNOWN)
+    torch.testing.assert_close(pinned[:, 1], free[:, 1], rtol=0, atol=1e-5)
+    assert not torch.allclose(free[:, 0], pinned[:, 0])
+
+
+def test_project_is_called_after_every_transition_with_the_grid_index_and_time():
+    seen = []
+
+    def project(k, t, x):
+        seen.append((k, t, x.shape[0]))
+        return x
+    grid = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
+    gf.sample(model(), draws(8), transitions=4, inner_steps=2, grid=grid, project=project)
+    assert seen == [(k, float(grid[k]), 8) for k in range(1, 5)]
+
+
+def test_sampler_step_with_project_equals_the_step_then_the_map():
+    noise = draws(16)
+    sampler = gf.Sampler(model(), transitions=3, inner_steps=3)
+    x = noise
+    for k in range(3):
+        x = sampler.step(k, x, generator=torch.Generator().manual_seed(k))
+        x = pin_first(noise)(k + 1, float(sampler.grid[k + 1]), x)
+    y = noise
+    for k in range(3):
+        y = sampler.step(k, y, generator=torch.Generator().manual_seed(k), project=pin_first(noise))
+    torch.testing.assert_close(y, x, rtol=0, atol=0)
+
+
+def test_the_unpinned_coordinate_keeps_its_exact_law():
+    """Ground truth: with independent coordinates, coordinate 1 of the projected run is N(mu_1, s^2)."""
+    n = 4000
+    noise = draws(n, seed=3)
+    x = gf.sample(model(), noise, transitions=5, inner_steps=10, generator=torch.Generator().manual_seed(4),
+                  project=pin_first(noise))
+    assert torch.all(x[:, 0] == KNOWN)
+    cdf = lambda y: 0.5 * (1 + torch.erf((y - MU[1]) / (S * math.sqrt(2))))
+    assert ks_statistic(x[:, 1].double(), cdf) < ks_critical(n, 0.001)
+
+
+def steered(run, noise, project):
+    return run(model(), lambda z: z[:, 1], noise, generator=torch.Generator().manual_seed(5), transitions=3,
+               inner_steps=3, project=project)
+
+
+@pytest.mark.parametrize("run", [gf.fk_steering, gf.best_of_n, gf.beam_search], ids=["fk", "best_of_n", "beam"])
+def test_steering_with_project_pins_every_particle_and_leaves_the_rest(run):
+    noise = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(6))
+    free, pinned = steered(run, noise, None), steered(run, noise, pin_first(noise))
+    assert torch.all(pinned.samples[..., 0] == KNOWN)
+    torch.testing.assert_close(pinned.samples[..., 1], free.samples[..., 1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(pinned.rewards, free.rewards, rtol=0, atol=1e-5)
+
+
+def test_beam_search_projects_every_child():
+    rows = []
+
+    def project(k, t, x):
+        rows.append(x.shape[0])
+        return x
+    gf.beam_search(model(), lambda z: z[:, 1], torch.randn(2, 3, 2), expansions=4, transitions=3, inner_steps=2,
+                   project=project)
+    assert rows == [2 * 3 * 4] * 3
+
+
+def test_fk_steering_projects_before_weighting():
+    """The weights see the projected particles: a reward on the pinned coordinate is the same for all."""
+    noise = torch.randn(2, 8, 2, generator=torch.Generator().manual_seed(7))
+    res = gf.fk_steering(model(), lambda z: z[:, 0], noise, transitions=3, inner_steps=3, project=pin_first(noise))
+    torch.testing.assert_close(res.log_weights, torch.full((2, 8), -math.log(8), dtype=torch.float64))
+
+
+def test_project_runs_between_compiled_transitions():
+    noise = draws(8)
+    kw = dict(transitions=2, inner_steps=2, generator=torch.Generator().manual_seed(1), project=pin_first(noise))
+    eager = gf.sample(model(), noise, **kw)
+    kw["generator"] = torch.Generator().manual_seed(1)
+    compiled = gf.sample(model(), noise, compile=True, **kw)
+    assert torch.all(compiled[:, 0] == KNOWN)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_project_hooks_are_named():
+    noise = draws(4)
+    with pytest.raises(TypeError, match="project must be None or callable"):
+        gf.sample(model(), noise, transitions=2, inner_steps=2, project=3)
+    with pytest.raises(TypeError, match="project must be None or callable"):
+        gf.fk_steering(model(), lambda z: z[:, 0], noise.reshape(2, 2, 2), transitions=2, project="blend")
+    with pytest.raises(ValueError, match=r"project must return the state's shape.*\(4, 2\).*got \(4, 1\)"):
+        gf.sample(model(), noise, transitions=2, inner_steps=2, project=lambda k, t, x: x[:, :1])
+    with pytest.raises(ValueError, match=r"project must return.*got \(4, 2\) torch.float64"):
+        gf.sample(model(), noise, transitions=2, inner_steps=2, project=lambda k, t, x: x.double())
+    with pytest.raises(ValueError, match="project must return.*got list"):
+        gf.sample(model(), noise, transitions=2, inner_steps=2, project=lambda k, t, x: [x])
+
+
+def test_nan_from_the_project_hook_is_reported_as_the_hooks():
+    def project(k, t, x):
+        return x.masked_fill(torch.ones_like(x, dtype=torch.bool), float("nan")) if k == 2 else x
+    with pytest.raises(FloatingPointError, match=r"project returned NaN or Inf at grid index 2 \(t=0.6667\)"):
+        gf.sample(model(), draws(4), transitions=3, inner_steps=2, project=project)
