@@ -32,7 +32,7 @@ from ..transitions import FiniteGuard, guided_denoised
 from .guidance import time_window
 from .potentials import PotentialState, check_potential
 from .resampling import AdaptiveResampler, check_scheme, gather, normalize_log_weights
-from .result import SteeringResult, best_of_groups, check_particles, progress_bar
+from .result import SteeringResult, best_of_groups, check_particles, first_dead_group, progress_bar
 from .value import metered_parts
 
 
@@ -227,15 +227,10 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
 
 
 def _raise_dead(dead_at: torch.Tensor, grid: torch.Tensor) -> None:
-    dead_at = dead_at.cpu()
-    groups = torch.nonzero(dead_at >= 0).flatten().tolist()
-    if groups:
-        g = groups[0]
-        k = int(dead_at[g])
-        more = f" (and {len(groups) - 1} more groups: {groups[1:8]})" if len(groups) > 1 else ""
-        raise RuntimeError(f"fk_steering: every particle of group {g} has zero weight after transition {k} "
-                           f"(t={float(grid[k]):.4f} -> {float(grid[k + 1]):.4f}){more}: the reward was NaN or "
-                           f"Inf for all of them")
+    dead = first_dead_group(dead_at, grid)
+    if dead is not None:
+        raise RuntimeError(f"fk_steering: every particle of group {dead[0]} has zero weight after {dead[1]}: the "
+                           f"reward was NaN or Inf for all of them")
 
 
 def _check_options(method, potential, lmbda, resample, ess_threshold, window, every, value_samples, guidance,

@@ -182,17 +182,27 @@ def check_particles(model, reward, noise, generator) -> tuple[int, int]:
     return b, k
 
 
+def first_dead_group(dead_at: torch.Tensor, grid) -> tuple[int, str] | None:
+    """(group, "transition k (t=.. -> ..)[ (and n more groups: [...])]") for the first group with
+    ``dead_at >= 0`` (the transition after which all its particles had invalid rewards), None if none.
+    One host read."""
+    dead_at = dead_at.cpu()
+    groups = torch.nonzero(dead_at >= 0).flatten().tolist()
+    if not groups:
+        return None
+    g, k = groups[0], int(dead_at[groups[0]])
+    more = f" (and {len(groups) - 1} more groups: {groups[1:8]})" if len(groups) > 1 else ""
+    return g, f"transition {k} (t={float(grid[k]):.4f} -> {float(grid[k + 1]):.4f}){more}"
+
+
 def check_selection_rewards(bad: torch.Tensor, dead_at: torch.Tensor, grid, who: str) -> None:
     """After a selection run (best-of-N, beam search): raise if every candidate of a group had a NaN or Inf
     reward (no best exists; ``dead_at[b]`` is the first transition where that happened, -1 never), and warn
     with the number of such rewards otherwise (they rank below every finite one). One host read, after the loop."""
-    dead_at = dead_at.cpu()
-    groups = torch.nonzero(dead_at >= 0).flatten().tolist()
-    if groups:
-        g, k = groups[0], int(dead_at[groups[0]])
-        more = f" (and {len(groups) - 1} more groups: {groups[1:8]})" if len(groups) > 1 else ""
-        raise RuntimeError(f"{who}: the reward was NaN or Inf for every candidate of group {g} after transition {k} "
-                           f"(t={float(grid[k]):.4f} -> {float(grid[k + 1]):.4f}){more}: no best candidate exists")
+    dead = first_dead_group(dead_at, grid)
+    if dead is not None:
+        raise RuntimeError(f"{who}: the reward was NaN or Inf for every candidate of group {dead[0]} after "
+                           f"{dead[1]}: no best candidate exists")
     bad = int(bad)
     if bad:
         warnings.warn(f"{who}: the reward was NaN or Inf for {bad} candidate evaluations; those candidates ranked "
