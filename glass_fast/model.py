@@ -111,10 +111,16 @@ class FlowModel:
         t = t.to(device=x.device, dtype=torch.float32)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
+        # The network is handed the sampler's state itself (no copy): an in-place edit of its input would
+        # silently corrupt the run, so it is caught through the version counter (views share it).
+        version = None if torch.compiler.is_compiling() or x.is_inference() else x._version
         if self.max_batch is not None and x.shape[0] > self.max_batch:
             out = torch.cat([self.fn(xc, tc) for xc, tc in zip(x.split(self.max_batch), t.split(self.max_batch))])
         else:
             out = self.fn(x, t)
+        if version is not None and x._version != version:
+            raise RuntimeError("the network modified its input x in place; it is the sampler's state, which that "
+                               "corrupts: compute out of place (or work on x.clone() inside the network)")
         if not torch.compiler.is_compiling():
             # Compiled and captured transitions are counted by their caller: a counter traced here
             # would become a guard on its value and recompile the transition at every call.

@@ -198,6 +198,31 @@ def test_wrong_model_output_shape_or_dtype():
         gf.sample(bad_dtype, torch.zeros(4, 2))
 
 
+def in_place_network(x, t):
+    return x.mul_(0.5)   # returns a tensor of the right shape: without the check the run would go on, corrupted
+
+
+@pytest.mark.parametrize("max_batch", [None, 3])
+@pytest.mark.parametrize("run", ["sample", "fk_steering", "denoise"])
+def test_a_network_that_edits_its_input_in_place_is_refused(run, max_batch):
+    m = gf.FlowModel(in_place_network, gf.LinearSchedule(), max_batch=max_batch)
+    with pytest.raises(RuntimeError, match="the network modified its input x in place"):
+        if run == "sample":
+            gf.sample(m, torch.randn(8, 2), transitions=2, inner_steps=2)
+        elif run == "fk_steering":
+            gf.fk_steering(m, lambda z: z[:, 0], torch.randn(2, 4, 2), transitions=2, inner_steps=2)
+        else:
+            m.denoise(torch.randn(8, 2), 0.5)
+
+
+def test_a_network_that_edits_a_copy_of_its_input_is_fine():
+    m = gf.FlowModel(lambda x, t: in_place_network(x.clone(), t), gf.LinearSchedule())
+    x = torch.randn(8, 2)
+    assert torch.equal(m(x, torch.tensor(0.5)), x * 0.5)
+    with torch.inference_mode():   # inference tensors have no version counter: nothing to check, no error
+        assert torch.equal(m(x, torch.tensor(0.5)), x * 0.5)
+
+
 @pytest.mark.parametrize("shape", [(0, 2), (3, 0)])
 def test_empty_states_are_named_before_any_model_call(model, shape):
     with pytest.raises(ValueError, match=rf"noise must hold at least one state .* got shape \({shape[0]}, {shape[1]}\)"):
