@@ -1,5 +1,5 @@
 """The ``project`` hook: a map applied to the state after every transition (e.g. inpainting's blending of
-known content into the state), in sample, Sampler.run / step, FK steering, best-of-N and beam search."""
+known content into the state, ``Inpaint``), in sample, Sampler.run / step, FK steering, best-of-N and beam search."""
 import math
 
 import pytest
@@ -16,14 +16,8 @@ KNOWN = 2.0
 
 
 def pin_first(noise):
-    """Coordinate 0 set to the known value noised to t with the run's own start noise (as inpainting does)."""
-    eps = noise.reshape(-1, 2)[:, :1]
-
-    def project(k, t, x):
-        rows = x.shape[0] // eps.shape[0]
-        known = t * KNOWN + (1.0 - t) * eps.repeat_interleave(rows, dim=0)
-        return torch.cat([known.to(x.dtype), x[:, 1:]], dim=1)
-    return project
+    """Coordinate 0 kept at the known value, noised to t with the run's own start noise (inpainting)."""
+    return gf.Inpaint(gf.LinearSchedule(), torch.tensor([[KNOWN, 0.0]]), torch.tensor([[0.0, 1.0]]), noise)
 
 
 def model():
@@ -141,3 +135,45 @@ def test_nan_from_the_project_hook_is_reported_as_the_hooks():
         return x.masked_fill(torch.ones_like(x, dtype=torch.bool), float("nan")) if k == 2 else x
     with pytest.raises(FloatingPointError, match=r"project returned NaN or Inf at grid index 2 \(t=0.6667\)"):
         gf.sample(model(), draws(4), transitions=3, inner_steps=2, project=project)
+
+
+def test_inpaint_blends_the_known_data_noised_along_the_schedule():
+    """Closed form at one step: (1 - m) (alpha_t z + sigma_t eps) + m x, on any schedule, soft masks included."""
+    sched = gf.CosineSchedule()
+    noise, x = torch.randn(4, 3, generator=torch.Generator().manual_seed(8)), torch.randn(4, 3)
+    z, m = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([0.0, 0.25, 1.0])
+    out = gf.Inpaint(sched, z, m, noise)(2, 0.3, x)
+    known = sched.alpha(0.3) * z + sched.sigma(0.3) * noise
+    torch.testing.assert_close(out, (1 - m) * known + m * x)
+    assert torch.equal(gf.Inpaint(sched, z, m, noise)(5, 1.0, x)[:, 0], torch.full((4,), 1.0))
+    as_bool = gf.Inpaint(sched, z, torch.tensor([False, True, True]), noise)(2, 0.3, x)
+    torch.testing.assert_close(as_bool[:, 1:], x[:, 1:], rtol=0, atol=0)
+
+
+def test_inpaint_with_steering_noise_and_beam_children():
+    noise = torch.randn(2, 3, 2)                       # [B, K, ...] as the steering functions take it
+    hook = gf.Inpaint(gf.LinearSchedule(), torch.tensor([KNOWN, 0.0]), torch.tensor([0.0, 1.0]), noise)
+    children = torch.randn(2 * 3 * 4, 2)               # four children per row, rows repeated in place
+    out = hook(1, 0.5, children)
+    expected = 0.5 * KNOWN + 0.5 * noise.reshape(6, 2)[:, 0].repeat_interleave(4)
+    torch.testing.assert_close(out[:, 0], expected)
+    torch.testing.assert_close(out[:, 1], children[:, 1], rtol=0, atol=0)
+
+
+def test_bad_inpaint_arguments_are_named():
+    s, noise = gf.LinearSchedule(), torch.randn(4, 2)
+    z, m = torch.zeros(2), torch.ones(2)
+    with pytest.raises(TypeError, match="schedule must be a glass_fast Schedule"):
+        gf.Inpaint("linear", z, m, noise)
+    with pytest.raises(TypeError, match="image must be a floating Tensor, got list"):
+        gf.Inpaint(s, [0.0, 0.0], m, noise)
+    with pytest.raises(ValueError, match="mask holds NaN or Inf"):
+        gf.Inpaint(s, z, torch.tensor([float("nan"), 1.0]), noise)
+    with pytest.raises(ValueError, match=r"mask must hold values in \[0, 1\].*got values in \[0, 2\]"):
+        gf.Inpaint(s, z, torch.tensor([0.0, 2.0]), noise)
+    with pytest.raises(ValueError, match=r"image of shape \(3,\) does not broadcast to the state \(4, 2\)"):
+        gf.Inpaint(s, torch.zeros(3), m, noise)
+    with pytest.raises(ValueError, match=r"noise must be the run's start noise \[N, ...\]"):
+        gf.Inpaint(s, z, m, torch.randn(2))
+    with pytest.raises(ValueError, match=r"the state \(6, 2\) does not match the noise \(4, 2\)"):
+        gf.Inpaint(s, z, m, noise)(1, 0.5, torch.randn(6, 2))

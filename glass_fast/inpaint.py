@@ -1,0 +1,77 @@
+"""Inpainting by blending: after every transition, the state outside the region to generate is replaced by the
+known data noised to the state's time along the run's own noise, x_t = alpha_t z + sigma_t eps (as diffusers'
+inpainting pipelines do). A ``project`` hook for ``sample``, ``Sampler.run`` and the steering functions.
+"""
+from __future__ import annotations
+
+import torch
+
+from .schedules import Schedule
+
+
+class Inpaint:
+    """The hook x <- mask * x + (1 - mask) * (alpha_t image + sigma_t noise) at every grid time t after the start.
+
+    Args:
+        schedule: the model's schedule (its alpha_t, sigma_t noise the known data).
+        image: the known data z, broadcastable to the state [N, ...] (e.g. [1, ...]: one image for all rows).
+        mask: 1 where content is generated, 0 where ``image`` is kept (values in [0, 1]: soft edges blend),
+            broadcastable to the state.
+        noise: the run's start noise, [N, ...] (or steering's [B, K, ...], read as [B * K, ...]): the known part
+            follows the same noise path. A state of m x N rows (beam-search children: each row repeated m times
+            in place) uses each noise row m times.
+
+    The blend is a heuristic, not conditioning: it leaves the generated region's law exact only where it does not
+    depend on the known one. At t = 1 the known region is ``image`` exactly.
+
+    Example:
+        >>> noise = torch.randn(8, 2)
+        >>> keep_first = gf.Inpaint(model.schedule, torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 1.0]]), noise)
+        >>> x = gf.sample(model, noise, project=keep_first)   # x[:, 0] == 2
+    """
+
+    def __init__(self, schedule: Schedule, image: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor):
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a glass_fast Schedule (the model's), got {type(schedule).__name__}")
+        if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+            mask = mask.float()
+        for name, value in (("image", image), ("mask", mask), ("noise", noise)):
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+                raise TypeError(f"{name} must be a floating Tensor, got {got}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} holds NaN or Inf")
+        if noise.dim() < 2 or noise.shape[0] < 1:
+            raise ValueError(f"noise must be the run's start noise [N, ...] with N >= 1, got shape {tuple(noise.shape)}")
+        if bool(((mask < 0) | (mask > 1)).any()):
+            raise ValueError(f"mask must hold values in [0, 1] (1: generate, 0: keep image), got values in "
+                             f"[{float(mask.min()):g}, {float(mask.max()):g}]")
+        layouts = [tuple(noise.shape)] + ([(noise.shape[0] * noise.shape[1],) + tuple(noise.shape[2:])]
+                                          if noise.dim() > 2 else [])
+        for name, value in (("image", image), ("mask", mask)):
+            if not any(_broadcasts(value.shape, shape) for shape in layouts):
+                raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to the state "
+                                 f"{' or '.join(map(str, layouts))}")
+        self.schedule, self.image, self.mask, self.noise = schedule, image, mask, noise
+
+    def __call__(self, k: int, t: float, x: torch.Tensor) -> torch.Tensor:
+        if self.noise.numel() % x[0].numel() or x.shape[0] % (self.noise.numel() // x[0].numel()):
+            raise ValueError(f"Inpaint: the state {tuple(x.shape)} does not match the noise {tuple(self.noise.shape)} "
+                             f"(rows of the same shape, or a multiple of them)")
+        noise = self.noise.reshape((-1,) + tuple(x.shape[1:]))
+        if x.shape[0] != noise.shape[0]:
+            noise = noise.repeat_interleave(x.shape[0] // noise.shape[0], dim=0)
+        if not (_broadcasts(self.image.shape, x.shape) and _broadcasts(self.mask.shape, x.shape)):
+            raise ValueError(f"Inpaint: image {tuple(self.image.shape)} and mask {tuple(self.mask.shape)} must "
+                             f"broadcast to the state {tuple(x.shape)}")
+        noise, image, mask = (v.to(device=x.device, dtype=x.dtype) for v in (noise, self.image, self.mask))
+        known = float(self.schedule.alpha(t)) * image + float(self.schedule.sigma(t)) * noise
+        return (1 - mask) * known + mask * x
+
+
+def _broadcasts(shape, to) -> bool:
+    """``shape`` broadcasts to ``to`` without growing it."""
+    try:
+        return tuple(torch.broadcast_shapes(shape, to)) == tuple(to)
+    except RuntimeError:
+        return False
