@@ -120,6 +120,23 @@ def test_max_batch_chunks_give_the_same_field(sd3):
         torch.testing.assert_close(chunked.velocity(x, t), whole.velocity(x, t), atol=1e-5, rtol=1e-5)
 
 
+def test_one_adapter_per_call_and_flux_inputs_built_once_per_model(flux, monkeypatch):
+    """sample builds the pipeline's adapter once, and its FlowModel builds FLUX's position ids and guidance
+    input once, not in each of its transformer calls."""
+    from glass_fast.integrations import diffusers_adapter as da
+    built, ids, calls = [], [], []
+    init, image_ids = da.DiffusersFlow.__init__, da.packed_image_ids
+    monkeypatch.setattr(da.DiffusersFlow, "__init__", lambda self, *a, **k: built.append(1) or init(self, *a, **k))
+    monkeypatch.setattr(da, "packed_image_ids", lambda *a, **k: ids.append(1) or image_ids(*a, **k))
+    hook = flux.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        gd.sample(flux, method="ode", transitions=3, inner_steps=2, height=SIZE, width=SIZE, output_type="latent",
+                  **random_embeds(1, DIM))
+    finally:
+        hook.remove()
+    assert (len(built), len(ids), len(calls)) == (1, 1, 6)
+
+
 def test_flux_decoding_is_the_pipelines_unpack_scale_and_shift(flux):
     flow = gd.as_flow(flux)
     x = torch.randn(2, 64, 16)

@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("diffusers")
 from glass_fast.integrations import diffusers as gd  # noqa: E402
+from glass_fast.integrations.diffusers_adapter import SkipLayerGuidance  # noqa: E402
 from glass_fast.integrations.diffusers_controlnet import _weight, step_window  # noqa: E402
 from diffusers_parts import (ATOL, DIM, SIZE, pipeline, random_embeds, sharpen_posterior,  # noqa: E402
                              tiny_flux, tiny_flux_controlnet, tiny_flux_hint_parts, tiny_sd3, tiny_sd3_controlnet,
@@ -191,6 +192,11 @@ def test_window_in_glass_fast_times():
     t = torch.tensor([0.0, 0.1, 0.45, 0.7999, 0.8, 0.95])
     torch.testing.assert_close(_weight(t, (0.1, 0.8), 0.5), torch.tensor([0.0, 0.5, 0.5, 0.5, 0.0, 0.0]))
     torch.testing.assert_close(_weight(t, None, 0.5), torch.zeros(6))
+    # Skip-layer guidance's rule (step i of N on when N start < i < N stop) keeps the steps' own times, closed.
+    slg = SkipLayerGuidance.from_steps([0], 1.0, 0.2, 0.8, grid)                 # steps 2, 3 on
+    assert slg.window == (0.3, 0.6)
+    assert slg.active(torch.tensor([0.1, 0.3, 0.6, 0.7])).tolist() == [False, True, True, False]
+    assert SkipLayerGuidance.from_steps([0], 1.0, 0.9, 0.95, grid).active(t) is None
 
 
 @pytest.mark.parametrize("kind", ["flux", "sd3"])

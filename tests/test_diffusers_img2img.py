@@ -157,6 +157,10 @@ def test_kontext_reference_images_per_prompt_and_errors(flux, sd3, monkeypatch):
     assert int(resized_ids[:, 1].max()) == 16 // 4 - 1 and int(resized_ids[:, 2].max()) == 48 // 4 - 1
     with pytest.raises(ValueError, match=r"context_image holds 3 images; pass one, or one per prompt \(2\)"):
         context_tokens(flow, _pil(1, count=3), 2, auto_resize=False)
+    bad = torch.full((1, 3, SIZE, SIZE), 0.5)
+    bad[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="context_image holds NaN or Inf values"):
+        context_tokens(flow, bad, 1, auto_resize=False)
     with pytest.raises(ValueError, match="needs a FLUX transformer"):
         context_tokens(gd.as_flow(sd3), _pil(1), 1)
     # Steering an edit: every particle of a prompt sees that prompt's reference image.

@@ -19,7 +19,8 @@ from ..plan import check_calls
 from ..sampling import DEFAULT_TRANSITIONS, Sampler, transition_grid
 from ..transitions import check_state
 from .diffusers_adapter import NAMES, DiffusersFlow, SkipLayerGuidance, transformer_kind  # noqa: F401
-from .diffusers_channels import ChannelCondition, check_finite, control_latents, fill_latents  # noqa: F401
+from .diffusers_channels import (ChannelCondition, check_finite, check_images, control_latents,  # noqa: F401
+                                 fill_latents, image_processor)
 from .diffusers_checks import (OUTPUT_TYPES, check_capturable, check_generator, check_output,  # noqa: F401
                                check_steering_options, guidance_weight)
 from .diffusers_conditioning import Conditioning, context_tokens, encode, image_prompts  # noqa: F401
@@ -41,13 +42,12 @@ def as_flow(pipe) -> DiffusersFlow:
     return DiffusersFlow.from_pipeline(pipe)
 
 
-def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, width, guidance_scale,
+def _setup(flow: DiffusersFlow, prompt, embeds: dict, per_prompt: int, per_name: str, height, width, guidance_scale,
            true_cfg_scale, max_batch, attention_kwargs, transitions: int | None, grid, skip_layers: dict, sigmas=None):
-    """(adapter, conditioning, FlowModel, height, width, transition grid), shared by sample and steer.
+    """(conditioning, FlowModel, height, width, transition grid), shared by sample and steer.
 
     ``embeds``: the prompt and image-prompt arguments by name; ``skip_layers``: the pipeline's
     skip_guidance_layers / skip_layer_guidance_scale / _start / _stop."""
-    flow = as_flow(pipe)
     if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
         raise TypeError(f"joint_attention_kwargs must be a dict or None, got {type(attention_kwargs).__name__}")
     if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
@@ -96,7 +96,7 @@ def _setup(pipe, prompt, embeds: dict, per_prompt: int, per_name: str, height, w
     model = flow.flow_model(cond, per_prompt, height, width, guidance_scale=distilled,
                             cfg_scale=cfg_scale if cfg else 1.0, max_batch=max_batch,
                             attention_kwargs=attention_kwargs, skip_layer_guidance=slg)
-    return flow, cond, model, height, width, grid
+    return cond, model, height, width, grid
 
 
 def _prepare(a: dict, per_name: str, grid, cuda_graph: bool):
@@ -108,21 +108,21 @@ def _prepare(a: dict, per_name: str, grid, cuda_graph: bool):
     [P * rows, *state])."""
     pipe, latents, generator, per_prompt = a["pipe"], a["latents"], a["generator"], a[per_name]
     check_capturable(cuda_graph, a["skip_guidance_layers"])
-    check_generator(generator, as_flow(pipe).device)
-    image, context_image = kontext_image(pipe, a["image"], a["context_image"], a["strength"])
-    ctl = ControlNetArgs(pipe, a["control_image"], a["controlnet_conditioning_scale"], a["control_guidance_start"],
+    flow = as_flow(pipe)   # built once: every step below reads this adapter
+    check_generator(generator, flow.device)
+    image, context_image = kontext_image(flow, a["image"], a["context_image"], a["strength"])
+    ctl = ControlNetArgs(flow, a["control_image"], a["controlnet_conditioning_scale"], a["control_guidance_start"],
                          a["control_guidance_end"], a["control_mode"])
-    chan = ChannelCondition(pipe, image, a["strength"], latents is not None, a["mask_image"],
+    chan = ChannelCondition(flow, image, a["strength"], latents is not None, a["mask_image"],
                             a["masked_image_latents"], None if ctl.net is not None else a["control_image"],
                             context_image)
-    ctl.check(as_flow(pipe), image, chan.kind, context_image, (a["ip_adapter_image"], a["ip_adapter_image_embeds"]),
+    ctl.check(flow, image, chan.kind, context_image, (a["ip_adapter_image"], a["ip_adapter_image_embeds"]),
               a["skip_guidance_layers"])
     embeds = {k: a[k] for k in _EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS} | {"context_image": context_image}
-    flow, cond, model, height, width, grid = _setup(pipe, a["prompt"], embeds, per_prompt, per_name, a["height"],
-                                                    a["width"], chan.guidance(a["guidance_scale"]),
-                                                    a["true_cfg_scale"], a["max_batch"], a["joint_attention_kwargs"],
-                                                    a["transitions"], grid, {k: a[k] for k in _SKIP_LAYER_ARGS},
-                                                    a["sigmas"])
+    cond, model, height, width, grid = _setup(flow, a["prompt"], embeds, per_prompt, per_name, a["height"],
+                                              a["width"], chan.guidance(a["guidance_scale"]), a["true_cfg_scale"],
+                                              a["max_batch"], a["joint_attention_kwargs"], a["transitions"], grid,
+                                              {k: a[k] for k in _SKIP_LAYER_ARGS}, a["sigmas"])
     if per_name == "particles" and latents is not None:
         latents = _flat_particles(latents, cond.num_prompts, per_prompt, flow.state_shape(height, width))
     chan.attach(flow, cond, height, width, generator, before_noise=True)
@@ -195,12 +195,8 @@ def _start(flow: DiffusersFlow, latents, prompts: int, per_prompt: int, height: 
             raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
         k = len(grid) - 1
         grid = grid[int(max(k - min(k * strength, k), 0)):]
-        from diffusers.image_processor import VaeImageProcessor
-        pixels = VaeImageProcessor(vae_scale_factor=flow.vae_scale_factor).preprocess(image, height=height,
-                                                                                     width=width)
-        check_finite("image", pixels)
-        if pixels.shape[0] not in (1, prompts):
-            raise ValueError(f"image holds {pixels.shape[0]} images; pass one, or one per prompt ({prompts})")
+        pixels = image_processor(flow).preprocess(image, height=height, width=width)
+        check_images("image", pixels, prompts)
         z = flow.encode_images(pixels, generator)
     shape = (rows,) + flow.state_shape(height, width)
     if isinstance(latents, torch.Tensor) and latents.is_complex():
@@ -224,10 +220,9 @@ def postprocess(flow: DiffusersFlow, x: torch.Tensor, height: int, width: int, o
     """Final states -> output_type: "latent" (the states), "pt" ([N, 3, H, W] in [0, 1]), "np" or "pil"."""
     if output_type == "latent":
         return x
-    from diffusers.image_processor import VaeImageProcessor
     with torch.no_grad():
         img = flow.decode(x, height, width, max_batch)
-    return VaeImageProcessor(vae_scale_factor=flow.vae_scale_factor).postprocess(img, output_type=output_type)
+    return image_processor(flow).postprocess(img, output_type=output_type)
 
 
 def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt=None,

@@ -34,7 +34,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ..model import FlowModel
 from ..schedules import LinearSchedule
 from .diffusers_channels import check_features
-from .diffusers_conditioning import Conditioning
+from .diffusers_conditioning import Conditioning, cfg_stack
+from .diffusers_controlnet import in_window, steps_window
 from .diffusers_flux import check_flux2_pipeline, flux2_guidance, flux2_mu, packed_image_ids, text_ids
 
 KINDS = {"flux": FluxTransformer2DModel, "flux2": Flux2Transformer2DModel, "sd3": SD3Transformer2DModel}
@@ -114,9 +115,14 @@ class DiffusersFlow:
             sample = 128 if self.kind in PACKED else self.transformer.config.sample_size
         return sample * self.vae_scale_factor
 
+    @property
+    def patch_pixels(self) -> int:
+        """Pixels a side of one transformer token: image sides are multiples of it."""
+        return self.vae_scale_factor * (2 if self.kind in PACKED else self.transformer.config.patch_size)
+
     def latent_hw(self, height: int, width: int) -> tuple[int, int]:
         """Unpacked latent (h, w) of an image; ValueError for sizes the transformer cannot tile."""
-        step = self.vae_scale_factor * (2 if self.kind in PACKED else self.transformer.config.patch_size)
+        step = self.patch_pixels
         for name, v in (("height", height), ("width", width)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % step:
                 raise ValueError(f"{name} must be a positive multiple of {step} pixels for this "
@@ -206,7 +212,7 @@ class DiffusersFlow:
                 height: int, width: int, guidance_scale: float | None = None,
                 attention_kwargs: dict | None = None, skip_layers: tuple[int, ...] | None = None,
                 context: tuple[torch.Tensor, torch.Tensor] | None = None,
-                channels: torch.Tensor | None = None, control=None) -> torch.Tensor:
+                channels: torch.Tensor | None = None, control=None, inputs: tuple | None = None) -> torch.Tensor:
         """One transformer call, diffusers' convention: v = eps - z at noise level ``sigma``.
 
         Args:
@@ -222,6 +228,8 @@ class DiffusersFlow:
             channels: FLUX.1 Fill's or Control's condition [N, L, features], appended to x's features.
             control: the call's ControlNet residuals, fn(x, sigma, embeds, pooled, guidance, attention_kwargs,
                 txt_ids, img_ids) -> the transformer's keyword arguments (``Conditioning.control_rows``).
+            inputs: FLUX only: ``packed_inputs`` for this size, token count and guidance value (``flow_model``
+                builds them once); None: built here.
         Returns:
             [N, *state_shape] raw transformer output.
         """
@@ -229,11 +237,9 @@ class DiffusersFlow:
         # A fresh dict per call: the transformers pop entries (ip_adapter_image_embeds) from the one they get.
         extra = None if attention_kwargs is None else dict(attention_kwargs)
         if self.kind in PACKED:
-            h, w = self.latent_hw(height, width)
-            img_ids = packed_image_ids(self.kind, h // 2, w // 2, x.device, x.dtype)
-            txt_ids = text_ids(self.kind, embeds.shape[1], x.device, x.dtype)
-            g = self.embedded_guidance(guidance_scale)
-            guidance = None if g is None else torch.full((x.shape[0],), g, device=x.device, dtype=torch.float32)
+            img_ids, txt_ids, guidance = inputs or self.packed_inputs(height, width, embeds.shape[1],
+                                                                      guidance_scale, x.device, x.dtype)
+            guidance = None if guidance is None else guidance.expand(x.shape[0])
             check_features(self, x.shape[-1], channels)
             hidden = x if channels is None else torch.cat([x, channels.to(x.dtype)], dim=2)
             if context is not None:
@@ -241,7 +247,8 @@ class DiffusersFlow:
                 img_ids = torch.cat([img_ids, context[1].to(x.dtype)])
             pooled_kw = {} if self.kind == "flux2" else {"pooled_projections": pooled}
             if control is not None:
-                pooled_kw.update(control(x, sigma.to(x.dtype), embeds, pooled, g, attention_kwargs, txt_ids, img_ids))
+                pooled_kw.update(control(x, sigma.to(x.dtype), embeds, pooled, guidance, attention_kwargs, txt_ids,
+                                         img_ids))
             out = tr(hidden_states=hidden, timestep=sigma.to(x.dtype), guidance=guidance, encoder_hidden_states=embeds,
                      txt_ids=txt_ids, img_ids=img_ids, joint_attention_kwargs=extra, return_dict=False,
                      **pooled_kw)[0]
@@ -261,6 +268,14 @@ class DiffusersFlow:
         if self.kind == "flux2" and flux2_guidance(self) == "embedded":
             return 4.0 if guidance_scale is None else float(guidance_scale)
         return None
+
+    def packed_inputs(self, height: int, width: int, tokens: int, guidance_scale, device, dtype) -> tuple:
+        """A FLUX call's inputs that depend only on the size, the prompt's token count and the guidance value:
+        (image position ids, text position ids, the guidance embedding's value as a 0-d float32 Tensor or None)."""
+        h, w = self.latent_hw(height, width)
+        g = self.embedded_guidance(guidance_scale)
+        return (packed_image_ids(self.kind, h // 2, w // 2, device, dtype), text_ids(self.kind, tokens, device, dtype),
+                None if g is None else torch.full((), g, device=device, dtype=torch.float32))
 
     def flow_model(self, cond: Conditioning, per_prompt: int, height: int, width: int, *,
                    guidance_scale: float | None = None, cfg_scale: float = 1.0,
@@ -295,6 +310,12 @@ class DiffusersFlow:
             raise ValueError("skip-layer guidance needs a Stable Diffusion 3 transformer and classifier-free "
                              "guidance (guidance_scale > 1 with negative embeddings), as in the SD3 pipeline")
         per_call = None if max_batch is None else max(1, max_batch // (2 if use_cfg else 1))
+        # With guidance, one call on the stacked (unconditional, conditional) rows.
+        embeds, pooled = (((cond.negative_embeds, cond.prompt_embeds), (cond.negative_pooled, cond.pooled)) if use_cfg
+                          else ((cond.prompt_embeds,), (cond.pooled,)))
+        # Built once, not in every call: nothing in them changes between calls (and a CUDA graph replays them).
+        inputs = None if self.kind not in PACKED else self.packed_inputs(
+            height, width, cond.prompt_embeds.shape[1], guidance_scale, cond.prompt_embeds.device, self.dtype)
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             n = x.shape[0]
@@ -306,20 +327,18 @@ class DiffusersFlow:
             size = n if per_call is None else per_call
             for lo in range(0, n, size):
                 idx = torch.arange(lo, min(lo + size, n), device=cond.prompt_embeds.device) // block
-                xc, sc = x[lo:lo + size], 1.0 - t[lo:lo + size]
+                tc = t[lo:lo + size]
+                xc, sc = x[lo:lo + size], 1.0 - tc
+                v = self.predict(cfg_stack(xc, use_cfg), cfg_stack(sc, use_cfg), _rows(*embeds, idx=idx),
+                                 _rows(*pooled, idx=idx), height, width, guidance_scale,
+                                 cond.attention_kwargs(self.kind, attention_kwargs, idx, use_cfg),
+                                 context=cond.context_rows(idx, use_cfg), channels=cond.channel_rows(idx, use_cfg),
+                                 control=cond.control_rows(idx, tc, use_cfg), inputs=inputs)
                 if use_cfg:
-                    both = self.predict(torch.cat([xc, xc]), torch.cat([sc, sc]),
-                                        torch.cat([cond.negative_embeds[idx], cond.prompt_embeds[idx]]),
-                                        _rows(cond.negative_pooled, cond.pooled, idx=idx),
-                                        height, width, guidance_scale,
-                                        cond.attention_kwargs(self.kind, attention_kwargs, idx, True),
-                                        context=cond.context_rows(idx, cfg_pair=True),
-                                        channels=cond.channel_rows(idx, cfg_pair=True),
-                                        control=cond.control_rows(idx, t[lo:lo + size], cfg_pair=True)).float()
-                    unc, con = both.chunk(2)
+                    unc, con = v.float().chunk(2)
                     v = unc + cfg_scale * (con - unc)
                     slg = skip_layer_guidance
-                    on = None if slg is None else slg.active(t[lo:lo + size])
+                    on = None if slg is None else slg.active(tc)
                     # A host check (one small sync per call) saves the extra transformer call outside the window.
                     if on is not None and bool(on.any()):
                         skipped = self.predict(xc, sc, cond.prompt_embeds[idx], _rows(cond.pooled, idx=idx),
@@ -328,12 +347,6 @@ class DiffusersFlow:
                                                slg.layers).float()
                         shift = slg.scale * (con - skipped)
                         v = v + torch.where(on.view((-1,) + (1,) * (v.dim() - 1)), shift, torch.zeros_like(shift))
-                else:
-                    v = self.predict(xc, sc, cond.prompt_embeds[idx], _rows(cond.pooled, idx=idx), height, width,
-                                     guidance_scale, cond.attention_kwargs(self.kind, attention_kwargs, idx, False),
-                                     context=cond.context_rows(idx, cfg_pair=False),
-                                     channels=cond.channel_rows(idx, cfg_pair=False),
-                                     control=cond.control_rows(idx, t[lo:lo + size], cfg_pair=False))
                 outs.append((-v).to(x.dtype))  # u = dx/dt = z - eps = -v
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -431,17 +444,9 @@ class SkipLayerGuidance:
         """The pipeline's rule, step i of N on when N * start < i < N * stop, as the time window spanned by
         those steps' times on ``grid`` (N + 1 increasing glass_fast times); model calls at those times, as
         in an ODE with one call per step, get exactly the pipeline's guidance."""
-        n = len(grid) - 1
-        steps = [i for i in range(n) if n * start < i < n * stop]
-        if not steps:   # an empty window: never on
-            return cls(layers, scale, None)
-        return cls(layers, scale, (float(grid[steps[0]]), float(grid[steps[-1]])))
+        return cls(layers, scale, steps_window(grid, lambda i, n: n * start < i < n * stop, whole=False))
 
     def active(self, t: torch.Tensor) -> torch.Tensor | None:
         """[N] bool: which rows' times lie in the window (with a tolerance for float32 times); None when
         the window holds no step (never on: no check, no extra call)."""
-        if self.window is None:
-            return None
-        lo, hi = self.window
-        eps = 1e-6
-        return (t >= lo - eps) & (t <= hi + eps)
+        return None if self.window is None else in_window(t, self.window, whole=False)

@@ -71,9 +71,19 @@ def check_finite(name: str, value: torch.Tensor) -> None:
         raise ValueError(f"{name} holds NaN or Inf values")
 
 
-def _count(name: str, n: int, prompts: int) -> None:
-    if n not in (1, prompts):
-        raise ValueError(f"{name} holds {n} images; pass one, or one per prompt ({prompts})")
+def check_images(name: str, value: torch.Tensor, prompts: int) -> None:
+    """ValueError naming the argument unless ``value`` (images or their latents, one per row) holds one image
+    (for every prompt) or one per prompt, all finite."""
+    if value.shape[0] not in (1, prompts):
+        raise ValueError(f"{name} holds {value.shape[0]} images; pass one, or one per prompt ({prompts})")
+    check_finite(name, value)
+
+
+def image_processor(flow: DiffusersFlow, **kw):
+    """The pipelines' VaeImageProcessor (``kw``: its options), sizing images in whole transformer tokens (so
+    that it keeps every height and width ``latent_hw`` accepts)."""
+    from diffusers.image_processor import VaeImageProcessor
+    return VaeImageProcessor(vae_scale_factor=flow.patch_pixels, **kw)
 
 
 class ChannelCondition:
@@ -170,14 +180,8 @@ def _packed(name: str, value, prompts: int, flow: DiffusersFlow, height: int, wi
         got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(f"{name} must be a Tensor [1 or {prompts}, {shape[0]}, {shape[1]}] (packed latents at this "
                          f"height and width), got {got}")
-    _count(name, value.shape[0], prompts)
-    check_finite(name, value)
+    check_images(name, value, prompts)
     return value.to(device=flow.device, dtype=flow.dtype).expand(prompts, -1, -1)
-
-
-def _processor(flow: DiffusersFlow, **kw):
-    from diffusers.image_processor import VaeImageProcessor
-    return VaeImageProcessor(vae_scale_factor=flow.vae_scale_factor * 2, **kw)
 
 
 def fill_latents(flow: DiffusersFlow, image, mask_image, prompts: int, height: int, width: int, generator=None):
@@ -188,13 +192,11 @@ def fill_latents(flow: DiffusersFlow, image, mask_image, prompts: int, height: i
     of every latent pixel becomes f^2 channels, packed like latents.
     """
     f = flow.vae_scale_factor
-    pixels = _processor(flow).preprocess(image, height=height, width=width).float()
-    mask = _processor(flow, do_normalize=False, do_binarize=True,
-                      do_convert_grayscale=True).preprocess(mask_image, height=height, width=width).float()
-    _count("image", pixels.shape[0], prompts)
-    _count("mask_image", mask.shape[0], prompts)
-    check_finite("image", pixels)
-    check_finite("mask_image", mask)
+    pixels = image_processor(flow).preprocess(image, height=height, width=width).float()
+    mask = image_processor(flow, do_normalize=False, do_binarize=True,
+                           do_convert_grayscale=True).preprocess(mask_image, height=height, width=width).float()
+    check_images("image", pixels, prompts)
+    check_images("mask_image", mask, prompts)
     masked = flow.encode_images(pixels * (1 - mask), generator)   # one draw per masked image, as the pipeline
     h, w = flow.latent_hw(height, width)
     n = mask.shape[0]
@@ -226,9 +228,8 @@ def control_pixels(flow: DiffusersFlow, control_image, prompts: int, height: int
     if isinstance(control_image, torch.Tensor) and control_image.dim() == 4:
         pixels = control_image
     else:
-        pixels = _processor(flow).preprocess(control_image, height=height, width=width)
-    _count(name, pixels.shape[0], prompts)
-    check_finite(name, pixels)
+        pixels = image_processor(flow).preprocess(control_image, height=height, width=width)
+    check_images(name, pixels, prompts)
     if tuple(pixels.shape[-2:]) != (height, width):
         raise ValueError(f"{name} has {tuple(pixels.shape[-2:])} pixels; a Tensor of pixels must have the "
                          f"output's ({height}, {width})")

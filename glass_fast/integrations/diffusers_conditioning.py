@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .diffusers_channels import check_finite
+from .diffusers_channels import check_finite, check_images, image_processor
 
 if TYPE_CHECKING:
     from .diffusers_adapter import DiffusersFlow
@@ -58,11 +58,11 @@ class Conditioning:
         """(tokens, ids) of the reference image for ``rows`` (prompt indices; twice for a CFG pair), or None."""
         if self.context is None:
             return None
-        return _pair(self.context[rows], cfg_pair), self.context_ids
+        return cfg_stack(self.context[rows], cfg_pair), self.context_ids
 
     def channel_rows(self, rows: torch.Tensor, cfg_pair: bool) -> torch.Tensor | None:
         """The channel-concatenated condition of ``rows`` (prompt indices; twice for a CFG pair), or None."""
-        return None if self.channels is None else _pair(self.channels[rows], cfg_pair)
+        return None if self.channels is None else cfg_stack(self.channels[rows], cfg_pair)
 
     def control_rows(self, rows: torch.Tensor, t: torch.Tensor, cfg_pair: bool):
         """The ControlNet residuals of a call on ``rows`` (prompt indices) at glass_fast times ``t`` (once, also
@@ -82,7 +82,7 @@ class Conditioning:
         return {**(base or {}), "ip_adapter_image_embeds": per_adapter if kind == "flux" else per_adapter[0]}
 
 
-def _pair(rows: torch.Tensor, cfg_pair: bool) -> torch.Tensor:
+def cfg_stack(rows: torch.Tensor, cfg_pair: bool) -> torch.Tensor:
     """Rows for one call: twice, stacked, for classifier-free guidance's (unconditional, conditional) pair."""
     return torch.cat([rows, rows]) if cfg_pair else rows
 
@@ -220,17 +220,25 @@ def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_promp
                                    negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                                    max_sequence_length=max_sequence_length)
     _check_embeds("prompt_embeds", prompt_embeds, 3, None, flow, "joint_attention_dim")
-    n = prompt_embeds.shape[0]
-    _check_embeds("pooled_prompt_embeds", pooled_prompt_embeds, 2, n, flow, "pooled_projection_dim")
+    return _conditioning(flow, prompts, cfg, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
+                         negative_pooled_prompt_embeds)
+
+
+def _conditioning(flow: DiffusersFlow, prompts, cfg: bool, embeds, pooled, negative, negative_pooled) -> Conditioning:
+    """The Conditioning of checked prompt embeddings ``embeds``: the others are checked against them and their
+    rows against ``prompts``, all moved to the transformer's device and dtype (FLUX.2: no pooled embeddings)."""
+    n = embeds.shape[0]
+    pooled_too = flow.kind != "flux2"
+    if pooled_too:
+        _check_embeds("pooled_prompt_embeds", pooled, 2, n, flow, "pooled_projection_dim")
     if prompts is not None and len(prompts) != n:
         raise ValueError(f"prompt has {len(prompts)} entries but prompt_embeds has {n} rows: they must match")
     if cfg:
-        _check_embeds("negative_prompt_embeds", negative_prompt_embeds, 3, n, like=prompt_embeds)
-        _check_embeds("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, 2, n, like=pooled_prompt_embeds)
-    to = dict(device=dev, dtype=flow.dtype)
-    return Conditioning(prompt_embeds.to(**to), pooled_prompt_embeds.to(**to),
-                        negative_prompt_embeds.to(**to) if cfg else None,
-                        negative_pooled_prompt_embeds.to(**to) if cfg else None, prompts)
+        _check_embeds("negative_prompt_embeds", negative, 3, n, like=embeds)
+        if pooled_too:
+            _check_embeds("negative_pooled_prompt_embeds", negative_pooled, 2, n, like=pooled)
+    rows = [embeds, pooled] + ([negative, negative_pooled] if cfg else [None, None])
+    return Conditioning(*[None if v is None else v.to(device=flow.device, dtype=flow.dtype) for v in rows], prompts)
 
 
 def _encode_flux2(flow: DiffusersFlow, prompts, prompt_embeds, pooled_prompt_embeds, negative_prompt,
@@ -268,14 +276,7 @@ def _encode_flux2(flow: DiffusersFlow, prompts, prompt_embeds, pooled_prompt_emb
         if need_neg:
             negative = "" if negative_prompt is None else negative_prompt
             negative_prompt_embeds = pipe.encode_prompt(prompt=_matching("negative_prompt", negative, n), **kw)[0]
-    n = prompt_embeds.shape[0]
-    if prompts is not None and len(prompts) != n:
-        raise ValueError(f"prompt has {len(prompts)} entries but prompt_embeds has {n} rows: they must match")
-    if cfg:
-        _check_embeds("negative_prompt_embeds", negative_prompt_embeds, 3, n, like=prompt_embeds)
-    to = dict(device=flow.device, dtype=flow.dtype)
-    return Conditioning(prompt_embeds.to(**to), None, negative_prompt_embeds.to(**to) if cfg else None, None,
-                        prompts)
+    return _conditioning(flow, prompts, cfg, prompt_embeds, None, negative_prompt_embeds, None)
 
 
 def _loaded_ip_adapters(flow: DiffusersFlow) -> int:
@@ -356,20 +357,17 @@ def context_tokens(flow: DiffusersFlow, image, prompts: int, auto_resize: bool =
     """
     if flow.kind != "flux":
         raise ValueError("context_image is FLUX.1 Kontext's reference image: it needs a FLUX transformer")
-    from diffusers.image_processor import VaeImageProcessor
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
-    from .diffusers_flux import packed_image_ids
+    from .diffusers_flux import reference_latents
 
-    multiple = flow.vae_scale_factor * 2
-    proc = VaeImageProcessor(vae_scale_factor=multiple)
+    multiple = flow.patch_pixels
+    proc = image_processor(flow)
     height, width = proc.get_default_height_width(image[0] if isinstance(image, list) else image)
     if auto_resize:
         _, width, height = min((abs(width / height - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
     height, width = height // multiple * multiple, width // multiple * multiple
     pixels = proc.preprocess(proc.resize(image, height, width), height, width)
-    if pixels.shape[0] not in (1, prompts):
-        raise ValueError(f"context_image holds {pixels.shape[0]} images; pass one, or one per prompt ({prompts})")
-    tokens = flow.encode_images(pixels, mean=True).expand(prompts, -1, -1)
-    return tokens, packed_image_ids("flux", height // multiple, width // multiple, flow.device, torch.float32,
-                                    index=1)
+    check_images("context_image", pixels, prompts)
+    tokens, ids = reference_latents(flow, pixels, index=1)
+    return tokens.expand(prompts, -1, -1), ids

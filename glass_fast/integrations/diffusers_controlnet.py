@@ -73,15 +73,28 @@ def _number(name: str, value, lo=None, hi=None) -> float:
     return float(value)
 
 
-def step_window(start: float, end: float, grid: torch.Tensor) -> tuple[float, float] | None:
-    """The pipelines' rule, step i of N on unless i / N < start or (i + 1) / N > end, as the half-open window
-    [grid[first], grid[last + 1]) of glass_fast times spanned by the steps it keeps (``grid``: N + 1
-    increasing times); None when it keeps none."""
+def steps_window(grid: torch.Tensor, on, whole: bool) -> tuple[float, float] | None:
+    """The glass_fast times of a pipeline's steps i of N for which on(i, N) holds (``grid``: N + 1 increasing
+    times): [grid[first], grid[last + 1]) with ``whole`` (the steps' whole intervals: every model call inside
+    them), else [grid[first], grid[last]] (the steps' own times); None when no step is on."""
     n = len(grid) - 1
-    kept = [i for i in range(n) if not (i / n < start or (i + 1) / n > end)]
+    kept = [i for i in range(n) if on(i, n)]
     if not kept:
         return None
-    return float(grid[kept[0]]), float(grid[kept[-1] + 1])
+    return float(grid[kept[0]]), float(grid[kept[-1] + 1 if whole else kept[-1]])
+
+
+def in_window(t: torch.Tensor, window: tuple[float, float], whole: bool) -> torch.Tensor:
+    """[N] bool: which times lie in a ``steps_window`` (half-open with ``whole``, else closed; float32 times
+    within a tolerance), on the device: no host sync, so a transition stays capturable as a CUDA graph."""
+    lo, hi = window
+    return (t >= lo - _EPS) & ((t < hi - _EPS) if whole else (t <= hi + _EPS))
+
+
+def step_window(start: float, end: float, grid: torch.Tensor) -> tuple[float, float] | None:
+    """The pipelines' rule, step i of N on unless i / N < start or (i + 1) / N > end, as the half-open window
+    of glass_fast times spanned by the steps it keeps (``steps_window``)."""
+    return steps_window(grid, lambda i, n: not (i / n < start or (i + 1) / n > end), whole=True)
 
 
 class ControlNetArgs:
@@ -228,15 +241,15 @@ class ControlNets:
     text: bool = True
 
     def residuals(self, rows: torch.Tensor, t: torch.Tensor, cfg_pair: bool, x: torch.Tensor, sigma: torch.Tensor,
-                  embeds: torch.Tensor, pooled: torch.Tensor, guidance: float | None, attention_kwargs: dict | None,
-                  txt_ids=None, img_ids=None) -> dict:
+                  embeds: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None,
+                  attention_kwargs: dict | None, txt_ids=None, img_ids=None) -> dict:
         """The transformer's ControlNet keyword arguments for one call.
 
         Args:
             rows: prompt indices of the call's rows (once, also for a CFG pair); t: their glass_fast times.
             cfg_pair: x, sigma, embeds, pooled stack the (unconditional, conditional) rows.
             x, sigma, embeds, pooled, txt_ids, img_ids: the transformer call's inputs; guidance: the guidance
-                embedding's value (read by FLUX.1 ControlNets with a guidance embedding).
+                embedding's input, one value per row of x (read by FLUX.1 ControlNets with a guidance embedding).
         """
         if all(w is None for w in self.windows):   # never on: the residuals would all be zero
             return {}
@@ -252,8 +265,7 @@ class ControlNets:
             cond = torch.cat([cond, cond]) if pair else cond
             extra = None if attention_kwargs is None else dict(attention_kwargs)
             if self.kind == "flux":
-                g = None if not self.guidance or guidance is None else torch.full((n,), guidance, device=x.device,
-                                                                                   dtype=torch.float32)
+                g = None if not self.guidance or guidance is None else guidance[:n]   # one value in every row
                 modes = None if mode is None else torch.full((n, 1), mode, device=x.device, dtype=torch.long)
                 out = net(hidden_states=x, controlnet_cond=cond, controlnet_mode=modes, conditioning_scale=1.0,
                           timestep=sigma, guidance=g, pooled_projections=pooled, encoder_hidden_states=embeds,
@@ -277,10 +289,7 @@ class ControlNets:
 
 
 def _weight(t: torch.Tensor, window: tuple[float, float] | None, scale: float) -> torch.Tensor:
-    """[N] float32: ``scale`` for rows whose time lies in the window, 0 elsewhere (on the device: no host sync,
-    so a transition stays capturable as a CUDA graph)."""
+    """[N] float32: ``scale`` for rows whose time lies in the window, 0 elsewhere."""
     if window is None:
         return torch.zeros(t.shape, device=t.device, dtype=torch.float32)
-    lo, hi = window
-    on = (t >= lo - _EPS) & (t < hi - _EPS)
-    return on.to(torch.float32) * scale
+    return in_window(t, window, whole=True).to(torch.float32) * scale

@@ -51,6 +51,13 @@ def text_ids(kind: str, tokens: int, device, dtype) -> torch.Tensor:
     return ids
 
 
+def reference_latents(flow: DiffusersFlow, pixels: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reference image as the transformer reads it: pixels [n, 3, H, W] (whole patches) encoded to the VAE
+    posterior's mean and packed, [n, L, 4C] float32, and its position ids [L, 3 or 4] at position ``index``."""
+    h2, w2 = (side // flow.patch_pixels for side in pixels.shape[-2:])
+    return flow.encode_images(pixels, mean=True), packed_image_ids(flow.kind, h2, w2, flow.device, torch.float32, index)
+
+
 SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline")
 
 
@@ -101,23 +108,20 @@ def reference_tokens(flow: DiffusersFlow, image) -> tuple[torch.Tensor, torch.Te
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     if not images:
         raise ValueError("image (FLUX.2's reference images) is an empty list; pass None for text-to-image")
-    multiple = flow.vae_scale_factor * 2
+    multiple = flow.patch_pixels
     proc = getattr(flow.pipeline, "image_processor", None)
     if not isinstance(proc, Flux2ImageProcessor):
         proc = Flux2ImageProcessor(vae_scale_factor=multiple)
-    tokens, ids = [], []
+    parts, sizes = [], []
     for i, img in enumerate(images):
         proc.check_image_input(img)   # a PIL image, 64 pixels a side or more, aspect ratio at most 8
         if img.size[0] * img.size[1] > REFERENCE_MAX_AREA:
             img = proc._resize_to_target_area(img, REFERENCE_MAX_AREA)
-        width, height = img.size[0] // multiple * multiple, img.size[1] // multiple * multiple
+        height, width = img.size[1] // multiple * multiple, img.size[0] // multiple * multiple
         pixels = proc.preprocess(img, height=height, width=width, resize_mode="crop")
-        tokens.append(flow.encode_images(pixels, mean=True))
-        ids.append(packed_image_ids("flux2", height // multiple, width // multiple, flow.device, torch.float32,
-                                    index=10 * (i + 1)))
-        if i == 0:
-            size = (height, width)
-    return torch.cat(tokens, dim=1), torch.cat(ids), size
+        parts.append(reference_latents(flow, pixels, index=10 * (i + 1)))
+        sizes.append((height, width))
+    return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts]), sizes[0]
 
 
 def check_flux2_images(images: dict, auto_resize) -> None:
@@ -138,7 +142,7 @@ def kontext_image(pipe, image, context_image, strength):
     if image is None:
         return image, context_image
     from .diffusers_adapter import DiffusersFlow
-    flux2 = DiffusersFlow.from_pipeline(pipe).kind == "flux2"
+    flux2 = DiffusersFlow.from_pipeline(pipe).kind == "flux2"   # an adapter is taken as it is, not rebuilt
     if not flux2 and "FluxKontextPipeline" not in pipeline_classes(pipe):
         return image, context_image
     name = "FLUX.2's reference image" if flux2 else "FLUX.1 Kontext's reference image"
