@@ -264,7 +264,7 @@ def test_a_subclass_of_a_pipeline_is_read_as_that_pipeline(flux):
     class MyKontext(diffusers.FluxKontextPipeline):
         pass
 
-    class MyInpaint(diffusers.FluxInpaintPipeline):
+    class MyInpaint(diffusers.FluxKontextInpaintPipeline):
         pass
 
     base = pipeline(flux, "FluxKontextPipeline")
@@ -275,7 +275,7 @@ def test_a_subclass_of_a_pipeline_is_read_as_that_pipeline(flux):
     assert kontext_image(mine, ref, None, None) == (None, ref)
     inpaint = MyInpaint(transformer=flux.transformer, scheduler=flux.scheduler, vae=flux.vae, text_encoder=None,
                         tokenizer=None, text_encoder_2=None, tokenizer_2=None)
-    with pytest.raises(TypeError, match="FluxInpaintPipeline is not supported"):
+    with pytest.raises(TypeError, match="FluxKontextInpaintPipeline is not supported"):
         gd.sample(inpaint, height=32, width=32, **random_embeds(1, DIM))
 
 

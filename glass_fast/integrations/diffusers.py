@@ -26,6 +26,7 @@ from .diffusers_checks import (OUTPUT_TYPES, check_capturable, check_generator, 
 from .diffusers_conditioning import Conditioning, context_tokens, encode, image_prompts  # noqa: F401
 from .diffusers_controlnet import ControlNetArgs
 from .diffusers_flux import check_flux2_images, flux2_guidance, kontext_image, reference_tokens
+from .diffusers_inpaint import InpaintArgs
 from .rewards import CLIPScoreReward, ImageGuidance, ImageReward, LatentReward  # noqa: F401
 
 _EMBEDDING_ARGS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt", "negative_prompt_embeds",
@@ -105,17 +106,20 @@ def _prepare(a: dict, per_name: str, grid, cuda_graph: bool):
 
     ``per_name``: "num_images_per_prompt" (sample; ``latents`` [P * n, *state]) or "particles" (steer;
     ``latents`` [P, K, *state]). Returns (adapter, conditioning, FlowModel, height, width, grid, start states
-    [P * rows, *state])."""
+    [P * rows, *state], the inpainting pipelines' ``project`` hook or None)."""
     pipe, latents, generator, per_prompt = a["pipe"], a["latents"], a["generator"], a[per_name]
     check_capturable(cuda_graph, a["skip_guidance_layers"])
     flow = as_flow(pipe)   # built once: every step below reads this adapter
     check_generator(generator, flow.device)
     image, context_image = kontext_image(flow, a["image"], a["context_image"], a["strength"])
+    inpaint = InpaintArgs(flow, image, a["mask_image"], a["masked_image_latents"])
+    inpaint.check(flow)
+    # An inpainting pipeline's mask is blended into the state, not a FLUX.1 Fill condition.
+    mask_image, masked = (None, None) if inpaint.active else (a["mask_image"], a["masked_image_latents"])
     ctl = ControlNetArgs(flow, a["control_image"], a["controlnet_conditioning_scale"], a["control_guidance_start"],
                          a["control_guidance_end"], a["control_mode"])
-    chan = ChannelCondition(flow, image, a["strength"], latents is not None, a["mask_image"],
-                            a["masked_image_latents"], None if ctl.net is not None else a["control_image"],
-                            context_image)
+    chan = ChannelCondition(flow, image, a["strength"], latents is not None, mask_image, masked,
+                            None if ctl.net is not None else a["control_image"], context_image)
     ctl.check(flow, image, chan.kind, context_image, (a["ip_adapter_image"], a["ip_adapter_image_embeds"]),
               a["skip_guidance_layers"])
     embeds = {k: a[k] for k in _EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS} | {"context_image": context_image}
@@ -127,11 +131,12 @@ def _prepare(a: dict, per_name: str, grid, cuda_graph: bool):
         latents = _flat_particles(latents, cond.num_prompts, per_prompt, flow.state_shape(height, width))
     chan.attach(flow, cond, height, width, generator, before_noise=True)
     ctl.attach(flow, cond, height, width, generator, grid, before_noise=True)
-    x, grid = _start(flow, latents, cond.num_prompts, per_prompt, height, width, generator, grid, chan.image,
-                     chan.strength)
+    x, grid, z, noise = _start(flow, latents, cond.num_prompts, per_prompt, height, width, generator, grid,
+                               chan.image, chan.strength)
     chan.attach(flow, cond, height, width, generator, before_noise=False)
     ctl.attach(flow, cond, height, width, generator, grid, before_noise=False)
-    return flow, cond, model, height, width, grid, x
+    project = inpaint.hook(flow, z, noise, cond.num_prompts, height, width) if inpaint.active else None
+    return flow, cond, model, height, width, grid, x, project
 
 
 def _flat_particles(latents, prompts: int, particles: int, shape: tuple) -> torch.Tensor:
@@ -178,8 +183,9 @@ def _bind_guidance(guidance, flow: DiffusersFlow, cond, per_prompt: int, height:
 
 
 def _start(flow: DiffusersFlow, latents, prompts: int, per_prompt: int, height: int, width: int, generator,
-           grid: torch.Tensor, image=None, strength: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(start states [P * per_prompt, *state_shape] float32, transition grid).
+           grid: torch.Tensor, image=None, strength: float | None = None):
+    """(start states [P * per_prompt, *state_shape] float32, transition grid, the image's latents [1 or P, *state]
+    or None, the noise [P * per_prompt, *state]).
 
     Text-to-image: ``latents`` (or fresh noise) at the grid's start. Image-to-image (``image``), as the img2img
     pipelines do: the grid loses its first int(K (1 - strength)) steps, the image's latents z are drawn from
@@ -210,9 +216,9 @@ def _start(flow: DiffusersFlow, latents, prompts: int, per_prompt: int, height: 
     else:
         noise = latents.to(device=flow.device, dtype=torch.float32)
     if z is None:
-        return noise, grid
+        return noise, grid, None, noise
     t0 = float(grid[0])
-    return t0 * z.repeat_interleave(rows // z.shape[0], dim=0) + (1.0 - t0) * noise, grid
+    return t0 * z.repeat_interleave(rows // z.shape[0], dim=0) + (1.0 - t0) * noise, grid, z, noise
 
 
 def postprocess(flow: DiffusersFlow, x: torch.Tensor, height: int, width: int, output_type: str,
@@ -316,7 +322,11 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
         mask_image, masked_image_latents: FLUX.1 Fill (FluxFillPipeline) with ``image``: the mask (white is
             repainted; one, or one per prompt) or the packed condition itself [1 or P, L, 4C + 4 f^2]; ``image``
             is also the image-to-image start at ``strength`` (default 1.0: pure noise, FluxFillPipeline's), and
-            guidance_scale defaults to 30.0 (FluxFillPipeline's). See ``diffusers_channels``.
+            guidance_scale defaults to 30.0 (FluxFillPipeline's). See ``diffusers_channels``. With
+            FluxInpaintPipeline or StableDiffusion3InpaintPipeline: image-to-image from ``image`` (strength
+            default 0.6) whose kept region (mask black) is blended back after every transition, noised to the
+            state's time along the starting noise (``diffusers_inpaint``; steering too); masked_image_latents
+            is refused there (their transformers never read it).
         control_image: FLUX.1 Canny / Depth (FluxControlPipeline): the control image (one, or one per prompt),
             whose packed latents join every transformer call along features. With a ControlNet pipeline
             (FluxControlNetPipeline, StableDiffusion3ControlNetPipeline: ``pipe.controlnet``): the ControlNet's
@@ -330,7 +340,7 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
         The images (or latents) of the P * num_images_per_prompt rows.
     """
     check_output(output_type)
-    flow, cond, model, height, width, grid, x = _prepare(locals(), "num_images_per_prompt", grid, cuda_graph)
+    flow, cond, model, height, width, grid, x, project = _prepare(locals(), "num_images_per_prompt", grid, cuda_graph)
     check_output(output_type, flow)
     check_state(model, x, generator)
     sampler = Sampler(model, method=method, transitions=len(grid) - 1, inner_steps=inner_steps, rho=rho,
@@ -338,7 +348,7 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
                       cuda_graph=cuda_graph)
     hook = _bind_guidance(guidance, flow, cond, num_images_per_prompt, height, width, max_batch)
     with torch.no_grad():
-        x = sampler.run(x, generator=generator, guidance=hook, callback=callback)
+        x = sampler.run(x, generator=generator, guidance=hook, callback=callback, project=project)
     return postprocess(flow, x, height, width, output_type, max_batch)
 
 
@@ -402,8 +412,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     check_steering_options(algorithm, steering_options, dict(potential=potential, lmbda=lmbda, resample=resample,
                                                              ess_threshold=ess_threshold), steer)
     grid = steering_options.pop("grid", None)
-    flow, cond, model, height, width, grid, noise = _prepare(locals(), "particles", grid,
-                                                             steering_options.get("cuda_graph", False))
+    flow, cond, model, height, width, grid, noise, project = _prepare(locals(), "particles", grid,
+                                                                      steering_options.get("cuda_graph", False))
     p = cond.num_prompts
     noise = noise.reshape((p, particles) + flow.state_shape(height, width))
     scorer = LatentReward(flow, reward, cond.prompts, p, particles, height, width, max_batch)
@@ -412,7 +422,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
         steering_options["guidance"] = _bind_guidance(guidance, flow, cond, particles, height, width, max_batch)
     # The grid (set by transitions, sigmas or grid, and shortened by an image-to-image strength) sets the count.
     proposal = dict(method=method, inner_steps=inner_steps, rho=rho, solver=solver, generator=generator,
-                    progress=progress)
+                    progress=progress, project=project)
     with torch.no_grad():
         if algorithm == "beam":
             result = beam_search(model, scorer, noise, **proposal, **steering_options)

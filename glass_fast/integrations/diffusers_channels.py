@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from .diffusers_conditioning import Conditioning
 
 FILL_GUIDANCE = 30.0   # FluxFillPipeline's default guidance_scale (FluxPipeline's is 3.5)
-# FLUX.1 pipelines whose loops differ from the ones reproduced here (latent blending of an inpainting mask).
-UNSUPPORTED = ("FluxControlInpaintPipeline", "FluxInpaintPipeline", "FluxKontextInpaintPipeline")
+# FLUX.1 pipelines that blend an inpainting mask into a Control or Kontext loop: not reproduced.
+UNSUPPORTED = ("FluxControlInpaintPipeline", "FluxKontextInpaintPipeline")
 
 
 def extra_features(flow: DiffusersFlow) -> int:
@@ -108,8 +108,8 @@ class ChannelCondition:
         classes = pipeline_classes(pipe)
         if classes & set(UNSUPPORTED):
             name = sorted(classes & set(UNSUPPORTED))[0]
-            raise TypeError(f"{name} is not supported: glass_fast reproduces FLUX.1 inpainting with FLUX.1 Fill "
-                            f"(FluxFillPipeline: image=, mask_image=)")
+            raise TypeError(f"{name} is not supported: glass_fast reproduces FLUX.1 inpainting with "
+                            f"FluxInpaintPipeline or FLUX.1 Fill (FluxFillPipeline), both with image= and mask_image=")
         fill = "FluxFillPipeline" in classes or mask_image is not None or masked_image_latents is not None
         self.kind = "fill" if fill else ("control" if control_image is not None else None)
         self.mask_image, self.masked, self.control = mask_image, masked_image_latents, control_image
