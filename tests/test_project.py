@@ -194,3 +194,25 @@ def test_fk_steering_with_inpainting_reaches_the_tilted_law_of_the_free_coordina
     assert weighted_ks(res.samples[0], res.log_weights[0], tilted, u) < ks_critical(n_eff, 0.001)
     # The same statistic rejects the untilted law: the check has power at this size.
     assert weighted_ks(res.samples[0], res.log_weights[0], DATA, u) > ks_critical(n_eff, 0.001)
+
+
+@pytest.mark.parametrize("search", [False, True], ids=["fk_value", "beam_value"])
+def test_value_estimates_score_posterior_draws_projected_at_t1(search):
+    """With potential="value" (or beam search's value_samples) the posterior draws are projected at t = 1, as the
+    final states are: told the final grid index and t = 1, on value_samples copies of every row."""
+    seen = set()
+
+    def project(k, t, x):
+        seen.add((k, t, x.shape[0]))
+        return x
+    noise = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(9))
+    if search:
+        gf.beam_search(model(), lambda z: z[:, 1], noise, expansions=2, transitions=3, inner_steps=2, value_samples=4,
+                       project=project)
+        rows = 2 * 3 * 2
+    else:
+        gf.fk_steering(model(), lambda z: z[:, 1], noise, potential="value", value_samples=4, transitions=3,
+                       inner_steps=2, project=project)
+        rows = 2 * 3
+    assert (3, 1.0, rows * 4) in seen                       # the value draws, at the final grid index
+    assert {(k, rows) for k, t, n in seen if n == rows} == {(1, rows), (2, rows), (3, rows)}

@@ -114,7 +114,8 @@ class FKSteering:
             noise: [B, K, ...] initial particles. generator: randomness of the proposal and of the
             resampling. progress: show a tqdm bar over transitions.
             project: optional fn(k, t, x) -> x applied to the particles [B * K, ...] after every transition
-                (see ``Sampler.run``), before they are weighted.
+                (see ``Sampler.run``), before they are weighted; with potential="value" also to the posterior
+                draws at t = 1 (k the final grid index).
         Returns:
             SteeringResult (see ``fk_steering``).
         """
@@ -156,7 +157,7 @@ class FKSteering:
                 guard.check(d, f"the denoiser at t={t_next:.4f}")
                 if values:
                     calls = m.calls
-                    s = values[k + 1](x, score, denoised=d, generator=generator, guard=guard)
+                    s = values[k + 1](x, score, denoised=d, generator=generator, guard=guard, project=project)
                     meter.extra += (m.calls - calls) * (self.value_samples - 1)  # value_samples rows per particle
                 else:
                     s = score(d)

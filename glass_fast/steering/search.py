@@ -94,7 +94,8 @@ class BeamSearch:
                 guard.check(d_children, f"the denoiser at t={float(grid[k + 1]):.4f}")
                 if values:
                     calls = m.calls
-                    s = values[k + 1](children, score, denoised=d_children, generator=generator, guard=guard)
+                    s = values[k + 1](children, score, denoised=d_children, generator=generator, guard=guard,
+                                      project=project)
                     value_calls += (m.calls - calls) * expansions * (value_samples - 1)  # rows beyond the copies
                 else:
                     s = score(d_children)
@@ -146,7 +147,8 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
             per child) instead of the reward of the x0-prediction.
         compile, cuda_graph: run every transition compiled or as a replayed CUDA graph (see ``Sampler``).
         project: optional fn(k, t, x) -> x applied to the children [B * K * expansions, ...] after every
-            transition (see ``Sampler.run``), before they are scored.
+            transition (see ``Sampler.run``), before they are scored; with value_samples also to the
+            posterior draws at t = 1 (k the final grid index).
     Returns:
         SteeringResult: samples [B, K, ...] (the final beams, best first), equal log_weights (a selection,
         not a weighted sample), rewards [B, K], best [B, ...], nfe per beam, reward_calls per beam.

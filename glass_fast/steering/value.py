@@ -30,22 +30,27 @@ class PosteriorValue:
 
     Args:
         model: FlowModel; t: float in [0, 1); samples: posterior draws per particle; inner_steps, rho,
-        solver: the GLASS posterior transition; device, dtype: of the particles.
+        solver: the GLASS posterior transition; device, dtype: of the particles; final_index: the index of
+        t = 1 on the caller's grid (what a ``project`` hook is told of the draws).
     """
 
     def __init__(self, model: FlowModel, t: float, *, samples: int, inner_steps: int, rho, solver: str,
-                 device, dtype):
-        self.samples = samples
+                 device, dtype, final_index: int = 1):
+        self.samples, self.final_index = samples, final_index
         grid = torch.tensor([float(t), 1.0], dtype=torch.float64)
         self.sampler = Sampler(model, method="glass", inner_steps=inner_steps, rho=rho, solver=solver,
                                device=device, dtype=dtype, grid=grid)
 
-    def __call__(self, x: torch.Tensor, score, *, denoised=None, generator=None, guard=None) -> torch.Tensor:
-        """[N] logmeanexp of ``score(z)`` ([M] -> [M]) over ``samples`` posterior draws z of each x [N, ...]."""
+    def __call__(self, x: torch.Tensor, score, *, denoised=None, generator=None, guard=None,
+                 project=None) -> torch.Tensor:
+        """[N] logmeanexp of ``score(z)`` ([M] -> [M]) over ``samples`` posterior draws z of each x [N, ...].
+        ``project``: the run's hook, applied to the draws at t = 1 as the run applies it to its final states
+        (so that an inpainted region is scored as it will end)."""
         n = x.shape[0]
         xr = x.repeat_interleave(self.samples, dim=0)
         dr = None if denoised is None else denoised.repeat_interleave(self.samples, dim=0)
-        z = self.sampler.step(0, xr, generator=generator, denoised=dr, guard=guard)
+        at_end = None if project is None else (lambda _k, t, z: project(self.final_index, t, z))
+        z = self.sampler.step(0, xr, generator=generator, denoised=dr, guard=guard, project=at_end)
         return logmeanexp(score(z).reshape(n, self.samples))
 
 
@@ -54,7 +59,7 @@ def values_on_grid(model: FlowModel, grid: torch.Tensor, samples: int, inner_ste
     """{k: PosteriorValue at grid[k]} for the interior grid times k = 1 .. K - 1 (where steering and search
     estimate a state's value; grid[0] needs none and at grid[K] the reward itself is the value)."""
     return {k: PosteriorValue(model, float(grid[k]), samples=samples, inner_steps=inner_steps, rho=rho, solver=solver,
-                              device=device, dtype=dtype) for k in range(1, len(grid) - 1)}
+                              device=device, dtype=dtype, final_index=len(grid) - 1) for k in range(1, len(grid) - 1)}
 
 
 def metered_parts(model: FlowModel, device, dtype, timings, max_batch, value_samples: int | None,
