@@ -53,18 +53,21 @@ class Inpaint:
                 raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to the state "
                                  f"{' or '.join(map(str, layouts))}")
         self.schedule, self.image, self.mask, self.noise = schedule, image, mask, noise
+        self._placed: dict = {}   # (rows, device, dtype) -> (noise, image, mask) there: moved and cast once
 
     def __call__(self, k: int, t: float, x: torch.Tensor) -> torch.Tensor:
         if self.noise.numel() % x[0].numel() or x.shape[0] % (self.noise.numel() // x[0].numel()):
             raise ValueError(f"Inpaint: the state {tuple(x.shape)} does not match the noise {tuple(self.noise.shape)} "
                              f"(rows of the same shape, or a multiple of them)")
-        noise = self.noise.reshape((-1,) + tuple(x.shape[1:]))
-        if x.shape[0] != noise.shape[0]:
+        key = (tuple(x.shape), x.device, x.dtype)
+        if key not in self._placed:
+            if not (_broadcasts(self.image.shape, x.shape) and _broadcasts(self.mask.shape, x.shape)):
+                raise ValueError(f"Inpaint: image {tuple(self.image.shape)} and mask {tuple(self.mask.shape)} must "
+                                 f"broadcast to the state {tuple(x.shape)}")
+            noise = self.noise.reshape((-1,) + tuple(x.shape[1:]))
             noise = noise.repeat_interleave(x.shape[0] // noise.shape[0], dim=0)
-        if not (_broadcasts(self.image.shape, x.shape) and _broadcasts(self.mask.shape, x.shape)):
-            raise ValueError(f"Inpaint: image {tuple(self.image.shape)} and mask {tuple(self.mask.shape)} must "
-                             f"broadcast to the state {tuple(x.shape)}")
-        noise, image, mask = (v.to(device=x.device, dtype=x.dtype) for v in (noise, self.image, self.mask))
+            self._placed[key] = tuple(v.to(device=x.device, dtype=x.dtype) for v in (noise, self.image, self.mask))
+        noise, image, mask = self._placed[key]
         known = float(self.schedule.alpha(t)) * image + float(self.schedule.sigma(t)) * noise
         return (1 - mask) * known + mask * x
 

@@ -187,6 +187,29 @@ def test_cuda_graph_equals_eager_and_never_syncs(method):
 @gpu
 @pytest.mark.gpu
 @torch.no_grad()
+def test_cuda_graph_with_an_inpainting_project_hook_equals_eager_and_never_syncs():
+    model = mlp_model(device="cuda")
+    noise = torch.randn(256, 2, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    hook = gf.Inpaint(model.schedule, torch.tensor([[1.5, 0.0]]), torch.tensor([[0.0, 1.0]]), noise)
+    kw = dict(transitions=4, inner_steps=6)
+    eager = gf.sample(model, noise, generator=torch.Generator("cuda").manual_seed(1), project=hook, **kw)
+    sampler = gf.Sampler(model, cuda_graph=True, device="cuda", **kw)
+    sampler.run(noise, generator=torch.Generator("cuda").manual_seed(1), project=hook)  # capture
+    gen = torch.Generator("cuda").manual_seed(1)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x = noise
+        for k in range(sampler.transitions):
+            x = sampler.step(k, x, generator=gen, project=hook)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.all(x[:, 0] == 1.5)
+    torch.testing.assert_close(x, eager, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+@pytest.mark.gpu
+@torch.no_grad()
 def test_reduce_overhead_compile_equals_eager_on_gpu():
     model = mlp_model(device="cuda")
     noise = torch.randn(256, 2, device="cuda")
