@@ -53,7 +53,7 @@ class Inpaint:
                 raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to the state "
                                  f"{' or '.join(map(str, layouts))}")
         self.schedule, self.image, self.mask, self.noise = schedule, image, mask, noise
-        self._placed: dict = {}   # (rows, device, dtype) -> (noise, image, mask) there: moved and cast once
+        self._placed: dict = {}   # (state shape, device, dtype) -> (noise, image, mask) there, made once
 
     def __call__(self, k: int, t: float, x: torch.Tensor) -> torch.Tensor:
         if self.noise.numel() % x[0].numel() or x.shape[0] % (self.noise.numel() // x[0].numel()):
