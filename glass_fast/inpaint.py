@@ -68,8 +68,9 @@ class Inpaint:
             noise = noise.repeat_interleave(x.shape[0] // noise.shape[0], dim=0)
             self._placed[key] = tuple(v.to(device=x.device, dtype=x.dtype) for v in (noise, self.image, self.mask))
         noise, image, mask = self._placed[key]
-        known = float(self.schedule.alpha(t)) * image + float(self.schedule.sigma(t)) * noise
-        return (1 - mask) * known + mask * x
+        known = torch.add(image * float(self.schedule.alpha(t)), noise, alpha=float(self.schedule.sigma(t)))
+        # lerp is exact at both ends: the kept region is ``known``, the generated one x, bit for bit.
+        return torch.lerp(known, x, mask.expand_as(x))
 
 
 def _broadcasts(shape, to) -> bool:
