@@ -227,8 +227,6 @@ def test_bad_fill_and_control_arguments_are_named(flux_fill, flux_control):
     with pytest.raises(ValueError, match=r"control_image has \(16, 16\) pixels; a Tensor of pixels must have the "
                                          r"output's \(32, 32\)"):
         gd.sample(flux_control, control_image=torch.zeros(1, 3, 16, 16), **kw)
-    with pytest.raises(TypeError, match="FluxControlInpaintPipeline is not supported"):
-        gd.sample(pipeline(flux_control, "FluxControlInpaintPipeline"), control_image=_image(1), **kw)
     no_vae = types.SimpleNamespace(transformer=flux_control.transformer, scheduler=flux_control.scheduler, vae=None)
     with pytest.raises(ValueError, match="encoding an image needs a VAE"):
         gd.sample(no_vae, control_image=_image(1), **kw)

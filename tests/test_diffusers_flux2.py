@@ -430,7 +430,7 @@ def test_other_flux2_pipelines_are_rejected(flux2):
     kv = type("Flux2KleinKVPipeline", (), dict(transformer=flux2.transformer, scheduler=flux2.scheduler,
                                                 vae=flux2.vae))()
     with pytest.raises(TypeError, match="Flux2KleinKVPipeline is not supported: glass_fast reproduces the FLUX.2 "
-                                        "pipelines Flux2Pipeline and Flux2KleinPipeline"):
+                                        "pipelines Flux2Pipeline, Flux2KleinPipeline and Flux2KleinInpaintPipeline"):
         gd.sample(kv, height=SIZE, width=SIZE, **flux2_embeds(1))
 
 

@@ -256,7 +256,8 @@ def test_an_output_that_needs_the_missing_vae_is_refused_before_sampling(flux):
 
 def test_a_subclass_of_a_pipeline_is_read_as_that_pipeline(flux):
     """A user's subclass of FluxKontextPipeline keeps image= as Kontext's reference (not an image-to-image
-    start), and a subclass of a refused pipeline is refused too."""
+    start), and a subclass of FluxKontextInpaintPipeline is read as Kontext inpainting (image= is the image to
+    edit, and it needs a mask)."""
     import diffusers
 
     from glass_fast.integrations.diffusers_flux import kontext_image
@@ -275,7 +276,8 @@ def test_a_subclass_of_a_pipeline_is_read_as_that_pipeline(flux):
     assert kontext_image(mine, ref, None, None) == (None, ref)
     inpaint = MyInpaint(transformer=flux.transformer, scheduler=flux.scheduler, vae=flux.vae, text_encoder=None,
                         tokenizer=None, text_encoder_2=None, tokenizer_2=None)
-    with pytest.raises(TypeError, match="FluxKontextInpaintPipeline is not supported"):
+    assert kontext_image(inpaint, ref, None, None) == (ref, None)
+    with pytest.raises(ValueError, match="inpainting needs image=.*missing: image, mask_image"):
         gd.sample(inpaint, height=32, width=32, **random_embeds(1, DIM))
 
 

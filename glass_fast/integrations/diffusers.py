@@ -112,27 +112,33 @@ def _prepare(a: dict, per_name: str, grid, cuda_graph: bool):
     flow = as_flow(pipe)   # built once: every step below reads this adapter
     check_generator(generator, flow.device)
     image, context_image = kontext_image(flow, a["image"], a["context_image"], a["strength"])
-    inpaint = InpaintArgs(flow, image, a["mask_image"], a["masked_image_latents"])
+    inpaint = InpaintArgs(flow, image, a["mask_image"], a["masked_image_latents"], a["image_reference"],
+                          context_image, a["context_auto_resize"])
     inpaint.check(flow)
+    height, width = inpaint.size(flow, a["height"], a["width"])
+    image = inpaint.image   # as given, or resized as the Kontext and Klein inpainting pipelines resize it
+    guidance_scale, strength = inpaint.defaults(flow, a["guidance_scale"], a["strength"])
     # An inpainting pipeline's mask is blended into the state, not a FLUX.1 Fill condition.
     mask_image, masked = (None, None) if inpaint.active else (a["mask_image"], a["masked_image_latents"])
     ctl = ControlNetArgs(flow, a["control_image"], a["controlnet_conditioning_scale"], a["control_guidance_start"],
                          a["control_guidance_end"], a["control_mode"])
-    chan = ChannelCondition(flow, image, a["strength"], latents is not None, mask_image, masked,
+    chan = ChannelCondition(flow, image, strength, latents is not None, mask_image, masked,
                             None if ctl.net is not None else a["control_image"], context_image)
     ctl.check(flow, image, chan.kind, context_image, (a["ip_adapter_image"], a["ip_adapter_image_embeds"]),
               a["skip_guidance_layers"])
     embeds = {k: a[k] for k in _EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS} | {"context_image": context_image}
-    cond, model, height, width, grid = _setup(flow, a["prompt"], embeds, per_prompt, per_name, a["height"],
-                                              a["width"], chan.guidance(a["guidance_scale"]), a["true_cfg_scale"],
+    cond, model, height, width, grid = _setup(flow, a["prompt"], embeds, per_prompt, per_name, height,
+                                              width, chan.guidance(guidance_scale), a["true_cfg_scale"],
                                               a["max_batch"], a["joint_attention_kwargs"], a["transitions"], grid,
                                               {k: a[k] for k in _SKIP_LAYER_ARGS}, a["sigmas"])
     if per_name == "particles" and latents is not None:
         latents = _flat_particles(latents, cond.num_prompts, per_prompt, flow.state_shape(height, width))
+    inpaint.draw_before_condition(flow, cond.num_prompts, height, width, generator)
     chan.attach(flow, cond, height, width, generator, before_noise=True)
     ctl.attach(flow, cond, height, width, generator, grid, before_noise=True)
     x, grid, z, noise = _start(flow, latents, cond.num_prompts, per_prompt, height, width, generator, grid,
-                               chan.image, chan.strength)
+                               chan.image, chan.strength, inpaint.mean)
+    inpaint.attach(flow, cond, z, x.shape[0], height, width)
     chan.attach(flow, cond, height, width, generator, before_noise=False)
     ctl.attach(flow, cond, height, width, generator, grid, before_noise=False)
     project = inpaint.hook(flow, z, noise, cond.num_prompts, height, width) if inpaint.active else None
@@ -183,13 +189,14 @@ def _bind_guidance(guidance, flow: DiffusersFlow, cond, per_prompt: int, height:
 
 
 def _start(flow: DiffusersFlow, latents, prompts: int, per_prompt: int, height: int, width: int, generator,
-           grid: torch.Tensor, image=None, strength: float | None = None):
+           grid: torch.Tensor, image=None, strength: float | None = None, mean: bool = False):
     """(start states [P * per_prompt, *state_shape] float32, transition grid, the image's latents [1 or P, *state]
     or None, the noise [P * per_prompt, *state]).
 
     Text-to-image: ``latents`` (or fresh noise) at the grid's start. Image-to-image (``image``), as the img2img
     pipelines do: the grid loses its first int(K (1 - strength)) steps, the image's latents z are drawn from
-    the VAE (before the noise, with the same generator) and the start is t0 z + (1 - t0) noise at t0 = grid[0].
+    the VAE (before the noise, with the same generator; ``mean``: its posterior's mean, no draw) and the start
+    is t0 z + (1 - t0) noise at t0 = grid[0].
     """
     rows = prompts * per_prompt
     z = None
@@ -203,7 +210,7 @@ def _start(flow: DiffusersFlow, latents, prompts: int, per_prompt: int, height: 
         grid = grid[int(max(k - min(k * strength, k), 0)):]
         pixels = image_processor(flow).preprocess(image, height=height, width=width)
         check_images("image", pixels, prompts)
-        z = flow.encode_images(pixels, generator)
+        z = flow.encode_images(pixels, generator, mean=mean)
     shape = (rows,) + flow.state_shape(height, width)
     if isinstance(latents, torch.Tensor) and latents.is_complex():
         raise TypeError(f"latents must be a real Tensor, got {latents.dtype}")
@@ -247,12 +254,13 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
            negative_prompt_3=None, sigmas=None, context_image=None, context_auto_resize: bool = True,
            text_encoder_out_layers=None, mask_image=None, masked_image_latents=None, control_image=None,
            controlnet_conditioning_scale=None, control_guidance_start=None, control_guidance_end=None,
-           control_mode=None):
+           control_mode=None, image_reference=None):
     """Generate images from a FLUX.1, FLUX.2 or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
 
     Args:
         pipe: FluxPipeline / Flux2Pipeline / Flux2KleinPipeline / StableDiffusion3Pipeline (and FLUX.1's
-            img2img, Kontext, Fill, Control and ControlNet pipelines, SD3's img2img and ControlNet pipelines), an
+            img2img, Kontext, Fill, Control and ControlNet pipelines, SD3's img2img and ControlNet pipelines, the
+            inpainting pipelines listed under ``mask_image``), an
             object with .transformer/.scheduler/.vae (and .controlnet), or a DiffusersFlow.
         prompt: str or list of P strings (needs text encoders unless prompt_embeds are given).
         prompt_embeds, pooled_prompt_embeds: [P, S, D] and [P, Dp] precomputed embeddings (FLUX.2: no pooled).
@@ -285,7 +293,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
         latents: optional starting noise [P * num_images_per_prompt, *state_shape] (float32; FLUX.2: packed
             tokens, the FLUX.2 pipelines' 4-D ``latents`` ``lat`` as ``lat.flatten(2).transpose(1, 2)``).
         image, strength: image-to-image as in FluxImg2ImgPipeline / StableDiffusion3Img2ImgPipeline (FLUX.2,
-            which has no image-to-image pipeline: its reference images, see ``context_image``): the
+            which has no image-to-image pipeline: its reference images, see ``context_image``, except with
+            Flux2KleinInpaintPipeline: see ``mask_image``): the
             image (PIL, array or Tensor; one, or one per prompt) is encoded by the VAE and noised to the
             schedule's time at ``strength`` (1: pure noise, small: close to the image); the first
             int(transitions * (1 - strength)) transitions are skipped (strength defaults to 0.6, as in the
@@ -323,10 +332,20 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
             repainted; one, or one per prompt) or the packed condition itself [1 or P, L, 4C + 4 f^2]; ``image``
             is also the image-to-image start at ``strength`` (default 1.0: pure noise, FluxFillPipeline's), and
             guidance_scale defaults to 30.0 (FluxFillPipeline's). See ``diffusers_channels``. With
-            FluxInpaintPipeline or StableDiffusion3InpaintPipeline: image-to-image from ``image`` (strength
-            default 0.6) whose kept region (mask black) is blended back after every transition, noised to the
-            state's time along the starting noise (``diffusers_inpaint``; steering too); masked_image_latents
-            is refused there (their transformers never read it).
+            FluxInpaintPipeline, FluxControlInpaintPipeline (with ``control_image``: FLUX.1 Control's condition),
+            FluxKontextInpaintPipeline, StableDiffusion3InpaintPipeline or Flux2KleinInpaintPipeline:
+            image-to-image from ``image`` whose kept region (mask black) is blended back after every transition,
+            noised to the state's time along the starting noise (``diffusers_inpaint``; steering too);
+            masked_image_latents is refused there (their transformers never read it). strength defaults to 0.6
+            (Kontext's 1.0, Klein's 0.8) and guidance_scale to 7.0 with FLUX.1 Control, 8.0 with FLUX.2 Klein, as
+            in those pipelines. The Kontext and Klein pipelines generate at the image's size (height and width
+            default to it; others are refused), encode it to the VAE posterior's mean and give the transformer
+            reference tokens (``image_reference``'s, else the image's own for Kontext; the image's then
+            ``image_reference``'s for Klein, whose mask is resized bilinearly to the tokens: a uint8 array mask
+            is rounded there, as in the pipeline).
+        image_reference: FluxKontextInpaintPipeline's reference image (one, or one per prompt; resized as
+            ``context_image`` is) or Flux2KleinInpaintPipeline's reference images (one, or a sequence shared by
+            every row).
         control_image: FLUX.1 Canny / Depth (FluxControlPipeline): the control image (one, or one per prompt),
             whose packed latents join every transformer call along features. With a ControlNet pipeline
             (FluxControlNetPipeline, StableDiffusion3ControlNetPipeline: ``pipe.controlnet``): the ControlNet's
@@ -369,7 +388,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
           context_auto_resize: bool = True, text_encoder_out_layers=None, mask_image=None,
           masked_image_latents=None, control_image=None, controlnet_conditioning_scale=None,
           control_guidance_start=None, control_guidance_end=None, control_mode=None, algorithm: str = "fk",
-          **steering_options):
+          image_reference=None, **steering_options):
     """Feynman-Kac steering of a FLUX.1, FLUX.2 or SD3 pipeline towards p(image | prompt)
     exp(lmbda reward(image)), or beam search for high-reward images.
 
@@ -383,8 +402,9 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
         pipe, prompt, prompt_embeds, ..., max_sequence_length, joint_attention_kwargs, guidance,
             skip_guidance_layers, ..., ip_adapter_image, ..., prompt_2, ..., sigmas, context_image, ...,
             text_encoder_out_layers, mask_image, masked_image_latents, control_image,
-            controlnet_conditioning_scale, control_guidance_start, control_guidance_end, control_mode: as in
-            ``sample`` (guidance shifts the proposal's model calls; its reward may differ from ``reward``).
+            controlnet_conditioning_scale, control_guidance_start, control_guidance_end, control_mode,
+            image_reference: as in ``sample`` (guidance shifts the proposal's model calls; its reward may differ
+            from ``reward``).
         reward: an ``ImageReward``: reward(images [N, 3, H, W] in [0, 1], prompts list of N) -> Tensor[N].
         particles: K particles per prompt.
         method, transitions, inner_steps, rho, solver: the proposal (see ``sample``).

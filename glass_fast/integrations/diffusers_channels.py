@@ -26,8 +26,6 @@ if TYPE_CHECKING:
     from .diffusers_conditioning import Conditioning
 
 FILL_GUIDANCE = 30.0   # FluxFillPipeline's default guidance_scale (FluxPipeline's is 3.5)
-# FLUX.1 pipelines that blend an inpainting mask into a Control or Kontext loop: not reproduced.
-UNSUPPORTED = ("FluxControlInpaintPipeline", "FluxKontextInpaintPipeline")
 
 
 def extra_features(flow: DiffusersFlow) -> int:
@@ -106,10 +104,6 @@ class ChannelCondition:
     def __init__(self, pipe, image, strength, latents_given: bool, mask_image=None, masked_image_latents=None,
                  control_image=None, context_image=None):
         classes = pipeline_classes(pipe)
-        if classes & set(UNSUPPORTED):
-            name = sorted(classes & set(UNSUPPORTED))[0]
-            raise TypeError(f"{name} is not supported: glass_fast reproduces FLUX.1 inpainting with "
-                            f"FluxInpaintPipeline or FLUX.1 Fill (FluxFillPipeline), both with image= and mask_image=")
         fill = "FluxFillPipeline" in classes or mask_image is not None or masked_image_latents is not None
         self.kind = "fill" if fill else ("control" if control_image is not None else None)
         self.mask_image, self.masked, self.control = mask_image, masked_image_latents, control_image
@@ -192,18 +186,26 @@ def fill_latents(flow: DiffusersFlow, image, mask_image, prompts: int, height: i
     of every latent pixel becomes f^2 channels, packed like latents.
     """
     f = flow.vae_scale_factor
-    pixels = image_processor(flow).preprocess(image, height=height, width=width).float()
-    mask = image_processor(flow, do_normalize=False, do_binarize=True,
-                           do_convert_grayscale=True).preprocess(mask_image, height=height, width=width).float()
-    check_images("image", pixels, prompts)
-    check_images("mask_image", mask, prompts)
-    masked = flow.encode_images(pixels * (1 - mask), generator)   # one draw per masked image, as the pipeline
+    masked, mask = masked_image_latents(flow, image, mask_image, prompts, height, width, generator)
     h, w = flow.latent_hw(height, width)
     n = mask.shape[0]
     blocks = mask[:, 0].reshape(n, h, f, w, f).permute(0, 2, 4, 1, 3).reshape(n, f * f, h, w)
     packed = flow.pack(blocks).to(device=masked.device)
     out = torch.cat([masked.expand(prompts, -1, -1), packed.expand(prompts, -1, -1)], dim=-1)
     return out.to(dtype=flow.dtype)
+
+
+def masked_image_latents(flow: DiffusersFlow, image, mask_image, prompts: int, height: int, width: int,
+                         generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the masked image's states [1 or P, *state_shape], the binarised mask's pixels [1 or P, 1, H, W]) as the
+    FLUX.1 inpainting pipelines prepare them: image and mask resized to height x width, the mask's white pixels
+    set to 0 in [-1, 1], one VAE posterior draw per masked image (with ``generator``)."""
+    pixels = image_processor(flow).preprocess(image, height=height, width=width).float()
+    mask = image_processor(flow, do_normalize=False, do_binarize=True,
+                           do_convert_grayscale=True).preprocess(mask_image, height=height, width=width).float()
+    check_images("image", pixels, prompts)
+    check_images("mask_image", mask, prompts)
+    return flow.encode_images(pixels * (1 - mask), generator), mask
 
 
 def control_latents(flow: DiffusersFlow, control_image, prompts: int, height: int, width: int, generator=None,

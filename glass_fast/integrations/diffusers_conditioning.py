@@ -346,28 +346,35 @@ def image_prompts(flow: DiffusersFlow, prompts: int, cfg: bool, height: int, wid
                                negative_ip_adapter_image_embeds, adapters, prompts)
 
 
-def context_tokens(flow: DiffusersFlow, image, prompts: int, auto_resize: bool = True):
+def kontext_size(flow: DiffusersFlow, image, auto_resize: bool = True) -> tuple[int, int]:
+    """(height, width) in pixels at which FLUX.1 Kontext's pipelines prepare an image (one, or a list read by
+    its first): the closest of Kontext's preferred resolutions (``auto_resize``; else its own size), rounded
+    down to whole patches."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    multiple = flow.patch_pixels
+    height, width = image_processor(flow).get_default_height_width(image[0] if isinstance(image, list) else image)
+    if auto_resize:
+        _, width, height = min((abs(width / height - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    return height // multiple * multiple, width // multiple * multiple
+
+
+def context_tokens(flow: DiffusersFlow, image, prompts: int, auto_resize: bool = True, name: str = "context_image"):
     """FLUX.1 Kontext's reference image as the transformer reads it, as FluxKontextPipeline prepares it.
 
-    The image (one, or one per prompt) is resized to the closest of Kontext's preferred resolutions
-    (``auto_resize``; else kept, rounded down to whole patches), encoded to the VAE posterior's mean and packed.
+    The image (one, or one per prompt) is resized to ``kontext_size``, encoded to the VAE posterior's mean and
+    packed. ``name``: the argument it came from, for errors.
 
     Returns:
         (tokens [P, L, 4C] float32, position ids [L, 3] with first coordinate 1).
     """
     if flow.kind != "flux":
-        raise ValueError("context_image is FLUX.1 Kontext's reference image: it needs a FLUX transformer")
-    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
-
+        raise ValueError(f"{name} is FLUX.1 Kontext's reference image: it needs a FLUX transformer")
     from .diffusers_flux import reference_latents
 
-    multiple = flow.patch_pixels
     proc = image_processor(flow)
-    height, width = proc.get_default_height_width(image[0] if isinstance(image, list) else image)
-    if auto_resize:
-        _, width, height = min((abs(width / height - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
-    height, width = height // multiple * multiple, width // multiple * multiple
+    height, width = kontext_size(flow, image, auto_resize)
     pixels = proc.preprocess(proc.resize(image, height, width), height, width)
-    check_images("context_image", pixels, prompts)
+    check_images(name, pixels, prompts)
     tokens, ids = reference_latents(flow, pixels, index=1)
     return tokens.expand(prompts, -1, -1), ids

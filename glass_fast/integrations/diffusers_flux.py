@@ -7,6 +7,7 @@ reference image i has index 10 (i + 1); the schedule shift mu depends on the tok
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,7 +59,8 @@ def reference_latents(flow: DiffusersFlow, pixels: torch.Tensor, index: int) -> 
     return flow.encode_images(pixels, mean=True), packed_image_ids(flow.kind, h2, w2, flow.device, torch.float32, index)
 
 
-SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline")
+SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
+KLEIN = ("Flux2KleinPipeline", "Flux2KleinInpaintPipeline")   # guided as Klein: CFG weight, or distilled
 
 
 def _flux2_pipeline_classes(pipeline) -> set:
@@ -70,21 +72,21 @@ def _flux2_pipeline_classes(pipeline) -> set:
 
 def check_flux2_pipeline(pipeline) -> None:
     """TypeError for FLUX.2 pipeline classes whose sampling loop differs from the text-to-image (and
-    reference image) loop reproduced here (inpainting, cached reference keys and values)."""
+    reference image, or latent-blending inpainting) loops reproduced here (cached reference keys and values)."""
     classes = _flux2_pipeline_classes(pipeline)
     if classes and not classes & set(SUPPORTED_PIPELINES):
         raise TypeError(f"{type(pipeline).__name__} is not supported: glass_fast reproduces the FLUX.2 "
-                        f"pipelines {' and '.join(SUPPORTED_PIPELINES)}")
+                        f"pipelines {', '.join(SUPPORTED_PIPELINES[:-1])} and {SUPPORTED_PIPELINES[-1]}")
 
 
 def flux2_guidance(flow: DiffusersFlow) -> str:
     """How a FLUX.2 model is guided, as its pipeline does it: "embedded" (Flux2Pipeline, FLUX.2 [dev]: the
-    guidance value enters the guidance embedding), "cfg" (Flux2KleinPipeline: true classifier-free guidance
-    with guidance_scale as its weight, the negative prompt "" by default) or "distilled" (a step-wise
-    distilled Klein, ``is_distilled``: no guidance at all). Without a FLUX.2 pipeline it follows the
-    transformer: "embedded" when it has a guidance embedding, else "cfg"."""
+    guidance value enters the guidance embedding), "cfg" (Flux2KleinPipeline, Flux2KleinInpaintPipeline: true
+    classifier-free guidance with guidance_scale as its weight, the negative prompt "" by default) or
+    "distilled" (a step-wise distilled Klein, ``is_distilled``: no guidance at all). Without a FLUX.2
+    pipeline it follows the transformer: "embedded" when it has a guidance embedding, else "cfg"."""
     classes = _flux2_pipeline_classes(flow.pipeline)
-    if "Flux2KleinPipeline" in classes:
+    if classes & set(KLEIN):
         return "distilled" if flow.pipeline.config.get("is_distilled", False) else "cfg"
     if "Flux2Pipeline" in classes or flow.transformer.config.guidance_embeds:
         return "embedded"
@@ -139,7 +141,7 @@ def kontext_image(pipe, image, context_image, strength):
     """(image, context_image): FluxKontextPipeline's ``image`` is its reference image, not an img2img start;
     so is the FLUX.2 pipelines' (reference images; FLUX.2 has no image-to-image pipeline). ``strength``, an
     image-to-image argument, is refused with a reference image rather than ignored."""
-    if image is None:
+    if image is None or "Flux2KleinInpaintPipeline" in pipeline_classes(pipe):   # there: the image to edit
         return image, context_image
     from .diffusers_adapter import DiffusersFlow
     flux2 = DiffusersFlow.from_pipeline(pipe).kind == "flux2"   # an adapter is taken as it is, not rebuilt
@@ -152,3 +154,43 @@ def kontext_image(pipe, image, context_image, strength):
         raise ValueError(f"strength={strength!r} applies to image-to-image, but image= is {name} here (this "
                          "pipeline has no image-to-image mode): leave strength unset")
     return None, image
+
+
+def inpaint_image_size(flow: DiffusersFlow, images) -> tuple:
+    """(images, height, width) as Flux2KleinInpaintPipeline sizes its image and its references: a batch (a list
+    of 4-D Tensors joined) read by its first image, shrunk to REFERENCE_MAX_AREA pixels when larger, and the size
+    rounded down to whole patches (the images are then resized or cropped to it)."""
+    pipe = flow.pipeline
+    if isinstance(images, list) and images and isinstance(images[0], torch.Tensor) and images[0].ndim == 4:
+        images = torch.cat(images)
+    height, width = pipe._get_raw_image_size(images)
+    if height * width > REFERENCE_MAX_AREA:
+        scale = math.sqrt(REFERENCE_MAX_AREA / (height * width))
+        images = pipe.image_processor.resize(images, int(height * scale), int(width * scale))
+        height, width = pipe._get_raw_image_size(images)
+    multiple = flow.patch_pixels
+    return images, height // multiple * multiple, width // multiple * multiple
+
+
+def inpaint_references(flow: DiffusersFlow, image_reference, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flux2KleinInpaintPipeline's ``image_reference`` as its transformer reads them, after the edited image's
+    own tokens: the images (one, or several of the first one's size) shrunk as a batch to REFERENCE_MAX_AREA
+    pixels when the first is larger, cropped to whole patches at the first one's size, encoded to the VAE
+    posterior's mean and normalised; image i gets position index 20 + 10 i.
+
+    ``rows``: the rows generated (prompts x images per prompt): the pipeline reads a batch of that many
+    references as one per row rather than as a sequence, which is refused.
+    Returns:
+        (tokens [1, L, 4C] float32 of all images in order, position ids [L, 4]).
+    """
+    images, height, width = inpaint_image_size(flow, image_reference)
+    pixels = flow.pipeline.image_processor.preprocess(images, height, width, resize_mode="crop")
+    count = pixels.shape[0]
+    if count > 1 and count == rows:
+        raise ValueError(f"image_reference holds {count} images, as many as the rows generated: "
+                         f"Flux2KleinInpaintPipeline then gives each row its own reference, which is not "
+                         f"reproduced; pass one reference image, or a sequence of another length (shared by all)")
+    tokens = reference_latents(flow, pixels, index=0)[0]
+    h2, w2 = height // flow.patch_pixels, width // flow.patch_pixels
+    ids = torch.cat([packed_image_ids("flux2", h2, w2, flow.device, torch.float32, 20 + 10 * i) for i in range(count)])
+    return tokens.reshape(1, -1, tokens.shape[-1]), ids

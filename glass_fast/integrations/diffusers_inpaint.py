@@ -1,11 +1,29 @@
-"""Latent-blending inpainting: FluxInpaintPipeline and StableDiffusion3InpaintPipeline.
+"""Latent-blending inpainting: FluxInpaintPipeline, FluxControlInpaintPipeline, FluxKontextInpaintPipeline,
+StableDiffusion3InpaintPipeline and Flux2KleinInpaintPipeline.
 
-Both pipelines run image-to-image from ``image`` at ``strength`` and, after every step, replace the state where
+The pipelines run image-to-image from ``image`` at ``strength`` and, after every step, replace the state where
 the mask is black (kept) by the image's latents noised to the next step's noise level along the run's starting
 noise; at the last step the kept region is the image's latents exactly. Here that blend is a ``project`` hook
 (``glass_fast.Inpaint``) applied after every transition, so GLASS transitions and steering run unchanged. The
-mask is binarised (white, >= 0.5, is repainted) and resized to the latents by nearest neighbour, as the
-pipelines do; one mask for all prompts or one per prompt.
+mask is binarised (white, >= 0.5, is repainted) and resized as the pipelines do: to the latents by nearest
+neighbour (FLUX.1, SD3), or bilinearly to the transformer's tokens (FLUX.2 Klein: soft at the edges); one mask
+for all prompts or one per prompt.
+
+FluxControlInpaintPipeline adds FLUX.1 Control's condition (``diffusers_channels``), and before drawing it
+encodes the masked image, which its transformer never reads: that posterior draw is made here too, so that the
+control image's draw and the noise are the pipeline's.
+
+Flux2KleinInpaintPipeline generates at its image's size (shrunk to 1024 x 1024 pixels when larger, cropped to
+whole patches), encodes the image to the VAE posterior's mean (no draw), normalised by the VAE's batch-norm
+statistics, and gives the transformer, beside the noisy state, the image's clean tokens (position index 10)
+and those of its optional ``image_reference`` images (20, 30, ...). FluxKontextInpaintPipeline likewise
+generates at its image's size (Kontext's preferred resolution closest to its aspect ratio, unless
+``context_auto_resize=False``), encodes it to the posterior's mean, and gives the transformer FLUX.1 Kontext's
+reference tokens (position index 1): those of ``image_reference`` when given, else the image's own.
+
+Given ``latents`` are the noise mixed with the image at the start, as for image-to-image (the pipelines start
+from them unmixed, which only agrees at strength 1). Defaults are the pipelines': strength 0.6 (0.8 for FLUX.2
+Klein, 1.0 for Kontext), guidance_scale 7.0 for FLUX.1 Control and 8.0 for FLUX.2 Klein (the others: ``sample``'s).
 """
 from __future__ import annotations
 
@@ -15,13 +33,22 @@ import torch
 
 from ..inpaint import Inpaint
 from ..schedules import LinearSchedule
-from .diffusers_channels import check_images, image_processor
+from .diffusers_channels import check_images, image_processor, masked_image_latents
 from .diffusers_checks import pipeline_classes
+from .diffusers_conditioning import context_tokens, kontext_size
+from .diffusers_flux import flux2_guidance, inpaint_image_size, inpaint_references, packed_image_ids
 
 if TYPE_CHECKING:
     from .diffusers_adapter import DiffusersFlow
+    from .diffusers_conditioning import Conditioning
 
-PIPELINES = ("FluxInpaintPipeline", "StableDiffusion3InpaintPipeline")
+PIPELINES = ("FluxInpaintPipeline", "FluxControlInpaintPipeline", "FluxKontextInpaintPipeline",
+             "StableDiffusion3InpaintPipeline", "Flux2KleinInpaintPipeline")
+# The pipelines taking a reference image beside the image to edit (which they encode to the posterior's mean).
+REFERENCE_PIPELINES = ("Flux2KleinInpaintPipeline", "FluxKontextInpaintPipeline")
+# The pipelines' defaults where they differ from sample's: (guidance_scale, strength).
+DEFAULTS = {"FluxControlInpaintPipeline": (7.0, None), "Flux2KleinInpaintPipeline": (8.0, 0.8),
+            "FluxKontextInpaintPipeline": (None, 1.0)}
 
 
 class InpaintArgs:
@@ -30,14 +57,29 @@ class InpaintArgs:
     Args:
         pipe: the pipeline. image: the image to edit (also the image-to-image start). mask_image: white where
         content is generated. masked_image_latents: FluxInpaintPipeline's, which its transformer never reads
-        (refused rather than ignored).
+        (refused rather than ignored). image_reference: the reference images of REFERENCE_PIPELINES.
+        context_image: ``sample``'s (the reference-image pipelines take ``image_reference`` instead).
+        auto_resize: ``sample``'s ``context_auto_resize`` (FluxKontextInpaintPipeline's ``_auto_resize``).
+    Attributes:
+        name: the pipeline class reproduced, or None. mean: whether the image is encoded to the VAE posterior's
+        mean (no generator draw) rather than drawn from it.
     """
 
-    def __init__(self, pipe, image, mask_image, masked_image_latents=None):
-        self.active = bool(pipeline_classes(pipe) & set(PIPELINES))
-        self.mask_image = mask_image
+    def __init__(self, pipe, image, mask_image, masked_image_latents=None, image_reference=None, context_image=None,
+                 auto_resize: bool = True):
+        names = pipeline_classes(pipe) & set(PIPELINES)
+        self.active, self.name = bool(names), min(names) if names else None
+        self.image, self.mask_image, self.reference = image, mask_image, image_reference
+        self.auto_resize = auto_resize
+        self.mean = self.name in REFERENCE_PIPELINES
+        if image_reference is not None and self.name not in REFERENCE_PIPELINES:
+            raise ValueError(f"image_reference is the reference image of {', '.join(REFERENCE_PIPELINES)}; this "
+                             f"pipeline takes none (FLUX.1 Kontext: context_image=, FLUX.2: image= or context_image=)")
         if not self.active:
             return
+        if self.name in REFERENCE_PIPELINES and context_image is not None:
+            raise ValueError(f"context_image: {self.name}'s reference images are image_reference= (image= is the "
+                             f"image to edit)")
         if masked_image_latents is not None:
             raise ValueError("masked_image_latents= is not used by latent-blending inpainting (the transformer reads "
                              "only the state): pass image= and mask_image=")
@@ -45,6 +87,21 @@ class InpaintArgs:
         if missing:
             raise ValueError(f"inpainting needs image= (the image to edit) and mask_image= (white where content is "
                              f"generated); missing: {', '.join(missing)}")
+        if self.name in REFERENCE_PIPELINES:
+            for name, value in (("image", image), ("image_reference", image_reference)):
+                value = value[0] if isinstance(value, list) and value else value
+                if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[1] != 3:
+                    raise ValueError(f"{name} must be images (PIL, arrays, or Tensors of 3 channels), got a Tensor "
+                                     f"of shape {tuple(value.shape)} ({self.name}'s latents are not taken)")
+
+    def defaults(self, flow: DiffusersFlow, guidance_scale, strength) -> tuple:
+        """(guidance_scale, strength) with the pipeline's defaults where they differ from ``sample``'s (a
+        step-wise distilled FLUX.2 Klein runs without guidance: no default)."""
+        guidance, default_strength = DEFAULTS.get(self.name, (None, None))
+        if flow.kind == "flux2" and flux2_guidance(flow) != "cfg":
+            guidance = None
+        return (guidance if guidance_scale is None else guidance_scale,
+                default_strength if strength is None else strength)
 
     def check(self, flow: DiffusersFlow) -> None:
         """The transformer reads the state alone (SD3 inpainting models that also read the mask are not
@@ -56,12 +113,76 @@ class InpaintArgs:
                              f"model taking the mask and masked image): not supported; latent-blending inpainting "
                              f"needs a transformer that reads the state alone")
 
+    def size(self, flow: DiffusersFlow, height, width) -> tuple:
+        """(height, width) of the images generated: the arguments, except for the pipelines that generate at
+        their image's size (REFERENCE_PIPELINES), where a different height or width is refused rather
+        than ignored. The image is resized here as the pipeline resizes it (``self.image``)."""
+        if self.name not in REFERENCE_PIPELINES:
+            return height, width
+        image, multiple = self.image, flow.patch_pixels
+        if self.name == "FluxKontextInpaintPipeline":
+            if isinstance(image, list) and image and isinstance(image[0], torch.Tensor) and image[0].ndim == 4:
+                image = torch.cat(image)
+            own = kontext_size(flow, image, self.auto_resize)
+            image = image_processor(flow).resize(image, *own)
+            how = ("Kontext's preferred resolution closest to its aspect ratio, " if self.auto_resize else "") + \
+                f"rounded down to multiples of {multiple}"
+        else:
+            image, *own = inpaint_image_size(flow, image)
+            how = f"shrunk to 1024 x 1024 pixels when larger, rounded down to multiples of {multiple}"
+        for name, value, size in (("height", height, own[0]), ("width", width, own[1])):
+            if value is not None and value != size:
+                raise ValueError(f"{name}={value!r}: {self.name} generates at its image's size, {own[0]} x "
+                                 f"{own[1]} pixels here ({how}); leave height and width unset or pass those")
+        self.image = image
+        return tuple(own)
+
+    def draw_before_condition(self, flow: DiffusersFlow, prompts: int, height: int, width: int, generator) -> None:
+        """FluxControlInpaintPipeline's first use of the generator: one posterior draw per masked image (the image
+        with the mask's white pixels set to 0), made and discarded here so that the later draws are its own."""
+        if self.name == "FluxControlInpaintPipeline":
+            masked_image_latents(flow, self.image, self.mask_image, prompts, height, width, generator)
+
+    def attach(self, flow: DiffusersFlow, cond: Conditioning, image_states: torch.Tensor, rows: int, height: int,
+               width: int) -> None:
+        """Sets the reference tokens the transformer reads beside the state: for Flux2KleinInpaintPipeline the
+        image's own latents ``image_states`` [1 or P, L, 4C] (position index 10), then ``image_reference``'s;
+        for FluxKontextInpaintPipeline ``image_reference``'s, else the image's own (index 1). ``rows``: the
+        rows generated."""
+        p = cond.num_prompts
+        h, w = flow.latent_hw(height, width)
+        if self.name == "FluxKontextInpaintPipeline":
+            if self.reference is None:
+                cond.context = image_states.expand(p, -1, -1)
+                cond.context_ids = packed_image_ids(flow.kind, h // 2, w // 2, flow.device, torch.float32, index=1)
+            else:
+                cond.context, cond.context_ids = context_tokens(flow, self.reference, p, self.auto_resize,
+                                                                "image_reference")
+            return
+        if self.name != "Flux2KleinInpaintPipeline":
+            return
+        tokens = [image_states.expand(p, -1, -1)]
+        ids = [packed_image_ids(flow.kind, h // 2, w // 2, flow.device, torch.float32, index=10)]
+        if self.reference is not None:
+            ref, ref_ids = inpaint_references(flow, self.reference, rows)
+            tokens.append(ref.expand(p, -1, -1))
+            ids.append(ref_ids)
+        cond.context, cond.context_ids = torch.cat(tokens, dim=1), torch.cat(ids)
+
     def mask(self, flow: DiffusersFlow, prompts: int, height: int, width: int) -> torch.Tensor:
-        """The mask in the state layout, [1 or P, *state_shape]: 1 where content is generated."""
+        """The mask in the state layout, [1 or P, *state_shape] (FLUX.2: [1 or P, L, 1], one value per token):
+        1 where content is generated."""
         processor = image_processor(flow, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
-        mask = processor.preprocess(self.mask_image, height=height, width=width).float()
+        mask = processor.preprocess(self.mask_image, height=height, width=width)
         check_images("mask_image", mask, prompts)
-        mask = torch.nn.functional.interpolate(mask, size=flow.latent_hw(height, width))
+        h, w = flow.latent_hw(height, width)
+        if flow.kind == "flux2":
+            # In the processed mask's dtype, as the pipeline: a mask given as uint8 arrays stays uint8, and its
+            # bilinear token values are rounded to 0 or 1; PIL and float masks give soft edges.
+            tokens = torch.nn.functional.interpolate(mask, size=(h // 2, w // 2), mode="bilinear")
+            return tokens.float().flatten(2).transpose(1, 2).to(flow.device)
+        mask = mask.float()
+        mask = torch.nn.functional.interpolate(mask, size=(h, w))
         return flow.pack(mask.repeat(1, flow.latent_channels(), 1, 1)).to(flow.device)
 
     def hook(self, flow: DiffusersFlow, image_states: torch.Tensor, noise: torch.Tensor, prompts: int,
