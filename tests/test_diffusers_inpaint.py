@@ -358,3 +358,33 @@ def test_inpainting_defaults_are_the_pipelines(flux_control, klein, flux):
         if "Klein" in type(pipe).__name__:
             ours = gd.as_flow(pipe).to_vae(ours, SIZE, SIZE)
         torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0, msg=type(pipe).__name__)
+
+
+def test_a_callers_project_hook_runs_after_the_inpainting_blend(flux):
+    """sample / steer take project=: after every transition, on the blended state (prompt-major rows)."""
+    pipe = pipeline(flux, "FluxInpaintPipeline")
+    flow = gd.as_flow(pipe)
+    mask = _mask(slice(8, 24))
+    keep = _latent_mask(flow, mask) == 0
+    seen = []
+
+    def clamp(k, t, x):
+        seen.append((k, x.shape[0], bool(torch.equal(x[0][keep], x[1][keep]))))   # blended at t = 1: rows agree
+        return x.clamp(-0.5, 0.5)
+    kw = dict(image=_image(20), mask_image=mask, strength=1.0, num_images_per_prompt=2, height=SIZE, width=SIZE,
+              output_type="latent", transitions=3, inner_steps=2, **random_embeds(1, DIM, seed=21))
+    out = gd.sample(pipe, project=clamp, generator=torch.Generator().manual_seed(22), **kw)
+    assert [(k, n) for k, n, _ in seen] == [(1, 2), (2, 2), (3, 2)] and seen[-1][2]
+    assert out.abs().max() <= 0.5
+    _, res = gd.steer(pipe, reward=lambda images, prompts: images.mean(dim=(1, 2, 3)), particles=2, project=clamp,
+                      generator=torch.Generator().manual_seed(22), **{k: v for k, v in kw.items()
+                                                                      if k != "num_images_per_prompt"})
+    assert res.samples.abs().max() <= 0.5
+    with pytest.raises(TypeError, match="project must be None or callable"):
+        gd.sample(pipe, project="clamp", **kw)
+
+
+def test_project_reaches_plain_text_to_image_sampling(flux):
+    out = gd.sample(flux, project=lambda k, t, x: torch.zeros_like(x), height=SIZE, width=SIZE,
+                    output_type="latent", transitions=2, inner_steps=1, **random_embeds(1, DIM, seed=23))
+    assert torch.equal(out, torch.zeros_like(out))

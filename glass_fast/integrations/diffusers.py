@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..plan import check_calls
-from ..sampling import DEFAULT_TRANSITIONS, Sampler, transition_grid
+from ..sampling import DEFAULT_TRANSITIONS, Sampler, check_hooks, transition_grid
 from ..transitions import check_state
 from .diffusers_adapter import NAMES, DiffusersFlow, SkipLayerGuidance, transformer_kind  # noqa: F401
 from .diffusers_channels import (ChannelCondition, check_finite, check_images, control_latents,  # noqa: F401
@@ -106,9 +106,11 @@ def _prepare(a: dict, per_name: str, grid, cuda_graph: bool):
 
     ``per_name``: "num_images_per_prompt" (sample; ``latents`` [P * n, *state]) or "particles" (steer;
     ``latents`` [P, K, *state]). Returns (adapter, conditioning, FlowModel, height, width, grid, start states
-    [P * rows, *state], the inpainting pipelines' ``project`` hook or None)."""
+    [P * rows, *state], the ``project`` hook: the inpainting pipelines' blend, then the caller's ``project``;
+    None without either)."""
     pipe, latents, generator, per_prompt = a["pipe"], a["latents"], a["generator"], a[per_name]
     check_capturable(cuda_graph, a["skip_guidance_layers"])
+    check_hooks(None, None, a["project"])
     flow = as_flow(pipe)   # built once: every step below reads this adapter
     check_generator(generator, flow.device)
     image, context_image = kontext_image(flow, a["image"], a["context_image"], a["strength"])
@@ -141,8 +143,15 @@ def _prepare(a: dict, per_name: str, grid, cuda_graph: bool):
     inpaint.attach(flow, cond, z, x.shape[0], height, width)
     chan.attach(flow, cond, height, width, generator, before_noise=False)
     ctl.attach(flow, cond, height, width, generator, grid, before_noise=False)
-    project = inpaint.hook(flow, z, noise, cond.num_prompts, height, width) if inpaint.active else None
-    return flow, cond, model, height, width, grid, x, project
+    blend = inpaint.hook(flow, z, noise, cond.num_prompts, height, width) if inpaint.active else None
+    return flow, cond, model, height, width, grid, x, _in_turn(blend, a["project"])
+
+
+def _in_turn(first, then):
+    """The project hook applying ``first`` then ``then`` (either may be None)."""
+    if first is None or then is None:
+        return then if first is None else first
+    return lambda k, t, x: then(k, t, first(k, t, x))
 
 
 def _flat_particles(latents, prompts: int, particles: int, shape: tuple) -> torch.Tensor:
@@ -254,7 +263,7 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
            negative_prompt_3=None, sigmas=None, context_image=None, context_auto_resize: bool = True,
            text_encoder_out_layers=None, mask_image=None, masked_image_latents=None, control_image=None,
            controlnet_conditioning_scale=None, control_guidance_start=None, control_guidance_end=None,
-           control_mode=None, image_reference=None):
+           control_mode=None, image_reference=None, project=None):
     """Generate images from a FLUX.1, FLUX.2 or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
 
     Args:
@@ -311,6 +320,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
         callback: optional fn(k, t, latents, x0_latents) before each transition, with the packed state and its
             x0-prediction (no extra transformer calls); ``as_flow(pipe).decode(x0_latents, height, width)``
             previews it.
+        project: optional fn(k, t, latents) -> latents applied to the packed state after every transition (see
+            ``glass_fast.Sampler.run``; t in glass_fast time, 1 - sigma), after an inpainting pipeline's blend.
         skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start, skip_layer_guidance_stop:
             SD3's skip-layer guidance as in its pipeline (with classifier-free guidance; one more transformer
             call per model call inside the window). The pipeline's step fractions become the window of times
@@ -388,7 +399,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
           context_auto_resize: bool = True, text_encoder_out_layers=None, mask_image=None,
           masked_image_latents=None, control_image=None, controlnet_conditioning_scale=None,
           control_guidance_start=None, control_guidance_end=None, control_mode=None, algorithm: str = "fk",
-          image_reference=None, **steering_options):
+          image_reference=None, project=None, **steering_options):
     """Feynman-Kac steering of a FLUX.1, FLUX.2 or SD3 pipeline towards p(image | prompt)
     exp(lmbda reward(image)), or beam search for high-reward images.
 
@@ -403,7 +414,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
             skip_guidance_layers, ..., ip_adapter_image, ..., prompt_2, ..., sigmas, context_image, ...,
             text_encoder_out_layers, mask_image, masked_image_latents, control_image,
             controlnet_conditioning_scale, control_guidance_start, control_guidance_end, control_mode,
-            image_reference: as in ``sample`` (guidance shifts the proposal's model calls; its reward may differ
+            image_reference, project: as in ``sample`` (project: applied to every particle; guidance shifts the proposal's model calls; its reward may differ
             from ``reward``).
         reward: an ``ImageReward``: reward(images [N, 3, H, W] in [0, 1], prompts list of N) -> Tensor[N].
         particles: K particles per prompt.

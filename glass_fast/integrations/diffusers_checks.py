@@ -73,7 +73,7 @@ def check_capturable(cuda_graph: bool, skip_guidance_layers) -> None:
 # fk_steering's and beam_search's arguments that steer sets itself (from its own arguments).
 _STEER_SETS = frozenset(("model", "reward", "noise", "method", "transitions", "inner_steps", "rho", "solver",
                          "potential", "lmbda", "resample", "ess_threshold", "generator", "progress", "guidance",
-                         "max_batch"))
+                         "max_batch", "project"))
 
 
 def check_steering_options(algorithm: str, options: dict, fk_args: dict, steer) -> None:
