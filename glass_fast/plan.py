@@ -242,7 +242,10 @@ def ode_plan(model: FlowModel, t, t_next, calls: int, solver: str) -> Plan:
 
 # ---------------------------------------------------------------------------------------------------- SDE
 def sde_plan(model: FlowModel, t, t_next, calls: int) -> Plan:
-    """Euler-Maruyama for dX = [u + (nu^2/2) grad log p_t] dt + nu dW; a DDPM plug-in step where alpha_t = 0."""
+    """Euler-Maruyama for dX = [u + (nu^2/2) grad log p_t] dt + nu dW; a DDPM plug-in step where alpha_t = 0
+    or where the step starts below the model's time range (there nu^2 ~ 1/alpha, evaluated at the clamped
+    time, would blow the Euler-Maruyama step up; the plug-in step is finite and exact in law for the
+    denoiser it is given)."""
     sch = model.schedule
     h = (t_next - t) / calls
     rows, times, firsts = [], [], []
@@ -251,6 +254,7 @@ def sde_plan(model: FlowModel, t, t_next, calls: int) -> Plan:
         tm = model.clamp_time(tau)
         a, s, da, ds = sch.alpha(tm), sch.sigma(tm), sch.d_alpha(tm), sch.d_sigma(tm)
         nu2 = 2 * (da / a) * s * s - 2 * s * ds
+        plug_here = (sch.alpha(tau) == 0) | (tm != tau)
         # Plug-in DDPM step: x' = gamma x + alpha_bar D + sigma_bar eps with rho_DDPM (finite at alpha = 0).
         t1 = tau + h
         rho = rho_ddpm(sch, tau, t1)
@@ -265,7 +269,7 @@ def sde_plan(model: FlowModel, t, t_next, calls: int) -> Plan:
             d_o = b_o + 0.5 * nu2 * a * a_o / (s * s)
             em = _row(1 + h * d_x, torch.sqrt(h * nu2), k_out=h * d_o, n_new=1.0)
             plug = _row(gamma + abar * a_x, sbar, k_out=abar * a_o, n_new=1.0)
-            bucket.append(torch.where((a == 0).unsqueeze(-1), plug, em))
+            bucket.append(torch.where(plug_here.unsqueeze(-1), plug, em))
         times.append(tm)
     return _stack(rows, times, ["noisy"] * calls, firsts[0])
 
