@@ -4,6 +4,8 @@ inpainting pipelines do). A ``project`` hook for ``sample``, ``Sampler.run`` and
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .schedules import Schedule
@@ -53,7 +55,18 @@ class Inpaint:
                 raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to the state "
                                  f"{' or '.join(map(str, layouts))}")
         self.schedule, self.image, self.mask, self.noise = schedule, image, mask, noise
+        self._order = None   # the noise row (and per-row image / mask) each state row descends from; None: its own
         self._placed: dict = {}   # (state shape, device, dtype) -> (noise, image, mask) there, made once
+
+    def gather(self, rows: torch.Tensor) -> "Inpaint":
+        """This hook for states whose row i descends from row ``rows[i]`` of the current ones (FK resampling,
+        beam selection): each row keeps following its ancestor's noise path (and per-row image and mask), so
+        that resampling with equal weights leaves the law of the run unchanged. ``self`` is not modified."""
+        out = copy.copy(self)
+        rows = rows.to(torch.int64)
+        out._order = rows if self._order is None else self._order.to(rows.device)[rows]
+        out._placed = {}
+        return out
 
     def __call__(self, k: int, t: float, x: torch.Tensor) -> torch.Tensor:
         if self.noise.numel() % x[0].numel() or x.shape[0] % (self.noise.numel() // x[0].numel()):
@@ -65,8 +78,15 @@ class Inpaint:
                 raise ValueError(f"Inpaint: image {tuple(self.image.shape)} and mask {tuple(self.mask.shape)} must "
                                  f"broadcast to the state {tuple(x.shape)}")
             noise = self.noise.reshape((-1,) + tuple(x.shape[1:]))
+            image, mask = self.image, self.mask
+            if self._order is not None:
+                n, order = noise.shape[0], self._order.to(noise.device)
+                # Per-row images or masks (one per noise row) follow the rows too; broadcast ones stay.
+                image, mask = (v[order.to(v.device)] if v.dim() == noise.dim() and v.shape[0] == n and n > 1 else v
+                               for v in (image, mask))
+                noise = noise[order]
             noise = noise.repeat_interleave(x.shape[0] // noise.shape[0], dim=0)
-            self._placed[key] = tuple(v.to(device=x.device, dtype=x.dtype) for v in (noise, self.image, self.mask))
+            self._placed[key] = tuple(v.to(device=x.device, dtype=x.dtype) for v in (noise, image, mask))
         noise, image, mask = self._placed[key]
         known = torch.add(image * float(self.schedule.alpha(t)), noise, alpha=float(self.schedule.sigma(t)))
         # lerp is exact at both ends: the kept region is ``known``, the generated one x, bit for bit.

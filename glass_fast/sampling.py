@@ -104,6 +104,35 @@ def projected(project, k: int, t: float, x: torch.Tensor, guard: FiniteGuard | N
     return y
 
 
+def follow(project, rows: torch.Tensor):
+    """The ``project`` hook for states that descend from ``rows`` (row i of the new states is a copy of row
+    ``rows[i]``: resampling, beam selection). A hook holding per-row data (``Inpaint``: each row's noise path)
+    has a ``gather(rows)`` method returning the hook re-bound to the new rows; any other hook is kept."""
+    gather = getattr(project, "gather", None)
+    return gather(rows) if callable(gather) else project
+
+
+class _InTurn:
+    """project hooks applied one after the other, re-bound together by ``follow``."""
+
+    def __init__(self, hooks: list):
+        self.hooks = hooks
+
+    def __call__(self, k: int, t: float, x: torch.Tensor) -> torch.Tensor:
+        for hook in self.hooks:
+            x = hook(k, t, x)
+        return x
+
+    def gather(self, rows: torch.Tensor) -> "_InTurn":
+        return _InTurn([follow(hook, rows) for hook in self.hooks])
+
+
+def in_turn(*hooks):
+    """One project hook applying ``hooks`` (None ones skipped) in order; None if there are none."""
+    hooks = [hook for hook in hooks if hook is not None]
+    return None if not hooks else hooks[0] if len(hooks) == 1 else _InTurn(hooks)
+
+
 class Sampler:
     """Every transition of one sampling run, planned once.
 

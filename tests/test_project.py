@@ -216,3 +216,73 @@ def test_value_estimates_score_posterior_draws_projected_at_t1(search):
         rows = 2 * 3
     assert (3, 1.0, rows * 4) in seen                       # the value draws, at the final grid index
     assert {(k, rows) for k, t, n in seen if n == rows} == {(1, rows), (2, rows), (3, rows)}
+
+
+def test_inpaint_gather_follows_the_ancestors_noise_image_and_mask():
+    noise = torch.randn(4, 2, generator=torch.Generator().manual_seed(10))
+    image = torch.randn(4, 2, generator=torch.Generator().manual_seed(11))     # one image per row
+    mask = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    hook, x = gf.Inpaint(gf.LinearSchedule(), image, mask, noise), torch.randn(4, 2)
+    rows = torch.tensor([2, 2, 0, 3])
+    got = hook.gather(rows)(1, 0.4, x)
+    want = gf.Inpaint(gf.LinearSchedule(), image[rows], mask[rows], noise[rows])(1, 0.4, x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    twice = hook.gather(rows).gather(torch.tensor([3, 0, 0, 1]))(1, 0.4, x)   # composes along the lineage
+    again = torch.tensor([3, 2, 2, 2])
+    torch.testing.assert_close(twice, gf.Inpaint(gf.LinearSchedule(), image[again], mask[again], noise[again])(1, 0.4, x))
+    torch.testing.assert_close(hook(1, 0.4, x), gf.Inpaint(gf.LinearSchedule(), image, mask, noise)(1, 0.4, x))
+
+
+def test_resampling_with_equal_weights_keeps_each_inpainted_trajectory():
+    """lambda = 0 and resampling at every step: with an ODE proposal every particle continues its ancestor's
+    trajectory exactly (the kept part follows the ancestor's noise), so each output is one of the plain run's
+    outputs of its group. With the noise left behind, the resampled copies would drift off them."""
+    two = GaussianMixture([[2.0, 2.0], [-2.0, -2.0]], [0.3, 0.3], [0.5, 0.5])
+    m = two.flow_model(gf.LinearSchedule(), "velocity")
+    noise = torch.randn(6, 8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    hook = gf.Inpaint(gf.LinearSchedule(), torch.tensor([[2.0, 0.0]], dtype=torch.float64),
+                      torch.tensor([[0.0, 1.0]], dtype=torch.float64), noise)
+    plain = gf.sample(m, noise.reshape(-1, 2), method="ode", project=hook).reshape(6, 8, 2)
+    res = gf.fk_steering(m, lambda z: z[:, 0] * 0, noise, method="ode", lmbda=0.0, ess_threshold=1.0,
+                         resample="multinomial", project=hook, generator=torch.Generator().manual_seed(13))
+    nearest = torch.cdist(res.samples, plain).min(dim=-1).values
+    assert float(nearest.max()) < 1e-9
+    assert not torch.allclose(res.samples, plain)    # resampling did happen
+
+
+class Tag:
+    """A hook writing each row's lineage tag into coordinate 0 (children share their parent's tag)."""
+
+    def __init__(self, tags):
+        self.tags = tags
+
+    def __call__(self, k, t, x):
+        tags = self.tags.repeat_interleave(x.shape[0] // self.tags.shape[0]).to(x.dtype)
+        return torch.cat([tags[:, None], x[:, 1:]], dim=1)
+
+    def gather(self, rows):
+        return Tag(self.tags[rows])
+
+
+def test_beam_search_rebinds_per_row_hooks_to_each_kept_childs_parent():
+    noise = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(14))
+    res = gf.beam_search(model(), lambda z: z[:, 1], noise, expansions=3, transitions=3, inner_steps=2,
+                         project=Tag(torch.arange(6)), generator=torch.Generator().manual_seed(15))
+    tags = res.samples[..., 0]
+    groups = torch.arange(2)[:, None].expand(2, 3)
+    assert torch.equal(torch.div(tags, 3, rounding_mode="floor"), groups.float())   # lineages stay in their group
+    assert not torch.equal(tags, torch.arange(6.0).reshape(2, 3))                  # and follow the selections
+
+
+def test_hooks_in_turn_apply_in_order_and_follow_together():
+    from glass_fast.sampling import follow, in_turn
+    assert in_turn(None, None) is None
+    double = lambda k, t, x: 2 * x   # noqa: E731
+    assert in_turn(None, double) is double
+    tag = Tag(torch.arange(4))
+    both = in_turn(tag, double)
+    x = torch.ones(4, 2)
+    torch.testing.assert_close(both(1, 0.5, x), torch.stack([2 * torch.arange(4.0), torch.full((4,), 2.0)], 1))
+    moved = follow(both, torch.tensor([3, 3, 0, 1]))
+    torch.testing.assert_close(moved(1, 0.5, x)[:, 0], torch.tensor([6.0, 6.0, 0.0, 2.0]))
+    assert follow(double, torch.tensor([0])) is double

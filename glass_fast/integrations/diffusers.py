@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..plan import check_calls
-from ..sampling import DEFAULT_TRANSITIONS, Sampler, check_hooks, transition_grid
+from ..sampling import DEFAULT_TRANSITIONS, Sampler, check_hooks, in_turn, transition_grid
 from ..transitions import check_state
 from .diffusers_adapter import NAMES, DiffusersFlow, SkipLayerGuidance, transformer_kind  # noqa: F401
 from .diffusers_channels import (ChannelCondition, check_finite, check_images, control_latents,  # noqa: F401
@@ -144,14 +144,7 @@ def _prepare(a: dict, per_name: str, grid, cuda_graph: bool):
     chan.attach(flow, cond, height, width, generator, before_noise=False)
     ctl.attach(flow, cond, height, width, generator, grid, before_noise=False)
     blend = inpaint.hook(flow, z, noise, cond.num_prompts, height, width) if inpaint.active else None
-    return flow, cond, model, height, width, grid, x, _in_turn(blend, a["project"])
-
-
-def _in_turn(first, then):
-    """The project hook applying ``first`` then ``then`` (either may be None)."""
-    if first is None or then is None:
-        return then if first is None else first
-    return lambda k, t, x: then(k, t, first(k, t, x))
+    return flow, cond, model, height, width, grid, x, in_turn(blend, a["project"])
 
 
 def _flat_particles(latents, prompts: int, particles: int, shape: tuple) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 
 from ..model import FlowModel
 from ..plan import check_calls
-from ..sampling import METHODS, check_hooks, check_sampler_options, transition_grid
+from ..sampling import METHODS, check_hooks, check_sampler_options, follow, transition_grid
 from ..transitions import FiniteGuard, guided_denoised
 from .guidance import time_window
 from .potentials import PotentialState, check_potential
@@ -115,7 +115,8 @@ class FKSteering:
             resampling. progress: show a tqdm bar over transitions.
             project: optional fn(k, t, x) -> x applied to the particles [B * K, ...] after every transition
                 (see ``Sampler.run``), before they are weighted; with potential="value" also to the posterior
-                draws at t = 1 (k the final grid index).
+                draws at t = 1 (k the final grid index). A hook with per-row data follows the particles through
+                resampling (``glass_fast.sampling.follow``; ``Inpaint`` does).
         Returns:
             SteeringResult (see ``fk_steering``).
         """
@@ -174,6 +175,8 @@ class FKSteering:
                 x = gather(grouped(x), idx).reshape((n,) + rest)
                 d = gather(grouped(d), idx).reshape((n,) + rest)
                 state.gather(idx, gather)
+                if project is not None:   # a hook's per-row data (Inpaint's noise) follows the particles
+                    project = follow(project, (idx + torch.arange(b, device=dev)[:, None] * k_part).reshape(-1))
         guard.raise_if_bad()
         _raise_dead(dead_at, grid)
         bad = int(state.bad)

@@ -17,7 +17,7 @@ import torch
 
 from ..model import FlowModel
 from ..plan import check_calls
-from ..sampling import check_hooks, check_sampler_options, transition_grid
+from ..sampling import check_hooks, check_sampler_options, follow, transition_grid
 from ..transitions import FiniteGuard
 from .result import SteeringResult, best_of_groups, check_particles, check_selection_rewards, progress_bar
 from .value import metered_parts
@@ -111,6 +111,8 @@ class BeamSearch:
             scores, keep = s.topk(k_beams, dim=1)
             rows = (keep + torch.arange(b, device=dev)[:, None] * (k_beams * expansions)).reshape(-1)
             x = children[rows]
+            if project is not None:   # a hook's per-row data (Inpaint's noise) follows each beam's parent
+                project = follow(project, rows // expansions)
             if d_children is not None:
                 d = d_children[rows]
         guard.raise_if_bad()
@@ -148,7 +150,8 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
         compile, cuda_graph: run every transition compiled or as a replayed CUDA graph (see ``Sampler``).
         project: optional fn(k, t, x) -> x applied to the children [B * K * expansions, ...] after every
             transition (see ``Sampler.run``), before they are scored; with value_samples also to the
-            posterior draws at t = 1 (k the final grid index).
+            posterior draws at t = 1 (k the final grid index). A hook with per-row data follows each kept
+            child's parent (``glass_fast.sampling.follow``; ``Inpaint`` does).
     Returns:
         SteeringResult: samples [B, K, ...] (the final beams, best first), equal log_weights (a selection,
         not a weighted sample), rewards [B, K], best [B, ...], nfe per beam, reward_calls per beam.
