@@ -18,6 +18,7 @@ import time
 import torch
 
 from .plan import steps_per_call
+from .sampling import default_rho
 
 PROG = "glass-fast"
 COMMANDS = ("demo", "sample", "steer", "bench")
@@ -112,7 +113,8 @@ def _common(p: argparse.ArgumentParser, *, out: str) -> None:
     g.add_argument("--transitions", type=_positive("--transitions"), default=5, help="transitions (default: 5)")
     g.add_argument("--inner-steps", type=_positive("--inner-steps"), default=10,
                    help="model calls per transition (default: 10)")
-    g.add_argument("--rho", type=_rho, default=0.4, help="GLASS correlation: a number in [-1, 1] or 'ddpm' (default: 0.4)")
+    g.add_argument("--rho", type=_rho, default=None,
+                   help="GLASS correlation: a number in [-1, 1] or 'ddpm' (default: 0.4; 'ddpm' for --method plugin)")
     g.add_argument("--solver", default="euler", choices=("euler", "midpoint", "heun"),
                    help="GLASS inner solver / ODE solver (default: euler)")
     g.add_argument("--out", default=out, help=f"output folder (default: {out})")
@@ -259,7 +261,8 @@ def _make_out(path: str) -> None:
 def _settings(args, **overrides):
     from .zoo.experiments import Settings
 
-    kw = dict(transitions=args.transitions, inner_steps=args.inner_steps, rho=args.rho, solver=args.solver,
+    kw = dict(transitions=args.transitions, inner_steps=args.inner_steps,
+              rho=default_rho("glass") if args.rho is None else args.rho, solver=args.solver,
               particles=args.particles, lmbda=getattr(args, "lmbda", 1.0),
               potential=getattr(args, "potential", "diff"))
     kw.update(overrides)

@@ -57,7 +57,7 @@ def transition_grid(transitions: int | None, grid) -> torch.Tensor:
 
 
 def check_sampler_options(method: str, transitions: int | None, inner_steps: int, solver: str, compile,
-                          cuda_graph, rho=0.4) -> None:
+                          cuda_graph, rho=None) -> None:
     """Validate the options every Sampler takes (raises ValueError naming the argument), before any planning.
     ``transitions`` None: the grid's count (or DEFAULT_TRANSITIONS)."""
     if method not in METHODS:
@@ -68,7 +68,7 @@ def check_sampler_options(method: str, transitions: int | None, inner_steps: int
     check_solver(solver)
     if method in ("glass", "ode"):
         steps_per_call(inner_steps, solver)
-    if method in ("glass", "plugin"):
+    if method in ("glass", "plugin") and rho is not None:
         check_rho_form(rho)
     if compile not in (None, False, True) and not isinstance(compile, (str, dict)):
         raise ValueError(f"compile must be None, a bool, a torch.compile mode string or a dict of torch.compile "
@@ -77,6 +77,12 @@ def check_sampler_options(method: str, transitions: int | None, inner_steps: int
         raise ValueError("choose one of compile= and cuda_graph= (compile='reduce-overhead' also uses CUDA graphs)")
     if not isinstance(cuda_graph, bool):
         raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+
+
+def default_rho(method: str):
+    """rho when none is given: 0.4 for GLASS (the paper's setting), rho_DDPM for the one-step plug-in kernel,
+    which with a constant rho does not sample the data however fine the grid."""
+    return "ddpm" if method == "plugin" else 0.4
 
 
 def check_hooks(guidance, callback, project=None) -> None:
@@ -142,7 +148,8 @@ class Sampler:
         transitions: number of intervals of the uniform grid on [0, 1] (default 5; with ``grid``, leave it
             unset or give the grid's count).
         inner_steps: model calls per transition (the plug-in kernel always makes one).
-        rho, solver, sigmabar0: GLASS settings (solver also applies to "ode").
+        rho, solver, sigmabar0: GLASS settings (solver also applies to "ode"). rho None: 0.4 for "glass",
+            "ddpm" for "plugin" (the one-step kernel samples the data only with rho_DDPM).
         device, dtype: where the state lives and its dtype.
         grid: optional Tensor[K+1] (or sequence) of increasing times in [0, 1], replacing the uniform grid; a
             grid starting after 0 continues from a partly noised state (see ``check_grid``).
@@ -159,10 +166,11 @@ class Sampler:
 
     def __init__(self, model: FlowModel, *, method: str = "glass", transitions: int | None = None,
                  inner_steps: int = 10,
-                 rho=0.4, solver: str = "euler", sigmabar0: float = 1.0, device=None, dtype=torch.float32,
+                 rho=None, solver: str = "euler", sigmabar0: float = 1.0, device=None, dtype=torch.float32,
                  grid: torch.Tensor | None = None, compile=None, cuda_graph: bool = False,
                  max_batch: int | None = None):
         check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph, rho)
+        rho = default_rho(method) if rho is None else rho
         inner_steps = int(inner_steps)   # NumPy integers pass the checks above
         if not isinstance(model, FlowModel):
             raise TypeError(f"model must be a glass_fast.FlowModel, got {type(model).__name__}")
@@ -298,7 +306,7 @@ class Sampler:
 
 
 def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", transitions: int | None = None,
-           inner_steps: int = 10, rho=0.4, solver: str = "euler", generator: torch.Generator | None = None,
+           inner_steps: int = 10, rho=None, solver: str = "euler", generator: torch.Generator | None = None,
            sigmabar0: float = 1.0, guidance=None, compile=None, cuda_graph: bool = False,
            max_batch: int | None = None, callback=None, grid=None, project=None) -> torch.Tensor:
     """Generate data from noise with ``transitions`` transitions of ``inner_steps`` model calls each.
@@ -308,7 +316,8 @@ def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", tran
         noise: [B, ...] draws from N(0, I) (the state at t = 0).
         method: "glass" | "ode" | "sde" | "plugin".
         transitions, inner_steps: grid size and model calls per transition (transitions * inner_steps calls).
-        rho, solver, sigmabar0: see ``glass_transition``; solver also selects the ODE solver.
+        rho, solver, sigmabar0: see ``glass_transition``; solver also selects the ODE solver. rho None: 0.4
+            ("glass"), "ddpm" ("plugin").
         generator: randomness for GLASS / SDE / plug-in transitions.
         guidance: optional reward guidance (``glass_fast.RewardGuidance``).
         compile, cuda_graph, max_batch: see ``Sampler``. To reuse compiled code or graphs across calls, keep a

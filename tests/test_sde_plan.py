@@ -36,3 +36,23 @@ def test_sde_sampling_reaches_the_data_for_every_parameterization(mixture, kind)
                   generator=torch.Generator().manual_seed(2))
     W, M, V = mixture.marginal_law(gf.LinearSchedule(), 1.0)
     assert ks_statistic(x.double() @ U, lambda y: mixture_cdf(y, W, M, V, U)) < ks_critical(n, 0.001)
+
+
+@pytest.mark.parametrize("method,rho", [("glass", 0.4), ("plugin", "ddpm")])
+def test_rho_defaults_to_each_kernels_own(mixture, method, rho):
+    """rho unset: 0.4 for GLASS, rho_DDPM for the plug-in kernel (as plugin_transition's default), everywhere."""
+    model = mixture.flow_model(gf.LinearSchedule(), "velocity")
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(5))
+    kw = dict(method=method, transitions=3, inner_steps=2)
+    default = gf.sample(model, noise, generator=torch.Generator().manual_seed(6), **kw)
+    named = gf.sample(model, noise, generator=torch.Generator().manual_seed(6), rho=rho, **kw)
+    torch.testing.assert_close(default, named, rtol=0, atol=0)
+    steered = [run(model, lambda z: z[:, 0], noise.reshape(8, 8, 2), generator=torch.Generator().manual_seed(7),
+                   **kw, **extra).samples for extra in ({}, {"rho": rho})
+               for run in (gf.fk_steering,)]
+    torch.testing.assert_close(steered[0], steered[1], rtol=0, atol=0)
+    if method == "plugin":
+        x = noise[:8]
+        torch.testing.assert_close(gf.plugin_transition(model, x, 0.2, 0.5, generator=torch.Generator().manual_seed(8)),
+                                   gf.Sampler(model, method="plugin", grid=[0.2, 0.5]).step(
+                                       0, x, generator=torch.Generator().manual_seed(8)))

@@ -242,7 +242,7 @@ def postprocess(flow: DiffusersFlow, x: torch.Tensor, height: int, width: int, o
 
 def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt=None,
            negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, method: str = "glass",
-           transitions: int | None = None, inner_steps: int = 10, rho=0.4, solver: str = "euler",
+           transitions: int | None = None, inner_steps: int = 10, rho=None, solver: str = "euler",
            guidance_scale: float | None = None, true_cfg_scale: float = 1.0, num_images_per_prompt: int = 1,
            height: int | None = None, width: int | None = None, grid: torch.Tensor | None = None,
            latents: torch.Tensor | None = None, image=None, strength: float | None = None,
@@ -377,7 +377,7 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
 
 def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=None, pooled_prompt_embeds=None,
           negative_prompt=None, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
-          method: str = "glass", transitions: int | None = None, inner_steps: int = 10, rho=0.4, solver: str = "euler",
+          method: str = "glass", transitions: int | None = None, inner_steps: int = 10, rho=None, solver: str = "euler",
           potential: str = "diff", lmbda: float = 1.0, resample: str = "systematic", ess_threshold: float = 0.5,
           guidance_scale: float | None = None, true_cfg_scale: float = 1.0, height: int | None = None,
           width: int | None = None, latents: torch.Tensor | None = None, image=None, strength: float | None = None,

@@ -39,7 +39,7 @@ class BestOfN:
             raise TypeError(f"reward must be callable(x [N, ...]) -> Tensor[N], got {type(reward).__name__}")
         check_sampler_options(method, settings.get("transitions"), settings.get("inner_steps", 10),
                               settings.get("solver", "euler"), settings.get("compile"),
-                              settings.get("cuda_graph", False), settings.get("rho", 0.4))
+                              settings.get("cuda_graph", False), settings.get("rho"))
         transition_grid(settings.get("transitions"), settings.get("grid"))   # refused before any model call
         self.model, self.reward, self.method = model, reward, method
         self.guidance = settings.pop("guidance", None)

@@ -72,7 +72,7 @@ class FKSteering:
     """
 
     def __init__(self, model: FlowModel, reward, *, method: str = "glass", transitions: int | None = None,
-                 inner_steps: int = 10, rho=0.4, solver: str = "euler", potential: str = "diff",
+                 inner_steps: int = 10, rho=None, solver: str = "euler", potential: str = "diff",
                  lmbda: float = 1.0, resample: str = "systematic", ess_threshold: float = 0.5,
                  resample_window=(0.0, 1.0), resample_every: int = 1, final_correction: bool = True,
                  guidance=None, value_samples: int = 4, timings: bool | None = None, compile=None,
@@ -192,7 +192,7 @@ class FKSteering:
 
 
 def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "glass",
-                transitions: int | None = None, inner_steps: int = 10, rho=0.4, solver: str = "euler", potential: str = "diff",
+                transitions: int | None = None, inner_steps: int = 10, rho=None, solver: str = "euler", potential: str = "diff",
                 lmbda: float = 1.0, resample: str = "systematic", ess_threshold: float = 0.5,
                 resample_window=(0.0, 1.0), resample_every: int = 1, final_correction: bool = True,
                 guidance=None, generator: torch.Generator | None = None, progress: bool = False,

@@ -32,7 +32,7 @@ class BeamSearch:
     """
 
     def __init__(self, model: FlowModel, reward, *, expansions: int = 4, method: str = "glass",
-                 transitions: int | None = None, inner_steps: int = 10, rho=0.4, solver: str = "euler",
+                 transitions: int | None = None, inner_steps: int = 10, rho=None, solver: str = "euler",
                  timings: bool | None = None, max_batch: int | None = None, grid: torch.Tensor | None = None,
                  value_samples: int | None = None, compile=None, cuda_graph: bool = False):
         if not callable(reward):
@@ -128,7 +128,7 @@ class BeamSearch:
 
 
 def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: int = 4, method: str = "glass",
-                transitions: int | None = None, inner_steps: int = 10, rho=0.4, solver: str = "euler",
+                transitions: int | None = None, inner_steps: int = 10, rho=None, solver: str = "euler",
                 generator: torch.Generator | None = None, progress: bool = False, timings: bool | None = None,
                 max_batch: int | None = None, grid: torch.Tensor | None = None,
                 value_samples: int | None = None, compile=None, cuda_graph: bool = False,
