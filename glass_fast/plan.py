@@ -119,6 +119,13 @@ def resolve_rho(rho, schedule, t: torch.Tensor, t_next: torch.Tensor) -> torch.T
 
 
 # -------------------------------------------------------------------------------------------------- GLASS
+def kernel_coefficients(sch, t, t_next, rho) -> tuple:
+    """(gamma, alpha_bar, sigma_bar) of the GLASS kernel x_t' = gamma x_t + alpha_bar z + sigma_bar eps given
+    z (MATH.md section 3): the correlation rho between the noises of x_t and x_t' fixes gamma."""
+    gamma = rho * sch.sigma(t_next) / sch.sigma(t)
+    return gamma, sch.alpha(t_next) - gamma * sch.alpha(t), sch.sigma(t_next) * torch.sqrt(1 - rho * rho)
+
+
 class _Inner:
     """The inner CondOT flow of one GLASS transition (MATH.md section 3), evaluated at inner time s."""
 
@@ -127,9 +134,7 @@ class _Inner:
         self.model, self.t = model, t
         self.a_t, self.s_t = sch.alpha(t), sch.sigma(t)
         self.snr_t = self.a_t ** 2 / self.s_t ** 2
-        self.gamma = rho * sch.sigma(t_next) / self.s_t
-        self.alpha_bar = sch.alpha(t_next) - self.gamma * self.a_t
-        self.sigma_bar = sch.sigma(t_next) * torch.sqrt(1 - rho * rho)
+        self.gamma, self.alpha_bar, self.sigma_bar = kernel_coefficients(sch, t, t_next, rho)
         self.sb0 = sigmabar0
 
     def at(self, s: float):
@@ -257,10 +262,7 @@ def sde_plan(model: FlowModel, t, t_next, calls: int) -> Plan:
         plug_here = (sch.alpha(tau) == 0) | (tm != tau)
         # Plug-in DDPM step: x' = gamma x + alpha_bar D + sigma_bar eps with rho_DDPM (finite at alpha = 0).
         t1 = tau + h
-        rho = rho_ddpm(sch, tau, t1)
-        gamma = rho * sch.sigma(t1) / sch.sigma(tau)
-        abar = sch.alpha(t1) - gamma * sch.alpha(tau)
-        sbar = sch.sigma(t1) * torch.sqrt(1 - rho * rho)
+        gamma, abar, sbar = kernel_coefficients(sch, tau, t1, rho_ddpm(sch, tau, t1))
         for denoised, bucket in ((False, rows), (True, firsts)):
             pred = "x0" if denoised else model.prediction
             a_x, a_o = denoiser_coefficients(sch, pred, tm)
