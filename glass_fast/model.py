@@ -30,14 +30,46 @@ def denoiser_coefficients(schedule: Schedule, prediction: str, t):
     if prediction == "x0":
         return 0.0 * a, 1.0 + 0.0 * a
     if prediction == "velocity":
+        # At sigma = 0 the state is alpha z itself, D = x / alpha: the quotient below reaches that only as a
+        # limit where sigma' is infinite there (VP at t = 1, where it is inf / inf).
+        if not isinstance(s, torch.Tensor) and s == 0:
+            return 1.0 / a, 0.0
         da, ds = schedule.d_alpha(t), schedule.d_sigma(t)
         den = da * s - a * ds
-        return -ds / den, s / den
+        a_x, a_o = -ds / den, s / den
+        if isinstance(s, torch.Tensor):
+            at_data = s == 0
+            a_x, a_o = torch.where(at_data, 1.0 / a, a_x), torch.where(at_data, 0.0, a_o)
+        return a_x, a_o
     if prediction == "epsilon":
         return 1.0 / a, -s / a
     if prediction == "score":
         return 1.0 / a, s * s / a
     raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+# Why each parameterization's conversion to the denoiser can be singular (FlowModel's time_range check).
+_SINGULAR = {
+    "velocity": "D = (sigma_t u - sigma_t' x) / (alpha_t' sigma_t - alpha_t sigma_t') divides by zero",
+    "x0": "the schedule is not finite there",
+    "epsilon": "D = (x - sigma_t eps) / alpha_t divides by alpha_t",
+    "score": "D = (x + sigma_t^2 score) / alpha_t divides by alpha_t",
+}
+
+
+def check_time_range(schedule: Schedule, prediction: str, lo: float, hi: float) -> None:
+    """Refuse end points at which the model's output cannot be converted to the denoiser: planning would
+    accept them and the first transition through them would turn finite network outputs into NaN or Inf.
+    Between the end points alpha_t > 0 and sigma_t > 0 (the SNR increases strictly), so the ends suffice."""
+    ends = torch.tensor((lo, hi), dtype=torch.float64)
+    a_x, a_o = (torch.as_tensor(c, dtype=torch.float64).expand(2)
+                for c in denoiser_coefficients(schedule, prediction, ends))
+    for i, t in enumerate((lo, hi)):
+        if not bool(torch.isfinite(a_x[i]) & torch.isfinite(a_o[i])):
+            a, s = float(schedule.alpha(ends[i])), float(schedule.sigma(ends[i]))
+            raise ValueError(f"FlowModel: time_range {(lo, hi)} includes t={t}, where a {prediction!r} model's output "
+                             f"cannot be converted to the denoiser (alpha_t={a:.6g}, sigma_t={s:.6g}: "
+                             f"{_SINGULAR[prediction]}); pass a time_range (lo, hi) that leaves out t={t}")
 
 
 def velocity_coefficients(schedule: Schedule, prediction: str, t):
@@ -57,6 +89,20 @@ def output_from_denoised(schedule: Schedule, prediction: str, t, x, d):
     """The raw output a ``prediction`` model would give for denoiser value ``d`` at (x, t)."""
     a_x, a_o = denoiser_coefficients(schedule, prediction, t)
     return (d - a_x * x) / a_o
+
+
+def _check_host_times(t: torch.Tensor) -> None:
+    """Refuse a CPU tensor of times outside [0, 1] or NaN (microseconds: one reduction, no device sync)."""
+    if t.numel() == 0:
+        return
+    if t.dim() == 0:
+        lo = hi = float(t)
+    else:
+        lo, hi = (float(v) for v in torch.aminmax(t if t.is_floating_point() else t.double()))
+    if not 0.0 <= lo <= hi <= 1.0:   # False for NaN, which aminmax propagates
+        values = "NaN" if lo != lo or hi != hi else f"values in [{lo}, {hi}]"
+        got = f"{t!r}" if t.dim() == 0 else f"a Tensor of shape {tuple(t.shape)} holding {values}"
+        raise ValueError(f"t must be times in [0, 1] (0 noise, 1 data), got {got}")
 
 
 class FlowModel:
@@ -93,13 +139,23 @@ class FlowModel:
             raise ValueError(f"FlowModel: time_range must be None or a pair (lo, hi) of times, got {time_range!r}") from None
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"FlowModel: time_range must satisfy 0 <= lo < hi <= 1, got {(lo, hi)}")
+        check_time_range(schedule, prediction, lo, hi)
         self.fn, self.schedule, self.prediction, self.dtype = fn, schedule, prediction, dtype
         self.time_range = (float(lo), float(hi))
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, numbers.Integral)
                                       or max_batch < 1):
             raise ValueError(f"FlowModel: max_batch must be None or an integer >= 1, got {max_batch!r}")
         self.max_batch = None if max_batch is None else int(max_batch)
-        self.calls = 0  # network evaluations (batched calls), for accounting
+        self._count = [0]   # network evaluations (batched calls); a cell shared with with_max_batch copies
+
+    @property
+    def calls(self) -> int:
+        """Network evaluations (batched calls) so far, counted also through copies made by ``with_max_batch``."""
+        return self._count[0]
+
+    @calls.setter
+    def calls(self, value: int) -> None:
+        self._count[0] = value
 
     # -- the single call site -------------------------------------------------------------------------------
     def input_dtype(self, x: torch.Tensor) -> torch.dtype:
@@ -136,9 +192,14 @@ class FlowModel:
         return out
 
     def with_max_batch(self, max_batch: int | None) -> "FlowModel":
-        """The same model, calling the network in chunks of at most ``max_batch`` rows."""
-        return FlowModel(self.fn, self.schedule, self.prediction, dtype=self.dtype, time_range=self.time_range,
+        """The same model, calling the network in chunks of at most ``max_batch`` rows.
+
+        The copy counts its calls on this model's counter (``calls``), so a run through it is accounted to
+        the model the caller holds."""
+        copy = FlowModel(self.fn, self.schedule, self.prediction, dtype=self.dtype, time_range=self.time_range,
                          max_batch=max_batch)
+        copy._count = self._count
+        return copy
 
     def clamp_time(self, t):
         lo, hi = self.time_range
@@ -148,19 +209,24 @@ class FlowModel:
 
     # -- conversions ----------------------------------------------------------------------------------------
     def denoise(self, x: torch.Tensor, t) -> torch.Tensor:
-        """D_t(x) = E[z | x_t = x] (one network call). ``t``: float or Tensor[B]."""
+        """D_t(x) = E[z | x_t = x] (one network call). ``t``: float or Tensor[B] in [0, 1] (see ``_linear``)."""
         return self._linear(x, t, denoiser_coefficients)
 
     def velocity(self, x: torch.Tensor, t) -> torch.Tensor:
-        """u_t(x), the marginal velocity (one network call). ``t``: float or Tensor[B]."""
+        """u_t(x), the marginal velocity (one network call). ``t``: float or Tensor[B] in [0, 1] (see ``_linear``)."""
         return self._linear(x, t, velocity_coefficients)
 
     def _linear(self, x: torch.Tensor, t, coefficients) -> torch.Tensor:
         """c_x x + c_o out with (c_x, c_o) = coefficients(schedule, prediction, t), in float64.
 
         A float ``t`` stays on the host (no copy to the device: nothing here synchronises a CUDA stream).
+        Times outside [0, 1] (or NaN) are refused for a float and for a CPU tensor; a tensor on an accelerator
+        is not checked, since reading its values would synchronise the host with the stream: its times are
+        clamped to ``time_range`` as they are.
         """
         if isinstance(t, torch.Tensor):
+            if t.device.type == "cpu":
+                _check_host_times(t)
             tc = self.clamp_time(t.to(device=x.device, dtype=torch.float64))
             tc = tc.expand(x.shape[0]) if tc.dim() == 0 else tc
             c_x, c_o = (c.reshape((-1,) + (1,) * (x.dim() - 1)) for c in coefficients(self.schedule, self.prediction, tc))

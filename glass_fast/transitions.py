@@ -96,14 +96,23 @@ def execute(model: FlowModel, plan, x: torch.Tensor, noise: torch.Tensor, *, den
         denoised: D_t(x) if already known: replaces the first model call.
         guidance: optional hook guidance(model, y, t_dev, t_host, out) -> out after each model call.
     Returns:
-        (x_next [B, ...], finite [S] bool: whether each stage's model output was finite).
+        (x_next [B, ...] in x's dtype, finite [S] bool: whether each stage's model output was finite).
+
+    A half-precision state (float16, bfloat16) is carried through the stages in float32 and rounded back
+    once at the end: rounded at every stage, a bfloat16 state (8 significant bits) loses the small updates
+    of many inner steps and the transition's law drifts. The network still sees inputs in
+    ``model.input_dtype(x)``: the first is x itself, the later ones come out of the fused step in the
+    model output's dtype.
     """
+    work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    if work != x.dtype:   # the fused step takes x_t and stages in the state's dtype
+        noise = noise.to(work)
     draws = iter(noise.unbind(0))
     if plan.init is not None:  # GLASS: xbar_0 = gamma x_t + sigmabar_0 eps_0, the transition's only noise
-        base, _ = ops.fused_step(x, next(draws), plan.init)
-        x_t = x
+        x_t = x.to(work)
+        base, _ = ops.fused_step(x_t, next(draws), plan.init)
     else:
-        base, x_t = x, None
+        base, x_t = x.to(work), None
     y, tmp, finite = x, None, []
     for i, kind in enumerate(plan.kinds):
         if i == 0 and denoised is not None:
@@ -120,7 +129,7 @@ def execute(model: FlowModel, plan, x: torch.Tensor, noise: torch.Tensor, *, den
             tmp = new
         else:
             base = new
-    return base, torch.stack(finite)
+    return base.to(x.dtype), torch.stack(finite)
 
 
 def guided_denoised(guidance, model: FlowModel, x: torch.Tensor, d: torch.Tensor, t) -> torch.Tensor:
@@ -171,7 +180,10 @@ def _interval(x, t, t_next):
 
 
 def check_denoised(denoised, x: torch.Tensor) -> None:
-    """``denoised`` (D_t(x) handed in) is None or a floating Tensor shaped and placed like x."""
+    """``denoised`` (D_t(x) handed in) is None or a floating Tensor shaped, placed and typed like x.
+
+    Its dtype must be x's: the first stage mixes it into the state, which would then carry its dtype into
+    every later model call (FlowModel.denoise returns x's dtype)."""
     if denoised is None:
         return
     if not isinstance(denoised, torch.Tensor) or not denoised.is_floating_point():
@@ -180,6 +192,9 @@ def check_denoised(denoised, x: torch.Tensor) -> None:
     if denoised.shape != x.shape or denoised.device != x.device:
         raise ValueError(f"denoised must have x's shape {tuple(x.shape)} on {x.device}, got shape "
                          f"{tuple(denoised.shape)} on {denoised.device}")
+    if denoised.dtype != x.dtype:
+        raise ValueError(f"denoised must have the state's dtype {x.dtype}, got {denoised.dtype}: "
+                         f"pass denoised.to({x.dtype})")
 
 
 def check_rows(plan, x: torch.Tensor) -> None:

@@ -394,3 +394,22 @@ def test_bad_model_definitions_and_outputs_are_named(model):
     for t in (2.0, -0.5, float("nan")):
         with pytest.raises(ValueError, match=r"t must be a time in \[0, 1\]"):
             model.denoise(torch.zeros(4, 2), t)
+
+
+@pytest.mark.parametrize("method", ["glass", "ode", "sde", "plugin"])
+def test_max_batch_counts_on_the_users_model(method):
+    # The chunked copy counts on the model the caller holds, exactly as an unchunked run does.
+    fn = Counting(lambda x, t: -x)
+    m = gf.FlowModel(fn, gf.LinearSchedule())
+    kwargs = dict(method=method, transitions=5, inner_steps=4, generator=torch.Generator().manual_seed(0))
+    gf.sample(m, torch.randn(10, 2), **kwargs)
+    plain = m.calls
+    assert plain == fn.calls > 0
+    m.calls = 0                                          # the setter resets the shared count
+    gf.sample(m, torch.randn(10, 2), max_batch=4, **kwargs)
+    assert m.calls == plain                              # batched calls: three chunks are one call
+    assert fn.calls == plain + 3 * plain                 # the network saw 3 chunks per call
+    sampler = gf.Sampler(m, max_batch=4, **{k: v for k, v in kwargs.items() if k != "generator"})
+    m.calls = 0
+    sampler.run(torch.randn(10, 2), generator=torch.Generator().manual_seed(0))
+    assert m.calls == sampler.model.calls == sampler.calls == plain
