@@ -146,9 +146,13 @@ class VPSchedule(Schedule):
         return -0.5 * self._dT(t) * self.alpha(t)
 
     def d_sigma(self, t):
-        # sigma^2 = 1 - alpha^2  =>  sigma' = -alpha alpha' / sigma (infinite at t = 1, where sigma = 0).
+        # sigma^2 = 1 - alpha^2  =>  sigma' = -alpha alpha' / sigma. At t = 1 (sigma = 0) its limit: -inf when
+        # beta_min > 0 (sigma ~ sqrt(beta_min (1 - t))), -sqrt(beta_max / 2) when beta_min = 0 (sigma is linear).
         a, s = self.alpha(t), self.sigma(t)
-        return -a * self.d_alpha(t) / s
+        at_data = -math.inf if self.beta_min > 0 else -math.sqrt(0.5 * self.beta_max)
+        if isinstance(s, torch.Tensor):
+            return torch.where(s == 0, at_data, -a * self.d_alpha(t) / torch.where(s == 0, 1.0, s))
+        return at_data if s == 0 else -a * self.d_alpha(t) / s
 
     def time_at_snr(self, snr):
         # alpha^2 = snr / (1 + snr) => T = log1p(1/snr); solve 0.5 d u^2 + beta_min u - T = 0 for u = 1 - t.

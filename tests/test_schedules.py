@@ -104,3 +104,14 @@ def test_custom_schedule_is_checked_when_built():
         gf.CustomSchedule(lambda t: t / (t - 0.5), s, da, ds)
     cos = gf.CosineSchedule()                                            # a correct schedule passes
     gf.CustomSchedule(cos.alpha, cos.sigma, cos.d_alpha, cos.d_sigma)
+
+
+@pytest.mark.parametrize("beta_min,limit", [(0.1, -math.inf), (0.0, -math.sqrt(0.5 * 20.0))])
+def test_vp_sigma_derivative_at_the_data_end_is_its_limit(beta_min, limit):
+    """sigma'(1) is -inf for beta_min > 0 and -sqrt(beta_max / 2) for beta_min = 0 (sigma is linear there): for
+    floats and tensors alike, not a ZeroDivisionError or a NaN."""
+    sch = gf.VPSchedule(beta_min, 20.0)
+    assert sch.d_sigma(1.0) == limit
+    assert float(sch.d_sigma(torch.tensor([1.0], dtype=torch.float64))[0]) == limit
+    if math.isfinite(limit):
+        assert (sch.sigma(1.0) - sch.sigma(1.0 - 1e-7)) / 1e-7 == pytest.approx(limit, rel=1e-5)
