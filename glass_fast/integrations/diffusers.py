@@ -129,20 +129,23 @@ def _prepare(a: dict, per_name: str, grid, cuda_graph: bool):
     ctl.check(flow, image, chan.kind, context_image, (a["ip_adapter_image"], a["ip_adapter_image_embeds"]),
               a["skip_guidance_layers"])
     embeds = {k: a[k] for k in _EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS} | {"context_image": context_image}
+    guidance_scale = ctl.guidance(chan.guidance(guidance_scale))   # the Fill and ControlNet edit defaults
     cond, model, height, width, grid = _setup(flow, a["prompt"], embeds, per_prompt, per_name, height,
-                                              width, chan.guidance(guidance_scale), a["true_cfg_scale"],
+                                              width, guidance_scale, a["true_cfg_scale"],
                                               a["max_batch"], a["joint_attention_kwargs"], a["transitions"], grid,
                                               {k: a[k] for k in _SKIP_LAYER_ARGS}, a["sigmas"])
     if per_name == "particles" and latents is not None:
         latents = _flat_particles(latents, cond.num_prompts, per_prompt, flow.state_shape(height, width))
+    # The transitions that run: the ControlNet image-to-image pipelines read their window on these.
+    run_grid = _strength_grid(grid, chan.image, chan.strength)[0]
     inpaint.draw_before_condition(flow, cond.num_prompts, height, width, generator)
     chan.attach(flow, cond, height, width, generator, before_noise=True)
-    ctl.attach(flow, cond, height, width, generator, grid, before_noise=True)
+    ctl.attach(flow, cond, height, width, generator, run_grid, before_noise=True)
     x, grid, z, noise = _start(flow, latents, cond.num_prompts, per_prompt, height, width, generator, grid,
                                chan.image, chan.strength, inpaint.mean)
     inpaint.attach(flow, cond, z, x.shape[0], height, width)
     chan.attach(flow, cond, height, width, generator, before_noise=False)
-    ctl.attach(flow, cond, height, width, generator, grid, before_noise=False)
+    ctl.attach(flow, cond, height, width, generator, run_grid, before_noise=False)
     blend = inpaint.hook(flow, z, noise, cond.num_prompts, height, width) if inpaint.active else None
     return flow, cond, model, height, width, grid, x, in_turn(blend, a["project"])
 
@@ -202,14 +205,8 @@ def _start(flow: DiffusersFlow, latents, prompts: int, per_prompt: int, height: 
     """
     rows = prompts * per_prompt
     z = None
-    if image is None and strength is not None:
-        raise ValueError(f"strength={strength!r} applies to image-to-image: pass image= too, or leave strength unset")
+    grid, strength = _strength_grid(grid, image, strength)
     if image is not None:
-        strength = 0.6 if strength is None else strength
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-            raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
-        k = len(grid) - 1
-        grid = grid[int(max(k - min(k * strength, k), 0)):]
         pixels = image_processor(flow).preprocess(image, height=height, width=width)
         check_images("image", pixels, prompts)
         z = flow.encode_images(pixels, generator, mean=mean)
@@ -228,6 +225,22 @@ def _start(flow: DiffusersFlow, latents, prompts: int, per_prompt: int, height: 
         return noise, grid, None, noise
     t0 = float(grid[0])
     return t0 * z.repeat_interleave(rows // z.shape[0], dim=0) + (1.0 - t0) * noise, grid, z, noise
+
+
+def _strength_grid(grid: torch.Tensor, image, strength) -> tuple[torch.Tensor, float | None]:
+    """(the transitions that run, strength): image-to-image drops the grid's first int(K (1 - strength)) steps,
+    as the img2img pipelines do (strength defaults to 0.6); without an image the grid is whole and strength
+    must be unset."""
+    if image is None:
+        if strength is not None:
+            raise ValueError(f"strength={strength!r} applies to image-to-image: pass image= too, or leave strength "
+                             f"unset")
+        return grid, None
+    strength = 0.6 if strength is None else strength
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+    k = len(grid) - 1
+    return grid[int(max(k - min(k * strength, k), 0)):], strength
 
 
 def postprocess(flow: DiffusersFlow, x: torch.Tensor, height: int, width: int, output_type: str,
@@ -261,8 +274,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
 
     Args:
         pipe: FluxPipeline / Flux2Pipeline / Flux2KleinPipeline / StableDiffusion3Pipeline (and FLUX.1's
-            img2img, Kontext, Fill, Control and ControlNet pipelines, SD3's img2img and ControlNet pipelines, the
-            inpainting pipelines listed under ``mask_image``), an
+            img2img, Kontext, Fill, Control and ControlNet pipelines (FluxControlNetImg2ImgPipeline too), SD3's
+            img2img and ControlNet pipelines, the inpainting pipelines listed under ``mask_image``), an
             object with .transformer/.scheduler/.vae (and .controlnet), or a DiffusersFlow.
         prompt: str or list of P strings (needs text encoders unless prompt_embeds are given).
         prompt_embeds, pooled_prompt_embeds: [P, S, D] and [P, Dp] precomputed embeddings (FLUX.2: no pooled).
@@ -337,7 +350,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
             is also the image-to-image start at ``strength`` (default 1.0: pure noise, FluxFillPipeline's), and
             guidance_scale defaults to 30.0 (FluxFillPipeline's). See ``diffusers_channels``. With
             FluxInpaintPipeline, FluxControlInpaintPipeline (with ``control_image``: FLUX.1 Control's condition),
-            FluxKontextInpaintPipeline, StableDiffusion3InpaintPipeline or Flux2KleinInpaintPipeline:
+            FluxControlNetInpaintPipeline (with ``control_image``: its ControlNet's), FluxKontextInpaintPipeline,
+            StableDiffusion3InpaintPipeline or Flux2KleinInpaintPipeline:
             image-to-image from ``image`` whose kept region (mask black) is blended back after every transition,
             noised to the state's time along the starting noise (``diffusers_inpaint``; steering too);
             masked_image_latents is refused there (their transformers never read it). strength defaults to 0.6
@@ -358,7 +372,11 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
             ControlNet pipelines (defaults 1.0, 0.0, 1.0; a list: one per control image); ``control_mode``: a
             union ControlNet's control type. The steps' window becomes the glass_fast times those steps span
             on the grid (``diffusers_controlnet``). FluxControlNetPipeline's default guidance_scale is 7.0:
-            pass it to match it.
+            pass it to match it. FluxControlNetImg2ImgPipeline and FluxControlNetInpaintPipeline need
+            ``image`` (image-to-image at ``strength``, default 0.6) and default guidance_scale to 7.0, as they
+            do; their window counts only the steps that run after ``strength``, as theirs. As for the other
+            edit pipelines, ``latents`` is the noise mixed with the image, and one image per prompt serves every
+            row of its prompt (the pipelines tile the images over num_images_per_prompt).
     Returns:
         The images (or latents) of the P * num_images_per_prompt rows.
     """

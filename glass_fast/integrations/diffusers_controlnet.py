@@ -1,5 +1,5 @@
-"""ControlNets of FLUX.1 (FluxControlNetPipeline) and SD3 (StableDiffusion3ControlNetPipeline) in every
-transformer call.
+"""ControlNets of FLUX.1 (FluxControlNetPipeline, FluxControlNetImg2ImgPipeline, FluxControlNetInpaintPipeline)
+and SD3 (StableDiffusion3ControlNetPipeline) in every transformer call.
 
 A ControlNet reads what the transformer reads plus a control condition and returns residuals that the
 transformer adds to its blocks' hidden states (FLUX.1: ``controlnet_block_samples`` /
@@ -17,6 +17,12 @@ transition grid, [t_first, t_after_last): a model call at any time inside it, GL
 the ControlNet at ``controlnet_conditioning_scale``, outside it at scale 0 (as the pipelines' steps outside the
 window). Classifier-free guidance as in the pipelines: FLUX.1 runs the ControlNet on the conditional rows and
 gives its residuals to both branches; SD3 runs it on the stacked (unconditional, conditional) rows.
+
+FluxControlNetImg2ImgPipeline and FluxControlNetInpaintPipeline run the same ControlNet calls on image-to-image
+from ``image`` (the inpainting one blending its kept region back after every step, ``diffusers_inpaint``). They
+count the window's steps among the steps that run, after ``strength`` has dropped the first ones: the window is
+then read on that shortened grid. Both need ``image``; their default guidance_scale, 7.0, is applied here. The
+generator draws as theirs: the control image's VAE latents, then the image's, then the noise.
 """
 from __future__ import annotations
 
@@ -27,11 +33,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .diffusers_checks import pipeline_classes
+
 if TYPE_CHECKING:
     from .diffusers_adapter import DiffusersFlow
     from .diffusers_conditioning import Conditioning
 
-SUPPORTED_PIPELINES = ("FluxControlNetPipeline", "StableDiffusion3ControlNetPipeline")
+# The ControlNet pipelines editing an image (image-to-image, inpainting): ``image`` is required there.
+EDIT_PIPELINES = ("FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline")
+SUPPORTED_PIPELINES = ("FluxControlNetPipeline", "StableDiffusion3ControlNetPipeline") + EDIT_PIPELINES
+EDIT_GUIDANCE = 7.0   # the edit pipelines' default guidance_scale
 _NET_CLASSES = {"flux": "FluxControlNetModel", "sd3": "SD3ControlNetModel"}
 _EPS = 1e-6   # tolerance of the window's ends for float32 times
 
@@ -47,7 +58,7 @@ def pipeline_controlnet(pipe):
     classes = {c.__name__ for c in type(owner).__mro__}
     if any(n.endswith("Pipeline") for n in classes) and not classes & set(SUPPORTED_PIPELINES):
         raise TypeError(f"{type(owner).__name__} is not supported: glass_fast reproduces the ControlNet pipelines "
-                        f"{' and '.join(SUPPORTED_PIPELINES)}")
+                        f"{', '.join(SUPPORTED_PIPELINES[:-1])} and {SUPPORTED_PIPELINES[-1]}")
     return net
 
 
@@ -110,10 +121,13 @@ class ControlNetArgs:
         mode: ``control_mode`` of union ControlNets (an int, or a list per image; None where a net is not union).
     Attributes:
         net: the pipeline's ControlNet, or None (then every ControlNet argument must be unset).
+        edit: the EDIT_PIPELINES class reproduced, or None.
     """
 
     def __init__(self, pipe, control_image, scale=None, start=None, end=None, mode=None):
         self.net = pipeline_controlnet(pipe)
+        edit = pipeline_classes(pipe) & set(EDIT_PIPELINES) if self.net is not None else set()
+        self.edit = min(edit) if edit else None
         given = [k for k, v in (("controlnet_conditioning_scale", scale), ("control_guidance_start", start),
                                 ("control_guidance_end", end), ("control_mode", mode)) if v is not None]
         if self.net is None:
@@ -159,31 +173,39 @@ class ControlNetArgs:
             if m is not None and (isinstance(m, bool) or not isinstance(m, int)):
                 raise ValueError(f"control_mode must be an int (or a list of them, one per control image), got {m!r}")
 
+    def guidance(self, guidance_scale):
+        """guidance_scale with the edit pipelines' default (7.0) where it is unset."""
+        return EDIT_GUIDANCE if guidance_scale is None and self.edit is not None else guidance_scale
+
     def check(self, flow: DiffusersFlow, image, channels, context_image, ip_adapter, skip_layers) -> None:
         """Before anything is encoded: TypeError for a ControlNet that cannot drive the transformer, ValueError
-        for what the ControlNet pipelines do not combine with it (image-to-image ``image``, a FLUX.1 Fill /
-        Control kind ``channels``, Kontext's ``context_image``, IP-Adapter images or embeddings ``ip_adapter``,
-        skip-layer guidance's layers)."""
+        for what the ControlNet pipelines do not combine with it (image-to-image ``image``, except in the edit
+        pipelines, which need it; a FLUX.1 Fill / Control kind ``channels``, Kontext's ``context_image``,
+        IP-Adapter images or embeddings ``ip_adapter``, skip-layer guidance's layers)."""
         if self.net is None:
             return
         if flow.kind not in _NET_CLASSES or any(type(n).__name__ != _NET_CLASSES[flow.kind] for n in self.nets):
             names = sorted({type(n).__name__ for n in self.nets})
             raise TypeError(f"{', '.join(names)} cannot drive this transformer: FLUX.1 takes FluxControlNetModel, "
                             f"SD3 SD3ControlNetModel")
-        other = [name for name, on in (("image= (image-to-image)", image is not None),
+        if self.edit is not None and image is None:
+            raise ValueError(f"{self.edit} edits an image: pass image= (the image to edit)")
+        other = [name for name, on in (("image= (image-to-image)", image is not None and self.edit is None),
                                        ("FLUX.1 Fill / Control conditions", channels is not None),
                                        ("context_image (FLUX.1 Kontext)", context_image is not None),
                                        ("IP-Adapter image prompts", any(v is not None for v in ip_adapter)),
                                        ("skip-layer guidance", skip_layers is not None)) if on]
         if other:
             raise ValueError(f"{', '.join(other)} cannot be combined with a ControlNet (the ControlNet pipelines "
-                             f"reproduced here take none of them)")
+                             f"reproduced here take none of them; image-to-image: {' or '.join(EDIT_PIPELINES)})")
 
     def attach(self, flow: DiffusersFlow, cond: Conditioning, height: int, width: int, generator,
                grid: torch.Tensor, before_noise: bool) -> None:
         """Encodes the condition and sets ``cond.control``: FLUX.1 before the starting noise is drawn (as
         FluxControlNetPipeline, with the generator); SD3 after it (StableDiffusion3ControlNetPipeline draws
-        its VAE latents from the global random state, so the generator's noise stays the pipeline's)."""
+        its VAE latents from the global random state, so the generator's noise stays the pipeline's).
+        ``grid``: the transitions that run (image-to-image: after ``strength`` has dropped the first ones),
+        on which the pipelines' step window is read."""
         if self.net is None or before_noise != (flow.kind == "flux"):
             return
         from .diffusers_channels import control_latents, control_pixels

@@ -1,5 +1,5 @@
-"""Latent-blending inpainting: FluxInpaintPipeline, FluxControlInpaintPipeline, FluxKontextInpaintPipeline,
-StableDiffusion3InpaintPipeline and Flux2KleinInpaintPipeline.
+"""Latent-blending inpainting: FluxInpaintPipeline, FluxControlInpaintPipeline, FluxControlNetInpaintPipeline,
+FluxKontextInpaintPipeline, StableDiffusion3InpaintPipeline and Flux2KleinInpaintPipeline.
 
 The pipelines run image-to-image from ``image`` at ``strength`` and, after every step, replace the state where
 the mask is black (kept) by the image's latents noised to the next step's noise level along the run's starting
@@ -11,7 +11,8 @@ for all prompts or one per prompt.
 
 FluxControlInpaintPipeline adds FLUX.1 Control's condition (``diffusers_channels``), and before drawing it
 encodes the masked image, which its transformer never reads: that posterior draw is made here too, so that the
-control image's draw and the noise are the pipeline's.
+control image's draw and the noise are the pipeline's. FluxControlNetInpaintPipeline adds a ControlNet
+(``diffusers_controlnet``); the masked image it encodes after the noise is never read either, and not drawn here.
 
 Flux2KleinInpaintPipeline generates at its image's size (shrunk to 1024 x 1024 pixels when larger, cropped to
 whole patches), encodes the image to the VAE posterior's mean (no draw), normalised by the VAE's batch-norm
@@ -23,7 +24,8 @@ reference tokens (position index 1): those of ``image_reference`` when given, el
 
 Given ``latents`` are the noise mixed with the image at the start, as for image-to-image (the pipelines start
 from them unmixed, which only agrees at strength 1). Defaults are the pipelines': strength 0.6 (0.8 for FLUX.2
-Klein, 1.0 for Kontext), guidance_scale 7.0 for FLUX.1 Control and 8.0 for FLUX.2 Klein (the others: ``sample``'s).
+Klein, 1.0 for Kontext), guidance_scale 7.0 for FLUX.1 Control and 8.0 for FLUX.2 Klein (the ControlNet one's,
+7.0, is set by ``diffusers_controlnet``; the others: ``sample``'s).
 """
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ if TYPE_CHECKING:
     from .diffusers_adapter import DiffusersFlow
     from .diffusers_conditioning import Conditioning
 
-PIPELINES = ("FluxInpaintPipeline", "FluxControlInpaintPipeline", "FluxKontextInpaintPipeline",
-             "StableDiffusion3InpaintPipeline", "Flux2KleinInpaintPipeline")
+PIPELINES = ("FluxInpaintPipeline", "FluxControlInpaintPipeline", "FluxControlNetInpaintPipeline",
+             "FluxKontextInpaintPipeline", "StableDiffusion3InpaintPipeline", "Flux2KleinInpaintPipeline")
 # The pipelines taking a reference image beside the image to edit (which they encode to the posterior's mean).
 REFERENCE_PIPELINES = ("Flux2KleinInpaintPipeline", "FluxKontextInpaintPipeline")
 # The pipelines' defaults where they differ from sample's: (guidance_scale, strength).
