@@ -172,3 +172,21 @@ def test_kontext_reference_images_per_prompt_and_errors(flux, sd3, monkeypatch):
     with pytest.raises(ValueError, match="pass FLUX.1 Kontext's reference image once"):
         gd.sample(pipeline(flux, "FluxKontextPipeline"), image=_pil(1), context_image=_pil(2), height=SIZE,
                   width=SIZE, **random_embeds(1, DIM))
+
+
+@pytest.mark.parametrize("cls", ["FluxImg2ImgPipeline", "FluxInpaintPipeline"])
+def test_unset_guidance_and_strength_are_the_pipelines_defaults(flux, cls):
+    """guidance_scale unset: the pipeline's own default (7.0 here, not FluxPipeline's 3.5), as diffusers runs it."""
+    pipe = pipeline(flux, cls)
+    kw = dict(height=SIZE, width=SIZE, output_type="latent", image=_image(30), **random_embeds(1, DIM, seed=31))
+    if cls == "FluxInpaintPipeline":
+        mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+        mask[:, 8:] = 255
+        kw["mask_image"] = mask
+    theirs = pipe(num_inference_steps=4, generator=torch.Generator().manual_seed(32), **kw).images
+    ours = gd.sample(pipe, method="ode", transitions=4, inner_steps=1, generator=torch.Generator().manual_seed(32),
+                     **kw)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    at_35 = gd.sample(pipe, method="ode", transitions=4, inner_steps=1, guidance_scale=3.5,
+                      generator=torch.Generator().manual_seed(32), **kw)
+    assert not torch.allclose(at_35, theirs, atol=ATOL, rtol=0)

@@ -22,7 +22,7 @@ from .diffusers_adapter import NAMES, DiffusersFlow, SkipLayerGuidance, transfor
 from .diffusers_channels import (ChannelCondition, check_finite, check_images, control_latents,  # noqa: F401
                                  fill_latents, image_processor)
 from .diffusers_checks import (OUTPUT_TYPES, check_capturable, check_generator, check_output,  # noqa: F401
-                               check_steering_options, guidance_weight)
+                               check_steering_options, guidance_weight, pipeline_guidance)
 from .diffusers_conditioning import Conditioning, context_tokens, encode, image_prompts  # noqa: F401
 from .diffusers_controlnet import ControlNetArgs
 from .diffusers_flux import check_flux2_images, flux2_guidance, kontext_image, reference_tokens
@@ -119,7 +119,7 @@ def _prepare(a: dict, per_name: str, grid, cuda_graph: bool):
     inpaint.check(flow)
     height, width = inpaint.size(flow, a["height"], a["width"])
     image = inpaint.image   # as given, or resized as the Kontext and Klein inpainting pipelines resize it
-    guidance_scale, strength = inpaint.defaults(flow, a["guidance_scale"], a["strength"])
+    strength = inpaint.strength(a["strength"])
     # An inpainting pipeline's mask is blended into the state, not a FLUX.1 Fill condition.
     mask_image, masked = (None, None) if inpaint.active else (a["mask_image"], a["masked_image_latents"])
     ctl = ControlNetArgs(flow, a["control_image"], a["controlnet_conditioning_scale"], a["control_guidance_start"],
@@ -129,7 +129,7 @@ def _prepare(a: dict, per_name: str, grid, cuda_graph: bool):
     ctl.check(flow, image, chan.kind, context_image, (a["ip_adapter_image"], a["ip_adapter_image_embeds"]),
               a["skip_guidance_layers"])
     embeds = {k: a[k] for k in _EMBEDDING_ARGS + _IMAGE_PROMPT_ARGS} | {"context_image": context_image}
-    guidance_scale = ctl.guidance(chan.guidance(guidance_scale))   # the Fill and ControlNet edit defaults
+    guidance_scale = chan.guidance(_default_guidance(flow, a["guidance_scale"]))
     cond, model, height, width, grid = _setup(flow, a["prompt"], embeds, per_prompt, per_name, height,
                                               width, guidance_scale, a["true_cfg_scale"],
                                               a["max_batch"], a["joint_attention_kwargs"], a["transitions"], grid,
@@ -148,6 +148,14 @@ def _prepare(a: dict, per_name: str, grid, cuda_graph: bool):
     ctl.attach(flow, cond, height, width, generator, run_grid, before_noise=False)
     blend = inpaint.hook(flow, z, noise, cond.num_prompts, height, width) if inpaint.active else None
     return flow, cond, model, height, width, grid, x, in_turn(blend, a["project"])
+
+
+def _default_guidance(flow: DiffusersFlow, guidance_scale):
+    """``guidance_scale``, or the pipeline's own default where it differs from its family's (``pipeline_guidance``;
+    a step-wise distilled FLUX.2 Klein runs without guidance: no default)."""
+    if guidance_scale is not None or (flow.kind == "flux2" and flux2_guidance(flow) == "distilled"):
+        return guidance_scale
+    return pipeline_guidance(flow)
 
 
 def _flat_particles(latents, prompts: int, particles: int, shape: tuple) -> torch.Tensor:
@@ -287,11 +295,11 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
             ``grid`` or ``sigmas`` when given).
         inner_steps: model calls per transition (ODE: Euler steps inside each transition).
         rho, solver: GLASS correlation and inner solver (see ``glass_fast.glass_transition``).
-        guidance_scale: SD3: CFG weight (default 7.0); FLUX.1: distilled guidance embedding (default 3.5, as
-            FluxPipeline, and 30.0 with FLUX.1 Fill, as FluxFillPipeline; FluxImg2ImgPipeline's and
-            FluxControlImg2ImgPipeline's default is 7.0: pass it to match them); FLUX.2 [dev]
-            (Flux2Pipeline): guidance embedding (default 4.0); FLUX.2 Klein: CFG weight (default 4.0; a
-            step-wise distilled Klein takes none).
+        guidance_scale: SD3: CFG weight (default 7.0); FLUX.1: distilled guidance embedding (default: the
+            pipeline's own, 3.5 as FluxPipeline, 7.0 for the image-to-image, inpainting and ControlNet
+            pipelines, 30.0 with FLUX.1 Fill; ``diffusers_checks.PIPELINE_GUIDANCE``); FLUX.2 [dev]
+            (Flux2Pipeline): guidance embedding (default 4.0); FLUX.2 Klein: CFG weight (default 4.0, 8.0 for
+            its inpainting pipeline; a step-wise distilled Klein takes none).
         true_cfg_scale: FLUX.1 and FLUX.2 [dev] only: real CFG weight, active above 1 with a negative prompt.
         num_images_per_prompt: images per prompt; rows are prompt-major.
         height, width: image size in pixels (default: the pipeline's).
@@ -355,8 +363,7 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
             image-to-image from ``image`` whose kept region (mask black) is blended back after every transition,
             noised to the state's time along the starting noise (``diffusers_inpaint``; steering too);
             masked_image_latents is refused there (their transformers never read it). strength defaults to 0.6
-            (Kontext's 1.0, Klein's 0.8) and guidance_scale to 7.0 with FLUX.1 Control, 8.0 with FLUX.2 Klein, as
-            in those pipelines. The Kontext and Klein pipelines generate at the image's size (height and width
+            (Kontext's 1.0, Klein's 0.8) and guidance_scale to each pipeline's own, as in those pipelines. The Kontext and Klein pipelines generate at the image's size (height and width
             default to it; others are refused), encode it to the VAE posterior's mean and give the transformer
             reference tokens (``image_reference``'s, else the image's own for Kontext; the image's then
             ``image_reference``'s for Klein, whose mask is resized bilinearly to the tokens: a uint8 array mask
@@ -371,10 +378,9 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
         controlnet_conditioning_scale, control_guidance_start, control_guidance_end, control_mode: as in the
             ControlNet pipelines (defaults 1.0, 0.0, 1.0; a list: one per control image); ``control_mode``: a
             union ControlNet's control type. The steps' window becomes the glass_fast times those steps span
-            on the grid (``diffusers_controlnet``). FluxControlNetPipeline's default guidance_scale is 7.0:
-            pass it to match it. FluxControlNetImg2ImgPipeline and FluxControlNetInpaintPipeline need
-            ``image`` (image-to-image at ``strength``, default 0.6) and default guidance_scale to 7.0, as they
-            do; their window counts only the steps that run after ``strength``, as theirs. As for the other
+            on the grid (``diffusers_controlnet``); guidance_scale defaults to 7.0, as the FLUX ControlNet
+            pipelines'. FluxControlNetImg2ImgPipeline and FluxControlNetInpaintPipeline need
+            ``image`` (image-to-image at ``strength``, default 0.6); their window counts only the steps that run after ``strength``, as theirs. As for the other
             edit pipelines, ``latents`` is the noise mixed with the image, and one image per prompt serves every
             row of its prompt (the pipelines tile the images over num_images_per_prompt).
     Returns:

@@ -23,6 +23,25 @@ def pipeline_classes(pipe) -> set[str]:
     return {c.__name__ for c in type(owner).__mro__}
 
 
+# FLUX pipelines whose default guidance_scale is not their family's (FluxPipeline 3.5, FLUX.2 4.0, SD3 7.0); FLUX.1
+# Fill's (30) follows its condition wherever it comes from (``ChannelCondition.guidance``).
+PIPELINE_GUIDANCE = {name: 7.0 for name in (
+    "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline",
+    "FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline")} | {
+    "Flux2KleinInpaintPipeline": 8.0}
+
+
+def pipeline_guidance(pipe):
+    """The default guidance_scale of the pipeline behind ``pipe`` where it differs from its family's, else None
+    (the most derived class of its MRO that has one)."""
+    from .diffusers_adapter import DiffusersFlow
+    owner = pipe.pipeline if isinstance(pipe, DiffusersFlow) else pipe
+    for cls in type(owner).__mro__:
+        if cls.__name__ in PIPELINE_GUIDANCE:
+            return PIPELINE_GUIDANCE[cls.__name__]
+    return None
+
+
 def check_output(output_type, flow: DiffusersFlow | None = None):
     """A known output_type; with ``flow``: one it can produce (decoding needs a VAE), checked before sampling."""
     if output_type not in OUTPUT_TYPES:

@@ -21,7 +21,7 @@ gives its residuals to both branches; SD3 runs it on the stacked (unconditional,
 FluxControlNetImg2ImgPipeline and FluxControlNetInpaintPipeline run the same ControlNet calls on image-to-image
 from ``image`` (the inpainting one blending its kept region back after every step, ``diffusers_inpaint``). They
 count the window's steps among the steps that run, after ``strength`` has dropped the first ones: the window is
-then read on that shortened grid. Both need ``image``; their default guidance_scale, 7.0, is applied here. The
+then read on that shortened grid. Both need ``image`` (their default guidance_scale, 7.0: ``diffusers_checks``). The
 generator draws as theirs: the control image's VAE latents, then the image's, then the noise.
 """
 from __future__ import annotations
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 # The ControlNet pipelines editing an image (image-to-image, inpainting): ``image`` is required there.
 EDIT_PIPELINES = ("FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline")
 SUPPORTED_PIPELINES = ("FluxControlNetPipeline", "StableDiffusion3ControlNetPipeline") + EDIT_PIPELINES
-EDIT_GUIDANCE = 7.0   # the edit pipelines' default guidance_scale
 _NET_CLASSES = {"flux": "FluxControlNetModel", "sd3": "SD3ControlNetModel"}
 _EPS = 1e-6   # tolerance of the window's ends for float32 times
 
@@ -172,10 +171,6 @@ class ControlNetArgs:
                                  f"({type(net).__name__}) is not a union one")
             if m is not None and (isinstance(m, bool) or not isinstance(m, int)):
                 raise ValueError(f"control_mode must be an int (or a list of them, one per control image), got {m!r}")
-
-    def guidance(self, guidance_scale):
-        """guidance_scale with the edit pipelines' default (7.0) where it is unset."""
-        return EDIT_GUIDANCE if guidance_scale is None and self.edit is not None else guidance_scale
 
     def check(self, flow: DiffusersFlow, image, channels, context_image, ip_adapter, skip_layers) -> None:
         """Before anything is encoded: TypeError for a ControlNet that cannot drive the transformer, ValueError

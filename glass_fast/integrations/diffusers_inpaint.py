@@ -24,8 +24,7 @@ reference tokens (position index 1): those of ``image_reference`` when given, el
 
 Given ``latents`` are the noise mixed with the image at the start, as for image-to-image (the pipelines start
 from them unmixed, which only agrees at strength 1). Defaults are the pipelines': strength 0.6 (0.8 for FLUX.2
-Klein, 1.0 for Kontext), guidance_scale 7.0 for FLUX.1 Control and 8.0 for FLUX.2 Klein (the ControlNet one's,
-7.0, is set by ``diffusers_controlnet``; the others: ``sample``'s).
+Klein, 1.0 for Kontext) and each pipeline's guidance_scale (``diffusers_checks.PIPELINE_GUIDANCE``).
 """
 from __future__ import annotations
 
@@ -38,7 +37,7 @@ from ..schedules import LinearSchedule
 from .diffusers_channels import check_images, image_processor, masked_image_latents
 from .diffusers_checks import pipeline_classes
 from .diffusers_conditioning import context_tokens, kontext_size
-from .diffusers_flux import flux2_guidance, inpaint_image_size, inpaint_references, packed_image_ids
+from .diffusers_flux import inpaint_image_size, inpaint_references, packed_image_ids
 
 if TYPE_CHECKING:
     from .diffusers_adapter import DiffusersFlow
@@ -48,9 +47,8 @@ PIPELINES = ("FluxInpaintPipeline", "FluxControlInpaintPipeline", "FluxControlNe
              "FluxKontextInpaintPipeline", "StableDiffusion3InpaintPipeline", "Flux2KleinInpaintPipeline")
 # The pipelines taking a reference image beside the image to edit (which they encode to the posterior's mean).
 REFERENCE_PIPELINES = ("Flux2KleinInpaintPipeline", "FluxKontextInpaintPipeline")
-# The pipelines' defaults where they differ from sample's: (guidance_scale, strength).
-DEFAULTS = {"FluxControlInpaintPipeline": (7.0, None), "Flux2KleinInpaintPipeline": (8.0, 0.8),
-            "FluxKontextInpaintPipeline": (None, 1.0)}
+# The pipelines' default strength where it is not image-to-image's 0.6 (guidance_scale: diffusers_checks).
+STRENGTH = {"Flux2KleinInpaintPipeline": 0.8, "FluxKontextInpaintPipeline": 1.0}
 
 
 class InpaintArgs:
@@ -96,14 +94,9 @@ class InpaintArgs:
                     raise ValueError(f"{name} must be images (PIL, arrays, or Tensors of 3 channels), got a Tensor "
                                      f"of shape {tuple(value.shape)} ({self.name}'s latents are not taken)")
 
-    def defaults(self, flow: DiffusersFlow, guidance_scale, strength) -> tuple:
-        """(guidance_scale, strength) with the pipeline's defaults where they differ from ``sample``'s (a
-        step-wise distilled FLUX.2 Klein runs without guidance: no default)."""
-        guidance, default_strength = DEFAULTS.get(self.name, (None, None))
-        if flow.kind == "flux2" and flux2_guidance(flow) != "cfg":
-            guidance = None
-        return (guidance if guidance_scale is None else guidance_scale,
-                default_strength if strength is None else strength)
+    def strength(self, strength):
+        """``strength``, or the pipeline's default where it is not image-to-image's (0.6)."""
+        return STRENGTH.get(self.name) if strength is None else strength
 
     def check(self, flow: DiffusersFlow) -> None:
         """The transformer reads the state alone (SD3 inpainting models that also read the mask are not
