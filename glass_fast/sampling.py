@@ -70,6 +70,13 @@ def check_sampler_options(method: str, transitions: int | None, inner_steps: int
         steps_per_call(inner_steps, solver)
     if method in ("glass", "plugin") and rho is not None:
         check_rho_form(rho)
+    # Options of other kernels are refused rather than silently ignored.
+    if method in ("ode", "sde") and rho is not None:
+        raise ValueError(f"rho={rho!r} is the GLASS / plug-in kernels' correlation; method={method!r} takes none "
+                         f"(leave rho unset)")
+    if method in ("sde", "plugin") and solver != "euler":
+        raise ValueError(f"solver={solver!r}: method={method!r} steps with Euler(-Maruyama) only; the solver "
+                         f"applies to 'glass' and 'ode'")
     if compile not in (None, False, True) and not isinstance(compile, (str, dict)):
         raise ValueError(f"compile must be None, a bool, a torch.compile mode string or a dict of torch.compile "
                          f"arguments, got {compile!r}")

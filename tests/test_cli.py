@@ -41,10 +41,14 @@ def test_no_subcommand_means_demo():
 
 def test_sample(tmp_path):
     method = "sde"
-    res = run_cli("sample", "--method", method, "--n", "8", "--rho", "ddpm", "--out", str(tmp_path), *SAMPLER)
+    res = run_cli("sample", "--method", method, "--n", "8", "--out", str(tmp_path), *SAMPLER)
     assert_ok(res)
     assert f"method={method} samples=8 model calls=4" in res.stdout
     assert (tmp_path / "samples.png").exists() and (tmp_path / "samples.pt").exists()
+    # An option the method does not take is refused in one line, not ignored.
+    res = run_cli("sample", "--method", method, "--n", "8", "--rho", "ddpm", "--out", str(tmp_path), *SAMPLER)
+    assert res.returncode != 0 and "rho='ddpm' is the GLASS / plug-in kernels' correlation" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_steer(tmp_path):

@@ -56,9 +56,13 @@ class Settings:
     def calls(self) -> int:
         return self.transitions * self.inner_steps
 
-    def sampler_kwargs(self) -> dict:
-        return {"transitions": self.transitions, "inner_steps": self.inner_steps, "rho": self.rho,
-                "solver": self.solver}
+    def sampler_kwargs(self, method: str = "glass") -> dict:
+        """The sampler options that ``method`` takes: rho for GLASS, the solver for GLASS (the ODE baselines
+        step with Euler here, as the paper's)."""
+        kw = {"transitions": self.transitions, "inner_steps": self.inner_steps}
+        if method == "glass":
+            kw.update(rho=self.rho, solver=self.solver)
+        return kw
 
 
 def make_noise(shape, seed: int, device, dtype) -> tuple[torch.Tensor, torch.Generator]:
@@ -142,13 +146,11 @@ def run_steering_method(method: str, model, digit: int, noise: torch.Tensor, set
     from glass_fast.steering import RewardGuidance, beam_search, best_of_n, fk_steering
 
     reward = digit_reward(digit)
-    kw = settings.sampler_kwargs()
     if method == "flow":
         return sample(model, noise[:, 0], method="ode", transitions=settings.transitions,
                       inner_steps=settings.inner_steps, solver="euler"), float(settings.calls)
     kind, proposal, *guided = method.split("-")
-    if proposal == "ode":
-        kw["solver"] = "euler"
+    kw = settings.sampler_kwargs(proposal)
     if kind == "beam":
         # The same budget as K particles: K / 4 beams of 4 children each (at least one beam).
         beams = max(1, noise.shape[1] // BEAM_EXPANSIONS)
