@@ -178,6 +178,9 @@ class Sampler:
                  max_batch: int | None = None):
         check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph, rho)
         rho = default_rho(method) if rho is None else rho
+        if method in ("ode", "sde") and sigmabar0 != 1.0:
+            raise ValueError(f"sigmabar0={sigmabar0!r} is the GLASS inner flow's start; method={method!r} takes "
+                             f"none (leave it at 1.0)")
         inner_steps = int(inner_steps)   # NumPy integers pass the checks above
         if not isinstance(model, FlowModel):
             raise TypeError(f"model must be a glass_fast.FlowModel, got {type(model).__name__}")

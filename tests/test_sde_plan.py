@@ -56,3 +56,15 @@ def test_rho_defaults_to_each_kernels_own(mixture, method, rho):
         torch.testing.assert_close(gf.plugin_transition(model, x, 0.2, 0.5, generator=torch.Generator().manual_seed(8)),
                                    gf.Sampler(model, method="plugin", grid=[0.2, 0.5]).step(
                                        0, x, generator=torch.Generator().manual_seed(8)))
+
+
+def test_options_a_kernel_does_not_take_are_refused(mixture):
+    model, x = mixture.flow_model(gf.LinearSchedule(), "velocity"), torch.zeros(4, 2)
+    for method in ("ode", "sde"):
+        with pytest.raises(ValueError, match=f"rho=0.4 is the GLASS / plug-in kernels' correlation; method='{method}'"):
+            gf.sample(model, x, method=method, rho=0.4)
+        with pytest.raises(ValueError, match=f"sigmabar0=2.0 is the GLASS inner flow's start; method='{method}'"):
+            gf.sample(model, x, method=method, sigmabar0=2.0)
+    for method in ("sde", "plugin"):
+        with pytest.raises(ValueError, match=f"solver='midpoint': method='{method}' steps with Euler"):
+            gf.fk_steering(model, lambda z: z[:, 0], x.reshape(2, 2, 2), method=method, solver="midpoint")
