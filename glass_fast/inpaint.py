@@ -57,6 +57,7 @@ class Inpaint:
         self.schedule, self.image, self.mask, self.noise = schedule, image, mask, noise
         self._order = None   # the noise row (and per-row image / mask) each state row descends from; None: its own
         self._placed: dict = {}   # (state shape, device, dtype) -> (noise, image, mask) there, made once
+        self._stamps = None       # the tensors' storage and version when _placed was filled
 
     def gather(self, rows: torch.Tensor) -> "Inpaint":
         """This hook for states whose row i descends from row ``rows[i]`` of the current ones (FK resampling,
@@ -65,32 +66,53 @@ class Inpaint:
         out = copy.copy(self)
         rows = rows.to(torch.int64)
         out._order = rows if self._order is None else self._order.to(rows.device)[rows]
-        out._placed = {}
+        out._placed, out._stamps = {}, None
         return out
 
     def __call__(self, k: int, t: float, x: torch.Tensor) -> torch.Tensor:
         if self.noise.numel() % x[0].numel() or x.shape[0] % (self.noise.numel() // x[0].numel()):
             raise ValueError(f"Inpaint: the state {tuple(x.shape)} does not match the noise {tuple(self.noise.shape)} "
                              f"(rows of the same shape, or a multiple of them)")
+        # A noise buffer (or image, mask) refilled in place since the last call is read anew.
+        stamps = tuple(_stamp(v) for v in (self.noise, self.image, self.mask))
+        if stamps != self._stamps:
+            self._placed, self._stamps = {}, stamps
         key = (tuple(x.shape), x.device, x.dtype)
         if key not in self._placed:
-            if not (_broadcasts(self.image.shape, x.shape) and _broadcasts(self.mask.shape, x.shape)):
-                raise ValueError(f"Inpaint: image {tuple(self.image.shape)} and mask {tuple(self.mask.shape)} must "
-                                 f"broadcast to the state {tuple(x.shape)}")
-            noise = self.noise.reshape((-1,) + tuple(x.shape[1:]))
-            image, mask = self.image, self.mask
-            if self._order is not None:
-                n, order = noise.shape[0], self._order.to(noise.device)
-                # Per-row images or masks (one per noise row) follow the rows too; broadcast ones stay.
-                image, mask = (v[order.to(v.device)] if v.dim() == noise.dim() and v.shape[0] == n and n > 1 else v
-                               for v in (image, mask))
-                noise = noise[order]
-            noise = noise.repeat_interleave(x.shape[0] // noise.shape[0], dim=0)
-            self._placed[key] = tuple(v.to(device=x.device, dtype=x.dtype) for v in (noise, image, mask))
+            self._placed[key] = self._place(x)
         noise, image, mask = self._placed[key]
         known = torch.add(image * float(self.schedule.alpha(t)), noise, alpha=float(self.schedule.sigma(t)))
         # lerp is exact at both ends: the kept region is ``known``, the generated one x, bit for bit.
         return torch.lerp(known, x, mask.expand_as(x))
+
+    def _place(self, x: torch.Tensor) -> tuple:
+        """(noise, image, mask) for the state x, on its device and in its dtype: laid out as rows of x's shape,
+        following ``gather``'s order, each row repeated for states of m x N rows (beam children, value draws)."""
+        rows = (self.noise.numel() // x[0].numel(),) + tuple(x.shape[1:])
+        noise = self.noise.reshape(rows)
+        placed = []
+        for name, v in (("image", self.image), ("mask", self.mask)):
+            if not _broadcasts(v.shape, rows):
+                if not _broadcasts(v.shape, self.noise.shape):
+                    raise ValueError(f"Inpaint: {name} {tuple(v.shape)} broadcasts neither to the state's rows "
+                                     f"{rows} nor to the noise {tuple(self.noise.shape)}")
+                v = v.expand(self.noise.shape).reshape(rows)   # e.g. one image per group of [B, K, ...] noise
+            placed.append(v)
+        image, mask = placed
+        per_row = [v.dim() == len(rows) and v.shape[0] == rows[0] > 1 for v in (noise, image, mask)]
+        out = []
+        for v, row_wise in zip((noise, image, mask), per_row):
+            if row_wise:
+                if self._order is not None:
+                    v = v[self._order.to(v.device)]
+                v = v.repeat_interleave(x.shape[0] // rows[0], dim=0)
+            out.append(v.to(device=x.device, dtype=x.dtype))
+        return tuple(out)
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    """Where ``t``'s data lives and how often it was written in place (inference tensors keep no count)."""
+    return t.data_ptr(), None if t.is_inference() else t._version
 
 
 def _broadcasts(shape, to) -> bool:

@@ -163,13 +163,14 @@ class FlowModel:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Raw network output at (x, t). ``t``: Tensor[B] or a 0-d tensor (broadcast to the batch)."""
-        x = x.to(self.input_dtype(x))
+        state, x = x, x.to(self.input_dtype(x))
         t = t.to(device=x.device, dtype=torch.float32)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        # The network is handed the sampler's state itself (no copy): an in-place edit of its input would
-        # silently corrupt the run, so it is caught through the version counter (views share it).
-        version = None if torch.compiler.is_compiling() or x.is_inference() else x._version
+        # Where the network is handed the sampler's state itself (no dtype conversion, no copy), an in-place
+        # edit of its input would silently corrupt the run: caught through the version counter (views share
+        # it). A converted copy is the network's own to edit.
+        version = None if torch.compiler.is_compiling() or x.is_inference() or x is not state else x._version
         if self.max_batch is not None and x.shape[0] > self.max_batch:
             out = torch.cat([self.fn(xc, tc) for xc, tc in zip(x.split(self.max_batch), t.split(self.max_batch))])
         else:

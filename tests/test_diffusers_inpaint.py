@@ -388,3 +388,20 @@ def test_project_reaches_plain_text_to_image_sampling(flux):
     out = gd.sample(flux, project=lambda k, t, x: torch.zeros_like(x), height=SIZE, width=SIZE,
                     output_type="latent", transitions=2, inner_steps=1, **random_embeds(1, DIM, seed=23))
     assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("algorithm,extra", [("beam", {"expansions": 2}), ("fk", {"potential": "value",
+                                                                                  "value_samples": 2})])
+def test_per_prompt_images_and_masks_with_beam_search_and_value_estimates(flux, algorithm, extra):
+    """Beam children and value draws repeat the rows; each prompt's image and mask follow them."""
+    pipe = pipeline(flux, "FluxInpaintPipeline")
+    flow = gd.as_flow(pipe)
+    masks = _mask(slice(0, 8), 2)
+    _, res = gd.steer(pipe, reward=lambda images, prompts: images.mean(dim=(1, 2, 3)), particles=2,
+                      image=_image(40, 2), mask_image=masks, algorithm=algorithm, height=SIZE, width=SIZE,
+                      output_type="latent", transitions=3, inner_steps=2, generator=torch.Generator().manual_seed(41),
+                      **random_embeds(2, DIM, seed=42), **extra)
+    for p in range(2):
+        keep = _latent_mask(flow, masks[p]) == 0
+        torch.testing.assert_close(res.samples[p, 1][keep], res.samples[p, 0][keep], atol=1e-6, rtol=0)
+    assert not torch.allclose(res.samples[0, 0][keep], res.samples[1, 0][keep])   # each prompt kept its own image

@@ -286,3 +286,28 @@ def test_hooks_in_turn_apply_in_order_and_follow_together():
     moved = follow(both, torch.tensor([3, 3, 0, 1]))
     torch.testing.assert_close(moved(1, 0.5, x)[:, 0], torch.tensor([6.0, 6.0, 0.0, 2.0]))
     assert follow(double, torch.tensor([0])) is double
+
+
+@pytest.mark.parametrize("run", ["beam", "fk_value"])
+def test_per_row_and_per_group_images_follow_children_and_value_draws(run):
+    """Images / masks given per particle [B * K, ...] or per group [B, 1, ...] of steering's [B, K, ...] noise:
+    repeated for beam children and value draws like the noise (they used to be refused after a transition)."""
+    noise = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(16))
+    per_group = torch.tensor([[[KNOWN, 0.0]], [[-KNOWN, 0.0]]])            # [B, 1, 2]: one known value per group
+    hook = gf.Inpaint(gf.LinearSchedule(), per_group, torch.tensor([0.0, 1.0]), noise)
+    kw = dict(transitions=3, inner_steps=2, project=hook, generator=torch.Generator().manual_seed(17))
+    if run == "beam":
+        res = gf.beam_search(model(), lambda z: z[:, 1], noise, expansions=2, value_samples=2, **kw)
+    else:
+        res = gf.fk_steering(model(), lambda z: z[:, 1], noise, potential="value", value_samples=2, **kw)
+    assert torch.equal(res.samples[..., 0], torch.tensor([[KNOWN] * 3, [-KNOWN] * 3]))
+
+
+def test_inpaint_reads_a_noise_buffer_refilled_in_place():
+    """A serving loop refilling one noise buffer and reusing the hook blends the current noise, not the first."""
+    noise = torch.randn(4, 2, generator=torch.Generator().manual_seed(18))
+    hook, x = gf.Inpaint(gf.LinearSchedule(), torch.zeros(2), torch.tensor([0.0, 1.0]), noise), torch.zeros(4, 2)
+    first = hook(1, 0.5, x)[:, 0].clone()
+    noise.normal_(generator=torch.Generator().manual_seed(19))
+    torch.testing.assert_close(hook(1, 0.5, x)[:, 0], 0.5 * noise[:, 0])
+    assert not torch.allclose(first, 0.5 * noise[:, 0])

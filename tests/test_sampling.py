@@ -221,6 +221,9 @@ def test_a_network_that_edits_a_copy_of_its_input_is_fine():
     assert torch.equal(m(x, torch.tensor(0.5)), x * 0.5)
     with torch.inference_mode():   # inference tensors have no version counter: nothing to check, no error
         assert torch.equal(m(x, torch.tensor(0.5)), x * 0.5)
+    # A network running in another dtype gets a converted copy of the state: its own to edit.
+    converted = gf.FlowModel(in_place_network, gf.LinearSchedule(), dtype=torch.float64)
+    assert torch.equal(converted(x, torch.tensor(0.5)), (x * 0.5).double())
 
 
 @pytest.mark.parametrize("shape", [(0, 2), (3, 0)])
