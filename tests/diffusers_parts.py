@@ -60,6 +60,27 @@ def random_embeds(prompts: int, pooled: int, seed: int = 0, negative: bool = Fal
     return out
 
 
+def random_image(seed: int, count: int = 1):
+    """A random SIZE x SIZE RGB uint8 image (a list of ``count`` when count > 1)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    images = [(rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8) for _ in range(count)]
+    return images[0] if count == 1 else images
+
+
+def column_mask(columns: slice, count: int = 1):
+    """A uint8 mask, white (repainted) in the given pixel columns and in its top 4 (i + 1) rows (so that the
+    masks of a list differ), black (kept) elsewhere."""
+    import numpy as np
+    masks = []
+    for i in range(count):
+        m = np.zeros((SIZE, SIZE), dtype=np.uint8)
+        m[:, columns] = 255
+        m[: 4 * (i + 1)] = 255
+        masks.append(m)
+    return masks[0] if count == 1 else masks
+
+
 def pipeline(parts, cls_name: str, **components):
     """diffusers' own pipeline class ``cls_name`` around the tiny parts, without text encoders."""
     pytest.importorskip("transformers")  # diffusers' pipeline classes need it even with no text encoders

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import types
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,16 +15,11 @@ from glass_fast.integrations.diffusers_controlnet import _weight, step_window  #
 from diffusers_parts import (ATOL, DIM, SIZE, pipeline, random_embeds, sharpen_posterior,  # noqa: E402
                              tiny_flux, tiny_flux_controlnet, tiny_flux_hint_parts, tiny_sd3, tiny_sd3_controlnet,
                              tiny_sd3_controlnet_transformer)
+from diffusers_parts import random_image as _image  # noqa: E402
 
 ODE = dict(method="ode", inner_steps=1, height=SIZE, width=SIZE, output_type="latent")
 # Three of five steps on (steps 1 to 3), at a scale other than 1.
 WINDOW = dict(controlnet_conditioning_scale=0.7, control_guidance_start=0.2, control_guidance_end=0.8)
-
-
-def _image(seed: int, count: int = 1):
-    rng = np.random.default_rng(seed)
-    images = [(rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8) for _ in range(count)]
-    return images[0] if count == 1 else images
 
 
 def _gen(seed: int):

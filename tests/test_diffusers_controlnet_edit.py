@@ -3,7 +3,6 @@ FluxControlNetImg2ImgPipeline and FluxControlNetInpaintPipeline: image-to-image 
 ControlNet residuals whose window is read on the steps that run after ``strength``."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,27 +10,12 @@ pytest.importorskip("diffusers")
 from glass_fast.integrations import diffusers as gd  # noqa: E402
 from diffusers_parts import (ATOL, DIM, SIZE, pipeline, random_embeds, tiny_flux,  # noqa: E402
                              tiny_flux_controlnet)
+from diffusers_parts import random_image as _image  # noqa: E402
+from diffusers_parts import column_mask as _mask  # noqa: E402
 
 ODE = dict(method="ode", inner_steps=1, height=SIZE, width=SIZE, output_type="latent")
 # Eight steps at strength 0.5 run four; of those, steps 1 and 2 have the ControlNet on, at a scale other than 1.
 EDIT = dict(strength=0.5, controlnet_conditioning_scale=0.7, control_guidance_start=0.25, control_guidance_end=0.75)
-
-
-def _image(seed: int, count: int = 1):
-    rng = np.random.default_rng(seed)
-    images = [(rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8) for _ in range(count)]
-    return images[0] if count == 1 else images
-
-
-def _mask(columns: slice, count: int = 1):
-    """White (repainted) in the given pixel columns, black (kept) elsewhere; masks differ per prompt."""
-    masks = []
-    for i in range(count):
-        m = np.zeros((SIZE, SIZE), dtype=np.uint8)
-        m[:, columns] = 255
-        m[: 4 * (i + 1)] = 255
-        masks.append(m)
-    return masks[0] if count == 1 else masks
 
 
 def _gen(seed: int):

@@ -14,14 +14,9 @@ from glass_fast.integrations import diffusers as gd  # noqa: E402
 from glass_fast.integrations.diffusers_channels import control_latents, fill_latents  # noqa: E402
 from diffusers_parts import (ATOL, DIM, SIZE, pipeline, random_embeds, sharpen_posterior,  # noqa: E402
                              tiny_flux, tiny_flux_channels_transformer)
+from diffusers_parts import random_image as _image  # noqa: E402
 
 ODE = dict(method="ode", inner_steps=1, height=SIZE, width=SIZE, output_type="latent")
-
-
-def _image(seed: int, count: int = 1):
-    rng = np.random.default_rng(seed)
-    images = [(rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8) for _ in range(count)]
-    return images[0] if count == 1 else images
 
 
 def _mask(seed: int, count: int = 1):

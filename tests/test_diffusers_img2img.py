@@ -11,12 +11,7 @@ import torch
 pytest.importorskip("diffusers")
 from glass_fast.integrations import diffusers as gd  # noqa: E402
 from diffusers_parts import ATOL, DIM, SIZE, pipeline, random_embeds  # noqa: E402
-
-
-def _image(seed: int, count: int = 1):
-    rng = np.random.default_rng(seed)
-    images = [(rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8) for _ in range(count)]
-    return images[0] if count == 1 else images
+from diffusers_parts import random_image as _image  # noqa: E402
 
 
 @pytest.mark.parametrize("strength", [0.6, 0.3])

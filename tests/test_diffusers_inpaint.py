@@ -9,6 +9,8 @@ import torch
 pytest.importorskip("diffusers")
 from glass_fast.integrations import diffusers as gd  # noqa: E402
 from diffusers_parts import ATOL, DIM, SIZE, pipeline, random_embeds, tiny_sd3, tiny_sd3_transformer  # noqa: E402
+from diffusers_parts import random_image as _image  # noqa: E402
+from diffusers_parts import column_mask as _mask  # noqa: E402
 
 
 def _sd3_16(in_channels: int = 16):
@@ -22,23 +24,6 @@ def _sd3_16(in_channels: int = 16):
     torch.manual_seed(17)
     parts.transformer = SD3Transformer2DModel.from_config({**cfg, "in_channels": in_channels, "out_channels": 16}).eval()
     return parts
-
-
-def _image(seed: int, count: int = 1):
-    rng = np.random.default_rng(seed)
-    images = [(rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8) for _ in range(count)]
-    return images[0] if count == 1 else images
-
-
-def _mask(columns: slice, count: int = 1):
-    """White (repainted) in the given pixel columns, black (kept) elsewhere."""
-    masks = []
-    for i in range(count):
-        m = np.zeros((SIZE, SIZE), dtype=np.uint8)
-        m[:, columns] = 255
-        m[: 4 * (i + 1)] = 255          # masks differ per prompt
-        masks.append(m)
-    return masks[0] if count == 1 else masks
 
 
 def _latent_mask(flow, mask):
