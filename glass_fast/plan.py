@@ -171,11 +171,16 @@ class _Inner:
         return c_x, c_b
 
 
-def glass_plan(model: FlowModel, t, t_next, rho, calls: int, solver: str, sigmabar0: float = 1.0) -> Plan:
-    """Stages of a GLASS transition t -> t_next spending ``calls`` model calls with ``solver``."""
+def check_sigmabar0(sigmabar0) -> float:
+    """The GLASS inner flow's start noise level: a finite number > 0 (ValueError otherwise)."""
     if isinstance(sigmabar0, bool) or not isinstance(sigmabar0, numbers.Real) or not 0 < sigmabar0 < math.inf:
         raise ValueError(f"sigmabar0 must be a finite number > 0, got {sigmabar0!r}")
-    sigmabar0 = float(sigmabar0)
+    return float(sigmabar0)
+
+
+def glass_plan(model: FlowModel, t, t_next, rho, calls: int, solver: str, sigmabar0: float = 1.0) -> Plan:
+    """Stages of a GLASS transition t -> t_next spending ``calls`` model calls with ``solver``."""
+    sigmabar0 = check_sigmabar0(sigmabar0)
     inner = _Inner(model, t, t_next, rho, sigmabar0)
     n, _ = steps_per_call(calls, solver)
     h = 1.0 / n

@@ -11,7 +11,7 @@ import torch
 
 from .capture import GraphedTransition, compile_transition
 from .model import FlowModel
-from .plan import check_calls, check_rho_form, check_solver, glass_plan, ode_plan, resolve_rho, sde_plan, steps_per_call
+from .plan import check_calls, check_rho_form, check_sigmabar0, check_solver, glass_plan, ode_plan, resolve_rho, sde_plan, steps_per_call
 from .transitions import (DevicePlan, FiniteGuard, check_denoised, check_rows, check_state, draw_noise, execute,
                           guided_denoised, stage_labels)
 
@@ -57,7 +57,7 @@ def transition_grid(transitions: int | None, grid) -> torch.Tensor:
 
 
 def check_sampler_options(method: str, transitions: int | None, inner_steps: int, solver: str, compile,
-                          cuda_graph, rho=None) -> None:
+                          cuda_graph, rho=None, sigmabar0=1.0) -> None:
     """Validate the options every Sampler takes (raises ValueError naming the argument), before any planning.
     ``transitions`` None: the grid's count (or DEFAULT_TRANSITIONS)."""
     if method not in METHODS:
@@ -74,6 +74,10 @@ def check_sampler_options(method: str, transitions: int | None, inner_steps: int
     if method in ("ode", "sde") and rho is not None:
         raise ValueError(f"rho={rho!r} is the GLASS / plug-in kernels' correlation; method={method!r} takes none "
                          f"(leave rho unset)")
+    check_sigmabar0(sigmabar0)
+    if method in ("ode", "sde") and sigmabar0 != 1.0:
+        raise ValueError(f"sigmabar0={sigmabar0!r} is the GLASS inner flow's start; method={method!r} takes "
+                         f"none (leave it at 1.0)")
     if method in ("sde", "plugin") and solver != "euler":
         raise ValueError(f"solver={solver!r}: method={method!r} steps with Euler(-Maruyama) only; the solver "
                          f"applies to 'glass' and 'ode'")
@@ -176,11 +180,8 @@ class Sampler:
                  rho=None, solver: str = "euler", sigmabar0: float = 1.0, device=None, dtype=torch.float32,
                  grid: torch.Tensor | None = None, compile=None, cuda_graph: bool = False,
                  max_batch: int | None = None):
-        check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph, rho)
+        check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph, rho, sigmabar0)
         rho = default_rho(method) if rho is None else rho
-        if method in ("ode", "sde") and sigmabar0 != 1.0:
-            raise ValueError(f"sigmabar0={sigmabar0!r} is the GLASS inner flow's start; method={method!r} takes "
-                             f"none (leave it at 1.0)")
         inner_steps = int(inner_steps)   # NumPy integers pass the checks above
         if not isinstance(model, FlowModel):
             raise TypeError(f"model must be a glass_fast.FlowModel, got {type(model).__name__}")

@@ -1,4 +1,6 @@
 """FK steering mechanics: model-call reuse, weight bookkeeping, best-of-N, accounting and bad input."""
+import contextlib
+import importlib
 import math
 
 import pytest
@@ -188,7 +190,7 @@ def test_best_of_n(mixture, method):
     torch.testing.assert_close(res.best, res.samples[torch.arange(3), res.rewards.argmax(-1)])
     assert res.nfe == 50 and fn.calls == 50 and res.reward_calls == 1
     torch.testing.assert_close(res.log_weights, torch.full((3, 8), -math.log(8), dtype=torch.float64))
-    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
         best_of_n(model, linear_reward, noise, potential="diff")
 
 
@@ -369,7 +371,7 @@ def test_reused_objects_compile_once(mixture):
     (gf.FKSteering, dict(compile=True, cuda_graph=True), ValueError, "choose one of compile= and cuda_graph="),
     (gf.BestOfN, dict(inner_steps=0), ValueError, "inner_steps"),
     (gf.BestOfN, dict(method="euler"), ValueError, "method must be one of"),
-    (gf.BestOfN, dict(lmbda=1.0), TypeError, "unexpected keyword arguments"),
+    (gf.BestOfN, dict(lmbda=1.0), TypeError, "unexpected keyword argument"),
 ])
 def test_reusable_objects_check_settings_when_built(mixture, make, kwargs, err, match):
     with pytest.raises(err, match=match):
@@ -434,3 +436,165 @@ def test_numpy_steering_settings(mixture):
                     transitions=3, inner_steps=2, **kw)
     torch.testing.assert_close(a.samples, b.samples, rtol=0, atol=0)
     torch.testing.assert_close(a.log_weights, b.log_weights, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------ sampler settings, one list
+ROUTINES = {"fk_steering": (fk_steering, gf.FKSteering), "best_of_n": (best_of_n, gf.BestOfN),
+            "beam_search": (gf.beam_search, gf.BeamSearch)}
+
+
+def test_every_routine_takes_the_sampler_settings_with_the_samplers_defaults():
+    import inspect
+
+    from glass_fast.steering.settings import SAMPLER_SETTINGS
+    sampler = inspect.signature(gf.Sampler).parameters
+    assert {name: sampler[name].default for name in SAMPLER_SETTINGS} == SAMPLER_SETTINGS
+    for fn in [f for pair in ROUTINES.values() for f in pair]:
+        params = inspect.signature(fn).parameters
+        assert {name: params[name].default for name in SAMPLER_SETTINGS if name in params} == SAMPLER_SETTINGS, \
+            (fn, sorted(set(SAMPLER_SETTINGS) - set(params)))
+
+
+@pytest.mark.parametrize("name", list(ROUTINES))
+def test_sigmabar0_reaches_the_sampler_of_every_routine(mixture, name):
+    fn, make = ROUTINES[name]
+    model = mixture.flow_model(SCH, "x0")
+    kw = dict(transitions=3, inner_steps=2)
+
+    def run(**extra):
+        return fn(model, linear_reward, _noise(2, 3), generator=torch.Generator().manual_seed(1), **kw, **extra)
+    base, again, wider = run(), run(sigmabar0=1.0), run(sigmabar0=0.5)
+    torch.testing.assert_close(again.samples, base.samples, rtol=0, atol=0)   # same seed, same run
+    assert (wider.samples - base.samples).abs().max() > 1e-3                 # the inner flow starts elsewhere
+    for method in ("ode", "sde") if name != "beam_search" else ("sde",):    # beam search refuses "ode" itself
+        with pytest.raises(ValueError, match=f"sigmabar0=0.5 is the GLASS inner flow's start; method='{method}'"):
+            make(model, linear_reward, method=method, sigmabar0=0.5)        # when built, before any batch
+        with pytest.raises(ValueError, match=f"sigmabar0=0.5 .* method='{method}'"):
+            fn(model, linear_reward, _noise(1, 2), method=method, sigmabar0=0.5)
+    for bad in (0.0, -1.0, math.nan, math.inf, True, "1"):
+        with pytest.raises(ValueError, match=r"sigmabar0 must be a finite number > 0, got"):
+            make(model, linear_reward, sigmabar0=bad)
+
+
+def test_value_estimates_take_the_glass_settings(mixture):
+    # potential="value" draws its posterior samples with the proposal's GLASS settings, sigmabar0 included.
+    model = mixture.flow_model(SCH, "x0")
+    x = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    v = {sb: gf.value_estimate(model, linear_reward, x, 0.4, samples=3, inner_steps=2, sigmabar0=sb,
+                               generator=torch.Generator().manual_seed(1)) for sb in (1.0, 0.5)}
+    assert (v[1.0] - v[0.5]).abs().max() > 1e-3
+    kw = dict(transitions=3, inner_steps=2, potential="value", value_samples=2, ess_threshold=0.0)
+    w = {sb: fk_steering(model, linear_reward, _noise(2, 3), sigmabar0=sb, generator=torch.Generator().manual_seed(1),
+                         **kw).log_weights for sb in (1.0, 0.5)}
+    assert (w[1.0] - w[0.5]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("max_batch", [0, 2.5, True])
+def test_max_batch_is_checked_when_built(mixture, max_batch):
+    for _, make in ROUTINES.values():
+        with pytest.raises(ValueError, match="max_batch must be an integer >= 1"):
+            make(mixture.flow_model(SCH, "x0"), linear_reward, max_batch=max_batch)
+
+
+# ------------------------------------------------------------------------ host reads after the loop
+READS = ("tolist", "item", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "__array__")
+
+
+@pytest.mark.parametrize("name", list(ROUTINES))
+@pytest.mark.parametrize("nan_rewards", [False, True])
+def test_one_host_read_after_the_loop(mixture, monkeypatch, name, nan_rewards):
+    """Everything a run records on the device (non-finite model outputs, dead groups, non-finite rewards)
+    is read in one transfer after its loop: each read is a host synchronisation on CUDA. Counted on CPU by
+    wrapping every Tensor method that reads values into Python, switched on when the loop's iterator ends."""
+    counting, reads = [False], []
+
+    def loop(steps, on, desc):
+        yield from steps
+        counting[0] = True
+
+    for mod in ("fk", "search", "best_of_n"):   # the modules (the package's names are the functions)
+        monkeypatch.setattr(importlib.import_module(f"glass_fast.steering.{mod}"), "progress_bar", loop)
+    for attr in READS:
+        original = getattr(torch.Tensor, attr)
+
+        def read(self, *args, _original=original, _attr=attr, **kwargs):
+            if counting[0]:
+                reads.append(_attr)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, attr, read)
+
+    def reward(x):
+        r = linear_reward(x)
+        return torch.where(x[:, 0] > 1.0, math.nan, r) if nan_rewards else r
+    fn, _ = ROUTINES[name]
+    noise = _noise(2, 16)
+    with pytest.warns(UserWarning, match="NaN or Inf") if nan_rewards else contextlib.nullcontext():
+        fn(mixture.flow_model(SCH, "x0"), reward, noise, transitions=3, inner_steps=2,
+           generator=torch.Generator().manual_seed(0))
+    assert counting[0] and len(reads) == 1, reads
+
+
+@pytest.mark.parametrize("timings", ["no", 0, 1.0])
+def test_timings_must_be_none_or_a_bool(mixture, timings):
+    # Read as a truth value, "no" would have switched timing (and CUDA synchronisation) on.
+    for _, make in ROUTINES.values():
+        with pytest.raises(ValueError, match=f"timings must be None .*, True or False, got {timings!r}"):
+            make(mixture.flow_model(SCH, "x0"), linear_reward, timings=timings)
+
+
+def test_a_grid_ending_before_one_is_refused(mixture):
+    # The final reward would score noisy states at t = 0.8 as if they were data; a late start is fine.
+    model = mixture.flow_model(SCH, "x0")
+    for fn, make in ROUTINES.values():
+        with pytest.raises(ValueError, match=r"grid must end at t = 1 for steering .* got a grid ending at 0.8"):
+            make(model, linear_reward, grid=[0.0, 0.4, 0.8])
+        res = fn(model, linear_reward, _noise(2, 3), grid=[0.3, 0.6, 1.0], inner_steps=2,
+                 generator=torch.Generator().manual_seed(0))
+        assert res.samples.shape == (2, 3, 2) and torch.isfinite(res.samples).all()
+
+
+@pytest.mark.parametrize("name", list(ROUTINES))
+def test_a_nan_model_output_is_named_even_when_the_reward_fails_on_it(mixture, name):
+    # The network turns NaN from t > 0.5 on; a reward that refuses non-finite input must not hide the cause.
+    exact = mixture.flow_model(SCH, "x0")
+    model = gf.FlowModel(lambda x, t: exact.fn(x, t).masked_fill(t.view(-1, 1) > 0.5, math.nan), SCH, "x0")
+
+    def strict(x):
+        if not torch.isfinite(x).all():
+            raise ValueError("strict reward: non-finite input")
+        return linear_reward(x)
+    fn, _ = ROUTINES[name]
+    for reward in (linear_reward, strict):
+        with pytest.raises(FloatingPointError, match=r"^the model returned NaN or Inf at "):
+            fn(model, reward, _noise(2, 3), transitions=3, inner_steps=2, generator=torch.Generator().manual_seed(0))
+
+
+def test_select_draws_by_weight_from_unnormalised_log_weights():
+    # exp(1000) overflows: the cumulative weights were inf / inf and the last particle was picked every time.
+    samples = torch.arange(2 * 3, dtype=torch.float64).reshape(2, 3, 1)
+    lw = torch.tensor([[1000.0, -math.inf, 0.0], [-math.inf, 700.0, 700.0]], dtype=torch.float64)
+    res = gf.SteeringResult(samples=samples, log_weights=lw, rewards=torch.zeros(2, 3), best=samples[:, 0], nfe=0.0)
+    picks = torch.stack([res.select(generator=torch.Generator().manual_seed(s))[:, 0] for s in range(200)])
+    assert torch.all(picks[:, 0] == 0.0)                      # weight 1 - e^-1000: particle 0 of group 0
+    # Group 1: particles 4 and 5 with equal weights; 200 draws, the count of 4 is Binomial(200, 1/2) (5 SE).
+    assert set(picks[:, 1].tolist()) <= {4.0, 5.0} and abs(float((picks[:, 1] == 4).sum()) - 100) < 5 * math.sqrt(50)
+    for bad in ([-math.inf] * 3, [0.0, math.nan, 0.0], [0.0, math.inf, 0.0]):
+        res.log_weights = torch.tensor([[0.0, 0.0, 0.0], bad], dtype=torch.float64)
+        with pytest.raises(ValueError, match="log_weights of group 1 must be finite or -inf"):
+            res.select()
+
+
+def test_read_after_run_names_the_first_bad_flag_and_returns_the_records():
+    from glass_fast.steering.result import read_after_run
+    from glass_fast.transitions import FiniteGuard
+    guard = FiniteGuard(torch.device("cpu"))
+    guard.check_input(torch.zeros(3), "noise")
+    guard.extend(torch.tensor([True, True]), ["stage 0", "stage 1"])
+    records = (torch.tensor([-1, 2, -1]), torch.tensor(5), torch.tensor([True, False]))
+    assert read_after_run(guard, *records) == [[-1, 2, -1], [5], [1, 0]]
+    guard.extend(torch.tensor([True, False, False]), ["stage 0", "stage 1", "stage 2"])
+    guard.check(torch.tensor([math.nan]), "the denoiser")
+    with pytest.raises(FloatingPointError, match=r"^the model returned NaN or Inf at stage 1$"):
+        read_after_run(guard, *records)
+    with pytest.raises(FloatingPointError, match=r"^the model returned NaN or Inf at stage 1$"):
+        guard.raise_if_bad()                       # the same message as the guard's own read

@@ -6,19 +6,17 @@ import math
 import torch
 
 from ..model import FlowModel
-from ..sampling import check_hooks, check_sampler_options, transition_grid
+from ..sampling import check_hooks
 from ..transitions import FiniteGuard
-from .result import (SteeringResult, best_of_groups, check_particles, check_selection_rewards, metered_sampler,
-                     progress_bar)
-
-_SETTINGS = ("transitions", "inner_steps", "rho", "solver", "sigmabar0", "guidance", "timings", "compile",
-             "cuda_graph", "max_batch", "grid")
+from .result import (SteeringResult, best_of_groups, check_particles, check_selection_rewards, check_timings,
+                     metered_sampler, progress_bar, read_after_run)
+from .settings import sampler_settings
 
 
 class BestOfN:
     """Best-of-N with its settings bound once, reusable across batches (for serving).
 
-    ``BestOfN(model, reward, method=..., **settings)(noise)`` equals ``best_of_n(model, reward, noise, ...)``;
+    ``BestOfN(model, reward, **settings)(noise)`` equals ``best_of_n(model, reward, noise, **settings)``;
     the Sampler, with its compiled code or CUDA graphs, is kept across calls (built once per device and
     dtype, captured once per batch shape). One call at a time per object.
 
@@ -26,34 +24,31 @@ class BestOfN:
         model: the FlowModel.
         reward: callable(x [N, ...]) -> Tensor[N], larger is better.
         method: "glass" | "ode" | "sde" | "plugin".
-        **settings: transitions, inner_steps, rho, solver, sigmabar0, guidance, grid (as in
-            ``glass_fast.sample`` / ``Sampler``); compile, cuda_graph, max_batch (see ``Sampler``); timings
-            (see ``fk_steering``).
+        transitions, inner_steps, rho, solver, sigmabar0, grid: the sampler (see ``Sampler``; sigmabar0 is
+            GLASS's and the plug-in kernel's: leave it at 1.0 for "ode" and "sde").
+        guidance: optional hook (e.g. ``RewardGuidance``) applied after every model call (eager only).
+        compile, cuda_graph, max_batch: see ``Sampler``. timings: see ``fk_steering``.
     """
 
-    def __init__(self, model: FlowModel, reward, *, method: str = "glass", **settings):
-        unknown = sorted(set(settings) - set(_SETTINGS))
-        if unknown:
-            raise TypeError(f"best_of_n got unexpected keyword arguments {unknown}; allowed settings: {_SETTINGS}")
+    def __init__(self, model: FlowModel, reward, *, method: str = "glass", transitions: int | None = None,
+                 inner_steps: int = 10, rho=None, solver: str = "euler", sigmabar0: float = 1.0,
+                 guidance=None, timings: bool | None = None, compile=None, cuda_graph: bool = False,
+                 max_batch: int | None = None, grid: torch.Tensor | None = None):
         if not callable(reward):
             raise TypeError(f"reward must be callable(x [N, ...]) -> Tensor[N], got {type(reward).__name__}")
-        check_sampler_options(method, settings.get("transitions"), settings.get("inner_steps", 10),
-                              settings.get("solver", "euler"), settings.get("compile"),
-                              settings.get("cuda_graph", False), settings.get("rho"))
-        transition_grid(settings.get("transitions"), settings.get("grid"))   # refused before any model call
-        self.model, self.reward, self.method = model, reward, method
-        self.guidance = settings.pop("guidance", None)
-        self.timings = settings.pop("timings", None)
-        self.max_batch = settings.pop("max_batch", None)
-        self.sampler_options = settings
+        check_hooks(guidance, None)
+        # Refused here, before any model call.
+        self.settings = sampler_settings(method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
+                                         solver=solver, sigmabar0=sigmabar0, grid=grid, compile=compile,
+                                         cuda_graph=cuda_graph, max_batch=max_batch)
+        self.model, self.reward, self.guidance, self.timings = model, reward, guidance, check_timings(timings)
         self._parts: dict = {}
 
     def _build(self, device: torch.device, dtype: torch.dtype):
         """(meter, sampler) for particles of this device and dtype."""
         key = (device, dtype)
         if key not in self._parts:
-            self._parts[key] = metered_sampler(self.model, device, dtype, timings=self.timings,
-                                               max_batch=self.max_batch, method=self.method, **self.sampler_options)
+            self._parts[key] = metered_sampler(self.model, device, dtype, timings=self.timings, **self.settings)
         return self._parts[key]
 
     def __call__(self, noise: torch.Tensor, *, generator: torch.Generator | None = None,
@@ -69,13 +64,14 @@ class BestOfN:
         x = noise.reshape((n,) + rest)
         for i in progress_bar(range(sampler.transitions), progress, "best_of_n"):
             x = sampler.step(i, x, generator=generator, guard=guard, guidance=self.guidance, project=project)
-        guard.raise_if_bad()
-        r = meter.reward(self.reward, x, "in best_of_n")
+        r = meter.reward(self.reward, x, "in best_of_n", guard)
         nfe, reward_calls, secs = meter.close(n)
         samples, rewards = x.reshape(noise.shape), r.reshape(b, k)
         bad = ~torch.isfinite(rewards)
         last = sampler.transitions - 1
-        check_selection_rewards(bad.sum(), torch.where(bad.all(-1), last, -1), sampler.grid, "best_of_n")
+        # One host read for every record of the run (model outputs, non-finite rewards), after the reward.
+        (bad,), dead_at = read_after_run(guard, bad.sum(), torch.where(bad.all(-1), last, -1))
+        check_selection_rewards(bad, dead_at, sampler.grid, "best_of_n")
         log_w = torch.full((b, k), -math.log(k), dtype=torch.float64, device=noise.device)
         return SteeringResult(samples=samples, log_weights=log_w, rewards=rewards,
                               best=best_of_groups(samples, rewards), nfe=nfe, reward_calls=reward_calls,
@@ -83,18 +79,21 @@ class BestOfN:
 
 
 def best_of_n(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "glass",
-              generator: torch.Generator | None = None, progress: bool = False, project=None,
-              **settings) -> SteeringResult:
+              transitions: int | None = None, inner_steps: int = 10, rho=None, solver: str = "euler",
+              sigmabar0: float = 1.0, guidance=None, generator: torch.Generator | None = None,
+              progress: bool = False, timings: bool | None = None, compile=None, cuda_graph: bool = False,
+              max_batch: int | None = None, grid: torch.Tensor | None = None, project=None) -> SteeringResult:
     """Sample B groups of K particles independently and select the highest-reward particle per group.
 
     Args:
         model: the FlowModel.
         reward: callable(x [N, ...]) -> Tensor[N], larger is better.
         noise: [B, K, ...] initial noise (K = N candidates per group).
-        method: "glass" | "ode" | "sde" | "plugin".
+        method, transitions, inner_steps, rho, solver, sigmabar0, guidance, timings, compile, cuda_graph,
+            max_batch, grid: see ``BestOfN`` (keep one of those to reuse compiled code or CUDA graphs across
+            batches).
         generator: randomness of the sampler. progress: tqdm bar over transitions.
         project: optional fn(k, t, x) -> x applied to the states after every transition (``Sampler.run``).
-        **settings: see ``BestOfN`` (keep one of those to reuse compiled code or CUDA graphs across batches).
     Returns:
         SteeringResult: samples [B, K, ...] with equal log_weights (the samples are draws of p, not p_r),
         rewards [B, K], best [B, ...] (the argmax over valid rewards), nfe, reward_calls (1), timings.
@@ -106,5 +105,7 @@ def best_of_n(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "g
     Example:
         >>> res = best_of_n(model, lambda x: x[:, 0], torch.randn(4, 8, 2), method="ode")
     """
-    return BestOfN(model, reward, method=method, **settings)(noise, generator=generator, progress=progress,
-                                                                   project=project)
+    best = BestOfN(model, reward, method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
+                   solver=solver, sigmabar0=sigmabar0, guidance=guidance, timings=timings, compile=compile,
+                   cuda_graph=cuda_graph, max_batch=max_batch, grid=grid)
+    return best(noise, generator=generator, progress=progress, project=project)

@@ -27,12 +27,14 @@ import torch
 
 from ..model import FlowModel
 from ..plan import check_calls
-from ..sampling import METHODS, check_hooks, check_sampler_options, follow, transition_grid
+from ..sampling import METHODS, check_hooks, follow
 from ..transitions import FiniteGuard, guided_denoised
 from .guidance import time_window
 from .potentials import PotentialState, check_potential
 from .resampling import AdaptiveResampler, check_scheme, gather, normalize_log_weights
-from .result import SteeringResult, best_of_groups, check_particles, first_dead_group, progress_bar
+from .result import (SteeringResult, best_of_groups, check_particles, check_timings, first_dead_group, progress_bar,
+                     read_after_run)
+from .settings import sampler_settings
 from .value import metered_parts
 
 
@@ -48,7 +50,9 @@ class FKSteering:
         model: the FlowModel.
         reward: callable(x [N, ...]) -> Tensor[N] on x's device, larger is better.
         method: proposal "glass" | "sde" | "ode" | "plugin".
-        transitions, inner_steps, rho, solver: the sampler (model calls per particle: transitions * inner_steps).
+        transitions, inner_steps, rho, solver, sigmabar0: the sampler (see ``Sampler``; model calls per
+            particle: transitions * inner_steps). sigmabar0 is GLASS's (and the plug-in kernel's): leave it at
+            1.0 for "ode" and "sde".
         potential: "diff" | "max" | "add" | "immediate" | "value" (see ``glass_fast.steering.potentials``).
         lmbda: reward temperature, >= 0.
         resample: "multinomial" | "stratified" | "systematic" | "residual".
@@ -72,38 +76,42 @@ class FKSteering:
     """
 
     def __init__(self, model: FlowModel, reward, *, method: str = "glass", transitions: int | None = None,
-                 inner_steps: int = 10, rho=None, solver: str = "euler", potential: str = "diff",
-                 lmbda: float = 1.0, resample: str = "systematic", ess_threshold: float = 0.5,
-                 resample_window=(0.0, 1.0), resample_every: int = 1, final_correction: bool = True,
-                 guidance=None, value_samples: int = 4, timings: bool | None = None, compile=None,
-                 cuda_graph: bool = False, max_batch: int | None = None, grid: torch.Tensor | None = None):
+                 inner_steps: int = 10, rho=None, solver: str = "euler", sigmabar0: float = 1.0,
+                 potential: str = "diff", lmbda: float = 1.0, resample: str = "systematic",
+                 ess_threshold: float = 0.5, resample_window=(0.0, 1.0), resample_every: int = 1,
+                 final_correction: bool = True, guidance=None, value_samples: int = 4, timings: bool | None = None,
+                 compile=None, cuda_graph: bool = False, max_batch: int | None = None,
+                 grid: torch.Tensor | None = None):
         if not callable(reward):
             raise TypeError(f"reward must be callable(x [N, ...]) -> Tensor[N], got {type(reward).__name__}")
         self.window = _check_options(method, potential, lmbda, resample, ess_threshold, resample_window,
                                      resample_every, value_samples, guidance, final_correction)
-        check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph, rho)
+        # Refused here, before any particle is drawn.
+        self.settings = sampler_settings(method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
+                                         solver=solver, sigmabar0=sigmabar0, grid=grid, compile=compile,
+                                         cuda_graph=cuda_graph, max_batch=max_batch)
         resample_every, value_samples = int(resample_every), int(value_samples)
-        transition_grid(transitions, grid)   # refused here, before any particle is drawn
         self.model, self.reward = model, reward
-        self.sampler_options = dict(method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
-                                    solver=solver, compile=compile, cuda_graph=cuda_graph, grid=grid)
         self.potential, self.lmbda, self.final_correction = potential, float(lmbda), final_correction
         self.resample, self.ess_threshold, self.resample_every = resample, float(ess_threshold), resample_every
-        self.guidance, self.value_samples, self.timings, self.max_batch = guidance, value_samples, timings, max_batch
+        self.guidance, self.value_samples, self.timings = guidance, value_samples, check_timings(timings)
         self._parts: dict = {}
 
     def _build(self, device: torch.device, dtype: torch.dtype):
-        """(meter, sampler, resampling-due flags, value estimators) for particles of this device and dtype."""
+        """(meter, sampler, resampling-due flags, value estimators, grid times on the device) for particles
+        of this device and dtype."""
         key = (device, dtype)
         if key not in self._parts:
-            meter, sampler, values = metered_parts(self.model, device, dtype, self.timings, self.max_batch,
+            meter, sampler, values = metered_parts(self.model, device, dtype, self.timings,
                                                    self.value_samples if self.potential == "value" else None,
-                                                   self.sampler_options)
+                                                   self.settings)
             grid, steps = sampler.grid, sampler.transitions
             lo, hi = self.window
             due = [0 < k + 1 < steps and lo <= float(grid[k + 1]) <= hi and (k + 1) % self.resample_every == 0
                    for k in range(steps)]
-            self._parts[key] = (meter, sampler, due, values)
+            # Copied to the device once: a Python float would be copied host-to-device at every model call.
+            times = grid.to(device).unbind(0)
+            self._parts[key] = (meter, sampler, due, values, times)
         return self._parts[key]
 
     def __call__(self, noise: torch.Tensor, *, generator: torch.Generator | None = None,
@@ -123,7 +131,7 @@ class FKSteering:
         b, k_part = check_particles(self.model, self.reward, noise, generator)
         check_hooks(None, None, project)
         n, rest, dev = b * k_part, tuple(noise.shape[2:]), noise.device
-        meter, sampler, due, values = self._build(dev, noise.dtype)
+        meter, sampler, due, values, times = self._build(dev, noise.dtype)
         meter.begin()
         m, grid, steps, guidance, lmbda = meter.model, sampler.grid, sampler.transitions, self.guidance, self.lmbda
         resampler = (AdaptiveResampler(b, k_part, self.resample, self.ess_threshold, dev)
@@ -132,13 +140,11 @@ class FKSteering:
         guard.check_input(noise, "noise")
 
         def score(z):  # lmbda r(z) in float64, shape [M]
-            return lmbda * meter.reward(self.reward, z, "in fk_steering").to(torch.float64)
+            return lmbda * meter.reward(self.reward, z, "in fk_steering", guard).to(torch.float64)
 
         def grouped(t):
             return t.reshape((b, k_part) + tuple(t.shape[1:]))
 
-        # Grid times on the device, copied once here: a Python float would be copied host-to-device per call.
-        times = torch.as_tensor(grid, dtype=torch.float64).to(dev).unbind(0)
         x = noise.reshape((n,) + rest)
         d = m.denoise(x, times[0])
         guard.check(d, f"the denoiser at t={float(grid[0]):.4f}")
@@ -164,7 +170,7 @@ class FKSteering:
                     s = score(d)
                 log_g = state.step(grouped(s))
             else:
-                r_final = meter.reward(self.reward, x, "in fk_steering at t = 1")
+                r_final = meter.reward(self.reward, x, "in fk_steering at t = 1", guard)
                 log_g = state.final(grouped(lmbda * r_final.to(torch.float64)))
             log_w = log_w + log_g
             log_w = torch.where(torch.isnan(log_w), torch.full_like(log_w, -math.inf), log_w)
@@ -177,9 +183,9 @@ class FKSteering:
                 state.gather(idx, gather)
                 if project is not None:   # a hook's per-row data (Inpaint's noise) follows the particles
                     project = follow(project, (idx + torch.arange(b, device=dev)[:, None] * k_part).reshape(-1))
-        guard.raise_if_bad()
+        # One host read for every record of the run (model outputs, dead groups, non-finite rewards).
+        dead_at, (bad,) = read_after_run(guard, dead_at, state.bad)
         _raise_dead(dead_at, grid)
-        bad = int(state.bad)
         if bad:
             warnings.warn(f"fk_steering: the reward was NaN or Inf for {bad} particle evaluations; those particles "
                           f"were given zero weight", UserWarning, stacklevel=2)
@@ -192,10 +198,11 @@ class FKSteering:
 
 
 def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "glass",
-                transitions: int | None = None, inner_steps: int = 10, rho=None, solver: str = "euler", potential: str = "diff",
-                lmbda: float = 1.0, resample: str = "systematic", ess_threshold: float = 0.5,
-                resample_window=(0.0, 1.0), resample_every: int = 1, final_correction: bool = True,
-                guidance=None, generator: torch.Generator | None = None, progress: bool = False,
+                transitions: int | None = None, inner_steps: int = 10, rho=None, solver: str = "euler",
+                sigmabar0: float = 1.0, potential: str = "diff", lmbda: float = 1.0, resample: str = "systematic",
+                ess_threshold: float = 0.5, resample_window=(0.0, 1.0), resample_every: int = 1,
+                final_correction: bool = True, guidance=None, generator: torch.Generator | None = None,
+                progress: bool = False,
                 value_samples: int = 4, timings: bool | None = None, compile=None, cuda_graph: bool = False,
                 max_batch: int | None = None, grid: torch.Tensor | None = None, project=None) -> SteeringResult:
     """Steer B groups of K particles towards p_r(z) proportional to p(z) exp(lmbda r(z)).
@@ -223,14 +230,14 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
         >>> res.best.shape, res.nfe   # (torch.Size([4, 2]), 50.0)
     """
     steer = FKSteering(model, reward, method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
-                       solver=solver, potential=potential, lmbda=lmbda, resample=resample,
+                       solver=solver, sigmabar0=sigmabar0, potential=potential, lmbda=lmbda, resample=resample,
                        ess_threshold=ess_threshold, resample_window=resample_window, resample_every=resample_every,
                        final_correction=final_correction, guidance=guidance, value_samples=value_samples,
                        timings=timings, compile=compile, cuda_graph=cuda_graph, max_batch=max_batch, grid=grid)
     return steer(noise, generator=generator, progress=progress, project=project)
 
 
-def _raise_dead(dead_at: torch.Tensor, grid: torch.Tensor) -> None:
+def _raise_dead(dead_at: list[int], grid: torch.Tensor) -> None:
     dead = first_dead_group(dead_at, grid)
     if dead is not None:
         raise RuntimeError(f"fk_steering: every particle of group {dead[0]} has zero weight after {dead[1]}: the "

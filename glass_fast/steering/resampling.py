@@ -72,19 +72,26 @@ def resample(log_weights: torch.Tensor, scheme: str = "systematic",
         >>> idx = resample(torch.randn(4, 8), "systematic")
         >>> particles = gather(particles, idx)
     """
-    _check_log_weights(log_weights)
     check_scheme(scheme)
+    check_distribution(log_weights, generator)
+    u = uniforms(log_weights.shape, generator, log_weights.device)
+    return resample_indices(log_weights, u, scheme)
+
+
+def check_distribution(log_weights, generator=None) -> torch.Tensor:
+    """Log-weights [B, K] to draw from, and the generator to draw with: every group finite or -inf (a zero
+    weight) with at least one finite (ValueError naming the group; one host read). NaN or +inf weights, or a
+    group of zero weights, have no distribution to draw from: the index arithmetic would return arbitrary
+    particles instead of failing."""
+    _check_log_weights(log_weights)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    # One host read: NaN or +inf weights (or a group of zero weights) have no distribution to draw from, and
-    # the index arithmetic would return arbitrary ancestors instead of failing.
     valid = ~(torch.isnan(log_weights) | torch.isposinf(log_weights)).any(-1) & ~torch.isneginf(log_weights).all(-1)
     if not bool(valid.all()):
         g = int((~valid).nonzero()[0, 0])
         raise ValueError(f"log_weights of group {g} must be finite or -inf (a zero weight), with at least one "
                          f"finite, got {log_weights[g].tolist()}")
-    u = uniforms(log_weights.shape, generator, log_weights.device)
-    return resample_indices(log_weights, u, scheme)
+    return log_weights
 
 
 def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 
 from ..model import FlowModel
 from ..sampling import Sampler
+from ..transitions import FiniteGuard, check_state
 
 
 @dataclass
@@ -53,10 +54,13 @@ class SteeringResult:
         return gather(self.samples, resample(self.log_weights, scheme, generator))
 
     def select(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """[B, ...] one particle per group drawn with probability equal to its weight."""
-        u = torch.rand(self.log_weights.shape[0], 1, generator=generator, device=self.log_weights.device,
-                       dtype=torch.float64)
-        cdf = torch.cumsum(self.log_weights.double().exp(), dim=-1)
+        """[B, ...] one particle per group drawn with probability equal to its weight (log_weights need not be
+        normalised; a group without a distribution, NaN, +inf or all -inf, raises ValueError naming it)."""
+        from .resampling import check_distribution
+        lw = check_distribution(self.log_weights, generator).double()
+        u = torch.rand(lw.shape[0], 1, generator=generator, device=lw.device, dtype=torch.float64)
+        # Normalised first: exp of large unnormalised log-weights overflows, and inf / inf picks the last particle.
+        cdf = torch.cumsum(torch.softmax(lw, dim=-1), dim=-1)
         idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(cdf.shape[-1] - 1)
         return self.samples[torch.arange(self.samples.shape[0], device=idx.device), idx[:, 0]]
 
@@ -114,11 +118,18 @@ class Meter:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def reward(self, reward, x: torch.Tensor, what: str) -> torch.Tensor:
-        """reward(x) checked for shape, dtype and device; ``what`` names the call site in errors."""
+    def reward(self, reward, x: torch.Tensor, what: str, guard: FiniteGuard | None = None) -> torch.Tensor:
+        """reward(x) checked for shape, dtype and device; ``what`` names the call site in errors. If the reward
+        raises and ``guard`` recorded a non-finite model output, that is raised instead: the reward most likely
+        failed on the NaN states it caused (the guard is read only then)."""
         self.reward_rows += x.shape[0]
         start = self._now() if self.measure else 0.0
-        r = reward(x)
+        try:
+            r = reward(x)
+        except Exception:
+            if guard is not None:
+                guard.raise_if_bad()
+            raise
         if self.measure:
             self.reward_s += self._now() - start
         # Weights and selections need the values only: a graph kept alive here would grow with every transition.
@@ -145,6 +156,14 @@ def metered_sampler(model: FlowModel, device: torch.device, dtype: torch.dtype, 
     return meter, Sampler(meter.model, device=device, dtype=dtype, **sampler_options)
 
 
+def check_timings(timings) -> bool | None:
+    """``timings``: None (measure on CPU only), True or False; anything else is refused rather than read as
+    true or false."""
+    if timings is not None and not isinstance(timings, bool):
+        raise ValueError(f"timings must be None (measure on CPU only), True or False, got {timings!r}")
+    return timings
+
+
 def progress_bar(steps, on: bool, desc: str):
     """``steps`` wrapped in a tqdm bar over transitions when ``on``."""
     if not on:
@@ -169,7 +188,6 @@ def check_reward(r, x: torch.Tensor, what: str) -> torch.Tensor:
 
 def check_particles(model, reward, noise, generator) -> tuple[int, int]:
     """Validate grouped noise [B, K, ...] and the reward; return (B, K)."""
-    from ..transitions import check_state
     if not isinstance(noise, torch.Tensor) or noise.dim() < 3:
         got = f"shape {tuple(noise.shape)}" if isinstance(noise, torch.Tensor) else type(noise).__name__
         raise ValueError(f"noise must be a Tensor[B, K, ...] (B groups of K particles, data dims after), got {got}")
@@ -182,28 +200,50 @@ def check_particles(model, reward, noise, generator) -> tuple[int, int]:
     return b, k
 
 
-def first_dead_group(dead_at: torch.Tensor, grid) -> tuple[int, str] | None:
+def read_after_run(guard: FiniteGuard, *records: torch.Tensor) -> list[list[int]]:
+    """A run's device-side records, read in one host transfer after its loop (one synchronisation on CUDA).
+
+    Reads the guard's finite flags together with ``records`` (integer or bool tensors: counts, per-group
+    transitions) and raises the guard's FloatingPointError, naming the first non-finite model output, if
+    any; otherwise returns each record's values as a flat list of ints, in order."""
+    dev = guard.device
+    # Metadata only (no read): how many of the values read are the guard's flags, and each record's size.
+    flags = [f.reshape(-1).to(device=dev, dtype=torch.int64) for f in guard.flags]
+    n_flags = sum(f.numel() for f in flags)
+    sizes = [r.numel() for r in records]
+    values = torch.cat(flags + [r.reshape(-1).to(device=dev, dtype=torch.int64) for r in records]).tolist() \
+        if flags or records else []
+    ok = values[:n_flags]
+    if not all(ok):
+        raise FloatingPointError(guard.labels[ok.index(0)])
+    out, at = [], n_flags
+    for size in sizes:
+        out.append(values[at:at + size])
+        at += size
+    return out
+
+
+def first_dead_group(dead_at: list[int], grid) -> tuple[int, str] | None:
     """(group, "transition k (t=.. -> ..)[ (and n more groups: [...])]") for the first group with
-    ``dead_at >= 0`` (the transition after which all its particles had invalid rewards), None if none.
-    One host read."""
-    dead_at = dead_at.cpu()
-    groups = torch.nonzero(dead_at >= 0).flatten().tolist()
+    ``dead_at[g] >= 0`` (host values: the transition after which all its particles had invalid rewards),
+    None if none."""
+    groups = [g for g, k in enumerate(dead_at) if k >= 0]
     if not groups:
         return None
-    g, k = groups[0], int(dead_at[groups[0]])
+    g, k = groups[0], dead_at[groups[0]]
     more = f" (and {len(groups) - 1} more groups: {groups[1:8]})" if len(groups) > 1 else ""
     return g, f"transition {k} (t={float(grid[k]):.4f} -> {float(grid[k + 1]):.4f}){more}"
 
 
-def check_selection_rewards(bad: torch.Tensor, dead_at: torch.Tensor, grid, who: str) -> None:
-    """After a selection run (best-of-N, beam search): raise if every candidate of a group had a NaN or Inf
-    reward (no best exists; ``dead_at[b]`` is the first transition where that happened, -1 never), and warn
-    with the number of such rewards otherwise (they rank below every finite one). One host read, after the loop."""
+def check_selection_rewards(bad: int, dead_at: list[int], grid, who: str) -> None:
+    """After a selection run (best-of-N, beam search), from host values (``read_after_run``): raise if every
+    candidate of a group had a NaN or Inf reward (no best exists; ``dead_at[b]`` is the first transition
+    where that happened, -1 never), and warn with the number ``bad`` of such rewards otherwise (they rank
+    below every finite one)."""
     dead = first_dead_group(dead_at, grid)
     if dead is not None:
         raise RuntimeError(f"{who}: the reward was NaN or Inf for every candidate of group {dead[0]} after "
                            f"{dead[1]}: no best candidate exists")
-    bad = int(bad)
     if bad:
         warnings.warn(f"{who}: the reward was NaN or Inf for {bad} candidate evaluations; those candidates ranked "
                       f"below every candidate with a finite reward", UserWarning, stacklevel=3)

@@ -17,9 +17,11 @@ import torch
 
 from ..model import FlowModel
 from ..plan import check_calls
-from ..sampling import check_hooks, check_sampler_options, follow, transition_grid
+from ..sampling import check_hooks, follow
 from ..transitions import FiniteGuard
-from .result import SteeringResult, best_of_groups, check_particles, check_selection_rewards, progress_bar
+from .result import (SteeringResult, best_of_groups, check_particles, check_selection_rewards, check_timings,
+                     progress_bar, read_after_run)
+from .settings import sampler_settings
 from .value import metered_parts
 
 
@@ -33,8 +35,9 @@ class BeamSearch:
 
     def __init__(self, model: FlowModel, reward, *, expansions: int = 4, method: str = "glass",
                  transitions: int | None = None, inner_steps: int = 10, rho=None, solver: str = "euler",
-                 timings: bool | None = None, max_batch: int | None = None, grid: torch.Tensor | None = None,
-                 value_samples: int | None = None, compile=None, cuda_graph: bool = False):
+                 sigmabar0: float = 1.0, timings: bool | None = None, max_batch: int | None = None,
+                 grid: torch.Tensor | None = None, value_samples: int | None = None, compile=None,
+                 cuda_graph: bool = False):
         if not callable(reward):
             raise TypeError(f"reward must be callable(x [N, ...]) -> Tensor[N], got {type(reward).__name__}")
         self.expansions = check_calls(expansions, "expansions")
@@ -42,19 +45,22 @@ class BeamSearch:
         if method == "ode":
             raise ValueError("method='ode' is deterministic: every child of a beam would be the same; "
                              "use 'glass', 'sde' or 'plugin'")
-        check_sampler_options(method, transitions, inner_steps, solver, compile, cuda_graph, rho)
-        transition_grid(transitions, grid)   # refused here, before any beam is drawn
-        self.model, self.reward, self.timings, self.max_batch = model, reward, timings, max_batch
-        self.sampler_options = dict(method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
-                                    solver=solver, grid=grid, compile=compile, cuda_graph=cuda_graph)
+        # Refused here, before any beam is drawn.
+        self.settings = sampler_settings(method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
+                                         solver=solver, sigmabar0=sigmabar0, grid=grid, compile=compile,
+                                         cuda_graph=cuda_graph, max_batch=max_batch)
+        self.model, self.reward, self.timings = model, reward, check_timings(timings)
         self._parts: dict = {}
 
     def _build(self, device: torch.device, dtype: torch.dtype):
-        """(meter, sampler, value estimators by grid index) for beams of this device and dtype."""
+        """(meter, sampler, value estimators by grid index, grid times on the device) for beams of this
+        device and dtype."""
         key = (device, dtype)
         if key not in self._parts:
-            self._parts[key] = metered_parts(self.model, device, dtype, self.timings, self.max_batch,
-                                             self.value_samples, self.sampler_options)
+            meter, sampler, values = metered_parts(self.model, device, dtype, self.timings, self.value_samples,
+                                                   self.settings)
+            # Copied to the device once: a Python float would be copied host-to-device at every model call.
+            self._parts[key] = (meter, sampler, values, sampler.grid.to(device).unbind(0))
         return self._parts[key]
 
     def __call__(self, noise: torch.Tensor, *, generator: torch.Generator | None = None,
@@ -63,7 +69,7 @@ class BeamSearch:
         b, k_beams = check_particles(self.model, self.reward, noise, generator)
         check_hooks(None, None, project)
         n, rest, dev = b * k_beams, tuple(noise.shape[2:]), noise.device
-        meter, sampler, values = self._build(dev, noise.dtype)
+        meter, sampler, values, times = self._build(dev, noise.dtype)
         meter.begin()
         m, grid, steps = meter.model, sampler.grid, sampler.transitions
         reward, expansions, value_samples = self.reward, self.expansions, self.value_samples
@@ -71,10 +77,8 @@ class BeamSearch:
         guard.check_input(noise, "noise")
 
         def score(z):
-            return meter.reward(reward, z, "in beam_search").to(torch.float64)
+            return meter.reward(reward, z, "in beam_search", guard).to(torch.float64)
 
-        # Grid times on the device, copied once (a Python float would be copied host-to-device per call).
-        times = torch.as_tensor(grid, dtype=torch.float64).to(dev).unbind(0)
         x = noise.reshape((n,) + rest)
         d = m.denoise(x, times[0])
         guard.check(d, f"the denoiser at t={float(grid[0]):.4f}")
@@ -101,7 +105,7 @@ class BeamSearch:
                     s = score(d_children)
             else:
                 d_children = None
-                s = meter.reward(reward, children, "in beam_search at t = 1").to(torch.float64)
+                s = meter.reward(reward, children, "in beam_search at t = 1", guard).to(torch.float64)
             # K best of each group's K x expansions children (NaN rewards never win), best first.
             s = s.reshape(b, k_beams * expansions)
             bad = ~torch.isfinite(s)
@@ -115,7 +119,8 @@ class BeamSearch:
                 project = follow(project, rows // expansions)
             if d_children is not None:
                 d = d_children[rows]
-        guard.raise_if_bad()
+        # One host read for every record of the run (model outputs, non-finite scores).
+        (bad_count,), dead_at = read_after_run(guard, bad_count, dead_at)
         check_selection_rewards(bad_count, dead_at, grid, "beam_search")
         # Every call after the first D_{t_0} ran on `expansions` copies of each beam (value draws on
         # value_samples copies of those): count each copy.
@@ -129,8 +134,8 @@ class BeamSearch:
 
 def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: int = 4, method: str = "glass",
                 transitions: int | None = None, inner_steps: int = 10, rho=None, solver: str = "euler",
-                generator: torch.Generator | None = None, progress: bool = False, timings: bool | None = None,
-                max_batch: int | None = None, grid: torch.Tensor | None = None,
+                sigmabar0: float = 1.0, generator: torch.Generator | None = None, progress: bool = False,
+                timings: bool | None = None, max_batch: int | None = None, grid: torch.Tensor | None = None,
                 value_samples: int | None = None, compile=None, cuda_graph: bool = False,
                 project=None) -> SteeringResult:
     """Keep the K best of K x ``expansions`` children per group after every transition.
@@ -141,7 +146,8 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
         noise: [B, K, ...] initial beams drawn from N(0, I).
         expansions: children per beam and transition (1 is plain sampling).
         method: the kernel, "glass" | "sde" | "plugin" (stochastic; "ode" children would be identical).
-        transitions, inner_steps, rho, solver, grid: the sampler (see ``glass_fast.Sampler``).
+        transitions, inner_steps, rho, solver, sigmabar0, grid: the sampler (see ``glass_fast.Sampler``;
+            sigmabar0 is GLASS's and the plug-in kernel's: leave it at 1.0 for "sde").
         generator: randomness of the children. progress: tqdm bar over transitions.
         timings: as in ``fk_steering``. max_batch: most rows per network call (children count).
         value_samples: score children before t = 1 by the value estimate V_t = log E[exp r(z) | x_t] from
@@ -166,6 +172,7 @@ def beam_search(model: FlowModel, reward, noise: torch.Tensor, *, expansions: in
     """
     check_particles(model, reward, noise, generator)
     search = BeamSearch(model, reward, expansions=expansions, method=method, transitions=transitions,
-                        inner_steps=inner_steps, rho=rho, solver=solver, timings=timings, max_batch=max_batch,
-                        grid=grid, value_samples=value_samples, compile=compile, cuda_graph=cuda_graph)
+                        inner_steps=inner_steps, rho=rho, solver=solver, sigmabar0=sigmabar0, timings=timings,
+                        max_batch=max_batch, grid=grid, value_samples=value_samples, compile=compile,
+                        cuda_graph=cuda_graph)
     return search(noise, generator=generator, progress=progress, project=project)

@@ -30,16 +30,16 @@ class PosteriorValue:
 
     Args:
         model: FlowModel; t: float in [0, 1); samples: posterior draws per particle; inner_steps, rho,
-        solver: the GLASS posterior transition; device, dtype: of the particles; final_index: the index of
-        t = 1 on the caller's grid (what a ``project`` hook is told of the draws).
+        solver, sigmabar0: the GLASS posterior transition; device, dtype: of the particles; final_index: the
+        index of t = 1 on the caller's grid (what a ``project`` hook is told of the draws).
     """
 
     def __init__(self, model: FlowModel, t: float, *, samples: int, inner_steps: int, rho, solver: str,
-                 device, dtype, final_index: int = 1):
+                 device, dtype, final_index: int = 1, sigmabar0: float = 1.0):
         self.samples, self.final_index = samples, final_index
         grid = torch.tensor([float(t), 1.0], dtype=torch.float64)
         self.sampler = Sampler(model, method="glass", inner_steps=inner_steps, rho=rho, solver=solver,
-                               device=device, dtype=dtype, grid=grid)
+                               sigmabar0=sigmabar0, device=device, dtype=dtype, grid=grid)
 
     def __call__(self, x: torch.Tensor, score, *, denoised=None, generator=None, guard=None,
                  project=None) -> torch.Tensor:
@@ -55,28 +55,30 @@ class PosteriorValue:
 
 
 def values_on_grid(model: FlowModel, grid: torch.Tensor, samples: int, inner_steps: int, rho, solver: str,
-                   device, dtype) -> dict:
+                   device, dtype, sigmabar0: float = 1.0) -> dict:
     """{k: PosteriorValue at grid[k]} for the interior grid times k = 1 .. K - 1 (where steering and search
     estimate a state's value; grid[0] needs none and at grid[K] the reward itself is the value)."""
     return {k: PosteriorValue(model, float(grid[k]), samples=samples, inner_steps=inner_steps, rho=rho, solver=solver,
-                              device=device, dtype=dtype, final_index=len(grid) - 1) for k in range(1, len(grid) - 1)}
+                              device=device, dtype=dtype, final_index=len(grid) - 1, sigmabar0=sigmabar0)
+            for k in range(1, len(grid) - 1)}
 
 
-def metered_parts(model: FlowModel, device, dtype, timings, max_batch, value_samples: int | None,
-                  sampler_options: dict) -> tuple:
+def metered_parts(model: FlowModel, device, dtype, timings, value_samples: int | None, settings: dict) -> tuple:
     """(meter, sampler, value estimators by grid index; {} when ``value_samples`` is None): what a steering or
-    search object builds once per device and dtype and reuses across batches."""
-    meter, sampler = metered_sampler(model, device, dtype, timings=timings, max_batch=max_batch, **sampler_options)
-    o = sampler_options
+    search object builds once per device and dtype and reuses across batches. ``settings``: the checked
+    ``sampler_settings``; the posterior draws of the value estimates take its GLASS settings (rho, solver,
+    sigmabar0, inner_steps) whatever the proposal's method."""
+    meter, sampler = metered_sampler(model, device, dtype, timings=timings, **settings)
+    o = settings
     values = ({} if value_samples is None else
               values_on_grid(meter.model, sampler.grid, value_samples, o["inner_steps"], o["rho"], o["solver"],
-                             device, dtype))
+                             device, dtype, o["sigmabar0"]))
     return meter, sampler, values
 
 
 def value_estimate(model: FlowModel, reward, x: torch.Tensor, t, *, samples: int = 8, inner_steps: int = 10,
                    rho=0.4, solver: str = "euler", generator: torch.Generator | None = None,
-                   denoised: torch.Tensor | None = None) -> torch.Tensor:
+                   denoised: torch.Tensor | None = None, sigmabar0: float = 1.0) -> torch.Tensor:
     """Estimate V_t(x) = log E[exp(r(z)) | x_t = x] with ``samples`` GLASS posterior samples per state.
 
     Args:
@@ -86,7 +88,8 @@ def value_estimate(model: FlowModel, reward, x: torch.Tensor, t, *, samples: int
         t: float in [0, 1] (at t = 1 the value is r(x)).
         samples: posterior draws per state (cost: samples * inner_steps model evaluations per state, one
             fewer per draw when ``denoised`` is given).
-        inner_steps, rho, solver: the GLASS posterior transition (rho does not change the law at t' = 1).
+        inner_steps, rho, solver, sigmabar0: the GLASS posterior transition (rho does not change the law at
+            t' = 1).
         generator: randomness of the draws.
         denoised: D_t(x) [B, ...] if already computed (saves the first model call).
     Returns:
@@ -109,7 +112,7 @@ def value_estimate(model: FlowModel, reward, x: torch.Tensor, t, *, samples: int
         return check_reward(reward(x), x, "value_estimate at t = 1").to(torch.float64)
     guard = FiniteGuard(x.device)
     value = PosteriorValue(model, float(t), samples=samples, inner_steps=inner_steps, rho=rho, solver=solver,
-                           device=x.device, dtype=x.dtype)
+                           device=x.device, dtype=x.dtype, sigmabar0=sigmabar0)
     v = value(x, lambda z: check_reward(reward(z), z, "value_estimate"), denoised=denoised,
               generator=generator, guard=guard)
     guard.raise_if_bad()
