@@ -291,10 +291,13 @@ def test_controlnet_combination_errors(flux_parts, sd3_parts):
         gd.sample(types.SimpleNamespace(transformer=sd3_parts.transformer, scheduler=sd3_parts.scheduler,
                                         vae=sd3_parts.vae, controlnet=tiny_flux_controlnet()),
                   guidance_scale=1.0, **img, **{**kw, **_sd3_embeds(2, 3, False)})
-    with pytest.raises(TypeError, match="StableDiffusion3ControlNetInpaintingPipeline is not supported: glass_fast "
-                                        "reproduces the ControlNet pipelines FluxControlNetPipeline, "
-                                        "StableDiffusion3ControlNetPipeline, FluxControlNetImg2ImgPipeline and "
-                                        "FluxControlNetInpaintPipeline"):
-        gd.sample(pipeline(sd3_parts, "StableDiffusion3ControlNetInpaintingPipeline",
-                           controlnet=tiny_sd3_controlnet()), guidance_scale=1.0, **img,
-                  **{**kw, **_sd3_embeds(2, 3, False)})
+
+    class OtherControlNetPipeline:   # a ControlNet pipeline whose loop is not one of those reproduced
+        transformer, scheduler, vae, controlnet = (sd3_parts.transformer, sd3_parts.scheduler, sd3_parts.vae,
+                                                   tiny_sd3_controlnet())
+    with pytest.raises(TypeError, match="OtherControlNetPipeline is not supported: glass_fast reproduces the "
+                                        "ControlNet pipelines FluxControlNetPipeline, "
+                                        "StableDiffusion3ControlNetPipeline, FluxControlNetImg2ImgPipeline, "
+                                        "FluxControlNetInpaintPipeline and "
+                                        "StableDiffusion3ControlNetInpaintingPipeline"):
+        gd.sample(OtherControlNetPipeline(), guidance_scale=1.0, **img, **{**kw, **_sd3_embeds(2, 3, False)})

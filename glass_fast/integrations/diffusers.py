@@ -123,7 +123,7 @@ def _prepare(a: dict, per_name: str, grid, cuda_graph: bool):
     # An inpainting pipeline's mask is blended into the state, not a FLUX.1 Fill condition.
     mask_image, masked = (None, None) if inpaint.active else (a["mask_image"], a["masked_image_latents"])
     ctl = ControlNetArgs(flow, a["control_image"], a["controlnet_conditioning_scale"], a["control_guidance_start"],
-                         a["control_guidance_end"], a["control_mode"])
+                         a["control_guidance_end"], a["control_mode"], a["control_mask"], a["mask_image"])
     chan = ChannelCondition(flow, image, strength, latents is not None, mask_image, masked,
                             None if ctl.net is not None else a["control_image"], context_image)
     ctl.check(flow, image, chan.kind, context_image, (a["ip_adapter_image"], a["ip_adapter_image_embeds"]),
@@ -277,13 +277,14 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
            negative_prompt_3=None, sigmas=None, context_image=None, context_auto_resize: bool = True,
            text_encoder_out_layers=None, mask_image=None, masked_image_latents=None, control_image=None,
            controlnet_conditioning_scale=None, control_guidance_start=None, control_guidance_end=None,
-           control_mode=None, image_reference=None, project=None):
+           control_mode=None, control_mask=None, image_reference=None, project=None):
     """Generate images from a FLUX.1, FLUX.2 or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
 
     Args:
         pipe: FluxPipeline / Flux2Pipeline / Flux2KleinPipeline / StableDiffusion3Pipeline (and FLUX.1's
             img2img, Kontext, Fill, Control and ControlNet pipelines (FluxControlNetImg2ImgPipeline too), SD3's
-            img2img and ControlNet pipelines, the inpainting pipelines listed under ``mask_image``), an
+            img2img and ControlNet pipelines (StableDiffusion3ControlNetInpaintingPipeline too), the
+            inpainting pipelines listed under ``mask_image``), an
             object with .transformer/.scheduler/.vae (and .controlnet), or a DiffusersFlow.
         prompt: str or list of P strings (needs text encoders unless prompt_embeds are given).
         prompt_embeds, pooled_prompt_embeds: [P, S, D] and [P, Dp] precomputed embeddings (FLUX.2: no pooled).
@@ -383,6 +384,10 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
             ``image`` (image-to-image at ``strength``, default 0.6); their window counts only the steps that run after ``strength``, as theirs. As for the other
             edit pipelines, ``latents`` is the noise mixed with the image, and one image per prompt serves every
             row of its prompt (the pipelines tile the images over num_images_per_prompt).
+        control_mask: StableDiffusion3ControlNetInpaintingPipeline's mask of ``control_image`` (the image it
+            inpaints; white is repainted; one, or one per prompt; a 4-D Tensor [1 or P, 1, H, W] is taken as
+            given, unbinarised, as the pipeline takes it). Its ControlNet reads the masked image's latents and
+            the mask; it starts from noise (no ``image``, no ``strength``, no blend).
     Returns:
         The images (or latents) of the P * num_images_per_prompt rows.
     """
@@ -415,7 +420,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
           negative_prompt_2=None, negative_prompt_3=None, sigmas=None, context_image=None,
           context_auto_resize: bool = True, text_encoder_out_layers=None, mask_image=None,
           masked_image_latents=None, control_image=None, controlnet_conditioning_scale=None,
-          control_guidance_start=None, control_guidance_end=None, control_mode=None, algorithm: str = "fk",
+          control_guidance_start=None, control_guidance_end=None, control_mode=None, control_mask=None,
+          algorithm: str = "fk",
           image_reference=None, project=None, **steering_options):
     """Feynman-Kac steering of a FLUX.1, FLUX.2 or SD3 pipeline towards p(image | prompt)
     exp(lmbda reward(image)), or beam search for high-reward images.
@@ -431,7 +437,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
             skip_guidance_layers, ..., ip_adapter_image, ..., prompt_2, ..., sigmas, context_image, ...,
             text_encoder_out_layers, mask_image, masked_image_latents, control_image,
             controlnet_conditioning_scale, control_guidance_start, control_guidance_end, control_mode,
-            image_reference, project: as in ``sample`` (project: applied to every particle; guidance shifts the proposal's model calls; its reward may differ
+            control_mask, image_reference, project: as in ``sample`` (project: applied to every particle; guidance shifts the proposal's model calls; its reward may differ
             from ``reward``).
         reward: an ``ImageReward``: reward(images [N, 3, H, W] in [0, 1], prompts list of N) -> Tensor[N].
         particles: K particles per prompt.

@@ -201,11 +201,17 @@ def masked_image_latents(flow: DiffusersFlow, image, mask_image, prompts: int, h
     FLUX.1 inpainting pipelines prepare them: image and mask resized to height x width, the mask's white pixels
     set to 0 in [-1, 1], one VAE posterior draw per masked image (with ``generator``)."""
     pixels = image_processor(flow).preprocess(image, height=height, width=width).float()
-    mask = image_processor(flow, do_normalize=False, do_binarize=True,
-                           do_convert_grayscale=True).preprocess(mask_image, height=height, width=width).float()
+    mask = mask_pixels(flow, mask_image, height, width).float()
     check_images("image", pixels, prompts)
     check_images("mask_image", mask, prompts)
     return flow.encode_images(pixels * (1 - mask), generator), mask
+
+
+def mask_pixels(flow: DiffusersFlow, mask_image, height: int, width: int) -> torch.Tensor:
+    """A mask as the inpainting pipelines' mask processor gives it: [N, 1, height, width], grayscale, resized,
+    binarised (white, >= 0.5, is 1: repainted)."""
+    processor = image_processor(flow, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+    return processor.preprocess(mask_image, height=height, width=width)
 
 
 def control_latents(flow: DiffusersFlow, control_image, prompts: int, height: int, width: int, generator=None,

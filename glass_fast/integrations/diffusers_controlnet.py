@@ -1,5 +1,6 @@
 """ControlNets of FLUX.1 (FluxControlNetPipeline, FluxControlNetImg2ImgPipeline, FluxControlNetInpaintPipeline)
-and SD3 (StableDiffusion3ControlNetPipeline) in every transformer call.
+and SD3 (StableDiffusion3ControlNetPipeline, StableDiffusion3ControlNetInpaintingPipeline) in every transformer
+call.
 
 A ControlNet reads what the transformer reads plus a control condition and returns residuals that the
 transformer adds to its blocks' hidden states (FLUX.1: ``controlnet_block_samples`` /
@@ -23,6 +24,12 @@ from ``image`` (the inpainting one blending its kept region back after every ste
 count the window's steps among the steps that run, after ``strength`` has dropped the first ones: the window is
 then read on that shortened grid. Both need ``image`` (their default guidance_scale, 7.0: ``diffusers_checks``). The
 generator draws as theirs: the control image's VAE latents, then the image's, then the noise.
+
+StableDiffusion3ControlNetInpaintingPipeline runs text-to-image from noise (no blend, no ``strength``); its
+ControlNet (one extra conditioning channel) inpaints ``control_image`` where ``control_mask`` is white: its
+condition is the VAE latents of the control image with the mask's pixels set to -1, shifted and scaled, followed
+by 1 - mask resized to the latents (nearest), and it reads zero pooled projections and the prompt tokens
+whatever its config says.
 """
 from __future__ import annotations
 
@@ -41,14 +48,17 @@ if TYPE_CHECKING:
 
 # The ControlNet pipelines editing an image (image-to-image, inpainting): ``image`` is required there.
 EDIT_PIPELINES = ("FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline")
-SUPPORTED_PIPELINES = ("FluxControlNetPipeline", "StableDiffusion3ControlNetPipeline") + EDIT_PIPELINES
+# The SD3 pipeline inpainting its control image (the ControlNet reads the masked image and the mask).
+INPAINT_PIPELINE = "StableDiffusion3ControlNetInpaintingPipeline"
+SUPPORTED_PIPELINES = ("FluxControlNetPipeline", "StableDiffusion3ControlNetPipeline") + EDIT_PIPELINES + (
+    INPAINT_PIPELINE,)
 _NET_CLASSES = {"flux": "FluxControlNetModel", "sd3": "SD3ControlNetModel"}
 _EPS = 1e-6   # tolerance of the window's ends for float32 times
 
 
 def pipeline_controlnet(pipe):
     """The ControlNet a pipeline (or adapter) holds, or None; TypeError for ControlNet pipelines whose loops
-    differ from the two reproduced here."""
+    differ from those reproduced here."""
     from .diffusers_adapter import DiffusersFlow
     owner = pipe.pipeline if isinstance(pipe, DiffusersFlow) else pipe
     net = getattr(owner, "controlnet", None)
@@ -118,15 +128,30 @@ class ControlNetArgs:
         scale, start, end: ``controlnet_conditioning_scale``, ``control_guidance_start`` / ``_end`` (a number,
             or a list of one per image); None: the pipelines' defaults 1.0, 0.0, 1.0.
         mode: ``control_mode`` of union ControlNets (an int, or a list per image; None where a net is not union).
+        mask: INPAINT_PIPELINE's ``control_mask`` (white where content is generated; one, or one per prompt).
+        mask_image: ``sample``'s, refused with INPAINT_PIPELINE (whose mask is ``control_mask``).
     Attributes:
         net: the pipeline's ControlNet, or None (then every ControlNet argument must be unset).
         edit: the EDIT_PIPELINES class reproduced, or None.
+        inpaint: whether the pipeline is INPAINT_PIPELINE.
     """
 
-    def __init__(self, pipe, control_image, scale=None, start=None, end=None, mode=None):
+    def __init__(self, pipe, control_image, scale=None, start=None, end=None, mode=None, mask=None,
+                 mask_image=None):
         self.net = pipeline_controlnet(pipe)
-        edit = pipeline_classes(pipe) & set(EDIT_PIPELINES) if self.net is not None else set()
+        classes = pipeline_classes(pipe) if self.net is not None else set()
+        edit = classes & set(EDIT_PIPELINES)
         self.edit = min(edit) if edit else None
+        self.inpaint, self.mask = INPAINT_PIPELINE in classes, mask
+        if mask is not None and not self.inpaint:
+            raise ValueError(f"control_mask is {INPAINT_PIPELINE}'s mask of its control image; this pipeline takes "
+                             f"none (the inpainting pipelines' mask is mask_image=)")
+        if self.inpaint and mask_image is not None:
+            raise ValueError(f"mask_image: {INPAINT_PIPELINE}'s mask is control_mask= (white where control_image, "
+                             f"the image it inpaints, is repainted)")
+        if self.inpaint and mask is None:
+            raise ValueError(f"{INPAINT_PIPELINE} inpaints its control_image: pass control_mask= (white where "
+                             f"content is generated)")
         given = [k for k, v in (("controlnet_conditioning_scale", scale), ("control_guidance_start", start),
                                 ("control_guidance_end", end), ("control_mode", mode)) if v is not None]
         if self.net is None:
@@ -183,6 +208,11 @@ class ControlNetArgs:
             names = sorted({type(n).__name__ for n in self.nets})
             raise TypeError(f"{', '.join(names)} cannot drive this transformer: FLUX.1 takes FluxControlNetModel, "
                             f"SD3 SD3ControlNetModel")
+        if flow.kind == "sd3":
+            _check_sd3_nets(self.nets, self.inpaint)
+        if self.inpaint and image is not None:
+            raise ValueError(f"image=: {INPAINT_PIPELINE} takes the image it inpaints as control_image= (with "
+                             f"control_mask=) and starts from noise, not from an image")
         if self.edit is not None and image is None:
             raise ValueError(f"{self.edit} edits an image: pass image= (the image to edit)")
         other = [name for name, on in (("image= (image-to-image)", image is not None and self.edit is None),
@@ -213,6 +243,8 @@ class ControlNetArgs:
                 images.append(control_pixels(flow, img, p, height, width, name).to(flow.device, flow.dtype))
             elif flow.kind == "flux":
                 images.append(control_latents(flow, img, p, height, width, generator, name))
+            elif self.inpaint:
+                images.append(_sd3_inpaint_condition(flow, img, self.mask, p, height, width, generator, name))
             else:
                 images.append(_sd3_latents(flow, control_pixels(flow, img, p, height, width, name), generator,
                                            first.config.force_zeros_for_pooled_projection))
@@ -220,8 +252,26 @@ class ControlNetArgs:
             flow.kind, self.nets, images, self.modes, self.scales, [step_window(s, e, grid) for s, e in self.bounds],
             blocks_repeat=flow.kind == "flux" and first.input_hint_block is not None,
             guidance=flow.kind == "flux" and bool(first.config.guidance_embeds),
-            zero_pooled=flow.kind == "sd3" and bool(first.config.force_zeros_for_pooled_projection),
+            # The inpainting pipeline gives its ControlNet zero pooled projections whatever the config says.
+            zero_pooled=flow.kind == "sd3" and (self.inpaint or bool(first.config.force_zeros_for_pooled_projection)),
             text=flow.kind == "flux" or first.config.joint_attention_dim is not None)
+
+
+def _check_sd3_nets(nets: list, inpaint: bool) -> None:
+    """ValueError for SD3 ControlNets that the pipeline cannot run: INPAINT_PIPELINE's read one conditioning
+    channel beyond the latents' (the mask) and the prompt tokens; StableDiffusion3ControlNetPipeline's none."""
+    for net in nets:
+        extra = net.config.extra_conditioning_channels
+        if inpaint and extra != 1:
+            raise ValueError(f"{INPAINT_PIPELINE}'s ControlNet reads the masked image's latents and the mask: it "
+                             f"needs extra_conditioning_channels=1, this one has {extra}")
+        if not inpaint and extra:
+            raise ValueError(f"this SD3ControlNetModel reads {extra} conditioning channel(s) beyond the latents' "
+                             f"(extra_conditioning_channels={extra}): an inpainting ControlNet, which "
+                             f"{INPAINT_PIPELINE} runs with control_mask=")
+        if inpaint and net.config.joint_attention_dim is None:
+            raise ValueError(f"{INPAINT_PIPELINE} gives its ControlNet the prompt tokens; this one reads none "
+                             f"(joint_attention_dim=None)")
 
 
 def _sd3_latents(flow: DiffusersFlow, pixels: torch.Tensor, generator, zero_shift: bool) -> torch.Tensor:
@@ -233,6 +283,33 @@ def _sd3_latents(flow: DiffusersFlow, pixels: torch.Tensor, generator, zero_shif
         lat = flow.vae.encode(pixels.to(device=flow.device, dtype=flow.vae.dtype)).latent_dist.sample(generator)
     shift = 0.0 if zero_shift else (cfg.get("shift_factor", None) or 0.0)
     return ((lat - shift) * cfg.scaling_factor).to(dtype=flow.dtype)
+
+
+def _sd3_inpaint_condition(flow: DiffusersFlow, image, mask, prompts: int, height: int, width: int, generator,
+                           name: str) -> torch.Tensor:
+    """INPAINT_PIPELINE's condition [P, C + 1, h, w]: the latents of the control image with the mask's pixels
+    (> 0.5) set to -1, shifted and scaled (``_sd3_latents``), then 1 - mask resized to the latents (nearest). A
+    4-D Tensor mask [1 or P, 1, height, width] is taken as given (values in [0, 1], not binarised), as the
+    pipeline takes it; other masks are binarised and resized (``mask_pixels``)."""
+    from .diffusers_channels import check_images, control_pixels, mask_pixels
+    pixels = control_pixels(flow, image, prompts, height, width, name)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        if tuple(mask.shape[1:]) != (1, height, width):
+            raise ValueError(f"control_mask as a 4-D Tensor must have shape [1 or {prompts}, 1, {height}, "
+                             f"{width}] (pixels at the output size), got {tuple(mask.shape)}")
+        if mask.is_complex() or mask.dtype == torch.bool:
+            raise TypeError(f"control_mask must be a real Tensor of values in [0, 1], got {mask.dtype}")
+    else:
+        mask = mask_pixels(flow, mask, height, width)
+    check_images("control_mask", mask, prompts)
+    if bool((mask < 0).any() or (mask > 1).any()):
+        raise ValueError(f"control_mask must hold values in [0, 1], got values in [{float(mask.min())}, "
+                         f"{float(mask.max())}]")
+    mask = mask.to(device=pixels.device, dtype=torch.float32).expand(prompts, -1, -1, -1)
+    masked = torch.where(mask > 0.5, -1.0, pixels.float())
+    latents = _sd3_latents(flow, masked, generator, zero_shift=False)
+    keep = 1.0 - torch.nn.functional.interpolate(mask, size=tuple(latents.shape[-2:]))
+    return torch.cat([latents, keep.to(device=latents.device, dtype=latents.dtype)], dim=1)
 
 
 @dataclass

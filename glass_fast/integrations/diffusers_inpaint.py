@@ -34,7 +34,7 @@ import torch
 
 from ..inpaint import Inpaint
 from ..schedules import LinearSchedule
-from .diffusers_channels import check_images, image_processor, masked_image_latents
+from .diffusers_channels import check_images, image_processor, mask_pixels, masked_image_latents
 from .diffusers_checks import pipeline_classes
 from .diffusers_conditioning import context_tokens, kontext_size
 from .diffusers_flux import inpaint_image_size, inpaint_references, packed_image_ids
@@ -167,8 +167,7 @@ class InpaintArgs:
     def mask(self, flow: DiffusersFlow, prompts: int, height: int, width: int) -> torch.Tensor:
         """The mask in the state layout, [1 or P, *state_shape] (FLUX.2: [1 or P, L, 1], one value per token):
         1 where content is generated."""
-        processor = image_processor(flow, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
-        mask = processor.preprocess(self.mask_image, height=height, width=width)
+        mask = mask_pixels(flow, self.mask_image, height, width)
         check_images("mask_image", mask, prompts)
         h, w = flow.latent_hw(height, width)
         if flow.kind == "flux2":
