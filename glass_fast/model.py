@@ -1,7 +1,7 @@
 """FlowModel: a user network plus its schedule and parameterization. The one home of parameterization math.
 
-Every parameterization is linear in (x, output) at a fixed time, so conversions are pairs of float64
-coefficients computed on the host: D_t(x) = a_x x + a_o out (MATH.md section 1).
+Every parameterization is linear in (x, output) at a fixed time: D_t(x) = a_x x + a_o out (MATH.md section 1)
+with float64 coefficients computed on the host, applied to tensors by ``combine_output`` and ``solve_output``.
 """
 from __future__ import annotations
 
@@ -86,9 +86,41 @@ def velocity_coefficients(schedule: Schedule, prediction: str, t):
 
 
 def output_from_denoised(schedule: Schedule, prediction: str, t, x, d):
-    """The raw output a ``prediction`` model would give for denoiser value ``d`` at (x, t)."""
-    a_x, a_o = denoiser_coefficients(schedule, prediction, t)
-    return (d - a_x * x) / a_o
+    """The raw output a ``prediction`` model would give for denoiser value ``d`` at (x, t) (see solve_output)."""
+    return solve_output(denoiser_coefficients(schedule, prediction, t), x, d)
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64, else float32 (half precision upcast, rounded once), as in the fused step: float64
+    for float32 would copy the state for accuracy its inputs lack (error bound: tests/test_conversions.py)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def coefficient_like(c, like: torch.Tensor):
+    """``c`` to multiply ``like`` [N, ...]: a float for a number or 0-d host tensor (no device copy), else on
+    like's device and dtype, [N] -> [N, 1, ...]; never read on the host (no stream sync)."""
+    if not isinstance(c, torch.Tensor) or (c.dim() == 0 and c.device.type == "cpu"):
+        return float(c)
+    c = c.to(device=like.device, dtype=like.dtype)
+    return c.reshape(c.shape + (1,) * (like.dim() - c.dim()))
+
+
+def combine_output(c, x: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """c_x x + c_o out (c_o out for x None) for c = (c_x, c_o), floats or host or per-row [N] tensors: in the
+    dtype x and out promote to, computed in its opmath_dtype. Not fused (FMA): float64 runs that must match
+    across the sampler's paths rely on the plain expression's rounding."""
+    dtype = out.dtype if x is None else torch.promote_types(x.dtype, out.dtype)
+    outs = out.to(opmath_dtype(dtype))
+    r = coefficient_like(c[1], outs) * outs
+    return (r if x is None else coefficient_like(c[0], outs) * x.to(outs.dtype) + r).to(dtype)
+
+
+def solve_output(c, x: torch.Tensor | None, d: torch.Tensor) -> torch.Tensor:
+    """The output with combine_output(c, x, out) = d. Where c_o = 0 it does not enter D (sigma = 0: D = x / alpha)
+    and any output fits: 0 there, not the quotient's NaN or Inf."""
+    c_x, c_o = (torch.as_tensor(v, dtype=torch.float64) for v in c)
+    inv = torch.where(c_o == 0, 0.0, 1 / torch.where(c_o == 0, 1.0, c_o))
+    return combine_output((-c_x * inv, inv), x, d)
 
 
 def _check_host_times(t: torch.Tensor) -> None:
@@ -218,7 +250,7 @@ class FlowModel:
         return self._linear(x, t, velocity_coefficients)
 
     def _linear(self, x: torch.Tensor, t, coefficients) -> torch.Tensor:
-        """c_x x + c_o out with (c_x, c_o) = coefficients(schedule, prediction, t), in float64.
+        """c_x x + c_o out with (c_x, c_o) = coefficients(schedule, prediction, t), in x's dtype (combine_output).
 
         A float ``t`` stays on the host (no copy to the device: nothing here synchronises a CUDA stream).
         Times outside [0, 1] (or NaN) are refused for a float and for a CPU tensor; a tensor on an accelerator
@@ -229,18 +261,14 @@ class FlowModel:
             if t.device.type == "cpu":
                 _check_host_times(t)
             tc = self.clamp_time(t.to(device=x.device, dtype=torch.float64))
-            tc = tc.expand(x.shape[0]) if tc.dim() == 0 else tc
-            c_x, c_o = (c.reshape((-1,) + (1,) * (x.dim() - 1)) for c in coefficients(self.schedule, self.prediction, tc))
-            t_net = tc
+            t_net = tc = tc.expand(x.shape[0]) if tc.dim() == 0 else tc
         else:
             if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= float(t) <= 1.0:
                 raise ValueError(f"t must be a time in [0, 1] (0 noise, 1 data) or a Tensor, got {t!r}")
             tc = self.clamp_time(float(t))
-            host_t = torch.tensor(tc, dtype=torch.float64)  # CPU tensor: inf, not ZeroDivisionError, at singularities
-            c_x, c_o = (float(c) for c in coefficients(self.schedule, self.prediction, host_t))
             t_net = torch.full((x.shape[0],), tc, dtype=torch.float32, device=x.device)
-        out = self(x, t_net)
-        return (c_x * x.double() + c_o * out.double()).to(x.dtype)
+            tc = torch.tensor(tc, dtype=torch.float64)  # CPU tensor: inf, not ZeroDivisionError, at singularities
+        return combine_output(coefficients(self.schedule, self.prediction, tc), x, self(x, t_net)).to(x.dtype)
 
     def __repr__(self) -> str:
         return f"FlowModel({getattr(self.fn, '__name__', type(self.fn).__name__)}, {self.schedule!r}, prediction={self.prediction!r})"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .model import FlowModel, denoiser_coefficients
+from .model import FlowModel, combine_output, denoiser_coefficients, opmath_dtype, solve_output
 from .plan import (Plan, as_times, check_calls, check_interval, check_solver, glass_plan, ode_plan, resolve_rho, sde_plan,
                    steps_per_call)
 
@@ -63,7 +63,7 @@ class DevicePlan:
     """A plan's rows and times on the sampler's device, moved there once."""
 
     def __init__(self, plan: Plan, device: torch.device, state_dtype: torch.dtype):
-        acc = torch.float64 if state_dtype == torch.float64 else torch.float32
+        acc = opmath_dtype(state_dtype)
         self.kinds = plan.kinds
         self.host_times = plan.times
         self.times = plan.times.to(device=device, dtype=torch.float32)
@@ -104,7 +104,7 @@ def execute(model: FlowModel, plan, x: torch.Tensor, noise: torch.Tensor, *, den
     ``model.input_dtype(x)``: the first is x itself, the later ones come out of the fused step in the
     model output's dtype.
     """
-    work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    work = opmath_dtype(x.dtype)
     if work != x.dtype:   # the fused step takes x_t and stages in the state's dtype
         noise = noise.to(work)
     draws = iter(noise.unbind(0))
@@ -143,9 +143,9 @@ def guided_denoised(guidance, model: FlowModel, x: torch.Tensor, d: torch.Tensor
     if hasattr(guidance, "shift"):
         return guidance.shift(model, y, t_dev, t_host, d)
     # A generic hook edits the raw output: convert D -> output -> hook -> D.
-    a_x, a_o = (float(c) for c in denoiser_coefficients(model.schedule, model.prediction, t_host))
-    out = ((d - a_x * x) / a_o).to(y.dtype)
-    return (a_x * x + a_o * guidance(model, y, t_dev, t_host, out)).to(d.dtype)
+    c = denoiser_coefficients(model.schedule, model.prediction, t_host)
+    out = solve_output(c, x, d).to(y.dtype)
+    return combine_output(c, x, guidance(model, y, t_dev, t_host, out)).to(d.dtype)
 
 
 def _fmt(t: torch.Tensor) -> str:

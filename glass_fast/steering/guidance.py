@@ -24,7 +24,7 @@ import numbers
 
 import torch
 
-from ..model import FlowModel, denoiser_coefficients
+from ..model import FlowModel, coefficient_like, combine_output, denoiser_coefficients, solve_output
 from .result import check_reward
 
 
@@ -80,7 +80,7 @@ class RewardGuidance:
         a, s = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(s, dtype=torch.float64)
         on = (t >= lo) & (t <= hi) & (a > 0)
         c = torch.where(on, self.scale * s * s / torch.where(a > 0, a, 1.0), 0.0)
-        return _host_or_device(c, like)
+        return coefficient_like(c, like)
 
     def _gradient(self, model: FlowModel, y: torch.Tensor, t_dev: torch.Tensor, t_host: torch.Tensor,
                   d: torch.Tensor) -> torch.Tensor:
@@ -90,9 +90,8 @@ class RewardGuidance:
                 target = leaf
             else:
                 leaf = y.detach().requires_grad_(True)
-                a_x, a_o = denoiser_coefficients(model.schedule, model.prediction, t_host)
-                out = model(leaf, t_dev)
-                target = _host_or_device(a_x, leaf) * leaf + _host_or_device(a_o, leaf) * out
+                c = denoiser_coefficients(model.schedule, model.prediction, t_host.to(torch.float64))
+                target = combine_output(c, leaf, model(leaf, t_dev))
             r = check_reward(self.reward(target), target, "in RewardGuidance")
             if not r.requires_grad:
                 raise TypeError("RewardGuidance: the reward's output has no gradient with respect to its input "
@@ -118,19 +117,8 @@ class RewardGuidance:
         """The sampler's hook: the raw output whose denoiser is the guided one."""
         if not self.active(t_host):
             return out
-        a_x, a_o = denoiser_coefficients(model.schedule, model.prediction, t_host.to(torch.float64))
-        a_o = torch.as_tensor(a_o, dtype=torch.float64)
-        ax, ao = _host_or_device(a_x, out), _host_or_device(a_o, out)
-        d = ax * y.to(out.dtype) + ao * out
+        c = denoiser_coefficients(model.schedule, model.prediction, t_host.to(torch.float64))
+        d = combine_output(c, y.to(out.dtype), out)
         shift = self._coefficient(model, t_host, out) * self._gradient(model, y, t_dev, t_host, d)
-        # a_o = 0 only where the network output does not enter D (velocity at sigma = 0): no shift there.
-        safe = _host_or_device(torch.where(a_o == 0, 1.0, a_o), out)
-        return out + (shift / safe).to(out.dtype)
-
-
-def _host_or_device(c, like: torch.Tensor):
-    """A float64 host coefficient as a Python float (0-d: no device copy) or a [N, 1, ...] tensor on like's device."""
-    c = torch.as_tensor(c, dtype=torch.float64)
-    if c.dim() == 0:
-        return float(c)
-    return c.to(device=like.device, dtype=like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+        # solve_output: no shift of the output where it does not enter D (a_o = 0: velocity at sigma = 0).
+        return out + solve_output(c, None, shift).to(out.dtype)
