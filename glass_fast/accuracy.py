@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .mixtures import GaussianMixture, ks_critical, ks_statistic, mixture_cdf, standard_mixture
+from .plan import check_calls
 from .schedules import LinearSchedule
 from .transitions import glass_transition, sde_transition
 
@@ -20,7 +21,12 @@ def transition_ks(method: str, calls: int, t: float, t_next: float, *, n: int = 
 
     SDE transitions are compared with the DDPM law (rho = "ddpm"), GLASS ones with the law of their rho.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    n = check_calls(n, "n")
     gm = mixture or standard_mixture()
+    if not isinstance(gm, GaussianMixture) or gm.dim != 2:
+        raise ValueError(f"mixture must be a 2-D GaussianMixture (the projections are 2-D), got {gm!r}")
     sch = LinearSchedule()
     model = gm.flow_model(sch, "velocity")
     x_cond = gm.marginal_sample(sch, t, 1, torch.Generator().manual_seed(seed))
@@ -48,6 +54,9 @@ def accuracy_table(calls=(2, 4, 8, 16, 32), *, n: int = 20000, transitions: int 
     Returns:
         {"interior": {method: {calls: ks}}, "final": {...}, "critical": KS critical value at the 0.1% level}.
     """
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"methods must be drawn from {METHODS}, got {m!r}")
     grid = torch.linspace(0, 1, transitions + 1).tolist()
     out = {"interior": {}, "final": {}, "critical": ks_critical(n, 0.001), "n": n}
     for method in methods:

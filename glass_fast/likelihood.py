@@ -5,22 +5,28 @@ x at t_max to t_min gives
 
     log p_{t_max}(x) = log p_{t_min}(x_{t_min}) - integral_{t_min}^{t_max} div u_t(x_t) dt,
 
-with p_{t_min} taken as N(0, sigma_{t_min}^2 I): exact when alpha_{t_min} = 0 (t = 0 is pure noise).
+with p_{t_min} taken as N(0, sigma_{t_min}^2 I): exact when alpha_{t_min} = 0 (t = 0 is pure noise). Where the
+model's lowest time keeps more than a trace of the data (a VP path with a small beta_max), that base is not
+p_{t_min} and the result would be off by about alpha_{t_min} times the data's scale, in nats: refused.
 The divergence is exact (one backward pass per data dimension) or Hutchinson's unbiased estimate
 E[eps^T (du/dx) eps] over Rademacher probes (one backward pass per probe).
 """
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
-from .model import FlowModel
+from .model import FlowModel, opmath_dtype
 from .plan import check_calls
 from .transitions import FiniteGuard, all_finite, check_state
 
 DIVERGENCES = ("auto", "exact", "hutchinson")
 _EXACT_UP_TO = 32   # "auto": exact divergence up to this many dimensions per sample
+# Largest alpha at the bottom of the integration for which N(0, sigma^2 I) stands in for p_{t_min}. The default
+# VP path (alpha_0 = 6.6e-3) is below it; epsilon and score models on the linear path stop at alpha = 1e-4.
+_BASE_ALPHA_TOL = 1e-2
 
 
 def log_likelihood(model: FlowModel, x: torch.Tensor, *, steps: int = 100, solver: str = "heun",
@@ -30,7 +36,8 @@ def log_likelihood(model: FlowModel, x: torch.Tensor, *, steps: int = 100, solve
 
     Args:
         model: a FlowModel whose network is differentiable in x.
-        x: [B, ...] data points.
+        x: [B, ...] data points. The network sees them in their dtype; the ODE state is carried in float32
+            for half-precision data (as the samplers do) and the result is accumulated in float64.
         steps: integration steps on a uniform grid from t_max down to the model's lowest time.
         solver: "euler" (one model call per step) or "heun" (two; second order).
         divergence: "exact", "hutchinson" or "auto" (exact up to 32 dimensions per sample).
@@ -41,6 +48,9 @@ def log_likelihood(model: FlowModel, x: torch.Tensor, *, steps: int = 100, solve
         generator: randomness of the Hutchinson probes.
     Returns:
         Tensor[B] float64 log-densities.
+    Raises:
+        ValueError where the model's lowest time is not (nearly) pure noise, alpha > 1e-2 there (see above);
+        RuntimeError under torch.inference_mode or for a network whose output carries no gradient to x.
 
     Example:
         >>> lp = log_likelihood(model, data[:256], steps=200)   # nats per sample
@@ -57,6 +67,11 @@ def log_likelihood(model: FlowModel, x: torch.Tensor, *, steps: int = 100, solve
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     probes = check_calls(probes, "probes")
+    if t_max is not None and (isinstance(t_max, bool) or not isinstance(t_max, numbers.Real)):
+        raise ValueError(f"t_max must be None or a number in (0, 1], got {t_max!r}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("log_likelihood differentiates the model (its divergence): call it outside "
+                           "torch.inference_mode (torch.no_grad is fine)")
     dims = x[0].numel()
     exact = divergence == "exact" or (divergence == "auto" and dims <= _EXACT_UP_TO)
     lo, hi = model.time_range
@@ -64,6 +79,13 @@ def log_likelihood(model: FlowModel, x: torch.Tensor, *, steps: int = 100, solve
     if not lo < top <= 1.0:
         raise ValueError(f"t_max must lie in ({lo}, 1] (above the model's lowest time), got {t_max!r}")
     grid = torch.linspace(min(top, hi), lo, steps + 1, dtype=torch.float64)
+    base_alpha = float(model.schedule.alpha(torch.tensor(lo, dtype=torch.float64)))
+    if base_alpha > _BASE_ALPHA_TOL:
+        raise ValueError(f"log_likelihood: at the model's lowest time t={lo} the path keeps alpha_t={base_alpha:.4g} "
+                         f"of the data ({model.schedule!r}), so N(0, sigma_t^2 I) is not p_t there and the "
+                         f"log-density would be off by about alpha_t times the data's scale; it needs "
+                         f"alpha_t <= {_BASE_ALPHA_TOL} at the lowest time (a VP path: a larger beta_min + beta_max)")
+    in_dtype, work = x.dtype, opmath_dtype(x.dtype)
 
     guard = FiniteGuard(x.device)   # NaN/Inf flags stay on the device; read once, after the loop
 
@@ -71,7 +93,7 @@ def log_likelihood(model: FlowModel, x: torch.Tensor, *, steps: int = 100, solve
         """(u_t(y), div u_t(y) in float64), both detached."""
         with torch.enable_grad():
             y = y.detach().requires_grad_(True)
-            u = model.velocity(y, t)
+            u = model.velocity(y.to(in_dtype), t).to(work)
             guard.note(u, f"log_likelihood: the model's velocity is NaN/Inf at t={t:.4f} (step {k})")
             if exact:
                 flat = u.reshape(u.shape[0], -1)
@@ -84,9 +106,13 @@ def log_likelihood(model: FlowModel, x: torch.Tensor, *, steps: int = 100, solve
                     eps = (2 * eps - 1).to(device=y.device, dtype=u.dtype)
                     (g,) = torch.autograd.grad((u * eps).sum(), y, retain_graph=j + 1 < probes)
                     div = div + (g * eps).reshape(y.shape[0], -1).sum(-1).double() / probes
+            guard.note(div, f"log_likelihood: the divergence of the model's velocity is NaN/Inf at t={t:.4f} "
+                            f"(step {k})")
         return u.detach(), div.detach()
 
-    y = x.detach()
+    # An inference tensor cannot enter autograd; its clone outside inference mode can.
+    y = (x.clone() if x.is_inference() else x.detach()).to(work)
+    _check_differentiable(model, y[:1].to(in_dtype), float(grid[0]))
     integral = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     for k in range(steps):
         t, t_next = float(grid[k]), float(grid[k + 1])
@@ -104,6 +130,23 @@ def log_likelihood(model: FlowModel, x: torch.Tensor, *, steps: int = 100, solve
     flat = y.reshape(y.shape[0], -1).double()
     log_base = -0.5 * (flat.square().sum(-1) / var + dims * math.log(2 * math.pi * var))
     return log_base - integral
+
+
+def _check_differentiable(model: FlowModel, x: torch.Tensor, t: float) -> None:
+    """Refuse a network whose output does not depend on x through autograd (torch.no_grad or .detach() inside
+    it, a NumPy round trip): its divergence would read as 0 and the log-density be silently wrong. One call
+    on one row, not counted as a model call."""
+    calls = model.calls
+    with torch.enable_grad():
+        y = x.detach().requires_grad_(True)
+        out = model(y, torch.full((1,), t, dtype=torch.float32, device=y.device))
+        # Trainable parameters make a detached network's output require grad all the same: ask for the path to x.
+        linked = out.requires_grad and torch.autograd.grad(out.sum(), y, allow_unused=True)[0] is not None
+    model.calls = calls
+    if not linked:
+        raise RuntimeError("log_likelihood needs the network's output to be differentiable in its input x "
+                           "(it takes the divergence of the velocity with autograd), but the output carries no "
+                           "gradient: remove torch.no_grad / .detach() from the network")
 
 
 def _gen_device(generator, like: torch.Tensor):

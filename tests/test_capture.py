@@ -76,6 +76,26 @@ def test_compiled_code_is_shared_across_samplers_and_kept_apart_per_shape():
         assert counters["stats"]["unique_graphs"] - before == 2 + i, n   # the 16-row graph, then one per shape
 
 
+@torch.no_grad()
+def test_models_sharing_compiled_code_each_give_their_own_samples():
+    # Compiled code is keyed by stage kinds and shapes, not by model: two networks, a bfloat16 run and a
+    # split one share it, and each must still give its own eager result (guards, not a stale graph).
+    torch.manual_seed(1)
+    other = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 2))
+    models = [mlp_model(), gf.FlowModel(lambda x, t: other(torch.cat([x, t[:, None].to(x.dtype)], 1)),
+                                        gf.LinearSchedule()),
+              mlp_model(max_batch=5), gf.FlowModel(lambda x, t: -x, gf.LinearSchedule())]
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    results = []
+    for m in models:
+        eager = gf.sample(m, noise, transitions=2, inner_steps=2, generator=torch.Generator().manual_seed(1))
+        comp = gf.sample(m, noise, transitions=2, inner_steps=2, generator=torch.Generator().manual_seed(1),
+                         compile={"backend": "eager"})
+        torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-6)
+        results.append(comp)
+    assert not torch.allclose(results[0], results[1]) and not torch.allclose(results[0], results[3])
+
+
 @pytest.mark.slow
 @torch.no_grad()
 def test_inductor_compiled_transition_equals_eager():

@@ -40,6 +40,18 @@ def test_other_parameterizations_give_the_smoothed_density(data):
     torch.testing.assert_close(lp, exact_log_density(data, 0.8), rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "score"])
+def test_cosine_path_and_singular_parameterizations(data, prediction):
+    # Epsilon and score models stop at t = 1e-4 (alpha = 1.6e-4 on the cosine path): the base N(0, sigma^2 I)
+    # is then off by far less than the 1e-3 tolerance; the top is 1 - 1e-3 (score: its time range ends below).
+    model = MIX.flow_model(gf.CosineSchedule(), prediction)
+    lp = gf.log_likelihood(model, data[:50], steps=200)
+    w, means, var = MIX.marginal_law(gf.CosineSchedule(), 1 - 1e-3)
+    sq = ((data[:50, None, :] - means) ** 2).sum(-1)
+    want = torch.logsumexp(torch.log(w) - 0.5 * MIX.dim * torch.log(2 * math.pi * var) - 0.5 * sq / var, dim=1)
+    torch.testing.assert_close(lp, want, rtol=0, atol=1e-3)
+
+
 def test_hutchinson_is_unbiased(data):
     model = MIX.flow_model(SCH, "velocity")
     x = data[:20]
@@ -93,3 +105,67 @@ def test_bad_model_data_or_generator_are_named():
         gf.log_likelihood(model, torch.tensor([[0.0, float("nan")]]))
     with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
         gf.log_likelihood(model, torch.zeros(3, 64), divergence="hutchinson", generator=3)
+
+
+def test_half_precision_data_integrates_in_float32():
+    # bfloat16 data: the network sees bfloat16 inputs, as a FlowModel(dtype=bfloat16) gives it from a float32
+    # state; the state itself must not be rounded to bfloat16 at every step (off by 0.04 nats here when it was).
+    exact = MIX.flow_model(SCH, "velocity")
+    x = MIX.sample(6, torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    got = gf.log_likelihood(exact, x, steps=50, t_max=0.9)
+    bf16_net = gf.FlowModel(exact.fn, SCH, "velocity", dtype=torch.bfloat16)
+    want = gf.log_likelihood(bf16_net, x.float(), steps=50, t_max=0.9)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_a_base_that_is_not_pure_noise_is_refused():
+    # VP(0.1, 5) keeps alpha_0 = 0.28 of the data at t = 0: N(0, sigma_0^2 I) is then not p_0 and the
+    # log-density came out about 1 nat off on this mixture, silently.
+    with pytest.raises(ValueError, match=r"alpha_t=0\.2[0-9]* of the data .*VPSchedule"):
+        gf.log_likelihood(MIX.flow_model(gf.VPSchedule(0.1, 5.0), "velocity"), MIX.sample(4), steps=4)
+    # The default VP path (alpha_0 = 6.6e-3) stays within alpha_0 times the data's scale of the exact value.
+    vp = gf.VPSchedule()
+    x = MIX.sample(20, torch.Generator().manual_seed(4))
+    lp = gf.log_likelihood(MIX.flow_model(vp, "velocity"), x, steps=100, t_max=0.9)
+    w, means, var = MIX.marginal_law(vp, 0.9)
+    sq = ((x[:, None, :] - means) ** 2).sum(-1)
+    want = torch.logsumexp(torch.log(w) - 0.5 * MIX.dim * torch.log(2 * math.pi * var) - 0.5 * sq / var, dim=1)
+    alpha0 = float(vp.alpha(torch.tensor(0.0, dtype=torch.float64)))
+    scale = float(MIX.means.norm(dim=1).max() + MIX.stds.max())
+    assert float((lp - want).abs().max()) < alpha0 * scale, (lp - want).abs().max()
+
+
+def test_a_network_without_gradients_is_refused():
+    # Its divergence would read as 0 (velocity = 0 * x + out): a log-density silently off, not an error.
+    exact = MIX.flow_model(SCH, "velocity")
+    scale = torch.nn.Parameter(torch.ones(()))          # trainable: the output requires grad, not through x
+    for fn in (lambda x, t: exact.fn(x.detach(), t), torch.no_grad()(exact.fn),
+               lambda x, t: scale * exact.fn(x.detach(), t)):
+        model = gf.FlowModel(fn, SCH, "velocity")
+        with pytest.raises(RuntimeError, match="output carries no gradient"):
+            gf.log_likelihood(model, MIX.sample(3), steps=2)
+        assert model.calls == 0          # the check is not counted as a model call
+
+
+def test_inference_mode_is_refused_and_inference_tensors_are_accepted():
+    model = MIX.flow_model(SCH, "velocity")
+    x = MIX.sample(3, torch.Generator().manual_seed(5))
+    want = gf.log_likelihood(model, x, steps=4)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="outside torch.inference_mode"):
+            gf.log_likelihood(model, x, steps=4)
+        frozen = x.clone()
+    torch.testing.assert_close(gf.log_likelihood(model, frozen, steps=4), want, rtol=0, atol=0)
+
+
+def test_non_finite_divergence_is_reported():
+    # A velocity that is finite but whose derivative is not: the divergence used to enter the result as NaN.
+    model = gf.FlowModel(lambda x, t: (x - x.detach()).abs().sqrt(), SCH, "velocity")
+    with pytest.raises(FloatingPointError, match="divergence of the model's velocity is NaN/Inf at t=1.0000"):
+        gf.log_likelihood(model, torch.ones(2, 2), steps=2)
+
+
+@pytest.mark.parametrize("t_max", [True, "0.5"])
+def test_t_max_must_be_a_number(t_max):
+    with pytest.raises(ValueError, match="t_max must be None or a number"):
+        gf.log_likelihood(MIX.flow_model(SCH, "velocity"), torch.zeros(3, 2), steps=2, t_max=t_max)

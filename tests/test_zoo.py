@@ -182,3 +182,54 @@ def test_docstring_examples_run(module):
 
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0, result
+
+
+@pytest.mark.parametrize("metric", [zoo.digit_features, zoo.confident_rate, zoo.class_diversity])
+def test_metrics_refuse_images_they_would_misread(metric):
+    # Each used to return a number: [N, 3, 8, 8] as 3N images, no images as diversity 1.0 and confident NaN,
+    # NaN images as all "digit 0", raw 0..16 pixels clamped to white.
+    bad = [(torch.zeros(2, 3, 8, 8), ValueError, r"x must be images \[N, 1, 8, 8\]"),
+           (torch.zeros(0, 1, 8, 8), ValueError, r"x must be images \[N, 1, 8, 8\] \(N >= 1\)"),
+           (torch.full((3, 1, 8, 8), float("nan")), ValueError, "x holds NaN or Inf"),
+           (torch.full((3, 1, 8, 8), 16, dtype=torch.uint8), TypeError, "x must be floating images in")]
+    for x, err, match in bad:
+        with pytest.raises(err, match=match):
+            metric(x)
+
+
+def test_confident_rate_threshold_is_a_probability():
+    x, _ = zoo.real_digits("test")
+    for bad in (1.0, 2.0, -0.1, True, "0.9"):
+        with pytest.raises(ValueError, match="threshold must be a probability in"):
+            zoo.confident_rate(x[:4], threshold=bad)
+    # The rate falls as the threshold rises, and every image clears threshold 0.
+    assert zoo.confident_rate(x, threshold=0.0) == 1.0
+    assert zoo.confident_rate(x, threshold=0.5) >= zoo.confident_rate(x, threshold=0.99)
+
+
+def test_frechet_distance_refuses_non_finite_features():
+    a = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
+    b = a.clone()
+    b[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="feats_b holds NaN or Inf"):
+        zoo.frechet_distance(a, b)
+    with pytest.raises(ValueError, match="feats_a has list"):
+        zoo.frechet_distance([[0.0, 1.0]], a)
+
+
+def test_bool_digit_and_non_dtype_are_refused():
+    with pytest.raises(ValueError, match="digit=True"):
+        zoo.real_digits("test", digit=True)      # used to select the images of digit 1
+    for bad in (None, 3, torch.int8):
+        with pytest.raises(ValueError, match="is not allowed; use a floating torch dtype"):
+            zoo.load_digit_classifier(dtype=bad)
+
+
+def test_experiment_helpers_name_bad_arguments():
+    from glass_fast.zoo.experiments import Settings, run_steering_method
+
+    noise = torch.zeros(1, 2, 1, 8, 8)
+    with pytest.raises(ValueError, match="method 'beam' is not allowed"):   # was an unpacking error
+        run_steering_method("beam", zoo.digits_flow_model(), 3, noise, Settings(), torch.Generator())
+    with pytest.raises(ValueError, match="batch must be an integer >= 1, got 0"):
+        zoo.digit_features(torch.zeros(2, 1, 8, 8), batch=0)

@@ -66,7 +66,7 @@ def real_digits(split: str = "test", digit: int | None = None, *, device="cpu",
     """
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not allowed; use one of {SPLITS}")
-    if digit is not None and (not isinstance(digit, int) or not 0 <= digit <= 9):
+    if digit is not None and (isinstance(digit, bool) or not isinstance(digit, int) or not 0 <= digit <= 9):
         raise ValueError(f"digit={digit!r} is not allowed; use an int in 0..9 or None")
     raw = _load_raw()
     images, labels, test = raw["images"], raw["labels"].long(), raw["test_mask"].bool()

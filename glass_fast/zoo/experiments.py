@@ -145,6 +145,8 @@ def run_steering_method(method: str, model, digit: int, noise: torch.Tensor, set
     from glass_fast import sample
     from glass_fast.steering import RewardGuidance, beam_search, best_of_n, fk_steering
 
+    if method not in STEERING_METHODS:
+        raise ValueError(f"method {method!r} is not allowed; use one of {STEERING_METHODS}")
     reward = digit_reward(digit)
     if method == "flow":
         return sample(model, noise[:, 0], method="ode", transitions=settings.transitions,

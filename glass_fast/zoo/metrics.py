@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .data import real_digits
@@ -22,8 +24,11 @@ def _sqrtm_psd(mat: torch.Tensor) -> torch.Tensor:
 
 
 def _gaussian_fit(feats: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if feats.dim() != 2 or feats.shape[0] < 2:
-        raise ValueError(f"{name} has shape {tuple(feats.shape)}; expected [N, D] with N >= 2")
+    if not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[0] < 2:
+        got = f"shape {tuple(feats.shape)}" if isinstance(feats, torch.Tensor) else type(feats).__name__
+        raise ValueError(f"{name} has {got}; expected a Tensor [N, D] with N >= 2")
+    if not bool(torch.isfinite(feats).all()):   # eigh would fail to converge, with no word of why
+        raise ValueError(f"{name} holds NaN or Inf; a Frechet distance needs finite features")
     f = feats.detach().to(torch.float64)
     mu = f.mean(0)
     centred = f - mu
@@ -55,9 +60,24 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     return max(float(value), 0.0)  # rounding can leave -1e-12 for identical sets
 
 
+def _check_images(x) -> None:
+    """Images [..., 1, 8, 8], at least one, floating and finite: a metric of NaN images (classified as digit 0)
+    or of raw 0..16 pixels (clamped to [-1, 1] by the classifier) would be a number, silently meaningless."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 3 or x.shape[-3:] != (1, 8, 8) or x.numel() == 0:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be images [N, 1, 8, 8] (N >= 1), got {got}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating images in [-1, 1] (see to_model_range), got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x holds NaN or Inf")
+
+
 @torch.no_grad()
 def digit_features(x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
     """Penultimate-layer classifier features of images x [N, 1, 8, 8]. Returns [N, 64] (float32)."""
+    _check_images(x)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
     clf = load_digit_classifier(x.device, torch.float32)
     x = x.reshape(-1, 1, 8, 8).float()
     return torch.cat([clf.features(x[i:i + batch]) for i in range(0, len(x), batch)])
@@ -80,7 +100,10 @@ def frechet_to_real(x: torch.Tensor, digit: int | None = None, split: str = "tes
 
 @torch.no_grad()
 def confident_rate(x: torch.Tensor, threshold: float = 0.9) -> float:
-    """Fraction of images x [N, 1, 8, 8] whose top class probability exceeds ``threshold``."""
+    """Fraction of images x [N, 1, 8, 8] whose top class probability exceeds ``threshold`` (in [0, 1))."""
+    _check_images(x)
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold < 1:
+        raise ValueError(f"threshold must be a probability in [0, 1), got {threshold!r}")
     probs = digit_log_probs(x.float()).exp()
     return float((probs.max(-1).values > threshold).float().mean())
 
@@ -91,6 +114,7 @@ def class_diversity(x: torch.Tensor) -> float:
 
     Ranges from 1 (all one class) to 10 (all classes equally often).
     """
+    _check_images(x)
     pred = digit_log_probs(x.float()).argmax(-1).reshape(-1)
     freq = torch.bincount(pred, minlength=10).double() / pred.numel()
     entropy = -(freq[freq > 0] * freq[freq > 0].log()).sum()

@@ -26,8 +26,8 @@ def _resolve(device, dtype) -> tuple[torch.device, torch.dtype]:
         dtype = getattr(torch, name, None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"dtype={name!r} is not a torch dtype; use e.g. 'float32', 'float64', 'bfloat16'")
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype={dtype} is not allowed; use a floating dtype")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not allowed; use a floating torch dtype or its name, e.g. 'float32'")
     return device, dtype
 
 
