@@ -133,7 +133,8 @@ def test_controlnet_edit_errors_are_named(parts):
         gd.sample(img2img, image=_image(1), **kw)
     with pytest.raises(ValueError, match=r"context_image \(FLUX.1 Kontext\) cannot be combined with a ControlNet"):
         gd.sample(img2img, image=_image(1), control_image=_image(2), context_image=_image(3), **kw)
-    with pytest.raises(TypeError, match="padding_mask_crop"):   # not reproduced: no such argument
+    with pytest.raises(ValueError, match="padding_mask_crop needs image as one PIL image, as "
+                                         "FluxControlNetInpaintPipeline does; got ndarray"):
         gd.sample(inpaint, image=_image(1), mask_image=_mask(slice(0, 8)), control_image=_image(2),
                   padding_mask_crop=4, **kw)
     # The text-to-image ControlNet pipeline still takes no image.

@@ -244,7 +244,8 @@ def test_klein_inpainting_inputs_are_named(klein, flux):
         gd.sample(pipe, **{**kw, "image": torch.zeros(1, 16, 8, 8)})
     with pytest.raises(ValueError, match="inpainting needs image=.*missing: mask_image"):
         gd.sample(pipe, **{**kw, "mask_image": None})
-    with pytest.raises(TypeError, match="unexpected keyword argument 'padding_mask_crop'"):
+    with pytest.raises(ValueError, match="padding_mask_crop needs image as one PIL image, as "
+                                         "Flux2KleinInpaintPipeline does; got ndarray"):
         gd.sample(pipe, padding_mask_crop=4, **kw)
     distilled = _klein_inpaint(klein, is_distilled=True)
     with pytest.raises(ValueError, match="step-wise distilled"):

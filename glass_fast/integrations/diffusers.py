@@ -107,7 +107,8 @@ def _prepare(a: dict, per_name: str, grid, cuda_graph: bool):
     ``per_name``: "num_images_per_prompt" (sample; ``latents`` [P * n, *state]) or "particles" (steer;
     ``latents`` [P, K, *state]). Returns (adapter, conditioning, FlowModel, height, width, grid, start states
     [P * rows, *state], the ``project`` hook: the inpainting pipelines' blend, then the caller's ``project``;
-    None without either)."""
+    None without either, and the ``paste`` of decoded images into the image under ``padding_mask_crop``:
+    ``InpaintArgs.paste``)."""
     pipe, latents, generator, per_prompt = a["pipe"], a["latents"], a["generator"], a[per_name]
     check_capturable(cuda_graph, a["skip_guidance_layers"])
     check_hooks(None, None, a["project"])
@@ -115,7 +116,7 @@ def _prepare(a: dict, per_name: str, grid, cuda_graph: bool):
     check_generator(generator, flow.device)
     image, context_image = kontext_image(flow, a["image"], a["context_image"], a["strength"])
     inpaint = InpaintArgs(flow, image, a["mask_image"], a["masked_image_latents"], a["image_reference"],
-                          context_image, a["context_auto_resize"])
+                          context_image, a["context_auto_resize"], a["padding_mask_crop"])
     inpaint.check(flow)
     height, width = inpaint.size(flow, a["height"], a["width"])
     image = inpaint.image   # as given, or resized as the Kontext and Klein inpainting pipelines resize it
@@ -147,7 +148,7 @@ def _prepare(a: dict, per_name: str, grid, cuda_graph: bool):
     chan.attach(flow, cond, height, width, generator, before_noise=False)
     ctl.attach(flow, cond, height, width, generator, run_grid, before_noise=False)
     blend = inpaint.hook(flow, z, noise, cond.num_prompts, height, width) if inpaint.active else None
-    return flow, cond, model, height, width, grid, x, in_turn(blend, a["project"])
+    return flow, cond, model, height, width, grid, x, in_turn(blend, a["project"]), inpaint.paste
 
 
 def _default_guidance(flow: DiffusersFlow, guidance_scale):
@@ -252,13 +253,15 @@ def _strength_grid(grid: torch.Tensor, image, strength) -> tuple[torch.Tensor, f
 
 
 def postprocess(flow: DiffusersFlow, x: torch.Tensor, height: int, width: int, output_type: str,
-                max_batch: int | None = None):
-    """Final states -> output_type: "latent" (the states), "pt" ([N, 3, H, W] in [0, 1]), "np" or "pil"."""
+                max_batch: int | None = None, paste=None):
+    """Final states -> output_type: "latent" (the states), "pt" ([N, 3, H, W] in [0, 1]), "np" or "pil".
+    ``paste``: optional fn(decoded images, output_type) -> images or None (``InpaintArgs.paste``)."""
     if output_type == "latent":
         return x
     with torch.no_grad():
         img = flow.decode(x, height, width, max_batch)
-    return image_processor(flow).postprocess(img, output_type=output_type)
+    pasted = None if paste is None else paste(img, output_type)
+    return image_processor(flow).postprocess(img, output_type=output_type) if pasted is None else pasted
 
 
 def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt=None,
@@ -277,7 +280,7 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
            negative_prompt_3=None, sigmas=None, context_image=None, context_auto_resize: bool = True,
            text_encoder_out_layers=None, mask_image=None, masked_image_latents=None, control_image=None,
            controlnet_conditioning_scale=None, control_guidance_start=None, control_guidance_end=None,
-           control_mode=None, control_mask=None, image_reference=None, project=None):
+           control_mode=None, control_mask=None, image_reference=None, project=None, padding_mask_crop=None):
     """Generate images from a FLUX.1, FLUX.2 or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
 
     Args:
@@ -372,6 +375,14 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
         image_reference: FluxKontextInpaintPipeline's reference image (one, or one per prompt; resized as
             ``context_image`` is) or Flux2KleinInpaintPipeline's reference images (one, or a sequence shared by
             every row).
+        padding_mask_crop: as in FluxInpaintPipeline, StableDiffusion3InpaintPipeline, Flux2KleinInpaintPipeline,
+            FluxKontextInpaintPipeline and FluxControlNetInpaintPipeline (refused elsewhere), with one PIL
+            ``image`` and one PIL ``mask_image``: only the box around the mask's white pixels, widened by this
+            many pixels and to the output's aspect ratio, is inpainted, cut from image and mask and resized to
+            height x width (Kontext: its reference image is cut with the same box). The state, ``latents``
+            and "latent" output are the box's; the first three pipelines paste the decoded box back into the
+            image wherever the mask is not black ("pil", "np", "pt": at the image's size, 8-bit values), the
+            other two return the box's images. Unlike the pipelines (PIL output only) every output_type is taken.
         control_image: FLUX.1 Canny / Depth (FluxControlPipeline): the control image (one, or one per prompt),
             whose packed latents join every transformer call along features. With a ControlNet pipeline
             (FluxControlNetPipeline, StableDiffusion3ControlNetPipeline: ``pipe.controlnet``): the ControlNet's
@@ -392,7 +403,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
         The images (or latents) of the P * num_images_per_prompt rows.
     """
     check_output(output_type)
-    flow, cond, model, height, width, grid, x, project = _prepare(locals(), "num_images_per_prompt", grid, cuda_graph)
+    flow, cond, model, height, width, grid, x, project, paste = _prepare(locals(), "num_images_per_prompt", grid,
+                                                                         cuda_graph)
     check_output(output_type, flow)
     check_state(model, x, generator)
     sampler = Sampler(model, method=method, transitions=len(grid) - 1, inner_steps=inner_steps, rho=rho,
@@ -401,7 +413,7 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
     hook = _bind_guidance(guidance, flow, cond, num_images_per_prompt, height, width, max_batch)
     with torch.no_grad():
         x = sampler.run(x, generator=generator, guidance=hook, callback=callback, project=project)
-    return postprocess(flow, x, height, width, output_type, max_batch)
+    return postprocess(flow, x, height, width, output_type, max_batch, paste)
 
 
 def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=None, pooled_prompt_embeds=None,
@@ -422,7 +434,7 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
           masked_image_latents=None, control_image=None, controlnet_conditioning_scale=None,
           control_guidance_start=None, control_guidance_end=None, control_mode=None, control_mask=None,
           algorithm: str = "fk",
-          image_reference=None, project=None, **steering_options):
+          image_reference=None, project=None, padding_mask_crop=None, **steering_options):
     """Feynman-Kac steering of a FLUX.1, FLUX.2 or SD3 pipeline towards p(image | prompt)
     exp(lmbda reward(image)), or beam search for high-reward images.
 
@@ -437,8 +449,10 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
             skip_guidance_layers, ..., ip_adapter_image, ..., prompt_2, ..., sigmas, context_image, ...,
             text_encoder_out_layers, mask_image, masked_image_latents, control_image,
             controlnet_conditioning_scale, control_guidance_start, control_guidance_end, control_mode,
-            control_mask, image_reference, project: as in ``sample`` (project: applied to every particle; guidance shifts the proposal's model calls; its reward may differ
-            from ``reward``).
+            control_mask, image_reference, project, padding_mask_crop: as in ``sample`` (project: applied to
+            every particle; guidance shifts the proposal's model calls; its reward may differ from ``reward``;
+            padding_mask_crop: the reward scores the box's images, which the particles are, and the best are
+            pasted back).
         reward: an ``ImageReward``: reward(images [N, 3, H, W] in [0, 1], prompts list of N) -> Tensor[N].
         particles: K particles per prompt.
         method, transitions, inner_steps, rho, solver: the proposal (see ``sample``).
@@ -466,8 +480,8 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
     check_steering_options(algorithm, steering_options, dict(potential=potential, lmbda=lmbda, resample=resample,
                                                              ess_threshold=ess_threshold), steer)
     grid = steering_options.pop("grid", None)
-    flow, cond, model, height, width, grid, noise, project = _prepare(locals(), "particles", grid,
-                                                                      steering_options.get("cuda_graph", False))
+    flow, cond, model, height, width, grid, noise, project, paste = _prepare(
+        locals(), "particles", grid, steering_options.get("cuda_graph", False))
     p = cond.num_prompts
     noise = noise.reshape((p, particles) + flow.state_shape(height, width))
     scorer = LatentReward(flow, reward, cond.prompts, p, particles, height, width, max_batch)
@@ -483,4 +497,4 @@ def steer(pipe, prompt=None, reward=None, *, particles: int = 8, prompt_embeds=N
         else:
             result = fk_steering(model, scorer, noise, potential=potential, lmbda=lmbda, resample=resample,
                                  ess_threshold=ess_threshold, **proposal, **steering_options)
-    return postprocess(flow, result.best, height, width, output_type, max_batch), result
+    return postprocess(flow, result.best, height, width, output_type, max_batch, paste), result

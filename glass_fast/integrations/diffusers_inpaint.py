@@ -22,6 +22,13 @@ generates at its image's size (Kontext's preferred resolution closest to its asp
 ``context_auto_resize=False``), encodes it to the posterior's mean, and gives the transformer FLUX.1 Kontext's
 reference tokens (position index 1): those of ``image_reference`` when given, else the image's own.
 
+``padding_mask_crop`` (``MaskCrop``): the pipelines that take it (CROP_PIPELINES) inpaint only a box around the
+mask's white pixels, widened by the padding and to the output's aspect ratio: image and mask are cropped to it and
+resized to height x width ("fill": kept aspect, the border stretched), so the state is the box's latents. Those
+that paste the result back (FLUX.1 and SD3 inpainting, FLUX.2 Klein) overlay the decoded box, brought to the
+box's pixels, onto the original image wherever the mask is not black; Kontext and ControlNet inpainting return the
+box's images.
+
 Given ``latents`` are the noise mixed with the image at the start, as for image-to-image (the pipelines start
 from them unmixed, which only agrees at strength 1). Defaults are the pipelines': strength 0.6 (0.8 for FLUX.2
 Klein, 1.0 for Kontext) and each pipeline's guidance_scale (``diffusers_checks.PIPELINE_GUIDANCE``).
@@ -49,6 +56,76 @@ PIPELINES = ("FluxInpaintPipeline", "FluxControlInpaintPipeline", "FluxControlNe
 REFERENCE_PIPELINES = ("Flux2KleinInpaintPipeline", "FluxKontextInpaintPipeline")
 # The pipelines' default strength where it is not image-to-image's 0.6 (guidance_scale: diffusers_checks).
 STRENGTH = {"Flux2KleinInpaintPipeline": 0.8, "FluxKontextInpaintPipeline": 1.0}
+# The pipelines taking padding_mask_crop, and whether they paste the box's images back into the image.
+CROP_PIPELINES = {"FluxInpaintPipeline": True, "StableDiffusion3InpaintPipeline": True,
+                  "Flux2KleinInpaintPipeline": True, "FluxKontextInpaintPipeline": False,
+                  "FluxControlNetInpaintPipeline": False}
+
+
+class MaskCrop:
+    """The pipelines' ``padding_mask_crop``: the box around a mask's white pixels (VaeImageProcessor's
+    ``get_crop_region`` with ``pad`` pixels, widened to height:width), the crops resized into it, and the
+    overlay of generated images onto the original one, all through the pipeline's own image and mask processors
+    (FLUX.2's image processor cuts the box's images out of the generated ones at the overlay where the others
+    resize them).
+
+    Args:
+        flow: the adapter of one of CROP_PIPELINES. image, mask_image: one PIL image each (the pipelines take no
+            other kind here).
+        pad: pixels added around the mask's bounding box. height, width: the size generated.
+        name: the pipeline reproduced, for errors. overlay: whether the result is pasted back into ``image``
+            (which must then have the mask's size).
+    Attributes:
+        coords: (x1, y1, x2, y2) of the box in the mask's pixels.
+    """
+
+    def __init__(self, flow: DiffusersFlow, image, mask_image, pad, height: int, width: int, name: str,
+                 overlay: bool):
+        import PIL.Image
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+            raise ValueError(f"padding_mask_crop must be an integer >= 0 (pixels around the mask) or None, got "
+                             f"{pad!r}")
+        for arg, value in (("image", image), ("mask_image", mask_image)):
+            if not isinstance(value, PIL.Image.Image):
+                raise ValueError(f"padding_mask_crop needs {arg} as one PIL image, as {name} does; got "
+                                 f"{type(value).__name__}")
+        if not mask_image.convert("L").getbbox():
+            raise ValueError("padding_mask_crop: mask_image has no pixel to repaint (all black), so there is no "
+                             "region to crop around")
+        if overlay and image.size != mask_image.size:
+            # Checked before sampling: the pipelines fail here only when pasting.
+            raise ValueError(f"padding_mask_crop pastes the result into image through mask_image: they must have "
+                             f"the same size, got image {image.size} and mask_image {mask_image.size} (width, "
+                             f"height; {name}'s image as it resizes it)")
+        self.mask_image, self.height, self.width = mask_image, height, width
+        self.images, self.masks = flow.pipeline.image_processor, flow.pipeline.mask_processor
+        self.coords = self.masks.get_crop_region(mask_image, width, height, pad=pad)
+
+    def crop(self, image, mask: bool = False, size: tuple | None = None):
+        """``image`` (PIL, or a list of them) cut to the box and resized to height x width (or ``size``) as the
+        pipelines' preprocess does with ``crops_coords`` and resize_mode "fill"; other kinds of images as given
+        (their preprocess crops only PIL images). ``mask``: with the mask processor."""
+        import PIL.Image
+        if isinstance(image, list):
+            return [self.crop(i, mask, size) for i in image]
+        if not isinstance(image, PIL.Image.Image):
+            return image
+        height, width = (self.height, self.width) if size is None else size
+        return (self.masks if mask else self.images).resize(image.crop(self.coords), height, width,
+                                                            resize_mode="fill")
+
+    def paste(self, original, images: torch.Tensor, output_type: str):
+        """Decoded images [N, 3, H, W] in [-1, 1] of the box, pasted onto ``original`` (PIL) where the mask is
+        not black, as the pipelines' ``apply_overlay``: the box's images resized (kept aspect, centre cut; FLUX.2:
+        cut alone) to the box's pixels. Returns them as ``output_type`` ("pil", "np" or "pt" on the images'
+        device, 8-bit values: the overlay is made on PIL images)."""
+        proc = self.images
+        pasted = [proc.apply_overlay(self.mask_image, original, i, self.coords)
+                  for i in proc.postprocess(images, output_type="pil")]
+        if output_type == "pil":
+            return pasted
+        array = proc.pil_to_numpy(pasted)
+        return array if output_type == "np" else proc.numpy_to_pt(array).to(images.device)
 
 
 class InpaintArgs:
@@ -60,18 +137,23 @@ class InpaintArgs:
         (refused rather than ignored). image_reference: the reference images of REFERENCE_PIPELINES.
         context_image: ``sample``'s (the reference-image pipelines take ``image_reference`` instead).
         auto_resize: ``sample``'s ``context_auto_resize`` (FluxKontextInpaintPipeline's ``_auto_resize``).
+        padding_mask_crop: the pipelines' (CROP_PIPELINES): inpaint a box around the mask (``MaskCrop``).
     Attributes:
         name: the pipeline class reproduced, or None. mean: whether the image is encoded to the VAE posterior's
-        mean (no generator draw) rather than drawn from it.
+        mean (no generator draw) rather than drawn from it. crop: the ``MaskCrop`` once ``size`` has run, or None.
     """
 
     def __init__(self, pipe, image, mask_image, masked_image_latents=None, image_reference=None, context_image=None,
-                 auto_resize: bool = True):
+                 auto_resize: bool = True, padding_mask_crop=None):
         names = pipeline_classes(pipe) & set(PIPELINES)
         self.active, self.name = bool(names), min(names) if names else None
         self.image, self.mask_image, self.reference = image, mask_image, image_reference
-        self.auto_resize = auto_resize
+        self.auto_resize, self.pad, self.crop, self.original = auto_resize, padding_mask_crop, None, None
         self.mean = self.name in REFERENCE_PIPELINES
+        if padding_mask_crop is not None and self.name not in CROP_PIPELINES:
+            own = self.name or type(getattr(pipe, "pipeline", None) or pipe).__name__
+            raise ValueError(f"padding_mask_crop={padding_mask_crop!r}: only {', '.join(CROP_PIPELINES)} take it; "
+                             f"this pipeline ({own}) has no such argument")
         if image_reference is not None and self.name not in REFERENCE_PIPELINES:
             raise ValueError(f"image_reference is the reference image of {', '.join(REFERENCE_PIPELINES)}; this "
                              f"pipeline takes none (FLUX.1 Kontext: context_image=, FLUX.2: image= or context_image=)")
@@ -111,9 +193,14 @@ class InpaintArgs:
     def size(self, flow: DiffusersFlow, height, width) -> tuple:
         """(height, width) of the images generated: the arguments, except for the pipelines that generate at
         their image's size (REFERENCE_PIPELINES), where a different height or width is refused rather
-        than ignored. The image is resized here as the pipeline resizes it (``self.image``)."""
+        than ignored. The image is resized here as the pipeline resizes it (``self.image``), then, with
+        ``padding_mask_crop``, cut to the box around the mask with the mask (and Kontext's reference)."""
         if self.name not in REFERENCE_PIPELINES:
-            return height, width
+            if self.pad is None:
+                return height, width
+            # The box's shape follows the size generated, so the pipeline's default size is settled here.
+            return self._crop(flow, flow.default_size() if height is None else height,
+                              flow.default_size() if width is None else width)
         image, multiple = self.image, flow.patch_pixels
         if self.name == "FluxKontextInpaintPipeline":
             if isinstance(image, list) and image and isinstance(image[0], torch.Tensor) and image[0].ndim == 4:
@@ -130,7 +217,28 @@ class InpaintArgs:
                 raise ValueError(f"{name}={value!r}: {self.name} generates at its image's size, {own[0]} x "
                                  f"{own[1]} pixels here ({how}); leave height and width unset or pass those")
         self.image = image
-        return tuple(own)
+        return tuple(own) if self.pad is None else self._crop(flow, *own)
+
+    def _crop(self, flow: DiffusersFlow, height: int, width: int) -> tuple:
+        """Replaces the image and the mask by their crops (``MaskCrop``), FluxKontextInpaintPipeline's reference
+        too (cut with the same box in its own pixels, as that pipeline does), keeping the image as it was for
+        the overlay. Returns (height, width)."""
+        self.crop = MaskCrop(flow, self.image, self.mask_image, self.pad, height, width, self.name,
+                             CROP_PIPELINES[self.name])
+        self.original = self.image
+        self.image, self.mask_image = self.crop.crop(self.image), self.crop.crop(self.mask_image, mask=True)
+        if self.name == "FluxKontextInpaintPipeline" and self.reference is not None:
+            # Prepared at its own Kontext size and cut there; context_tokens then keeps that size.
+            own = kontext_size(flow, self.reference, self.auto_resize)
+            self.reference = self.crop.crop(self.crop.images.resize(self.reference, *own), size=own)
+        return height, width
+
+    def paste(self, images: torch.Tensor, output_type: str):
+        """The pipelines' final images from decoded ones [N, 3, H, W] in [-1, 1]: pasted back into the image
+        where the pipeline pastes them (``MaskCrop.paste``), else None."""
+        if self.crop is None or not CROP_PIPELINES[self.name]:
+            return None
+        return self.crop.paste(self.original, images, output_type)
 
     def draw_before_condition(self, flow: DiffusersFlow, prompts: int, height: int, width: int, generator) -> None:
         """FluxControlInpaintPipeline's first use of the generator: one posterior draw per masked image (the image
