@@ -68,7 +68,9 @@ def _setup(flow: DiffusersFlow, prompt, embeds: dict, per_prompt: int, per_name:
     width = flow.default_size() if width is None else width
     flow.latent_hw(height, width)
     cfg, cfg_scale, distilled = _guidance(flow, guidance_scale, true_cfg_scale, embeds)
-    cond = encode(flow, prompt, cfg=cfg, **embeds)
+    # The pipelines scale LoRA layers loaded into the text encoders by joint_attention_kwargs["scale"] too.
+    lora_scale = None if attention_kwargs is None else attention_kwargs.get("scale")
+    cond = encode(flow, prompt, cfg=cfg, lora_scale=lora_scale, **embeds)
     if references is not None:
         cond.context, cond.context_ids = references[0].expand(cond.num_prompts, -1, -1), references[1]
     elif flow.kind != "flux2":
@@ -189,7 +191,11 @@ def _guidance(flow: DiffusersFlow, guidance_scale, true_cfg_scale, embeds: dict)
         cfg_scale = (7.0 if flow.kind == "sd3" else 4.0) if guidance_scale is None else float(guidance_scale)
         return cfg_scale > 1.0, cfg_scale, None
     cfg_scale = float(true_cfg_scale)
-    return cfg_scale > 1.0 and negative, cfg_scale, guidance_scale
+    if cfg_scale > 1.0 and not negative:
+        # FluxPipeline only logs this and runs unguided: refused here rather than ignored.
+        raise ValueError(f"true_cfg_scale={true_cfg_scale!r} needs a negative prompt (negative_prompt= or "
+                         f"negative_prompt_embeds=; negative_prompt=\"\" for the empty one), or leave it at 1.0")
+    return cfg_scale > 1.0, cfg_scale, guidance_scale
 
 
 def _bind_guidance(guidance, flow: DiffusersFlow, cond, per_prompt: int, height: int, width: int, max_batch):
@@ -350,7 +356,9 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
             per prompt), in the pipeline's layout (FLUX [., images, D], SD3 [., tokens, D]). Every row gets its
             prompt's. The negative ones are classifier-free guidance's unconditional branch (default as in
             the pipelines: zeros for SD3, a black image for FLUX). Unlike the SD3 pipeline, which computes
-            the adapter's timestep-dependent tokens once at its first step, every call recomputes them.
+            the adapter's timestep-dependent tokens once at its first step, every call recomputes them. The SD3
+            pipeline's ip_adapter_image_embeds under CFG is the (negative, positive) pair stacked on the first
+            dimension; here it is the positive alone, the negative going to negative_ip_adapter_image_embeds.
         compile, cuda_graph: run every transition, transformer calls included, compiled by torch.compile or
             replayed as a CUDA graph (see ``glass_fast.Sampler``; not with ``guidance``).
         prompt_2, prompt_3, negative_prompt_2, negative_prompt_3: prompts for the pipelines' other text

@@ -16,7 +16,9 @@ They differ in the latent normalisation: FLUX.1 shifts and scales the VAE latent
 shift_factor and scaling_factor, FLUX.2 standardises every packed feature by its VAE's batch-norm running
 statistics. SD3 works on [N, C, h, w]. Noise is drawn in the layout each pipeline draws it (FLUX.1 and SD3
 [N, C, h, w], FLUX.2 [N, 4C, h/2, w/2]) and packed the way it packs it, so one generator seed gives the
-pipeline's starting point.
+pipeline's starting point. It is drawn in float32, where the pipelines draw in the transformer's dtype: with a
+bfloat16 or float16 transformer theirs may differ from it by that dtype's rounding; pass their noise as ``latents``
+to start from exactly the same point.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ..model import FlowModel
 from ..schedules import LinearSchedule
 from .diffusers_channels import check_features
+from .diffusers_checks import guidance_weight
 from .diffusers_conditioning import Conditioning, cfg_stack
 from .diffusers_controlnet import in_window, steps_window
 from .diffusers_flux import check_flux2_pipeline, flux2_guidance, flux2_mu, packed_image_ids, text_ids
@@ -83,6 +86,7 @@ class DiffusersFlow:
             raise TypeError(f"a FLUX.2 transformer needs the FLUX.2 VAE (AutoencoderKLFlux2, whose batch-norm "
                             f"statistics normalise the latents), got {type(vae).__name__}")
         self.transformer, self.scheduler_config, self.vae, self.pipeline = transformer, config, vae, pipeline
+        self._scheduler = scheduler   # read for its shift only (``sigmas``)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
 
     @classmethod
@@ -144,11 +148,20 @@ class DiffusersFlow:
 
     def unpack(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The state layout -> [N, C, h, w]."""
+        self.check_states(x, height, width)
         if self.kind not in PACKED:
             return x
         h, w = self.latent_hw(height, width)
         n, _, c4 = x.shape
         return x.reshape(n, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c4 // 4, h, w)
+
+    def check_states(self, x: torch.Tensor, height: int, width: int) -> None:
+        """ValueError unless ``x`` is a batch of states [N, *state_shape] of an image of this size."""
+        shape = self.state_shape(height, width)
+        if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != shape or x.dim() != len(shape) + 1:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"states of a {height} x {width} image must have shape [N, {', '.join(map(str, shape))}] "
+                             f"({NAMES[self.kind]} state layout), got {got}")
 
     def state_shape(self, height: int, width: int) -> tuple[int, ...]:
         """Shape of one state (no batch dimension)."""
@@ -173,12 +186,16 @@ class DiffusersFlow:
 
         Shifts (FLUX.1's resolution-dependent mu, FLUX.2's mu depending on resolution and step count, SD3's
         static shift) are applied exactly as the pipelines do, by a fresh scheduler built from the same config
-        (the pipeline's own scheduler is not touched). ``custom``: the pipelines' ``sigmas`` argument (a
-        decreasing sequence, shifted like the default one); it sets the number of steps (FLUX.2's mu is then
-        computed for that many steps: the FLUX.2 pipelines' with ``num_inference_steps=len(sigmas)``).
+        (the pipeline's own scheduler is not touched; its static shift is read as the pipelines read it, set_shift
+        included). ``steps``: an integer >= 1, or None with ``custom``. ``custom``: the pipelines' ``sigmas``
+        argument (a decreasing sequence, shifted like the default one); it sets the number of steps (FLUX.2's mu
+        is then computed for that many steps: the FLUX.2 pipelines' with ``num_inference_steps=len(sigmas)``).
         """
         cfg = self.scheduler_config
         sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+        # The static shift the pipelines' set_timesteps applies is the scheduler's ``shift``, which set_shift changes
+        # without touching the config.
+        sched.set_shift(float(getattr(self._scheduler, "shift", cfg["shift"])))
         h, w = self.latent_hw(height, width)
         kwargs = {}
         if custom is not None:
@@ -187,7 +204,13 @@ class DiffusersFlow:
                     or np.any(custom > 1) or np.any(np.diff(custom) >= 0)):
                 raise ValueError(f"sigmas must be a 1-D sequence of finite noise levels, strictly decreasing in "
                                  f"(0, 1] (the final 0 is appended), got {custom.tolist()}")
+            if steps is not None and steps != custom.size:
+                raise ValueError(f"steps={steps!r} disagrees with the {custom.size} custom sigmas, which set the "
+                                 f"number of steps: pass steps=None")
             steps = custom.size
+        elif isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1 (or None with custom sigmas), got {steps!r}")
+        steps = int(steps)
         if self.kind in PACKED:
             seq_len = (h // 2) * (w // 2)
             if not cfg.get("use_flow_sigmas", False):
@@ -241,10 +264,13 @@ class DiffusersFlow:
                                                                       guidance_scale, x.device, x.dtype)
             guidance = None if guidance is None else guidance.expand(x.shape[0])
             check_features(self, x.shape[-1], channels)
+            if context is not None and channels is not None:
+                raise ValueError("a FLUX.1 Fill / Control condition (channels) cannot be combined with reference "
+                                 "image tokens (context): the reference tokens carry no condition features")
             hidden = x if channels is None else torch.cat([x, channels.to(x.dtype)], dim=2)
             if context is not None:
                 hidden = torch.cat([x, context[0].to(x.dtype)], dim=1)
-                img_ids = torch.cat([img_ids, context[1].to(x.dtype)])
+                img_ids = torch.cat([img_ids, context[1].to(img_ids.dtype)])
             pooled_kw = {} if self.kind == "flux2" else {"pooled_projections": pooled}
             if control is not None:
                 pooled_kw.update(control(x, sigma.to(x.dtype), embeds, pooled, guidance, attention_kwargs, txt_ids,
@@ -271,9 +297,12 @@ class DiffusersFlow:
 
     def packed_inputs(self, height: int, width: int, tokens: int, guidance_scale, device, dtype) -> tuple:
         """A FLUX call's inputs that depend only on the size, the prompt's token count and the guidance value:
-        (image position ids, text position ids, the guidance embedding's value as a 0-d float32 Tensor or None)."""
+        (image position ids, text position ids, the guidance embedding's value as a 0-d float32 Tensor or None).
+        Ids are in ``dtype`` for FLUX.1 (as FluxPipeline casts them) and float32 for FLUX.2, whose pipelines keep
+        them integer: its text ids count up to 512 tokens, past what bfloat16 holds exactly (256)."""
         h, w = self.latent_hw(height, width)
         g = self.embedded_guidance(guidance_scale)
+        dtype = torch.float32 if self.kind == "flux2" else dtype
         return (packed_image_ids(self.kind, h // 2, w // 2, device, dtype), text_ids(self.kind, tokens, device, dtype),
                 None if g is None else torch.full((), g, device=device, dtype=torch.float32))
 
@@ -286,7 +315,7 @@ class DiffusersFlow:
         Rows are prompt-major: row r belongs to prompt r // per_prompt, so the model expects P * per_prompt
         rows, or a multiple m of that with every row repeated m times in place (``repeat_interleave``, as
         posterior-value estimates do): then row r belongs to prompt r // (m * per_prompt). With classifier-free
-        guidance (cfg_scale != 1 and negative embeddings) the model is the guided field
+        guidance (cfg_scale != 1, which needs ``cond``'s negative embeddings) the model is the guided field
         u_uncond + cfg_scale (u_cond - u_uncond), from one transformer call on the stacked (uncond, cond) rows.
 
         Args:
@@ -303,12 +332,28 @@ class DiffusersFlow:
                 its time window, u_skip from one more call on the conditional rows with blocks skipped.
         Returns:
             FlowModel(prediction="velocity", LinearSchedule()) running in the transformer's dtype.
+        Raises:
+            ValueError: per_prompt or max_batch not an integer >= 1, a non-finite weight, cfg_scale != 1 without
+                negative embeddings, skip-layer guidance outside SD3 with guidance or naming no block it has.
         """
-        rows = cond.num_prompts * per_prompt
-        use_cfg = cfg_scale != 1.0 and cond.negative_embeds is not None
+        if isinstance(per_prompt, bool) or not isinstance(per_prompt, numbers.Integral) or per_prompt < 1:
+            raise ValueError(f"per_prompt must be an integer >= 1, got {per_prompt!r}")
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, numbers.Integral)
+                                      or max_batch < 1):
+            raise ValueError(f"max_batch must be an integer >= 1 or None, got {max_batch!r}")
+        cfg_scale = guidance_weight("cfg_scale", cfg_scale, none_ok=False)
+        guidance_scale = guidance_weight("guidance_scale", guidance_scale)
+        rows = cond.num_prompts * int(per_prompt)
+        use_cfg = cfg_scale != 1.0
+        if use_cfg and cond.negative_embeds is None:
+            # Running the unguided field instead would silently ignore the weight.
+            raise ValueError(f"cfg_scale={cfg_scale!r} needs the unconditional branch: the conditioning has no "
+                             f"negative embeddings (encode with cfg=True), or pass cfg_scale=1.0")
         if skip_layer_guidance is not None and (self.kind != "sd3" or not use_cfg):
             raise ValueError("skip-layer guidance needs a Stable Diffusion 3 transformer and classifier-free "
                              "guidance (guidance_scale > 1 with negative embeddings), as in the SD3 pipeline")
+        if skip_layer_guidance is not None:
+            skip_layer_guidance.check_layers(self.transformer.config.num_layers)
         per_call = None if max_batch is None else max(1, max_batch // (2 if use_cfg else 1))
         # With guidance, one call on the stacked (unconditional, conditional) rows.
         embeds, pooled = (((cond.negative_embeds, cond.prompt_embeds), (cond.negative_pooled, cond.pooled)) if use_cfg
@@ -367,6 +412,9 @@ class DiffusersFlow:
         """VAE latents [n, C, h, w] -> normalised states [n, *state_shape]: FLUX.2 packs then standardises by
         the batch-norm statistics; FLUX.1 and SD3 shift and scale by the VAE config, then FLUX.1 packs."""
         self._need_vae("latent normalisation")
+        if not isinstance(lat, torch.Tensor) or lat.dim() != 4 or lat.shape[1] != self.latent_channels():
+            got = tuple(lat.shape) if isinstance(lat, torch.Tensor) else type(lat).__name__
+            raise ValueError(f"VAE latents must have shape [n, {self.latent_channels()}, h, w], got {got}")
         if self.kind == "flux2":
             mean, std = self._latent_stats()
             return (self.pack(lat) - mean.to(lat.device)) / std.to(lat.device)
@@ -376,6 +424,7 @@ class DiffusersFlow:
     def to_vae(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """States -> the VAE's latents [n, C, h, w] (``to_state``'s inverse; FLUX.2 Klein's "latent" output)."""
         self._need_vae("latent normalisation")
+        self.check_states(x, height, width)
         if self.kind == "flux2":
             mean, std = self._latent_stats()
             return self.unpack(x * std.to(x.device) + mean.to(x.device), height, width)
@@ -432,11 +481,12 @@ class SkipLayerGuidance:
     """
 
     def __init__(self, layers, scale: float, window: tuple[float, float]):
-        if isinstance(layers, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        if isinstance(layers, (numbers.Number, str)) or not all(
+                isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers):
             raise ValueError(f"skip_guidance_layers must be a list of block indices, got {layers!r}")
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not np.isfinite(scale):
             raise ValueError(f"skip_layer_guidance_scale must be a finite number, got {scale!r}")
-        self.layers, self.scale = tuple(layers), float(scale)
+        self.layers, self.scale = tuple(int(i) for i in layers), float(scale)
         self.window = None if window is None else (float(window[0]), float(window[1]))
 
     @classmethod
@@ -444,7 +494,19 @@ class SkipLayerGuidance:
         """The pipeline's rule, step i of N on when N * start < i < N * stop, as the time window spanned by
         those steps' times on ``grid`` (N + 1 increasing glass_fast times); model calls at those times, as
         in an ODE with one call per step, get exactly the pipeline's guidance."""
+        for name, v in (("skip_layer_guidance_start", start), ("skip_layer_guidance_stop", stop)):
+            # A NaN compares False everywhere: the guidance would silently never run.
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v):
+                raise ValueError(f"{name} must be a finite number (a fraction of the steps), got {v!r}")
         return cls(layers, scale, steps_window(grid, lambda i, n: n * start < i < n * stop, whole=False))
+
+    def check_layers(self, blocks: int) -> None:
+        """ValueError unless every skipped layer is one of the transformer's ``blocks`` blocks: it skips only
+        indices it has, so another index (or none) would make the extra call the conditional one and the
+        guidance silently zero."""
+        if not self.layers or any(not 0 <= i < blocks for i in self.layers):
+            raise ValueError(f"skip_guidance_layers must be a non-empty list of block indices in 0..{blocks - 1} "
+                             f"(this SD3 transformer has {blocks} blocks), got {list(self.layers)}")
 
     def active(self, t: torch.Tensor) -> torch.Tensor | None:
         """[N] bool: which rows' times lie in the window (with a tolerance for float32 times); None when

@@ -143,7 +143,7 @@ def _unused_texts(embeds_name: str, embeds, **texts) -> None:
 def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt=None,
            negative_prompt_embeds=None, negative_pooled_prompt_embeds=None, cfg: bool = False,
            max_sequence_length: int = 512, prompt_2=None, prompt_3=None, negative_prompt_2=None,
-           negative_prompt_3=None, text_encoder_out_layers=None) -> Conditioning:
+           negative_prompt_3=None, text_encoder_out_layers=None, lora_scale: float | None = None) -> Conditioning:
     """Prompt conditioning, one row per prompt: precomputed embeddings, or the pipeline's text encoders.
 
     Args:
@@ -158,6 +158,9 @@ def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_promp
         max_sequence_length: T5 token budget when encoding (FLUX.2: its text encoder's).
         text_encoder_out_layers: FLUX.2 only: the text encoder's hidden layers stacked into the embeddings
             (None: the pipeline's default).
+        lora_scale: FLUX.1 and SD3: the scale of LoRA layers loaded into the text encoders while they encode,
+            as the pipelines scale them by joint_attention_kwargs["scale"] (None: as loaded). FLUX.2's pipelines
+            take none.
     Returns:
         Conditioning on the transformer's device and dtype.
     """
@@ -198,13 +201,13 @@ def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_promp
             if prompt_embeds is None:
                 prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
                     prompt=prompts, prompt_2=_matching("prompt_2", prompt_2, len(prompts)), device=dev,
-                    num_images_per_prompt=1, max_sequence_length=max_sequence_length)
+                    num_images_per_prompt=1, max_sequence_length=max_sequence_length, lora_scale=lora_scale)
             if need_neg:
                 n = prompt_embeds.shape[0]
                 negative_prompt_embeds, negative_pooled_prompt_embeds, _ = pipe.encode_prompt(
                     prompt=_matching("negative_prompt", negative_prompt, n),
                     prompt_2=_matching("negative_prompt_2", negative_prompt_2, n), device=dev,
-                    num_images_per_prompt=1, max_sequence_length=max_sequence_length)
+                    num_images_per_prompt=1, max_sequence_length=max_sequence_length, lora_scale=lora_scale)
         elif prompt_embeds is None or need_neg:
             n = len(prompts) if prompt_embeds is None else prompt_embeds.shape[0]
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = \
@@ -218,7 +221,7 @@ def encode(flow: DiffusersFlow, prompt=None, *, prompt_embeds=None, pooled_promp
                                    negative_prompt_3=_matching("negative_prompt_3", negative_prompt_3, n),
                                    negative_prompt_embeds=negative_prompt_embeds,
                                    negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-                                   max_sequence_length=max_sequence_length)
+                                   max_sequence_length=max_sequence_length, lora_scale=lora_scale)
     _check_embeds("prompt_embeds", prompt_embeds, 3, None, flow, "joint_attention_dim")
     return _conditioning(flow, prompts, cfg, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
                          negative_pooled_prompt_embeds)

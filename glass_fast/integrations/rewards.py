@@ -40,6 +40,21 @@ def check_scores(scores, rows: int, name: str = "reward") -> torch.Tensor:
     return scores.float()
 
 
+def check_unit_images(images, name: str = "reward", tol: float = 1e-3) -> None:
+    """ValueError unless ``images`` is a real Tensor [N, 3, H, W] with values in [0, 1] (within ``tol``): images
+    in [-1, 1] or [0, 255] would otherwise be clamped to [0, 1] and scored silently wrong."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 \
+            or not images.is_floating_point():
+        got = f"{tuple(images.shape)} {images.dtype}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{name} takes float images [N, 3, H, W] in [0, 1], got {got}")
+    x = images.detach()
+    # NaN passes (a diverged particle's score is NaN, which steering handles), out-of-range values do not.
+    if bool(((x < -tol) | (x > 1 + tol)).any()):
+        lo, hi = float(x.nan_to_num().min()), float(x.nan_to_num().max())
+        raise ValueError(f"{name} takes images with values in [0, 1], got values in [{lo:.4g}, {hi:.4g}] (rescale "
+                         f"[-1, 1] images by x / 2 + 0.5, 8-bit ones by x / 255)")
+
+
 class LatentReward:
     """An image reward evaluated on latent states: decode, rescale to [0, 1], score.
 
@@ -59,6 +74,13 @@ class LatentReward:
             raise TypeError(f"reward must be callable(images, prompts) -> Tensor[N], got {type(reward).__name__}")
         if flow.vae is None:
             raise ValueError("image rewards need the pipeline's VAE to decode x0-predictions; the adapter has none")
+        for name, v in (("num_prompts", num_prompts), ("per_prompt", per_prompt)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"LatentReward: {name} must be an integer >= 1, got {v!r}")
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"LatentReward: max_batch must be an integer >= 1 or None, got {max_batch!r}")
+        if prompts is not None and len(prompts) != num_prompts:
+            raise ValueError(f"LatentReward: prompts has {len(prompts)} entries but num_prompts={num_prompts}")
         self.flow, self.reward, self.prompts, self.per_prompt = flow, reward, prompts, per_prompt
         self.rows = num_prompts * per_prompt
         self.height, self.width, self.max_batch = height, width, max_batch
@@ -131,6 +153,9 @@ class CLIPScoreReward:
             ``input_ids`` (and optionally ``attention_mask``), e.g. a CLIPTokenizer.
         image_size: side the images are resized to (default: the model's vision config).
 
+    Called as reward(images [N, 3, H, W] in [0, 1], prompts: a list of N strings); images outside [0, 1] (within
+    1e-3), a bare string or another number of prompts raise an error rather than being clamped or broadcast.
+
     Example:
         >>> reward = CLIPScoreReward.from_pretrained("/models/clip-vit-large-patch14", device="cuda")
     """
@@ -176,6 +201,13 @@ class CLIPScoreReward:
         return torch.stack([self._text_cache[q] for q in prompts])
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str | None]) -> torch.Tensor:
+        check_unit_images(images, "CLIPScoreReward")
+        if not isinstance(prompts, (list, tuple)):
+            # A bare string would be read as one prompt per character.
+            raise TypeError(f"CLIPScoreReward takes a list of one prompt per image, got {prompts!r}")
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"CLIPScoreReward takes one prompt per image: {images.shape[0]} images, got "
+                             f"{len(prompts)} prompts")
         if any(q is None for q in prompts):
             raise ValueError("CLIPScoreReward needs a prompt string for every image; pass prompt= to steer")
         p = self._param()
