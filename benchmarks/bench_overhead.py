@@ -1,8 +1,10 @@
 """Sampler overhead: wall time of a full GLASS sample / (model calls x one model forward measured alone).
 
-    python benchmarks/bench_overhead.py          # prints the ratio for the CPU MLP
+    python benchmarks/bench_overhead.py          # the ratio for the CPU MLP, the per-call cost with a tiny network
     pytest benchmarks/bench_overhead.py --benchmark-enable
-A ratio of 1.00 means the sampler adds nothing beyond the model's own time.
+A ratio of 1.00 means the sampler adds nothing beyond the model's own time. With a network that costs almost
+nothing (x -> -x on [64, 2], as 2-D toy problems have) the run's time per model call is the sampler's own work:
+``Sampler.run`` (planned once) and ``sample`` (planning included).
 """
 import os
 import sys
@@ -45,17 +47,35 @@ def overhead_ratio(repeats: int = 5) -> dict:
     return {"forward_s": forward, "sample_s": full, "calls": sampler.calls, "ratio": full / (sampler.calls * forward)}
 
 
-@pytest.mark.parametrize("provider", ["forward", "sample", "sample-compiled"])
+TINY_BATCH, TINY_DIM = 64, 2
+
+
+@torch.no_grad()
+def tiny_overhead(repeats: int = 20) -> dict:
+    """Seconds per model call of a GLASS run with a network that costs almost nothing."""
+    model = gf.FlowModel(lambda x, t: -x, gf.LinearSchedule())
+    noise = torch.randn(TINY_BATCH, TINY_DIM, generator=torch.Generator().manual_seed(0))
+    sampler = gf.Sampler(model, transitions=TRANSITIONS, inner_steps=INNER)
+    gen = torch.Generator().manual_seed(0)
+    run = _time(lambda: sampler.run(noise, generator=gen), repeats)
+    full = _time(lambda: gf.sample(model, noise, transitions=TRANSITIONS, inner_steps=INNER, generator=gen), repeats)
+    return {"run_per_call_s": run / sampler.calls, "sample_per_call_s": full / sampler.calls, "calls": sampler.calls}
+
+
+@pytest.mark.parametrize("provider", ["forward", "sample", "sample-compiled", "sample-tiny"])
 @torch.no_grad()
 def test_overhead(benchmark, provider):
     net, model, noise = _setup()
+    if provider == "sample-tiny":
+        model, noise = gf.FlowModel(lambda x, t: -x, gf.LinearSchedule()), torch.randn(TINY_BATCH, TINY_DIM)
     sampler = gf.Sampler(model, transitions=TRANSITIONS, inner_steps=INNER, compile=provider == "sample-compiled")
     t = torch.full((BATCH,), 0.5)
     if provider == "sample-compiled":
         sampler.run(noise)   # compile outside the timed rounds
     fn = (lambda: net(noise, t)) if provider == "forward" else (lambda: sampler.run(noise))
     benchmark(fn)
-    benchmark.extra_info.update(provider=provider, batch=BATCH, dim=DIM, calls=sampler.calls, device="cpu",
+    batch, dim = noise.shape
+    benchmark.extra_info.update(provider=provider, batch=batch, dim=dim, calls=sampler.calls, device="cpu",
                                 backend=gf.ops.requested_backend())
 
 
@@ -63,3 +83,7 @@ if __name__ == "__main__":
     r = overhead_ratio()
     print(f"CPU MLP (batch {BATCH}, dim {DIM}): one forward {r['forward_s'] * 1e3:.3f} ms, "
           f"full GLASS sample ({r['calls']} calls) {r['sample_s'] * 1e3:.1f} ms, overhead ratio {r['ratio']:.3f}")
+    r = tiny_overhead()
+    print(f"CPU x -> -x (batch {TINY_BATCH}, dim {TINY_DIM}), {r['calls']} calls: Sampler.run "
+          f"{r['run_per_call_s'] * 1e6:.1f} us per model call, sample (planning included) "
+          f"{r['sample_per_call_s'] * 1e6:.1f} us per model call")

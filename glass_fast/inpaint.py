@@ -116,8 +116,6 @@ def _stamp(t: torch.Tensor) -> tuple:
 
 
 def _broadcasts(shape, to) -> bool:
-    """``shape`` broadcasts to ``to`` without growing it."""
-    try:
-        return tuple(torch.broadcast_shapes(shape, to)) == tuple(to)
-    except RuntimeError:
-        return False
+    """``shape`` broadcasts to ``to`` without growing it: every trailing size is 1 or ``to``'s. (Plain Python:
+    torch.broadcast_shapes's first call in a process imports sympy, about 0.4 s.)"""
+    return len(shape) <= len(to) and all(s in (1, n) for s, n in zip(reversed(shape), reversed(to)))

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 
 from .model import FlowModel, denoiser_coefficients, velocity_coefficients
-from .ops import NUM_COEFS
 
 SOLVERS = ("euler", "midpoint", "heun")
 _F64 = dict(dtype=torch.float64, device="cpu")
@@ -45,13 +44,18 @@ class Plan:
 
 def _row(k_base=0.0, k_stage=0.0, k_xt=0.0, k_out=0.0, n_xt=0.0, n_new=0.0) -> torch.Tensor:
     """Stack the six coefficients (floats or same-shaped tensors) into [..., 6]."""
-    cols = [torch.as_tensor(c, **_F64) for c in (k_base, k_stage, k_xt, k_out, n_xt, n_new)]
-    shape = torch.broadcast_shapes(*(c.shape for c in cols))
-    return torch.stack([c.expand(shape) for c in cols], dim=-1)
+    cols = (k_base, k_stage, k_xt, k_out, n_xt, n_new)
+    if all(not isinstance(c, torch.Tensor) or c.dim() == 0 for c in cols):
+        # Shared times (the usual case): one tensor from the six exact float64 values, about half the
+        # time of six conversions, a broadcast and a stack, for every stage of every transition.
+        return torch.tensor([float(c) for c in cols], **_F64)
+    return torch.stack(torch.broadcast_tensors(*(torch.as_tensor(c, **_F64) for c in cols)), dim=-1)
 
 
 def _stack(rows, times, kinds, first_denoised, init=None) -> Plan:
-    shape = torch.broadcast_shapes(*(r.shape for r in rows), *(t.shape + (NUM_COEFS,) for t in times))
+    # The common shape, [6] or [B, 6], by broadcast_tensors (views): torch.broadcast_shapes's first call
+    # imports sympy, about 0.4 s on the first plan of a process.
+    shape = torch.broadcast_tensors(*rows, *(t.unsqueeze(-1) for t in times))[0].shape
     coefs = torch.stack([r.expand(shape) for r in rows])
     tshape = shape[:-1]
     return Plan(tuple(kinds), torch.stack([t.expand(tshape) for t in times]), coefs,
@@ -136,31 +140,44 @@ class _Inner:
         self.snr_t = self.a_t ** 2 / self.s_t ** 2
         self.gamma, self.alpha_bar, self.sigma_bar = kernel_coefficients(sch, t, t_next, rho)
         self.sb0 = sigmabar0
+        # The parts of at(s) that do not depend on s, computed once (the same float64 operations).
+        self.w1_num, self.neg_gamma = self.sigma_bar - sigmabar0, -self.gamma
+        self.cx_t = self.a_t / self.s_t ** 2
+        # at(s) by inner time: a stage needs it at its own s and at the next stage's (its input), so each
+        # inner time would be evaluated twice. Keyed by the float s, for this transition only.
+        self._at: dict[float, tuple] = {}
 
     def at(self, s: float):
         """(model time, c_x, c_b, w1, w2, w3): model input y = c_x x_t + c_b xbar; u = w1 xbar + w2 D + w3 x_t."""
+        if s not in self._at:
+            self._at[s] = self._eval(s)
+        return self._at[s]
+
+    def _eval(self, s: float):
         abar = s * self.alpha_bar
         sbar = (1 - s) * self.sb0 + s * self.sigma_bar
-        w1 = (self.sigma_bar - self.sb0) / sbar
+        w1 = self.w1_num / sbar
         w2 = self.alpha_bar - abar * w1
-        w3 = -self.gamma * w1
+        w3 = self.neg_gamma * w1
         if s == 0.0:
             # P = SNR(t), t* = t and alpha_{t*} S = x_t exactly (also when alpha_t = 0, where S is 0/0).
             tm = self.model.clamp_time(self.t)
             return tm, torch.ones_like(tm), torch.zeros_like(tm), w1, w2, w3
-        prec = self.snr_t + abar ** 2 / sbar ** 2
+        sbar2 = sbar ** 2
+        prec = self.snr_t + abar ** 2 / sbar2
         sch = self.model.schedule
         tm = self.model.clamp_time(torch.as_tensor(sch.time_at_snr(prec), **_F64))
         k = sch.alpha(tm) / prec
-        c_x = k * (self.a_t / self.s_t ** 2 - abar * self.gamma / sbar ** 2)
-        c_b = k * abar / sbar ** 2
+        c_x = k * (self.cx_t - abar * self.gamma / sbar2)
+        c_b = k * abar / sbar2
         return tm, c_x, c_b, w1, w2, w3
 
     def velocity_terms(self, s: float, scale: float, denoised: bool = False):
         """(model time, A, X, O): scale * u_s(state, out) = A state + X x_t + O out."""
         tm, c_x, c_b, w1, w2, w3 = self.at(s)
         a_x, a_o = (0.0, 1.0) if denoised else denoiser_coefficients(self.model.schedule, self.model.prediction, tm)
-        return tm, scale * (w1 + w2 * a_x * c_b), scale * (w3 + w2 * a_x * c_x), scale * w2 * a_o
+        w2a = w2 * a_x
+        return tm, scale * (w1 + w2a * c_b), scale * (w3 + w2a * c_x), scale * w2 * a_o
 
     def input_at(self, s: float):
         """(n_xt, n_new) producing the model input at inner time s; zeros where no call can follow (s = 1
@@ -268,7 +285,8 @@ def sde_plan(model: FlowModel, t, t_next, calls: int) -> Plan:
         # Plug-in DDPM step: x' = gamma x + alpha_bar D + sigma_bar eps with rho_DDPM (finite at alpha = 0).
         t1 = tau + h
         gamma, abar, sbar = kernel_coefficients(sch, tau, t1, rho_ddpm(sch, tau, t1))
-        for denoised, bucket in ((False, rows), (True, firsts)):
+        # Only the first stage's row with D_t(x_t) handed in is used (the plan's first_denoised).
+        for denoised, bucket in ((False, rows), (True, firsts))[:1 if j else 2]:
             pred = "x0" if denoised else model.prediction
             a_x, a_o = denoiser_coefficients(sch, pred, tm)
             b_x, b_o = velocity_coefficients(sch, pred, tm)

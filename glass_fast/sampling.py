@@ -90,6 +90,12 @@ def check_sampler_options(method: str, transitions: int | None, inner_steps: int
         raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
 
 
+def check_eager_guidance(guidance, compile, cuda_graph) -> None:
+    """Guidance runs eagerly: refused with compile= or cuda_graph= (ValueError), before any model call."""
+    if guidance is not None and (compile or cuda_graph):
+        raise ValueError("guidance is not supported with compile= or cuda_graph=: run it eagerly")
+
+
 def default_rho(method: str):
     """rho when none is given: 0.4 for GLASS (the paper's setting), rho_DDPM for the one-step plug-in kernel,
     which with a constant rho does not sample the data however fine the grid."""
@@ -233,17 +239,20 @@ class Sampler:
                 self._runners[key] = compile_transition(self.model, plan.kinds, signature=key, **self.compile_kwargs)
         return self._runners[key]
 
-    def _check_step(self, k: int, x: torch.Tensor) -> None:
-        """Transition k exists, and x lives where the coefficients were planned (device, and float64 or not:
-        the coefficients are float64 for float64 states, float32 for every other dtype)."""
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < self.transitions:
-            raise ValueError(f"k must be a transition index in [0, {self.transitions}), got {k!r}")
+    def _check_state(self, x: torch.Tensor, generator, guidance, project) -> None:
+        """x lives where the coefficients were planned (device, and float64 or not: the coefficients are
+        float64 for float64 states, float32 for every other dtype); the hooks and the generator are usable,
+        and guidance runs eagerly."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a floating Tensor[B, ...], got {type(x).__name__}")
-        same_device = x.device.type == self.device.type and self.device.index in (None, x.device.index)
-        if not same_device or (x.dtype == torch.float64) != (self.dtype == torch.float64):
+        # The rows' device, where "cuda" has become an index: the stage loop runs its ops unchecked.
+        planned = self.plans[0].coefs.device
+        if x.device != planned or (x.dtype == torch.float64) != (self.dtype == torch.float64):
             raise ValueError(f"x is {x.dtype} on {x.device} but this Sampler was planned for {self.dtype} on "
-                             f"{self.device}: build it with device=x.device, dtype=x.dtype")
+                             f"{planned}: build it with device=x.device, dtype=x.dtype")
+        check_state(self.model, x, generator)
+        check_hooks(guidance, None, project)
+        check_eager_guidance(guidance, self.compiled, self.cuda_graph)
 
     def step(self, k: int, x: torch.Tensor, *, generator=None, denoised=None, guard=None, guidance=None,
              project=None):
@@ -255,15 +264,17 @@ class Sampler:
             guidance: reward guidance hook (eager only).
             project: optional fn(k + 1, grid[k+1], x_next) -> x_next applied to the state reached (see ``run``).
         """
-        self._check_step(k, x)
-        check_hooks(guidance, None, project)
-        check_state(self.model, x, generator)
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < self.transitions:
+            raise ValueError(f"k must be a transition index in [0, {self.transitions}), got {k!r}")
+        self._check_state(x, generator, guidance, project)
         check_denoised(denoised, x)
+        check_rows(self.plans[k], x)
+        return self._step(k, x, generator, denoised, guard, guidance, project)
+
+    def _step(self, k: int, x: torch.Tensor, generator, denoised, guard, guidance, project):
+        """``step`` on arguments already checked (``_check_state``, ``check_denoised``, ``check_rows``)."""
         plan = self.plans[k]
-        check_rows(plan, x)
         noise = draw_noise(plan, x, generator)
-        if (self.cuda_graph or self.compiled) and guidance is not None:
-            raise ValueError("guidance is not supported with compile= or cuda_graph=: run it eagerly")
         if self.cuda_graph or self.compiled:
             runner = self._runner(k, x, noise, denoised)
             x_next, finite = runner(plan, x, noise, denoised)
@@ -298,8 +309,10 @@ class Sampler:
                 shape, dtype and device: a constraint such as inpainting's blending of known content, noised to
                 t, into the state. It runs eagerly between transitions (also with compile= or cuda_graph=).
         """
-        check_state(self.model, x, generator)
-        check_hooks(guidance, callback, project)
+        self._check_state(x, generator, guidance, project)
+        check_hooks(None, callback)
+        for plan in self.plans:
+            check_rows(plan, x)
         guard = FiniteGuard(x.device)
         guard.check_input(x, "the initial state (noise)")
         times = self.grid.to(x.device).unbind(0) if callback is not None else None  # copied once, not per call
@@ -310,8 +323,7 @@ class Sampler:
                 guard.check(d, f"the denoiser at t={float(self.grid[k]):.4f}")
                 callback(k, float(self.grid[k]), x, d)
                 denoised = guided_denoised(guidance, self.model, x, d, self.grid[k])
-            x = self.step(k, x, generator=generator, denoised=denoised, guard=guard, guidance=guidance,
-                          project=project)
+            x = self._step(k, x, generator, denoised, guard, guidance, project)
         guard.raise_if_bad()
         return x
 
@@ -346,6 +358,7 @@ def sample(model: FlowModel, noise: torch.Tensor, *, method: str = "glass", tran
     """
     check_state(model, noise, generator, "noise")
     check_hooks(guidance, callback, project)
+    check_eager_guidance(guidance, compile, cuda_graph)
     sampler = Sampler(model, method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
                       solver=solver, sigmabar0=sigmabar0, device=noise.device, dtype=noise.dtype, compile=compile,
                       cuda_graph=cuda_graph, max_batch=max_batch, grid=grid)

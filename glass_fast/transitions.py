@@ -4,6 +4,8 @@ Every public function validates its arguments here, once; ``execute`` then trust
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from . import ops
@@ -24,8 +26,8 @@ class FiniteGuard:
     """Records which model outputs (and caller inputs) were finite, without synchronising the host.
 
     ``check`` / ``extend`` keep device-side flags for model outputs, ``check_input`` for tensors the caller
-    handed in (so a NaN in the noise is not blamed on the model); ``raise_if_bad`` reads them once, after
-    the loop, and names the first non-finite one.
+    handed in (so a NaN in the noise is not blamed on the model); ``raise_if_bad`` (or ``read``, with other
+    small records of the run) reads them once, after the loop, and names the first non-finite one.
     """
 
     def __init__(self, device: torch.device):
@@ -50,13 +52,31 @@ class FiniteGuard:
         self.flags.append(flags.reshape(-1))
         self.labels.extend(f"the model returned NaN or Inf at {label}" for label in labels)
 
+    def read(self, *records: torch.Tensor) -> list[list[int]]:
+        """Read the flags together with ``records`` (small integer or bool tensors on the guard's device:
+        counts, per-group indices) in one host transfer, the run's one synchronisation on CUDA.
+
+        Raises:
+            FloatingPointError: naming the first non-finite tensor flagged.
+        Returns:
+            each record's values as a flat list of ints, in order.
+        """
+        sizes = [r.numel() for r in records]   # metadata only
+        parts = [f.to(self.device) for f in self.flags]
+        parts += [r.reshape(-1).to(device=self.device, dtype=torch.int64) for r in records]
+        values = torch.cat(parts).tolist() if parts else []
+        ok = values[:len(values) - sum(sizes)]
+        if not all(ok):
+            raise FloatingPointError(self.labels[ok.index(0)])
+        out, at = [], len(ok)
+        for size in sizes:
+            out.append(values[at:at + size])
+            at += size
+        return out
+
     def raise_if_bad(self) -> None:
-        if not self.flags:
-            return
-        ok = torch.cat([f.to(self.device) for f in self.flags])
-        if not bool(ok.all()):
-            i = int((~ok).nonzero()[0, 0])
-            raise FloatingPointError(self.labels[i])
+        """``read`` without records: raise if any flagged tensor held NaN or Inf."""
+        self.read()
 
 
 class DevicePlan:
@@ -108,28 +128,32 @@ def execute(model: FlowModel, plan, x: torch.Tensor, noise: torch.Tensor, *, den
     if work != x.dtype:   # the fused step takes x_t and stages in the state's dtype
         noise = noise.to(work)
     draws = iter(noise.unbind(0))
+    # The inputs were checked where they entered (the public functions, Sampler.step / run); the stage loop
+    # runs the op unchecked on the backend chosen once. A guidance hook's output goes through the checked op.
+    step = ops.fused_step if guidance is not None else partial(ops.fused_step_on, ops.resolve_backend(x.device.type))
     if plan.init is not None:  # GLASS: xbar_0 = gamma x_t + sigmabar_0 eps_0, the transition's only noise
         x_t = x.to(work)
-        base, _ = ops.fused_step(x_t, next(draws), plan.init)
+        base, _ = step(x_t, next(draws), plan.init)
     else:
         base, x_t = x.to(work), None
-    y, tmp, finite = x, None, []
+    y, tmp, extremes = x, None, []
+    times, coefs = plan.times.unbind(0), plan.coefs.unbind(0)   # the stages' rows as views, in one call each
     for i, kind in enumerate(plan.kinds):
         if i == 0 and denoised is not None:
             out, coef = denoised, plan.first_denoised
         else:
-            out = model(y, plan.times[i])
+            out = model(y, times[i])
             if guidance is not None:
-                out = guidance(model, y.to(model.input_dtype(y)), plan.times[i], plan.host_times[i], out)
-            coef = plan.coefs[i]
-        finite.append(all_finite(out))
+                out = guidance(model, y.to(model.input_dtype(y)), times[i], plan.host_times[i], out)
+            coef = coefs[i]
+        extremes.extend(torch.aminmax(out))   # finite iff both are (see all_finite); tested once, below
         stage = next(draws) if kind == "noisy" else tmp if kind == "correct" else None
-        new, y = ops.fused_step(base, out, coef, x_t=x_t, stage=stage)
+        new, y = step(base, out, coef, x_t=x_t, stage=stage)
         if kind == "predict":
             tmp = new
         else:
             base = new
-    return base.to(x.dtype), torch.stack(finite)
+    return base.to(x.dtype), torch.isfinite(torch.stack(extremes)).reshape(-1, 2).all(-1)
 
 
 def guided_denoised(guidance, model: FlowModel, x: torch.Tensor, d: torch.Tensor, t) -> torch.Tensor:

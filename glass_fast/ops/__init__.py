@@ -25,7 +25,7 @@ from ._backend import (BACKENDS, ENV_VAR, BackendUnavailableError, available_bac
 from .reference import NUM_COEFS, RESAMPLING_SCHEMES
 
 __all__ = [
-    "fused_step", "fused_step_", "normalize_log_weights", "resample_indices", "gather_particles",
+    "fused_step", "fused_step_", "fused_step_on", "normalize_log_weights", "resample_indices", "gather_particles",
     "gather_particles_", "NUM_COEFS", "RESAMPLING_SCHEMES", "BACKENDS", "ENV_VAR",
     "BackendUnavailableError", "available_backends", "requested_backend", "resolve_backend",
     "set_backend", "use_backend", "reference",
@@ -46,7 +46,17 @@ def fused_step(base: torch.Tensor, out: torch.Tensor, coef: torch.Tensor,
         (new in base.dtype, y_next in out.dtype), both [B, ...] and contiguous.
     """
     _checks.fused_step(base, out, coef, x_t, stage)
-    backend = resolve_backend(base.device.type)
+    return fused_step_on(resolve_backend(base.device.type), base, out, coef, x_t, stage)
+
+
+def fused_step_on(backend: str, base: torch.Tensor, out: torch.Tensor, coef: torch.Tensor,
+                  x_t: torch.Tensor | None = None, stage: torch.Tensor | None = None):
+    """``fused_step`` on a backend already chosen (``resolve_backend``), without its argument checks.
+
+    For a loop whose caller validated its inputs once, at its own public boundary (the sampler's stages:
+    the state, the planned rows and the model's checked outputs): per stage the checks and the backend
+    lookup cost more than the step itself on small tensors.
+    """
     if backend == "reference":
         return reference.fused_step(base, out, coef, x_t, stage)
     return _library.op(backend, "fused_step")(base, out, coef, x_t, stage)
