@@ -582,19 +582,3 @@ def test_select_draws_by_weight_from_unnormalised_log_weights():
         res.log_weights = torch.tensor([[0.0, 0.0, 0.0], bad], dtype=torch.float64)
         with pytest.raises(ValueError, match="log_weights of group 1 must be finite or -inf"):
             res.select()
-
-
-def test_read_after_run_names_the_first_bad_flag_and_returns_the_records():
-    from glass_fast.steering.result import read_after_run
-    from glass_fast.transitions import FiniteGuard
-    guard = FiniteGuard(torch.device("cpu"))
-    guard.check_input(torch.zeros(3), "noise")
-    guard.extend(torch.tensor([True, True]), ["stage 0", "stage 1"])
-    records = (torch.tensor([-1, 2, -1]), torch.tensor(5), torch.tensor([True, False]))
-    assert read_after_run(guard, *records) == [[-1, 2, -1], [5], [1, 0]]
-    guard.extend(torch.tensor([True, False, False]), ["stage 0", "stage 1", "stage 2"])
-    guard.check(torch.tensor([math.nan]), "the denoiser")
-    with pytest.raises(FloatingPointError, match=r"^the model returned NaN or Inf at stage 1$"):
-        read_after_run(guard, *records)
-    with pytest.raises(FloatingPointError, match=r"^the model returned NaN or Inf at stage 1$"):
-        guard.raise_if_bad()                       # the same message as the guard's own read

@@ -6,10 +6,10 @@ import math
 import torch
 
 from ..model import FlowModel
-from ..sampling import check_hooks
+from ..sampling import check_eager_guidance, check_hooks
 from ..transitions import FiniteGuard
 from .result import (SteeringResult, best_of_groups, check_particles, check_selection_rewards, check_timings,
-                     metered_sampler, progress_bar, read_after_run)
+                     metered_sampler, progress_bar)
 from .settings import sampler_settings
 
 
@@ -41,6 +41,7 @@ class BestOfN:
         self.settings = sampler_settings(method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
                                          solver=solver, sigmabar0=sigmabar0, grid=grid, compile=compile,
                                          cuda_graph=cuda_graph, max_batch=max_batch)
+        check_eager_guidance(guidance, compile, cuda_graph)
         self.model, self.reward, self.guidance, self.timings = model, reward, guidance, check_timings(timings)
         self._parts: dict = {}
 
@@ -70,7 +71,7 @@ class BestOfN:
         bad = ~torch.isfinite(rewards)
         last = sampler.transitions - 1
         # One host read for every record of the run (model outputs, non-finite rewards), after the reward.
-        (bad,), dead_at = read_after_run(guard, bad.sum(), torch.where(bad.all(-1), last, -1))
+        (bad,), dead_at = guard.read(bad.sum(), torch.where(bad.all(-1), last, -1))
         check_selection_rewards(bad, dead_at, sampler.grid, "best_of_n")
         log_w = torch.full((b, k), -math.log(k), dtype=torch.float64, device=noise.device)
         return SteeringResult(samples=samples, log_weights=log_w, rewards=rewards,

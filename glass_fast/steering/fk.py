@@ -27,13 +27,12 @@ import torch
 
 from ..model import FlowModel
 from ..plan import check_calls
-from ..sampling import METHODS, check_hooks, follow
+from ..sampling import METHODS, check_eager_guidance, check_hooks, follow
 from ..transitions import FiniteGuard, guided_denoised
 from .guidance import time_window
 from .potentials import PotentialState, check_potential
 from .resampling import AdaptiveResampler, check_scheme, gather, normalize_log_weights
-from .result import (SteeringResult, best_of_groups, check_particles, check_timings, first_dead_group, progress_bar,
-                     read_after_run)
+from .result import (SteeringResult, best_of_groups, check_particles, check_timings, first_dead_group, progress_bar)
 from .settings import sampler_settings
 from .value import metered_parts
 
@@ -90,6 +89,7 @@ class FKSteering:
         self.settings = sampler_settings(method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
                                          solver=solver, sigmabar0=sigmabar0, grid=grid, compile=compile,
                                          cuda_graph=cuda_graph, max_batch=max_batch)
+        check_eager_guidance(guidance, compile, cuda_graph)
         resample_every, value_samples = int(resample_every), int(value_samples)
         self.model, self.reward = model, reward
         self.potential, self.lmbda, self.final_correction = potential, float(lmbda), final_correction
@@ -184,7 +184,7 @@ class FKSteering:
                 if project is not None:   # a hook's per-row data (Inpaint's noise) follows the particles
                     project = follow(project, (idx + torch.arange(b, device=dev)[:, None] * k_part).reshape(-1))
         # One host read for every record of the run (model outputs, dead groups, non-finite rewards).
-        dead_at, (bad,) = read_after_run(guard, dead_at, state.bad)
+        dead_at, (bad,) = guard.read(dead_at, state.bad)
         _raise_dead(dead_at, grid)
         if bad:
             warnings.warn(f"fk_steering: the reward was NaN or Inf for {bad} particle evaluations; those particles "

@@ -200,29 +200,6 @@ def check_particles(model, reward, noise, generator) -> tuple[int, int]:
     return b, k
 
 
-def read_after_run(guard: FiniteGuard, *records: torch.Tensor) -> list[list[int]]:
-    """A run's device-side records, read in one host transfer after its loop (one synchronisation on CUDA).
-
-    Reads the guard's finite flags together with ``records`` (integer or bool tensors: counts, per-group
-    transitions) and raises the guard's FloatingPointError, naming the first non-finite model output, if
-    any; otherwise returns each record's values as a flat list of ints, in order."""
-    dev = guard.device
-    # Metadata only (no read): how many of the values read are the guard's flags, and each record's size.
-    flags = [f.reshape(-1).to(device=dev, dtype=torch.int64) for f in guard.flags]
-    n_flags = sum(f.numel() for f in flags)
-    sizes = [r.numel() for r in records]
-    values = torch.cat(flags + [r.reshape(-1).to(device=dev, dtype=torch.int64) for r in records]).tolist() \
-        if flags or records else []
-    ok = values[:n_flags]
-    if not all(ok):
-        raise FloatingPointError(guard.labels[ok.index(0)])
-    out, at = [], n_flags
-    for size in sizes:
-        out.append(values[at:at + size])
-        at += size
-    return out
-
-
 def first_dead_group(dead_at: list[int], grid) -> tuple[int, str] | None:
     """(group, "transition k (t=.. -> ..)[ (and n more groups: [...])]") for the first group with
     ``dead_at[g] >= 0`` (host values: the transition after which all its particles had invalid rewards),
@@ -236,7 +213,7 @@ def first_dead_group(dead_at: list[int], grid) -> tuple[int, str] | None:
 
 
 def check_selection_rewards(bad: int, dead_at: list[int], grid, who: str) -> None:
-    """After a selection run (best-of-N, beam search), from host values (``read_after_run``): raise if every
+    """After a selection run (best-of-N, beam search), from host values (``FiniteGuard.read``): raise if every
     candidate of a group had a NaN or Inf reward (no best exists; ``dead_at[b]`` is the first transition
     where that happened, -1 never), and warn with the number ``bad`` of such rewards otherwise (they rank
     below every finite one)."""

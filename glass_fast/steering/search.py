@@ -20,7 +20,7 @@ from ..plan import check_calls
 from ..sampling import check_hooks, follow
 from ..transitions import FiniteGuard
 from .result import (SteeringResult, best_of_groups, check_particles, check_selection_rewards, check_timings,
-                     progress_bar, read_after_run)
+                     progress_bar)
 from .settings import sampler_settings
 from .value import metered_parts
 
@@ -120,7 +120,7 @@ class BeamSearch:
             if d_children is not None:
                 d = d_children[rows]
         # One host read for every record of the run (model outputs, non-finite scores).
-        (bad_count,), dead_at = read_after_run(guard, bad_count, dead_at)
+        (bad_count,), dead_at = guard.read(bad_count, dead_at)
         check_selection_rewards(bad_count, dead_at, grid, "beam_search")
         # Every call after the first D_{t_0} ran on `expansions` copies of each beam (value draws on
         # value_samples copies of those): count each copy.
