@@ -1,6 +1,7 @@
 // Every op schema of the glass_fast library, in one place. CPU kernels live in cpu/, CUDA kernels in
 // cuda/; Python registers the fake (meta) kernels in glass_fast/ops/_library.py so torch.compile can
 // trace the ops without running them.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(glass_fast, m) {
@@ -18,4 +19,14 @@ TORCH_LIBRARY(glass_fast, m) {
   m.def("gather_particles(Tensor x, Tensor idx) -> Tensor");
   // x[b, k] <- x[b, idx[b, k]] through scratch (same shape and dtype as x).
   m.def("gather_particles_(Tensor(a!) x, Tensor idx, Tensor(b!) scratch) -> ()");
+}
+
+// The kernels have no derivative. Without an Autograd kernel PyTorch's global fallback only warns and
+// backward leaves the inputs' gradients unset (silently missing); this one makes backward raise
+// "derivative for glass_fast::<op> is not implemented" (the reference backend is differentiable).
+TORCH_LIBRARY_IMPL(glass_fast, Autograd, m) {
+  for (const char* name : {"fused_step", "fused_step_", "normalize_log_weights", "resample_indices",
+                           "gather_particles", "gather_particles_"}) {
+    m.impl(name, torch::autograd::autogradNotImplementedFallback());
+  }
 }

@@ -29,13 +29,13 @@ def gather_particles_triton(x: torch.Tensor, idx: torch.Tensor, out: torch.Tenso
     """
     b, k = idx.shape
     d = x.numel() // max(b * k, 1)
-    if x.numel() == 0:
-        return
-    if idx.device.type == "cpu":
+    if idx.device.type == "cpu":  # before the empty-x return: the reference checks any idx
         bad = ((idx < 0) | (idx >= k)).nonzero()
         if len(bad):
             i, j = bad[0].tolist()
             raise RuntimeError(f"idx[{i}, {j}] = {int(idx[i, j])} is out of range [0, {k})")
+    if x.numel() == 0:
+        return
     xc = x.contiguous()
     if xc.is_complex():  # Triton has no complex types: move the (real, imag) pairs
         xc, out = torch.view_as_real(xc), torch.view_as_real(out)

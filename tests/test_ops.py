@@ -256,3 +256,61 @@ def test_cpp_streaming_stores_match_the_reference(monkeypatch, dtype, case, offs
         ops.fused_step_(state, out, coef, x_t, stage, y_out=y_buf)
         assert_within_reference_error(state, ref_new, true_new, "new in place")
         assert_within_reference_error(y_buf, ref_y, true_y, "y_next into y_out")
+
+
+@pytest.mark.skipif(not CPP_CPU, reason="the C++ CPU extension is not built")
+@pytest.mark.parametrize("stream", ["0", ""], ids=["streamed", "default-threshold"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_cpp_parallel_chunks_straddling_samples(monkeypatch, dtype, stream):
+    """Sizes above the parallel grain (32768 elements): thread chunks start and end inside samples of
+    odd length, each piece must use its own sample's coefficient row."""
+    monkeypatch.setenv("GLASS_FAST_CPU_STREAM_MIN_BYTES", stream)
+    g = torch.Generator().manual_seed(5)
+    shape = (7, 33333)
+    base, out, x_t, stage = (torch.randn(shape, generator=g).to(dtype) for _ in range(4))
+    coef = torch.randn(7, 6, generator=g, dtype=torch.float64)
+    ref_new, ref_y = R.fused_step(base, out, coef, x_t, stage)
+    true_new, true_y = _truth(base, out, coef, x_t, stage)
+    with ops.use_backend("cpp"):
+        new, y = ops.fused_step(base, out, coef, x_t, stage)
+        state, y_buf = base.clone(), torch.empty_like(out)
+        ops.fused_step_(state, out, coef, x_t, stage, y_out=y_buf)
+    for got, ref, truth, name in ((new, ref_new, true_new, "new"), (y, ref_y, true_y, "y_next"),
+                                  (state, ref_new, true_new, "new in place"), (y_buf, ref_y, true_y, "y_out")):
+        assert_within_reference_error(got, ref, truth, name)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [b for b, d in backend_devices() if d == "cpu"])
+def test_fused_step_in_place_refuses_expanded_outputs(backend):
+    """An expanded (stride 0) base or y_out cannot be written; refused before anything is written
+    (the copy into it would fail after new had already overwritten base)."""
+    x, coef = torch.randn(3, 4), torch.randn(6)
+    for name, base, y_out in (("y_out", x.clone(), torch.zeros(1, 4).expand(3, 4)),
+                              ("base", torch.zeros(1, 4).expand(3, 4), torch.empty(3, 4))):
+        before = base.clone()
+        pattern = rf"{name} has shape .* and strides .*: an expanded view.* cannot be written in place"
+        with ops.use_backend(backend), pytest.raises(ValueError, match=pattern):
+            ops.fused_step_(base, x, coef, y_out=y_out)
+        assert torch.equal(base, before), f"{name}: base was written before the refusal"
+        if backend == "cpp":
+            with pytest.raises(ValueError, match=pattern):
+                torch.ops.glass_fast.fused_step_(base, x, coef, None, None, y_out)
+            assert torch.equal(base, before)
+
+
+@pytest.mark.skipif(not CPP_CPU, reason="the C++ CPU extension is not built")
+@pytest.mark.parametrize("value", ["64M", "-1", "1e9", " "])
+def test_cpp_stream_threshold_that_is_not_a_byte_count_is_refused(monkeypatch, value):
+    """A threshold such as "64M" (which atoll reads as 64 bytes: every step streamed) is refused with a
+    message naming it; an integer is taken."""
+    base, out, coef, x_t, stage = _inputs("euler-shared", torch.float32, "cpu")
+    monkeypatch.setenv("GLASS_FAST_CPU_STREAM_MIN_BYTES", value)
+    with ops.use_backend("cpp"), pytest.raises(ValueError, match=rf"GLASS_FAST_CPU_STREAM_MIN_BYTES='{value}' "
+                                                                 r"is not a byte count; allowed: an integer >= 0"):
+        ops.fused_step(base, out, coef, x_t, stage)
+    monkeypatch.setenv("GLASS_FAST_CPU_STREAM_MIN_BYTES", "1000000")
+    with ops.use_backend("cpp"):
+        new, y = ops.fused_step(base, out, coef, x_t, stage)
+    ref_new, ref_y = R.fused_step(base, out, coef, x_t, stage)
+    torch.testing.assert_close(new, ref_new)
+    torch.testing.assert_close(y, ref_y)

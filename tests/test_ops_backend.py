@@ -154,13 +154,20 @@ def _samples(device):
     lw, u = r(3, 6), torch.rand(3, 6, generator=g).to(device)
     idx = torch.randint(0, 6, (3, 6), generator=g).to(device)
     parts = r(3, 6, 7)
+    h, empty = x.half(), r(0, 4)
     return {
-        "fused_step": [(x, out, r(3, 6), x.clone(), None), (x, x.clone(), r(6), None, r(3, 4, 5))],
-        "fused_step_": [(x.clone(), out, r(6), x.clone(), x.clone(), out.clone())],
-        "normalize_log_weights": [(lw,)],
+        "fused_step": [(x, out, r(3, 6), x.clone(), None), (x, x.clone(), r(6), None, r(3, 4, 5)),
+                       (h, x.clone(), r(3, 6).double(), h.clone(), h.clone()),  # fp16 state, fp32 out
+                       (x.double(), out, r(6), None, None), (empty, empty.clone(), r(6), None, None)],
+        "fused_step_": [(x.clone(), out, r(6), x.clone(), x.clone(), out.clone()),
+                        (h.clone(), x.clone(), r(3, 6).double(), None, None, x.clone())],
+        # (no all -inf group: its NaN outputs never compare equal in opcheck)
+        "normalize_log_weights": [(lw,), (lw.double(),),
+                                  (torch.tensor([[0.0, -float("inf"), 1.0], [-float("inf")] * 2 + [2.0]],
+                                                device=device),)],
         "resample_indices": [(lw, u, s) for s in ("multinomial", "stratified", "systematic",
                                                   "residual")],
-        "gather_particles": [(parts, idx)],
+        "gather_particles": [(parts, idx), (parts.bfloat16(), idx)],
         "gather_particles_": [(parts.clone(), idx, torch.empty_like(parts))],
     }
 
@@ -324,10 +331,70 @@ def _bad_calls():
 @pytest.mark.parametrize("case", range(len(_bad_calls())))
 def test_public_and_raw_ops_refuse_the_same_arguments(backend, case):
     """Every backend refuses a bad call at the public boundary with a message naming the argument, the
-    value and what is allowed; the C++ ops, called directly through torch.ops, refuse it too."""
+    value and what is allowed; the C++ and Triton ops, called directly through torch.ops, refuse it with
+    the same exception and message."""
     name, args, pattern = _bad_calls()[case]
-    with ops.use_backend(backend), pytest.raises((TypeError, ValueError), match=pattern):
+    with ops.use_backend(backend), pytest.raises((TypeError, ValueError), match=pattern) as public:
         getattr(ops, name)(*args)
-    if backend == "cpp":
-        with pytest.raises(RuntimeError, match=pattern):
-            _library.op("cpp", name)(*args)
+    if backend in ("cpp", "triton"):  # the raw ops check too (no wrong rows, no out-of-bounds access)
+        with pytest.raises(public.type) as raw:
+            _library.op(backend, name)(*args)
+        assert str(raw.value).splitlines()[0] == str(public.value), "raw and public messages differ"
+
+
+# ------------------------------------------------------------------ autograd
+
+
+def _differentiable_calls():
+    """(op name, args, index of the argument that requires grad) for the ops with float outputs."""
+    g = torch.Generator().manual_seed(2)
+    r = (lambda *s: torch.randn(*s, generator=g))
+    x, coef, lw = r(3, 4), r(3, 6), r(3, 5)
+    idx = torch.randint(0, 5, (3, 5), generator=g)
+    return [("fused_step", (x, r(3, 4), coef, x.clone(), None), 1),
+            ("fused_step", (x, r(3, 4), coef, x.clone(), None), 0),
+            ("normalize_log_weights", (lw,), 0),
+            ("gather_particles", (r(3, 5, 2), idx), 0)]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_COMPILED)
+@pytest.mark.parametrize("case", range(len(_differentiable_calls())))
+def test_backward_is_the_references_or_raises(backend, case):
+    """An op fed a tensor that requires grad either differentiates like the reference or raises at
+    backward; it never hands back a missing or wrong gradient (the compiled ops have no derivative)."""
+    name, args, at = _differentiable_calls()[case]
+
+    def grad(backend_name):
+        leaf = args[at].clone().requires_grad_(True)
+        call = list(args[:at]) + [leaf] + list(args[at + 1:])
+        with ops.use_backend(backend_name):
+            outs = getattr(ops, name)(*call)
+        sum(o.sum() for o in outs if o.dtype.is_floating_point).backward()
+        return leaf.grad
+
+    expected = grad("reference")
+    assert expected is not None and expected.abs().sum() > 0
+    if backend == "reference":
+        return
+    with pytest.raises(RuntimeError, match=rf"derivative for glass_fast::{name} is not implemented|"
+                                           rf"glass_fast_triton\.{name}\.default but no autograd formula"):
+        grad(backend)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_COMPILED)
+def test_in_place_ops_refuse_arguments_that_need_a_gradient(backend):
+    """The compiled in-place ops would overwrite a tensor without recording how (its gradient lost
+    without a word); they refuse, the reference records it, and under no_grad all run."""
+    x, coef = torch.randn(3, 4), torch.randn(6)
+    parts, idx = torch.randn(2, 3, 4), torch.tensor([[0, 0, 1], [2, 1, 0]])
+    calls = {"fused_step_": lambda out: ops.fused_step_(x.clone(), out, coef),
+             "gather_particles_": lambda p: ops.gather_particles_(p.clone(), idx, torch.empty(2, 3, 4))}
+    for name, arg in (("fused_step_", torch.randn(3, 4)), ("gather_particles_", parts)):
+        with ops.use_backend(backend):
+            with torch.no_grad():
+                calls[name](arg.clone().requires_grad_(True))
+            if backend == "reference":
+                calls[name](arg.clone().requires_grad_(True))
+                continue
+            with pytest.raises(RuntimeError, match=f"{name} on the '{backend}' backend has no derivative"):
+                calls[name](arg.clone().requires_grad_(True))

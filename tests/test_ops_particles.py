@@ -200,7 +200,8 @@ def test_one_huge_weight_and_single_particle_groups(backend, device):
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_resample_uniforms_outside_the_unit_interval(backend, device):
     """Positions at or past the ends (u = 0, 1, < 0, > 1, +-inf, NaN) give the reference's ancestors:
-    #{j : cdf_j <= p} clamped to K - 1 (a NaN position counts every entry)."""
+    #{j : cdf_j <= p}, at most the index of the closed cdf's first 1 (a NaN position counts every
+    entry)."""
     lw = torch.tensor([[0.0, 1.0, -1.0, 0.5]] * 5, device=device)
     u = torch.tensor([[0.0, 0.3, 0.6, 0.9], [1.0] * 4, [-0.5, 0.2, 0.2, 0.2], [NAN] * 4,
                       [0.999999, 2.0, INF, -INF]], device=device)
@@ -398,6 +399,12 @@ def test_gather_index_out_of_range_raises(backend):
             with pytest.raises(RuntimeError, match=r"idx.* \[0, 4\)"):
                 ops.gather_particles_(y, idx, torch.empty_like(x))
             assert torch.equal(y, x), "a refused in-place gather must leave x as it was"
+            # particles without elements: the indices are still checked (as by the reference)
+            empty = torch.randn(3, 4, 0)
+            with pytest.raises(RuntimeError, match=r"idx.* \[0, 4\)"):
+                ops.gather_particles(empty, idx)
+            with pytest.raises(RuntimeError, match=r"idx.* \[0, 4\)"):
+                ops.gather_particles_(empty, idx, empty.clone())
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -420,3 +427,59 @@ def test_gather_rejects_bad_arguments(backend):
             ops.gather_particles(x, torch.zeros(2, 3))
         with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
             ops.gather_particles([[0.0]], torch.zeros(2, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend,device", PAIRS + [pytest.param("reference", "cpu", id="reference-cpu")])
+def test_gather_in_place_with_expanded_scratch_and_refuses_expanded_x(backend, device):
+    """scratch is clobbered at will: an expanded one is fine (the op stages elsewhere); an expanded x
+    cannot be written and is refused before anything is."""
+    x = torch.randn(2, 3, 4).to(device)
+    idx = torch.tensor([[0, 0, 1], [2, 1, 0]], device=device)
+    want = R.gather_particles(x, idx)
+    with ops.use_backend(backend):
+        got = x.clone()
+        ops.gather_particles_(got, idx, torch.empty(1, 1, 4, device=device).expand(2, 3, 4))
+        assert torch.equal(got, want)
+        with pytest.raises(ValueError, match=r"x has shape .* and strides .*: an expanded view"):
+            ops.gather_particles_(x[:, :1].expand(2, 3, 4), idx, torch.empty_like(x))
+    if backend == "cpp":
+        with pytest.raises(ValueError, match=r"x has shape .* and strides .*: an expanded view"):
+            torch.ops.glass_fast.gather_particles_(x[:, :1].expand(2, 3, 4), idx, torch.empty_like(x))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_groups_larger_than_a_triton_block(backend):
+    """The Triton kernels hold a group in one block (at most 2^20 entries): a larger K is refused
+    with the reason, not left to a compiler error; the other backends take it."""
+    k = 2**20 + 1
+    lw = torch.zeros(1, k)
+    lw[0, 7] = 30.0  # all the weight on particle 7
+    with ops.use_backend(backend):
+        if backend == "triton":
+            for call in (lambda: ops.normalize_log_weights(lw),
+                         lambda: ops.resample_indices(lw, torch.rand(1, k), "systematic")):
+                with pytest.raises(ValueError, match=rf"K = {k} particles per group; the triton backend "
+                                                     r"takes at most 1048576"):
+                    call()
+            return
+        norm, ess = ops.normalize_log_weights(lw)
+        idx = ops.resample_indices(lw, torch.full((1, k), 0.5), "systematic")
+    assert abs(ess.item() - 1.0) < 1e-3 and norm[0, 7].abs() < 1e-3
+    assert (idx == 7).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("backend,device", PAIRS + [pytest.param("reference", "cpu", id="reference-cpu")])
+def test_zero_weight_particles_are_never_drawn(backend, device, scheme):
+    """A particle of weight zero (log-weight -inf) after the last positive one is never an ancestor,
+    even for positions just below 1 that exceed the rounded cumulative sum of the positive weights
+    (closing only the cdf's last entry at 1 handed [cdf_{K-2}, 1) to the last particle)."""
+    g = torch.Generator().manual_seed(11)
+    lw = torch.randn(256, 6, generator=g)
+    lw[:, 4:] = float("-inf")
+    lw[:128, 1] = float("-inf")  # and one in the middle
+    u = torch.full_like(lw, 1.0 - 2.0**-24)  # the largest float32 below 1
+    with ops.use_backend(backend):
+        idx = ops.resample_indices(lw.to(device), u.to(device), scheme).cpu()
+    drawn = lw.gather(1, idx)
+    assert torch.isfinite(drawn).all(), f"{int((~torch.isfinite(drawn)).sum())} draws of zero weight"

@@ -17,6 +17,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <cerrno>
 #include <cstdlib>
 #if defined(__AVX__)
 #include <immintrin.h>
@@ -95,9 +96,19 @@ void stream_store(T* p, const Vectorized<T>& v) {
 // 32 MiB last-level cache, the measured crossover on the CI-class machine (2M fp32 elements = 40 MiB
 // is faster with ordinary stores, 4M = 80 MiB with streaming ones). GLASS_FAST_CPU_STREAM_MIN_BYTES
 // overrides it (0: always, where the types and alignment allow).
+// A value that is not a whole byte count (e.g. "64M", which atoll would read as 64: every step
+// streamed) is refused rather than taken for another threshold.
 int64_t stream_min_bytes() {
+  constexpr int64_t kDefault = int64_t(64) << 20;
   const char* env = std::getenv("GLASS_FAST_CPU_STREAM_MIN_BYTES");
-  return env != nullptr && *env != '\0' ? std::atoll(env) : int64_t(64) << 20;
+  if (env == nullptr || *env == '\0') return kDefault;
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK_VALUE(end != env && *end == '\0' && errno != ERANGE && v >= 0,
+                    "GLASS_FAST_CPU_STREAM_MIN_BYTES='", env, "' is not a byte count; allowed: an integer >= 0 ",
+                    "(unset: ", kDefault, ")");
+  return v;
 }
 
 // Elements [lo, hi) with one coefficient row c = (k_base, k_stage, k_xt, k_out, n_xt, n_new).
@@ -173,6 +184,7 @@ void fused_step_into(const at::Tensor& base, const at::Tensor& out, const at::Te
                xt.defined() ? xt.const_data_ptr() : nullptr,
                st.defined() ? st.const_data_ptr() : nullptr};
   const int64_t inner = numel / rows;  // elements per coefficient row
+  const int64_t stream_min = stream_min_bytes();  // read (and a bad value refused) on every build
   dispatch_float(base.scalar_type(), [&](auto s_tag) {
     using S = decltype(s_tag);
     dispatch_float(out.scalar_type(), [&](auto o_tag) {
@@ -194,7 +206,7 @@ void fused_step_into(const at::Tensor& base, const at::Tensor& out, const at::Te
         const int64_t operands = 4 + (xt.defined() ? 1 : 0) + (st.defined() ? 1 : 0);
         const bool co_aligned = reinterpret_cast<uintptr_t>(p.newp) % kStreamAlign ==
                                 reinterpret_cast<uintptr_t>(p.y) % kStreamAlign;
-        if (co_aligned && numel * int64_t(sizeof(S)) * operands >= stream_min_bytes()) {
+        if (co_aligned && numel * int64_t(sizeof(S)) * operands >= stream_min) {
           run(std::true_type{});
           return;
         }

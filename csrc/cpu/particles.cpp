@@ -1,8 +1,8 @@
 // CPU particle ops: grouped log-weight normalisation, resampling indices and particle gathers.
 // Groups (rows of [B, K]) are independent, so every op runs at::parallel_for over groups; within a
 // group the work is a few sequential passes over K, in the order the reference states
-// (glass_fast/ops/reference.py): w = exp(lw - max) / sum, cdf = cumsum(w) with cdf[K-1] = 1,
-// ancestor = #{j : cdf_j <= p} clamped to K - 1.
+// (glass_fast/ops/reference.py): w = exp(lw - max) / sum, cdf = cumsum(w) closed at 1 from the last
+// positive weight on, ancestor = #{j : cdf_j <= p}, at most the index of the cdf's first 1.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,11 +20,19 @@
 namespace glass_fast::cpu {
 namespace {
 
-// Number of entries of the sorted cdf[0..k) that are <= p, clamped to k - 1.
+// Number of entries of the sorted cdf[0..k) that are <= p, clamped to k - 1 (cumulative copies).
 template <typename Acc>
 int64_t search_right(const Acc* cdf, int64_t k, Acc p) {
   const int64_t a = std::upper_bound(cdf, cdf + k, p) - cdf;
   return std::min(a, k - 1);
+}
+
+// The same for a closed cdf, at most the index of its first 1 (the last particle of positive weight):
+// a position at or past 1 never draws a trailing particle of weight zero (reference._search_closed).
+template <typename Acc>
+int64_t search_closed(const Acc* cdf, int64_t k, Acc p) {
+  const int64_t a = std::upper_bound(cdf, cdf + k, p) - cdf;
+  return std::min(a, static_cast<int64_t>(std::lower_bound(cdf, cdf + k, Acc(1)) - cdf));
 }
 
 // Normalised weights of one row: w = exp(lw - max) / sum. Returns false for a row without valid
@@ -42,12 +50,18 @@ bool row_weights(const T* lw, int64_t k, Acc* w) {
   return !std::isnan(s);
 }
 
+// cumsum(w) closed at 1 from the last positive weight on (every entry that reached min(total, 1)), as
+// reference._closed_cdf: no position below 1 selects a trailing particle of weight zero.
 template <typename Acc>
 void closed_cumsum(const Acc* w, int64_t k, Acc* cdf) {
   Acc run = 0;
   for (int64_t j = 0; j < k; ++j) {
     run += w[j];
     cdf[j] = run;
+  }
+  const Acc top = std::min(run, Acc(1));  // a total above 1 (rounding) still leaves a sorted cdf
+  for (int64_t j = 0; j < k; ++j) {
+    if (cdf[j] >= top) cdf[j] = 1;
   }
   cdf[k - 1] = 1;
 }
@@ -66,7 +80,7 @@ void resample_row(const T* lw, const U* u, int64_t k, int scheme, int64_t* anc, 
       if (scheme == 0) p = static_cast<Acc>(u[i]);
       else if (scheme == 1) p = (static_cast<Acc>(i) + static_cast<Acc>(u[i])) / static_cast<Acc>(k);
       else p = (static_cast<Acc>(i) + static_cast<Acc>(u[0])) / static_cast<Acc>(k);
-      anc[i] = search_right<Acc>(cdf, k, p);
+      anc[i] = search_closed<Acc>(cdf, k, p);
     }
     return;
   }
@@ -84,7 +98,7 @@ void resample_row(const T* lw, const U* u, int64_t k, int scheme, int64_t* anc, 
   closed_cumsum<Acc>(aux, k, aux);
   for (int64_t i = 0; i < k; ++i) {
     if (static_cast<Acc>(i) < copies) anc[i] = search_right<Acc>(cdf, k, static_cast<Acc>(i));
-    else anc[i] = search_right<Acc>(aux, k, static_cast<Acc>(u[i]));
+    else anc[i] = search_closed<Acc>(aux, k, static_cast<Acc>(u[i]));
   }
 }
 
@@ -152,12 +166,19 @@ at::Tensor resample_indices(const at::Tensor& log_w, const at::Tensor& uniforms,
 
 namespace {
 // dst[b, k] = src[b, idx[b, k]] for contiguous [B, K, inner] byte rows of `row_bytes` each.
+// Every ancestor in [0, K): checked for any x, also one without elements (as the reference does).
+void check_indices(const at::Tensor& idx) {
+  const at::Tensor ic = idx.contiguous();
+  const int64_t* p = ic.const_data_ptr<int64_t>();
+  const int64_t k = idx.size(1);
+  for (int64_t i = 0; i < idx.numel(); ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < k, "idx[", i / k, ", ", i % k, "] = ", p[i], " is out of range [0, ", k, ")");
+  }
+}
+
+// Indices checked by the caller (check_indices).
 void gather_rows(const char* src, char* dst, const int64_t* idx, int64_t b, int64_t k,
                  int64_t row_bytes) {
-  for (int64_t i = 0; i < b * k; ++i) {
-    const int64_t a = idx[i];
-    TORCH_CHECK(a >= 0 && a < k, "idx[", i / k, ", ", i % k, "] = ", a, " is out of range [0, ", k, ")");
-  }
   at::parallel_for(0, b * k, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(row_bytes, 1)),
                    [&](int64_t lo, int64_t hi) {
                      for (int64_t i = lo; i < hi; ++i) {
@@ -170,6 +191,7 @@ void gather_rows(const char* src, char* dst, const int64_t* idx, int64_t b, int6
 
 at::Tensor gather_particles(const at::Tensor& x, const at::Tensor& idx) {
   check_gather(x, idx);
+  check_indices(idx);
   const at::Tensor xc = x.contiguous(), ic = idx.contiguous();
   at::Tensor res = at::empty(x.sizes(), x.options());
   const int64_t b = x.size(0), k = x.size(1);
@@ -182,6 +204,7 @@ at::Tensor gather_particles(const at::Tensor& x, const at::Tensor& idx) {
 void gather_particles_(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& scratch) {
   check_gather(x, idx);
   check_scratch(scratch, x);
+  check_indices(idx);
   if (x.numel() == 0) return;
   // Staging needs scratch apart from x (a caller may pass x itself, or an overlapping view); like
   // strided tensors, such calls gather into a new tensor, which gives the reference's result.

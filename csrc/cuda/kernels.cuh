@@ -4,7 +4,8 @@
 //
 //   fused_step:   new = k_base*base + k_stage*stage + k_xt*x_t + k_out*out ; y = n_xt*x_t + n_new*new
 //   normalize:    lw - logsumexp(lw) per row ; ess = 1 / sum exp(2 (lw - lse))
-//   resample:     w = exp(lw - max)/sum ; cdf = cumsum(w), cdf[K-1] = 1 ; a_k = #{j: cdf_j <= p_k}
+//   resample:     w = exp(lw - max)/sum ; cdf = cumsum(w), 1 from the last positive w on ;
+//                 a_k = #{j: cdf_j <= p_k}, at most the index of the cdf's first 1
 //   gather:       out[b, k, :] = x[b, idx[b, k], :]
 #pragma once
 
@@ -182,6 +183,20 @@ __device__ int64_t search_right(const Acc* cdf, int64_t k, Acc p) {
   return lo < k - 1 ? lo : k - 1;
 }
 
+// The same for a closed cdf, at most the index of its first 1 (the last particle of positive weight):
+// a position at or past 1 never draws a trailing particle of weight zero (reference._search_closed).
+template <typename Acc>
+__device__ int64_t search_closed(const Acc* cdf, int64_t k, Acc p) {
+  int64_t lo = 0, hi = k;  // first index with cdf >= 1
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (cdf[mid] < Acc(1)) lo = mid + 1;
+    else hi = mid;
+  }
+  const int64_t a = search_right<Acc>(cdf, k, p);
+  return a < lo ? a : lo;
+}
+
 // One block per group. Scratch (global, [B, 2K] of Acc) holds the cdf, or for residual the cumulative
 // copies and the residual cdf. The cumulative sums are sequential (thread 0) so every backend sums
 // in the same order as the reference; K is small next to the data the particles carry.
@@ -220,26 +235,36 @@ __global__ void resample_kernel(const T* __restrict__ lw, const U* __restrict__ 
         rsum += kw - n;
       }
     }
+    // Closed at 1 from the last positive weight on (every entry that reached min(total, 1)) and at K - 1:
+    // no position below 1 selects a trailing particle of weight zero (reference._closed_cdf).
     if (scheme == 3) {
       for (int64_t j = 0; j < k; ++j) {
         run += rcdf[j] / rsum;
         rcdf[j] = run;
       }
+      const Acc top = run < Acc(1) ? run : Acc(1);  // a total above 1 (rounding) stays sorted
+      for (int64_t j = 0; j < k; ++j) {
+        if (rcdf[j] >= top) rcdf[j] = 1;
+      }
       rcdf[k - 1] = 1;
       total = copies;
     } else {
+      const Acc top = run < Acc(1) ? run : Acc(1);
+      for (int64_t j = 0; j < k; ++j) {
+        if (cdf[j] >= top) cdf[j] = 1;
+      }
       cdf[k - 1] = 1;
     }
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
     const Acc ui = to_acc(u[i], Acc{});
-    if (scheme == 0) a[i] = search_right<Acc>(cdf, k, ui);
-    else if (scheme == 1) a[i] = search_right<Acc>(cdf, k, (static_cast<Acc>(i) + ui) / static_cast<Acc>(k));
+    if (scheme == 0) a[i] = search_closed<Acc>(cdf, k, ui);
+    else if (scheme == 1) a[i] = search_closed<Acc>(cdf, k, (static_cast<Acc>(i) + ui) / static_cast<Acc>(k));
     else if (scheme == 2)
-      a[i] = search_right<Acc>(cdf, k, (static_cast<Acc>(i) + to_acc(u[0], Acc{})) / static_cast<Acc>(k));
+      a[i] = search_closed<Acc>(cdf, k, (static_cast<Acc>(i) + to_acc(u[0], Acc{})) / static_cast<Acc>(k));
     else if (static_cast<Acc>(i) < total) a[i] = search_right<Acc>(cdf, k, static_cast<Acc>(i));
-    else a[i] = search_right<Acc>(rcdf, k, ui);
+    else a[i] = search_closed<Acc>(rcdf, k, ui);
   }
 }
 

@@ -178,9 +178,11 @@ at::Tensor gather_particles(const at::Tensor& x, const at::Tensor& idx) {
 void gather_particles_(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& scratch) {
   check_gather(x, idx);
   check_scratch(scratch, x);
-  // Staging needs scratch apart from x (it may be x itself or overlap it); otherwise, and for a
-  // strided x, gather into a new tensor, which gives the reference's result.
-  if (x.is_contiguous() && at::get_overlap_status(scratch, x) == at::MemOverlapStatus::No) {
+  // Staging needs a contiguous scratch apart from x (it may be x itself, overlap it, or be an
+  // expanded view that cannot be written); otherwise, and for a strided x, gather into a new
+  // tensor, which gives the reference's result.
+  if (x.is_contiguous() && scratch.is_contiguous() &&
+      at::get_overlap_status(scratch, x) == at::MemOverlapStatus::No) {
     scratch.copy_(x);
     gather_into(scratch, idx, x);
   } else {

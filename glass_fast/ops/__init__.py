@@ -5,6 +5,10 @@ Every op has a plain-PyTorch reference (``glass_fast.ops.reference``) and compil
 through them. ``GLASS_FAST_BACKEND`` (auto | cuda | triton | cpp | reference) or ``use_backend``
 chooses; see ``glass_fast.ops._backend``. No op synchronises with the host.
 
+Only the reference is differentiable: through a compiled backend, backward raises ("derivative for
+glass_fast::<op> is not implemented", or Triton's "no autograd formula"), and the in-place ops refuse
+arguments that require grad (under grad mode) instead of dropping their gradient.
+
 Example::
 
     import torch
@@ -56,6 +60,11 @@ def fused_step_on(backend: str, base: torch.Tensor, out: torch.Tensor, coef: tor
     For a loop whose caller validated its inputs once, at its own public boundary (the sampler's stages:
     the state, the planned rows and the model's checked outputs): per stage the checks and the backend
     lookup cost more than the step itself on small tensors.
+
+    The caller guarantees what ``_checks.fused_step`` would check: float32/16, bfloat16 or float64
+    base and out of one shape on one device; x_t and stage like base (dtype included); coef float32 or
+    float64 on base's device, [6] or [B, 6] with B = base.shape[0]. The cpp, cuda and triton ops repeat
+    these checks themselves; the reference does not (it would broadcast shapes that differ).
     """
     if backend == "reference":
         return reference.fused_step(base, out, coef, x_t, stage)
@@ -77,10 +86,11 @@ def fused_step_(base: torch.Tensor, out: torch.Tensor, coef: torch.Tensor,
     Returns:
         y_out (or the newly allocated y_next).
     """
-    _checks.fused_step(base, out, coef, x_t, stage, y_out)
+    _checks.fused_step(base, out, coef, x_t, stage, y_out, in_place=True)
     backend = resolve_backend(base.device.type)
     if backend == "reference":
         return reference.fused_step_(base, out, coef, x_t, stage, y_out)
+    _checks.no_gradient("fused_step_", backend, base, out, coef, x_t, stage, y_out)
     if y_out is None:
         y_out = torch.empty(base.shape, dtype=out.dtype, device=base.device)
     _library.op(backend, "fused_step_")(base, out, coef, x_t, stage, y_out)
@@ -155,5 +165,6 @@ def gather_particles_(x: torch.Tensor, idx: torch.Tensor, scratch: torch.Tensor)
     backend = resolve_backend(x.device.type)
     if backend == "reference":
         return reference.gather_particles_(x, idx, scratch)
+    _checks.no_gradient("gather_particles_", backend, x, scratch)
     _library.op(backend, "gather_particles_")(x, idx, scratch)
     return x

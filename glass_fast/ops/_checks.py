@@ -34,7 +34,16 @@ def _same(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str, *, dtype
                         "they must be equal")
 
 
-def fused_step(base, out, coef, x_t, stage, y_out=None) -> None:
+def _written(t: torch.Tensor, name: str) -> None:
+    """An output written in place must not repeat an element (an expanded view, stride 0): the op
+    would fail half done, after writing other outputs."""
+    if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
+        raise ValueError(f"{name} has shape {tuple(t.shape)} and strides {tuple(t.stride())}: an expanded "
+                         f"view, whose elements share memory, cannot be written in place; pass "
+                         f"{name}.clone() or a new buffer")
+
+
+def fused_step(base, out, coef, x_t, stage, y_out=None, in_place=False) -> None:
     _float(base, "base")
     _float(out, "out")
     _same(out, base, "out", "base", dtype=False)
@@ -60,6 +69,9 @@ def fused_step(base, out, coef, x_t, stage, y_out=None) -> None:
         if y_out.dtype != out.dtype:
             raise TypeError(f"y_out has dtype {y_out.dtype} but out has dtype {out.dtype}; "
                             "they must be equal")
+        _written(y_out, "y_out")
+    if in_place:
+        _written(base, "base")
 
 
 def log_weights(log_w) -> None:
@@ -87,7 +99,18 @@ def gather(x, idx, scratch=None) -> None:
         raise ValueError(f"idx has shape {tuple(idx.shape)} but x has shape {tuple(x.shape)}; "
                          "idx must be [B, K] = x.shape[:2]")
     if idx.device != x.device:
-        raise ValueError(f"idx is on {idx.device} but x is on {x.device}")
+        raise ValueError(f"idx is on {idx.device} but x is on {x.device}; all tensors of an op must "
+                         "share a device")
     if scratch is not None:
         _tensor(scratch, "scratch")
         _same(scratch, x, "scratch", "x", dtype=True)
+        _written(x, "x")
+
+
+def no_gradient(op: str, backend: str, *tensors) -> None:
+    """The compiled in-place ops cannot record a gradient for what they overwrite (the out-of-place ops
+    raise at backward instead): refuse inputs that need one rather than drop it silently."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(f"{op} on the {backend!r} backend has no derivative, but an argument requires "
+                           "grad; call it under torch.no_grad(), detach the arguments, or use the "
+                           "'reference' backend (differentiable)")

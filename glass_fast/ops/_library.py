@@ -16,6 +16,9 @@ import sys
 import torch
 from torch import Tensor
 
+from . import _checks
+from .reference import RESAMPLING_SCHEMES
+
 
 def _kernels(name: str):
     """glass_fast.kernels.<name>; from a source checkout (kernels/ beside glass_fast/, not installed,
@@ -93,6 +96,7 @@ def register_extension_fakes() -> None:
 @torch.library.custom_op("glass_fast_triton::fused_step", mutates_args=())
 def triton_fused_step(base: Tensor, out: Tensor, coef: Tensor, x_t: Tensor | None,
                       stage: Tensor | None) -> tuple[Tensor, Tensor]:
+    _checks.fused_step(base, out, coef, x_t, stage)  # as the C++ ops, for direct torch.ops callers
     fused_step_triton = _kernels("fused_step").fused_step_triton
     new = torch.empty(base.shape, dtype=base.dtype, device=base.device)
     y = torch.empty(base.shape, dtype=out.dtype, device=base.device)
@@ -116,6 +120,7 @@ def _overwrites_unread(dst: Tensor, inputs) -> bool:
 @torch.library.custom_op("glass_fast_triton::fused_step_", mutates_args=("base", "y_out"))
 def triton_fused_step_(base: Tensor, out: Tensor, coef: Tensor, x_t: Tensor | None,
                        stage: Tensor | None, y_out: Tensor) -> None:
+    _checks.fused_step(base, out, coef, x_t, stage, y_out, in_place=True)
     fused_step_triton = _kernels("fused_step").fused_step_triton
     # In place where outputs and inputs share memory element for element; otherwise through new
     # buffers copied back in the reference's order (new, then y_next).
@@ -134,16 +139,19 @@ def triton_fused_step_(base: Tensor, out: Tensor, coef: Tensor, x_t: Tensor | No
 
 @torch.library.custom_op("glass_fast_triton::normalize_log_weights", mutates_args=())
 def triton_normalize_log_weights(log_w: Tensor) -> tuple[Tensor, Tensor]:
+    _checks.log_weights(log_w)
     return _kernels("resample").normalize_log_weights_triton(log_w)
 
 
 @torch.library.custom_op("glass_fast_triton::resample_indices", mutates_args=())
 def triton_resample_indices(log_w: Tensor, uniforms: Tensor, scheme: str) -> Tensor:
+    _checks.resample(log_w, uniforms, scheme, RESAMPLING_SCHEMES)
     return _kernels("resample").resample_indices_triton(log_w, uniforms, scheme)
 
 
 @torch.library.custom_op("glass_fast_triton::gather_particles", mutates_args=())
 def triton_gather_particles(x: Tensor, idx: Tensor) -> Tensor:
+    _checks.gather(x, idx)
     gather_particles_triton = _kernels("gather").gather_particles_triton
     res = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     gather_particles_triton(x, idx, res)
@@ -152,10 +160,12 @@ def triton_gather_particles(x: Tensor, idx: Tensor) -> Tensor:
 
 @torch.library.custom_op("glass_fast_triton::gather_particles_", mutates_args=("x", "scratch"))
 def triton_gather_particles_(x: Tensor, idx: Tensor, scratch: Tensor) -> None:
+    _checks.gather(x, idx, scratch)
     gather_particles_triton = _kernels("gather").gather_particles_triton
-    # Staging needs scratch apart from x (it may be x itself or overlap it); otherwise, and for a
-    # strided x, gather into a new tensor, which gives the reference's result.
-    if x.is_contiguous() and not torch._C._overlaps(scratch, x):
+    # Staging needs a contiguous scratch apart from x (it may be x itself, overlap it, or be an
+    # expanded view that cannot be written); otherwise, and for a strided x, gather into a new
+    # tensor, which gives the reference's result (as the C++ op does).
+    if x.is_contiguous() and scratch.is_contiguous() and not torch._C._overlaps(scratch, x):
         scratch.copy_(x)
         gather_particles_triton(scratch, idx, x)
     else:

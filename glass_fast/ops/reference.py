@@ -109,9 +109,24 @@ def _normalized_weights(log_w: torch.Tensor) -> torch.Tensor:
 
 
 def _closed_cdf(w: torch.Tensor) -> torch.Tensor:
-    """Cumulative sum over the last dim with its last entry forced to exactly 1."""
+    """Cumulative sum over the last dim, closed at exactly 1 from the last positive weight on.
+
+    Every entry that reached min(total, 1) (the last positive weight's and the zero weights' after it)
+    is set to 1, the last entry always: forcing only the last entry would leave the positions in
+    [cdf_{K-2}, 1) (rounding, about 1e-7 in float32) to a trailing particle of weight zero.
+    """
     cdf = torch.cumsum(w, dim=-1)
+    top = cdf[..., -1:].clamp_max(1.0)  # a total above 1 (rounding) still leaves a sorted cdf
+    cdf = torch.where(cdf >= top, torch.ones_like(cdf), cdf)
     return torch.cat([cdf[..., :-1], torch.ones_like(cdf[..., -1:])], dim=-1)
+
+
+def _search_closed(cdf: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """#{j : cdf_j <= p} for a ``_closed_cdf``, at most the index of its first 1 (the last particle of
+    positive weight): a position at or past 1 (NaN included; (K - 1 + u) / K rounds to 1 for u near
+    1) draws that particle, never a trailing one of weight zero."""
+    first_one = (cdf < 1).sum(dim=-1, keepdim=True)
+    return torch.minimum(torch.searchsorted(cdf, pos, right=True), first_one)
 
 
 def resampling_positions(uniforms: torch.Tensor, scheme: str) -> torch.Tensor:
@@ -139,9 +154,11 @@ def resample_indices(log_w: torch.Tensor, uniforms: torch.Tensor, scheme: str) -
     """Ancestor indices for grouped resampling, on the device of ``log_w``, without host sync.
 
     Weights w = exp(lw - max) / sum exp(lw - max) per group (float32, float64 for float64 input);
-    cdf = cumsum(w) with the last entry forced to 1; ancestor a_k = #{j : cdf_j <= p_k}, clamped to
-    K - 1 (searchsorted, right). Residual: n_j = floor(K w_j) copies of j fill slots k < D = sum n,
-    the rest draw multinomially (p_k = u_k) from the residual weights K w_j - n_j.
+    cdf = cumsum(w) with every entry that reached min(total, 1) (from the last positive weight on)
+    set to 1; ancestor a_k = #{j : cdf_j <= p_k} (searchsorted, right), at most the index of the cdf's
+    first 1, so no particle of weight zero is drawn. Residual: n_j = floor(K w_j) copies of j fill
+    slots k < D = sum n, the rest draw multinomially (p_k = u_k) from the residual weights
+    K w_j - n_j.
 
     A group without valid weights (all -inf, or any NaN or +inf log-weight; its weights are NaN)
     keeps its particles: ancestors 0, 1, ..., K - 1. That choice is arbitrary but harmless, and the
@@ -164,7 +181,7 @@ def resample_indices(log_w: torch.Tensor, uniforms: torch.Tensor, scheme: str) -
     if scheme != "residual":
         cdf = _closed_cdf(w)
         pos = resampling_positions(u, scheme).contiguous()
-        idx = torch.searchsorted(cdf, pos, right=True).clamp_max(k - 1)
+        idx = _search_closed(cdf, pos)
         return torch.where(invalid, identity, idx)
     kw = k * w
     n = torch.floor(kw)
@@ -173,7 +190,7 @@ def resample_indices(log_w: torch.Tensor, uniforms: torch.Tensor, scheme: str) -
     det = torch.searchsorted(copies, slots, right=True).clamp_max(k - 1)
     r = kw - n
     rcdf = _closed_cdf(r / r.sum(dim=-1, keepdim=True))
-    rand = torch.searchsorted(rcdf, u.contiguous(), right=True).clamp_max(k - 1)
+    rand = _search_closed(rcdf, u.contiguous())
     return torch.where(invalid, identity, torch.where(slots < copies[..., -1:], det, rand))
 
 
