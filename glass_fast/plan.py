@@ -25,6 +25,9 @@ from .model import FlowModel, denoiser_coefficients, velocity_coefficients
 
 SOLVERS = ("euler", "midpoint", "heun")
 _F64 = dict(dtype=torch.float64, device="cpu")
+# 0-d constants: an operation with a Python number first wraps it in a tensor (a few microseconds each, for
+# the same float64 value and the same bits). Only ever read.
+_ZERO, _ONE = torch.zeros((), **_F64), torch.ones((), **_F64)
 
 
 @dataclass
@@ -52,14 +55,14 @@ def _row(k_base=0.0, k_stage=0.0, k_xt=0.0, k_out=0.0, n_xt=0.0, n_new=0.0) -> t
     return torch.stack(torch.broadcast_tensors(*(torch.as_tensor(c, **_F64) for c in cols)), dim=-1)
 
 
-def _stack(rows, times, kinds, first_denoised, init=None) -> Plan:
-    # The common shape, [6] or [B, 6], by broadcast_tensors (views): torch.broadcast_shapes's first call
-    # imports sympy, about 0.4 s on the first plan of a process.
-    shape = torch.broadcast_tensors(*rows, *(t.unsqueeze(-1) for t in times))[0].shape
-    coefs = torch.stack([r.expand(shape) for r in rows])
-    tshape = shape[:-1]
-    return Plan(tuple(kinds), torch.stack([t.expand(tshape) for t in times]), coefs,
-                first_denoised.expand(shape), None if init is None else init.expand(shape))
+def _plan(coefs, times, kinds, first_denoised, init=None) -> Plan:
+    """A Plan from all stages' rows [S, ..., 6] and times [S, ...], broadcast to one shape [S, ..., 6] / [S, ...]
+    (first_denoised and init: views of that shape). torch.broadcast_tensors gives it as views: the first call of
+    torch.broadcast_shapes imports sympy, about 0.4 s on the first plan of a process."""
+    shape = torch.broadcast_tensors(coefs[0], times[0].unsqueeze(-1))[0].shape
+    return Plan(tuple(kinds), times.expand((len(kinds),) + shape[:-1]).contiguous(),
+                coefs.expand((len(kinds),) + shape).contiguous(), first_denoised.expand(shape),
+                None if init is None else init.expand(shape))
 
 
 def steps_per_call(calls: int, solver: str, name: str = "inner_steps") -> tuple[int, int]:
@@ -126,43 +129,49 @@ def resolve_rho(rho, schedule, t: torch.Tensor, t_next: torch.Tensor) -> torch.T
 def kernel_coefficients(sch, t, t_next, rho) -> tuple:
     """(gamma, alpha_bar, sigma_bar) of the GLASS kernel x_t' = gamma x_t + alpha_bar z + sigma_bar eps given
     z (MATH.md section 3): the correlation rho between the noises of x_t and x_t' fixes gamma."""
-    gamma = rho * sch.sigma(t_next) / sch.sigma(t)
-    return gamma, sch.alpha(t_next) - gamma * sch.alpha(t), sch.sigma(t_next) * torch.sqrt(1 - rho * rho)
+    return _kernel(rho, sch.alpha(t), sch.sigma(t), sch.alpha(t_next), sch.sigma(t_next))
+
+
+def _kernel(rho, a_t, s_t, a_next, s_next) -> tuple:
+    """kernel_coefficients from the schedule's values at t and t_next."""
+    gamma = rho * s_next / s_t
+    return gamma, a_next - gamma * a_t, s_next * torch.sqrt(1 - rho * rho)
 
 
 class _Inner:
-    """The inner CondOT flow of one GLASS transition (MATH.md section 3), evaluated at inner time s."""
+    """The inner CondOT flow of one GLASS transition (MATH.md section 3), evaluated at inner times s.
+
+    A plan evaluates all the inner times it needs at once, as one float64 tensor: an elementwise float64
+    operation gives each element the bits it gives a 0-d tensor, so the rows equal those of an evaluation
+    one time at a time, for a fraction of the cost (the schedule is evaluated once per plan, not per stage)."""
 
     def __init__(self, model: FlowModel, t, t_next, rho, sigmabar0: float):
         sch = model.schedule
         self.model, self.t = model, t
         self.a_t, self.s_t = sch.alpha(t), sch.sigma(t)
-        self.snr_t = self.a_t ** 2 / self.s_t ** 2
-        self.gamma, self.alpha_bar, self.sigma_bar = kernel_coefficients(sch, t, t_next, rho)
+        s_t2 = self.s_t ** 2
+        self.snr_t = self.a_t ** 2 / s_t2
+        self.gamma, self.alpha_bar, self.sigma_bar = _kernel(rho, self.a_t, self.s_t, sch.alpha(t_next), sch.sigma(t_next))
         self.sb0 = sigmabar0
-        # The parts of at(s) that do not depend on s, computed once (the same float64 operations).
+        # The parts of the table that do not depend on s, computed once.
         self.w1_num, self.neg_gamma = self.sigma_bar - sigmabar0, -self.gamma
-        self.cx_t = self.a_t / self.s_t ** 2
-        # at(s) by inner time: a stage needs it at its own s and at the next stage's (its input), so each
-        # inner time would be evaluated twice. Keyed by the float s, for this transition only.
-        self._at: dict[float, tuple] = {}
+        self.cx_t = self.a_t / s_t2
+        # Where sigma_bar = 0 the model input's precision at s = 1 is infinite: no call can follow there.
+        self.singular_end = bool(torch.any(self.sigma_bar == 0))
 
-    def at(self, s: float):
-        """(model time, c_x, c_b, w1, w2, w3): model input y = c_x x_t + c_b xbar; u = w1 xbar + w2 D + w3 x_t."""
-        if s not in self._at:
-            self._at[s] = self._eval(s)
-        return self._at[s]
-
-    def _eval(self, s: float):
+    def table(self, svals: list[float]) -> tuple:
+        """(tm, c_x, c_b, w1, w2, w3, a_x, a_o) at the inner times ``svals`` (leading dimension): the model
+        input y = c_x x_t + c_b xbar at model time tm, u = w1 xbar + w2 D + w3 x_t, and the model's
+        denoiser coefficients D = a_x y + a_o out at tm."""
+        per_sample = max(v.dim() for v in (self.t, self.alpha_bar, self.sigma_bar, self.gamma))
+        shape = (len(svals),) + (1,) * per_sample
+        s = torch.tensor(svals, **_F64).reshape(shape)
         abar = s * self.alpha_bar
-        sbar = (1 - s) * self.sb0 + s * self.sigma_bar
+        # (1 - s) sigmabar_0 in Python floats, as one time at a time computed it.
+        sbar = torch.tensor([(1 - v) * self.sb0 for v in svals], **_F64).reshape(shape) + s * self.sigma_bar
         w1 = self.w1_num / sbar
         w2 = self.alpha_bar - abar * w1
         w3 = self.neg_gamma * w1
-        if s == 0.0:
-            # P = SNR(t), t* = t and alpha_{t*} S = x_t exactly (also when alpha_t = 0, where S is 0/0).
-            tm = self.model.clamp_time(self.t)
-            return tm, torch.ones_like(tm), torch.zeros_like(tm), w1, w2, w3
         sbar2 = sbar ** 2
         prec = self.snr_t + abar ** 2 / sbar2
         sch = self.model.schedule
@@ -170,22 +179,17 @@ class _Inner:
         k = sch.alpha(tm) / prec
         c_x = k * (self.cx_t - abar * self.gamma / sbar2)
         c_b = k * abar / sbar2
-        return tm, c_x, c_b, w1, w2, w3
+        if 0.0 in svals:
+            # s = 0: P = SNR(t), t* = t and alpha_{t*} S = x_t exactly (also when alpha_t = 0, where S is 0/0).
+            start = s == 0
+            tm = torch.where(start, self.model.clamp_time(self.t), tm)
+            c_x, c_b = torch.where(start, _ONE, c_x), torch.where(start, _ZERO, c_b)
+        a_x, a_o = denoiser_coefficients(sch, self.model.prediction, tm)
+        return tm, c_x, c_b, w1, w2, w3, a_x, a_o
 
-    def velocity_terms(self, s: float, scale: float, denoised: bool = False):
-        """(model time, A, X, O): scale * u_s(state, out) = A state + X x_t + O out."""
-        tm, c_x, c_b, w1, w2, w3 = self.at(s)
-        a_x, a_o = (0.0, 1.0) if denoised else denoiser_coefficients(self.model.schedule, self.model.prediction, tm)
-        w2a = w2 * a_x
-        return tm, scale * (w1 + w2a * c_b), scale * (w3 + w2a * c_x), scale * w2 * a_o
-
-    def input_at(self, s: float):
-        """(n_xt, n_new) producing the model input at inner time s; zeros where no call can follow (s = 1
-        with sigma_bar = 0, where the input's precision is infinite)."""
-        if s >= 1.0 and bool(torch.any(self.sigma_bar == 0)):
-            return 0.0, 0.0
-        _, c_x, c_b, *_ = self.at(s)
-        return c_x, c_b
+    def at(self, s: float) -> tuple:
+        """(tm, c_x, c_b, w1, w2, w3) at one inner time s (see ``table``)."""
+        return tuple(v[0] for v in self.table([s])[:6])
 
 
 def check_sigmabar0(sigmabar0) -> float:
@@ -201,70 +205,100 @@ def glass_plan(model: FlowModel, t, t_next, rho, calls: int, solver: str, sigmab
     inner = _Inner(model, t, t_next, rho, sigmabar0)
     n, _ = steps_per_call(calls, solver)
     h = 1.0 / n
-    rows, times, kinds = [], [], []
-    # Heun's corrector evaluates at s + h; at s = 1 with sigma_bar = 0 the inner velocity is singular.
-    heun_last_euler = solver == "heun" and bool(torch.any(inner.sigma_bar == 0))
+    # Each stage: (kind, inner time of its velocity, step scale, inner time of the next model input). Heun's
+    # corrector evaluates at s + h; at s = 1 with sigma_bar = 0 the inner velocity is singular.
+    heun_last_euler = solver == "heun" and inner.singular_end
+    stages = []
     for j in range(n):
         s = j * h
         if solver == "euler" or (heun_last_euler and j == n - 1):
-            tm, A, X, O = inner.velocity_terms(s, h)
-            rows.append(_row(1 + A, 0.0, X, O, *inner.input_at(s + h)))
-            times.append(tm); kinds.append("step")
+            stages.append(("step", s, h, s + h))
         elif solver == "midpoint":
-            tm, A, X, O = inner.velocity_terms(s, h / 2)
-            rows.append(_row(A + 1, 0.0, X, O, *inner.input_at(s + h / 2)))
-            times.append(tm); kinds.append("predict")
-            tm, A, X, O = inner.velocity_terms(s + h / 2, h)
-            rows.append(_row(1.0, A, X, O, *inner.input_at(s + h)))
-            times.append(tm); kinds.append("correct")
+            stages += [("predict", s, h / 2, s + h / 2), ("correct", s + h / 2, h, s + h)]
         else:  # heun
-            tm, A, X, O = inner.velocity_terms(s, h)
-            rows.append(_row(A + 1, 0.0, X, O, *inner.input_at(s + h)))
-            times.append(tm); kinds.append("predict")
-            tm, A, X, O = inner.velocity_terms(s + h, h / 2)
-            rows.append(_row(0.5, 0.5 + A, X, O, *inner.input_at(s + h)))
-            times.append(tm); kinds.append("correct")
-    # The first stage with D_t(x_t) handed in (reused from a reward evaluation) instead of the raw output.
-    _, A, X, O = inner.velocity_terms(0.0, h / 2 if solver == "midpoint" else h, denoised=True)
-    first = rows[0].clone()
-    first[..., 0], first[..., 2], first[..., 3] = 1 + A, X, O
+            stages += [("predict", s, h, s + h), ("correct", s + h, h / 2, s + h)]
+    kinds, svals, scales, s_in = (list(c) for c in zip(*stages))
+    S = len(stages)
+    # One table for the stages' inner times and their next inputs' (a time repeated costs nothing extra).
+    # The next input is zero where no call can follow (s = 1 with sigma_bar = 0).
+    no_input = [inner.singular_end and v >= 1.0 for v in s_in]
+    # (Inner time 0 stands in for an input that is zero: any time would do, its values are not used.)
+    tm, c_x, c_b, w1, w2, w3, a_x, a_o = inner.table(svals + [0.0 if z else v for v, z in zip(s_in, no_input)])
+    cols = w1.dim() - 1
+    scale = torch.tensor(scales + scales, **_F64).reshape((-1,) + (1,) * cols)
+    # scale * u_s(state, out) = A state + X x_t + O out at every stage.
+    w2a = w2 * a_x
+    A, X, O = scale * (w1 + w2a * c_b), scale * (w3 + w2a * c_x), scale * w2 * a_o
+    n_xt, n_new = c_x[S:], c_b[S:]
+    if any(no_input):
+        skip = torch.tensor(no_input).reshape((-1,) + (1,) * cols)
+        n_xt, n_new = torch.where(skip, 0.0, n_xt), torch.where(skip, 0.0, n_new)
+    A = A[:S]
+    if solver == "euler":
+        k_base, k_stage = _ONE + A, _ZERO
+    else:
+        # predict (or Heun's last Euler step): (1 + A, 0); the corrector: midpoint (1, A), Heun (1/2, 1/2 + A).
+        corrects = torch.tensor([k == "correct" for k in kinds]).reshape((-1,) + (1,) * cols)
+        k_base = torch.where(corrects, 1.0 if solver == "midpoint" else 0.5, _ONE + A)
+        k_stage = torch.where(corrects, A if solver == "midpoint" else 0.5 + A, _ZERO)
+    coefs = torch.stack(torch.broadcast_tensors(k_base, k_stage, X[:S], O[:S], n_xt, n_new), dim=-1)
+    # The first stage with D_t(x_t) handed in (reused from a reward evaluation) instead of the raw output:
+    # the denoiser's coefficients (0, 1) at inner time 0, the first stage's.
+    sc, w2_0 = scale[0], w2[0]
+    w2z = w2_0 * _ZERO
+    first = coefs[0].clone()
+    first[..., 0] = _ONE + sc * (w1[0] + w2z * c_b[0])
+    first[..., 2] = sc * (w3[0] + w2z * c_x[0])
+    first[..., 3] = sc * w2_0 * _ONE
     init = _row(k_base=inner.gamma, k_out=sigmabar0)
-    return _stack(rows, times, kinds, first, init)
+    return _plan(coefs, tm[:S], kinds, first, init)
 
 
 # ---------------------------------------------------------------------------------------------------- ODE
 def ode_plan(model: FlowModel, t, t_next, calls: int, solver: str) -> Plan:
-    """Stages of ``calls`` model calls of an ODE solver from t to t_next."""
+    """Stages of ``calls`` model calls of an ODE solver from t to t_next (all stages' times evaluated at once,
+    as one tensor: elementwise, the same bits as one time at a time)."""
     n, _ = steps_per_call(calls, solver)
     h = (t_next - t) / n
     sch, pred = model.schedule, model.prediction
-
-    def vel(tau, scale, prediction=pred):
-        tm = model.clamp_time(tau)
-        b_x, b_o = velocity_coefficients(sch, prediction, tm)
-        return tm, scale * b_x, scale * b_o
-
-    rows, times, kinds = [], [], []
+    last_singular = pred != "velocity" and bool(torch.any(sch.sigma(t_next) == 0))
+    # Each stage: (kind, its step j, offset of its time from t + j h: 0, h / 2 or h, its scale: h or h / 2).
+    stages = []
     for j in range(n):
-        tau = t + j * h
-        last_singular = j == n - 1 and pred != "velocity" and bool(torch.any(sch.sigma(t_next) == 0))
-        if solver == "euler" or (solver == "heun" and last_singular):
-            tm, A, O = vel(tau, h)
-            rows.append(_row(1 + A, k_out=O, n_new=1.0)); times.append(tm); kinds.append("step")
+        if solver == "euler" or (solver == "heun" and last_singular and j == n - 1):
+            stages.append(("step", j, 0, 1))
         elif solver == "midpoint":
-            tm, A, O = vel(tau, h / 2)
-            rows.append(_row(1 + A, k_out=O, n_new=1.0)); times.append(tm); kinds.append("predict")
-            tm, A, O = vel(tau + h / 2, h)
-            rows.append(_row(1.0, A, k_out=O, n_new=1.0)); times.append(tm); kinds.append("correct")
+            stages += [("predict", j, 0, 2), ("correct", j, 2, 1)]
         else:
-            tm, A, O = vel(tau, h)
-            rows.append(_row(1 + A, k_out=O, n_new=1.0)); times.append(tm); kinds.append("predict")
-            tm, A, O = vel(tau + h, h / 2)
-            rows.append(_row(0.5, 0.5 + A, k_out=O, n_new=1.0)); times.append(tm); kinds.append("correct")
-    _, A, O = vel(t, h / 2 if solver == "midpoint" else h, prediction="x0")
-    first = rows[0].clone()
-    first[..., 0], first[..., 3] = 1 + A, O
-    return _stack(rows, times, kinds, first)
+            stages += [("predict", j, 0, 1), ("correct", j, 1, 2)]
+    cols = h.dim()
+    col = (-1,) + (1,) * cols
+    # tau = t + j h (+ h or + h / 2): the same operations, in the same order, as one time at a time.
+    tau = t + torch.tensor([st[1] for st in stages], **_F64).reshape(col) * h
+    for off, d in ((1, h), (2, h / 2)):
+        if any(st[2] == off for st in stages):
+            tau = torch.where(torch.tensor([st[2] == off for st in stages]).reshape(col), tau + d, tau)
+    halves = [st[3] == 2 for st in stages]
+    scale = torch.where(torch.tensor(halves).reshape(col), h / 2, h) if any(halves) else h
+    tm = model.clamp_time(tau)
+    b_x, b_o = velocity_coefficients(sch, pred, tm)
+    A, O = scale * b_x, scale * b_o
+    kinds = [st[0] for st in stages]
+    if solver == "euler":
+        k_base, k_stage = _ONE + A, _ZERO
+    else:
+        # predict (or Heun's last Euler step): (1 + A, 0); the corrector: midpoint (1, A), Heun (1/2, 1/2 + A).
+        corrects = torch.tensor([k == "correct" for k in kinds]).reshape(col)
+        k_base = torch.where(corrects, 1.0 if solver == "midpoint" else 0.5, _ONE + A)
+        k_stage = torch.where(corrects, A if solver == "midpoint" else 0.5 + A, _ZERO)
+    coefs = torch.stack(torch.broadcast_tensors(k_base, k_stage, _ZERO, O, _ZERO, _ONE), dim=-1)
+    # The first stage with D_t(x_t) handed in: the x0 coefficients at t.
+    tm0 = model.clamp_time(t)
+    b_x0, b_o0 = velocity_coefficients(sch, "x0", tm0)
+    sc = h / 2 if solver == "midpoint" else h
+    first = coefs[0].clone()
+    first[..., 0], first[..., 3] = 1 + sc * b_x0, sc * b_o0
+    return _plan(coefs, tm, kinds, first)
 
 
 # ---------------------------------------------------------------------------------------------------- SDE
@@ -272,31 +306,31 @@ def sde_plan(model: FlowModel, t, t_next, calls: int) -> Plan:
     """Euler-Maruyama for dX = [u + (nu^2/2) grad log p_t] dt + nu dW; a DDPM plug-in step where alpha_t = 0
     or where the step starts below the model's time range (there nu^2 ~ 1/alpha, evaluated at the clamped
     time, would blow the Euler-Maruyama step up; the plug-in step is finite and exact in law for the
-    denoiser it is given)."""
+    denoiser it is given). All steps are evaluated at once, as one tensor of times (elementwise: the same
+    bits as one time at a time)."""
     sch = model.schedule
     h = (t_next - t) / calls
-    rows, times, firsts = [], [], []
-    for j in range(calls):
-        tau = t + j * h
-        tm = model.clamp_time(tau)
-        a, s, da, ds = sch.alpha(tm), sch.sigma(tm), sch.d_alpha(tm), sch.d_sigma(tm)
-        nu2 = 2 * (da / a) * s * s - 2 * s * ds
-        plug_here = (sch.alpha(tau) == 0) | (tm != tau)
-        # Plug-in DDPM step: x' = gamma x + alpha_bar D + sigma_bar eps with rho_DDPM (finite at alpha = 0).
-        t1 = tau + h
-        gamma, abar, sbar = kernel_coefficients(sch, tau, t1, rho_ddpm(sch, tau, t1))
-        # Only the first stage's row with D_t(x_t) handed in is used (the plan's first_denoised).
-        for denoised, bucket in ((False, rows), (True, firsts))[:1 if j else 2]:
-            pred = "x0" if denoised else model.prediction
-            a_x, a_o = denoiser_coefficients(sch, pred, tm)
-            b_x, b_o = velocity_coefficients(sch, pred, tm)
-            d_x = b_x + 0.5 * nu2 * (a * a_x - 1) / (s * s)
-            d_o = b_o + 0.5 * nu2 * a * a_o / (s * s)
-            em = _row(1 + h * d_x, torch.sqrt(h * nu2), k_out=h * d_o, n_new=1.0)
-            plug = _row(gamma + abar * a_x, sbar, k_out=abar * a_o, n_new=1.0)
-            bucket.append(torch.where(plug_here.unsqueeze(-1), plug, em))
-        times.append(tm)
-    return _stack(rows, times, ["noisy"] * calls, firsts[0])
+    col = (-1,) + (1,) * h.dim()
+    tau = t + torch.arange(calls, **_F64).reshape(col) * h
+    tm = model.clamp_time(tau)
+    a, s, da, ds = sch.alpha(tm), sch.sigma(tm), sch.d_alpha(tm), sch.d_sigma(tm)
+    nu2 = 2 * (da / a) * s * s - 2 * s * ds
+    plug_here = ((sch.alpha(tau) == 0) | (tm != tau)).unsqueeze(-1)
+    # Plug-in DDPM step: x' = gamma x + alpha_bar D + sigma_bar eps with rho_DDPM (finite at alpha = 0).
+    t1 = tau + h
+    gamma, abar, sbar = kernel_coefficients(sch, tau, t1, rho_ddpm(sch, tau, t1))
+
+    def rows(pred):
+        a_x, a_o = denoiser_coefficients(sch, pred, tm)
+        b_x, b_o = velocity_coefficients(sch, pred, tm)
+        d_x = b_x + 0.5 * nu2 * (a * a_x - 1) / (s * s)
+        d_o = b_o + 0.5 * nu2 * a * a_o / (s * s)
+        em = torch.stack(torch.broadcast_tensors(1 + h * d_x, torch.sqrt(h * nu2), _ZERO, h * d_o, _ZERO, _ONE), -1)
+        plug = torch.stack(torch.broadcast_tensors(gamma + abar * a_x, sbar, _ZERO, abar * a_o, _ZERO, _ONE), -1)
+        return torch.where(plug_here, plug, em)
+
+    # Only the first stage's row with D_t(x_t) handed in is used (the plan's first_denoised).
+    return _plan(rows(model.prediction), tm, ["noisy"] * calls, rows("x0")[0])
 
 
 def as_times(t, name: str, batch: int) -> torch.Tensor:

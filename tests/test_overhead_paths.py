@@ -32,16 +32,6 @@ def test_runs_reuse_the_plans_built_at_construction(monkeypatch):
     assert built[0] == 4
 
 
-@pytest.mark.parametrize("solver,n_eval", [("euler", 8 + 1), ("midpoint", 2 * 4 + 1), ("heun", 4 + 1)])
-def test_each_inner_time_is_evaluated_once(monkeypatch, solver, n_eval):
-    """A stage's inner time is also the previous stage's input time: evaluated once, not twice (h = 1/8 or
-    1/4, so the inner times j h, j h + h/2 are exact and equal wherever they coincide)."""
-    evals = _counting(monkeypatch, plan_mod._Inner, "_eval")
-    t, tn = torch.tensor(0.2, dtype=torch.float64), torch.tensor(0.6, dtype=torch.float64)
-    p = plan_mod.glass_plan(_model(), t, tn, torch.tensor(0.4, dtype=torch.float64), 8, solver)
-    assert p.calls == 8 and evals[0] == n_eval
-
-
 @pytest.mark.parametrize("option", [dict(compile=True), dict(cuda_graph=True)], ids=["compile", "cuda_graph"])
 def test_guidance_with_compile_or_graphs_is_refused_before_any_model_call(monkeypatch, option):
     g = lambda model, y, t, t_host, out: out   # noqa: E731
