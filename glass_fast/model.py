@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from .ops._checks import FLOAT_DTYPES
 from .schedules import Schedule
 
 PREDICTIONS = ("velocity", "x0", "epsilon", "score")
@@ -163,8 +164,10 @@ class FlowModel:
             raise TypeError(f"FlowModel: schedule must be a glass_fast Schedule, got {type(schedule).__name__}")
         if prediction not in PREDICTIONS:
             raise ValueError(f"FlowModel: prediction must be one of {PREDICTIONS}, got {prediction!r}")
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise ValueError(f"FlowModel: dtype must be None or a floating torch.dtype, got {dtype!r}")
+        # Only the dtypes the sampler's ops take (float8 is floating too, but would fail deep inside a stage).
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise ValueError(f"FlowModel: dtype must be None or a floating torch.dtype (float32, float16, "
+                             f"bfloat16, float64), got {dtype!r}")
         try:
             lo, hi = (float(v) for v in (time_range if time_range is not None else _DEFAULT_TIME_RANGE[prediction]))
         except (TypeError, ValueError):

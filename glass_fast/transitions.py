@@ -9,6 +9,7 @@ from functools import partial
 import torch
 
 from . import ops
+from .ops._checks import FLOAT_DTYPES
 from .model import FlowModel, combine_output, denoiser_coefficients, opmath_dtype, solve_output
 from .plan import (Plan, as_times, check_calls, check_interval, check_solver, glass_plan, ode_plan, resolve_rho, sde_plan,
                    steps_per_call)
@@ -181,9 +182,11 @@ def check_state(model, x, generator, name: str = "x") -> None:
     """Validate a model, a state batch ``x`` [B, ...] (named ``name`` in errors) and an optional generator."""
     if not isinstance(model, FlowModel):
         raise TypeError(f"model must be a glass_fast.FlowModel, got {type(model).__name__}")
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+    # Float8 is floating too, but no sampler op takes it: refused here rather than deep inside a stage.
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or x.dim() < 1:
         got = type(x).__name__ if not isinstance(x, torch.Tensor) else f"{x.dtype} of shape {tuple(x.shape)}"
-        raise TypeError(f"{name} must be a floating Tensor[B, ...], got {got}")
+        raise TypeError(f"{name} must be a floating Tensor[B, ...], got {got} (allowed: float32, float64, "
+                        f"float16, bfloat16)")
     if x.numel() == 0:
         raise ValueError(f"{name} must hold at least one state with at least one element, got shape {tuple(x.shape)}")
     if generator is not None:

@@ -369,6 +369,8 @@ def test_sampler_run_and_step_check_their_state(model):
         sampler.run([[0.0, 0.0]])
     with pytest.raises(TypeError, match=r"x must be a floating Tensor\[B, ...\], got torch.int64"):
         sampler.run(torch.zeros(4, 2, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"x must be a floating Tensor\[B, ...\], got torch.float8_e4m3fn .*allowed"):
+        sampler.run(torch.zeros(4, 2).to(torch.float8_e4m3fn))   # floating, but no op takes it
     with pytest.raises(ValueError, match=r"x must hold at least one state .* got shape \(0, 2\)"):
         sampler.run(torch.zeros(0, 2))
     with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
@@ -382,8 +384,10 @@ def test_sampler_run_and_step_check_their_state(model):
 
 
 def test_bad_model_definitions_and_outputs_are_named(model):
-    with pytest.raises(ValueError, match="dtype must be None or a floating torch.dtype, got 'bf16'"):
+    with pytest.raises(ValueError, match=r"dtype must be None or a floating torch.dtype .*, got 'bf16'"):
         gf.FlowModel(lambda x, t: x, gf.LinearSchedule(), dtype="bf16")
+    with pytest.raises(ValueError, match=r"dtype must be None or a floating torch.dtype .*, got torch.float8_e4m3fn"):
+        gf.FlowModel(lambda x, t: x, gf.LinearSchedule(), dtype=torch.float8_e4m3fn)
     with pytest.raises(ValueError, match=r"time_range must be None or a pair \(lo, hi\) of times, got \(0.5,\)"):
         gf.FlowModel(lambda x, t: x, gf.LinearSchedule(), time_range=(0.5,))
     wrong_device = gf.FlowModel(lambda x, t: torch.zeros(x.shape, device="meta"), gf.LinearSchedule())
