@@ -159,6 +159,17 @@ def test_fused_step_empty_tensors(backend, device):
         assert new.shape == y.shape == y2.shape == shape
 
 
+@pytest.mark.parametrize("backend,device", PAIRS + [pytest.param("reference", "cpu", id="reference-cpu")])
+def test_fused_step_outputs_are_contiguous_for_channels_last_inputs(backend, device):
+    """As documented: both outputs contiguous whatever the inputs' layout (the reference used to keep theirs)."""
+    x = torch.randn(2, 3, 4, 5, device=device).to(memory_format=torch.channels_last)
+    coef = torch.tensor([0.5, 0.0, 0.25, 1.5, 0.3, 0.7], device=device)
+    with ops.use_backend(backend):
+        new, y = ops.fused_step(x, x.clone(), coef, x_t=x.clone())
+    assert new.is_contiguous() and y.is_contiguous()
+    torch.testing.assert_close(new, 0.5 * x + 0.25 * x + 1.5 * x)
+
+
 def test_reference_inplace_matches_functional():
     base, out, coef, x_t, stage = _inputs("per-sample-stage", torch.float32, "cpu")
     new, y = R.fused_step(base, out, coef, x_t, stage)

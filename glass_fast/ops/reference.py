@@ -36,7 +36,7 @@ def fused_step(base: torch.Tensor, out: torch.Tensor, coef: torch.Tensor,
         (new [B, ...] in base.dtype, y_next [B, ...] in out.dtype): the updated state and the next
         model input.
     """
-    acc = torch.float64 if base.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(base)
     c = coef.to(acc)
     new = _per_sample(c, K_BASE, base) * base.to(acc) + _per_sample(c, K_OUT, out) * out.to(acc)
     if stage is not None:
@@ -47,7 +47,9 @@ def fused_step(base: torch.Tensor, out: torch.Tensor, coef: torch.Tensor,
         xt = x_t.to(acc)
         new = new + _per_sample(c, K_XT, xt) * xt
         y = _per_sample(c, N_NEW, new) * new + _per_sample(c, N_XT, xt) * xt
-    return new.to(base.dtype), y.to(out.dtype)
+    # Contiguous whatever the inputs' layout (channels_last, say), as the compiled backends return them.
+    fmt = torch.contiguous_format
+    return new.to(base.dtype, memory_format=fmt), y.to(out.dtype, memory_format=fmt)
 
 
 def fused_step_(base: torch.Tensor, out: torch.Tensor, coef: torch.Tensor,
