@@ -142,7 +142,7 @@ def test_errors_are_named(parts):
     with pytest.raises(ValueError, match=r"control_mask must hold values in \[0, 1\], got values in \[0.0, 2.0\]"):
         gd.sample(pipe, control_mask=torch.full((1, 1, SIZE, SIZE), 2.0).index_fill(3, torch.tensor([0]), 0.0),
                   **img, **kw)
-    with pytest.raises(TypeError, match="control_mask must be a real Tensor of values in \[0, 1\], got torch.bool"):
+    with pytest.raises(TypeError, match=r"control_mask must be a real Tensor of values in \[0, 1\], got torch.bool"):
         gd.sample(pipe, control_mask=torch.zeros(1, 1, SIZE, SIZE, dtype=torch.bool), **img, **kw)
     with pytest.raises(ValueError, match="control_mask holds NaN"):
         gd.sample(pipe, control_mask=torch.full((1, 1, SIZE, SIZE), float("nan")), **img, **kw)
