@@ -5,6 +5,7 @@ inpainting pipelines do). A ``project`` hook for ``sample``, ``Sampler.run`` and
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -21,7 +22,8 @@ class Inpaint:
             broadcastable to the state.
         noise: the run's start noise, [N, ...] (or steering's [B, K, ...], read as [B * K, ...]): the known part
             follows the same noise path. A state of m x N rows (beam-search children: each row repeated m times
-            in place) uses each noise row m times.
+            in place) uses each noise row m times. With [B, K, ...] noise, one image (or mask) per group is
+            [B, 1, ...]: a [B, ...] one broadcasts as for any tensor, against the K axis (one per particle index).
 
     The blend is a heuristic, not conditioning: it leaves the generated region's law exact only where it does not
     depend on the known one. At t = 1 the known region is ``image`` exactly.
@@ -43,8 +45,8 @@ class Inpaint:
                 raise TypeError(f"{name} must be a floating Tensor, got {got}")
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"{name} holds NaN or Inf")
-        if noise.dim() < 2 or noise.shape[0] < 1:
-            raise ValueError(f"noise must be the run's start noise [N, ...] with N >= 1, got shape {tuple(noise.shape)}")
+        if noise.dim() < 2 or noise.numel() == 0:
+            raise ValueError(f"noise must be the run's start noise [N, ...], non-empty, got shape {tuple(noise.shape)}")
         if bool(((mask < 0) | (mask > 1)).any()):
             raise ValueError(f"mask must hold values in [0, 1] (1: generate, 0: keep image), got values in "
                              f"[{float(mask.min()):g}, {float(mask.max()):g}]")
@@ -70,12 +72,17 @@ class Inpaint:
         return out
 
     def __call__(self, k: int, t: float, x: torch.Tensor) -> torch.Tensor:
-        if self.noise.numel() % x[0].numel() or x.shape[0] % (self.noise.numel() // x[0].numel()):
+        # A state row holds one noise row ([N, ...]) or one of steering's [B, K, ...] particles, as many numbers in
+        # any shape (a flat state of image noise): never parts of two noise rows.
+        row, shape = math.prod(x.shape[1:]), self.noise.shape
+        if row not in (math.prod(shape[1:]), math.prod(shape[2:]) if len(shape) > 2 else None) \
+                or x.shape[0] % (self.noise.numel() // row):
             raise ValueError(f"Inpaint: the state {tuple(x.shape)} does not match the noise {tuple(self.noise.shape)} "
                              f"(rows of the same shape, or a multiple of them)")
-        # A noise buffer (or image, mask) refilled in place since the last call is read anew.
+        # A noise buffer (or image, mask) refilled in place since the last call is read anew; an inference tensor
+        # keeps no write count, so with one the data is placed anew on every call.
         stamps = tuple(_stamp(v) for v in (self.noise, self.image, self.mask))
-        if stamps != self._stamps:
+        if None in stamps or stamps != self._stamps:
             self._placed, self._stamps = {}, stamps
         key = (tuple(x.shape), x.device, x.dtype)
         if key not in self._placed:
@@ -88,7 +95,7 @@ class Inpaint:
     def _place(self, x: torch.Tensor) -> tuple:
         """(noise, image, mask) for the state x, on its device and in its dtype: laid out as rows of x's shape,
         following ``gather``'s order, each row repeated for states of m x N rows (beam children, value draws)."""
-        rows = (self.noise.numel() // x[0].numel(),) + tuple(x.shape[1:])
+        rows = (self.noise.numel() // math.prod(x.shape[1:]),) + tuple(x.shape[1:])
         noise = self.noise.reshape(rows)
         placed = []
         for name, v in (("image", self.image), ("mask", self.mask)):
@@ -110,9 +117,9 @@ class Inpaint:
         return tuple(out)
 
 
-def _stamp(t: torch.Tensor) -> tuple:
-    """Where ``t``'s data lives and how often it was written in place (inference tensors keep no count)."""
-    return t.data_ptr(), None if t.is_inference() else t._version
+def _stamp(t: torch.Tensor) -> tuple | None:
+    """Where ``t``'s data lives and how often it was written in place; None for an inference tensor (no count)."""
+    return None if t.is_inference() else (t.data_ptr(), t._version)
 
 
 def _broadcasts(shape, to) -> bool:

@@ -311,3 +311,27 @@ def test_inpaint_reads_a_noise_buffer_refilled_in_place():
     noise.normal_(generator=torch.Generator().manual_seed(19))
     torch.testing.assert_close(hook(1, 0.5, x)[:, 0], 0.5 * noise[:, 0])
     assert not torch.allclose(first, 0.5 * noise[:, 0])
+
+
+def test_inpaint_reads_an_inference_mode_noise_buffer_refilled_in_place():
+    """Inference tensors keep no write count, so the hook cannot tell a refill: it reads them on every call."""
+    with torch.inference_mode():
+        noise = torch.randn(4, 2, generator=torch.Generator().manual_seed(20))
+        hook, x = gf.Inpaint(gf.LinearSchedule(), torch.zeros(2), torch.tensor([0.0, 1.0]), noise), torch.zeros(4, 2)
+        first = hook(1, 0.5, x)[:, 0].clone()
+        noise.normal_(generator=torch.Generator().manual_seed(21))
+        torch.testing.assert_close(hook(1, 0.5, x)[:, 0], 0.5 * noise[:, 0])
+        assert not torch.allclose(first, 0.5 * noise[:, 0])
+
+
+def test_inpaint_rejects_a_state_whose_rows_are_not_the_noises_rows():
+    hook = gf.Inpaint(gf.LinearSchedule(), torch.zeros(2), torch.tensor([0.0, 1.0]), torch.randn(6, 2))
+    with pytest.raises(ValueError, match=r"Inpaint: the state \(3, 4\) does not match the noise \(6, 2\)"):
+        hook(1, 0.5, torch.zeros(3, 4))   # as many numbers, but each state row would mix two noise rows
+    assert hook(1, 0.5, torch.zeros(12, 2)).shape == (12, 2)   # children: each noise row twice
+    assert hook(1, 0.5, torch.zeros(0, 2)).shape == (0, 2)
+    with pytest.raises(ValueError, match=r"noise must be .* non-empty, got shape \(4, 0\)"):
+        gf.Inpaint(gf.LinearSchedule(), torch.zeros(1), torch.zeros(1), torch.zeros(4, 0))
+    image_noise = torch.randn(3, 2, 4, 4)   # an image-shaped noise also serves a flat state of its rows
+    flat = gf.Inpaint(gf.LinearSchedule(), torch.ones(1, 2, 4, 4), torch.zeros(1, 2, 4, 4), image_noise)
+    torch.testing.assert_close(flat(1, 0.5, torch.zeros(3, 32)), (0.5 + 0.5 * image_noise).reshape(3, 32))
