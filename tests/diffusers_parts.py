@@ -227,3 +227,23 @@ def tiny_flux_hint_parts(seed: int = 16):
     parts = tiny_flux(tr)
     parts.vae = vae
     return parts
+
+
+def tiny_clip():
+    """A randomly initialised tiny CLIP (seeded) and a byte-level tokenizer: enough for CLIPScoreReward."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        projection_dim=8)
+    torch.manual_seed(0)
+
+    def tokenize(texts, **_):  # byte-level ids, padded
+        ids = [[b % 60 + 2 for b in t.encode()][:14] for t in texts]
+        n = max(map(len, ids))
+        return {"input_ids": torch.tensor([i + [1] * (n - len(i)) for i in ids]),
+                "attention_mask": torch.tensor([[1] * len(i) + [0] * (n - len(i)) for i in ids])}
+
+    return transformers.CLIPModel(cfg), tokenize

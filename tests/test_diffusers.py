@@ -21,7 +21,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 from glass_fast.integrations import diffusers as gd  # noqa: E402
 from glass_fast.integrations.rewards import CLIPScoreReward, LatentReward  # noqa: E402
-from diffusers_parts import ATOL, DIM, SEQ, SIZE, pipeline, random_embeds  # noqa: E402
+from diffusers_parts import ATOL, DIM, SEQ, SIZE, pipeline, random_embeds, tiny_clip  # noqa: E402
 
 
 def _flux_ids(n_txt: int, h2: int, w2: int):
@@ -560,23 +560,7 @@ def test_reward_of_the_wrong_shape_is_named(flux):
 
 # -------------------------------------------------------------------------------------------------- rewards
 def test_clip_score_reward_on_a_tiny_clip():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=8),
-        projection_dim=8)
-    torch.manual_seed(0)
-    model = transformers.CLIPModel(cfg)
-
-    def tokenize(texts, **_):  # byte-level ids, padded: enough for a randomly initialised text tower
-        ids = [[b % 60 + 2 for b in t.encode()][:14] for t in texts]
-        n = max(map(len, ids))
-        return {"input_ids": torch.tensor([i + [1] * (n - len(i)) for i in ids]),
-                "attention_mask": torch.tensor([[1] * len(i) + [0] * (n - len(i)) for i in ids])}
-
-    reward = CLIPScoreReward(model, tokenize)
+    reward = CLIPScoreReward(*tiny_clip())
     imgs = torch.rand(3, 3, SIZE, SIZE)
     s = reward(imgs, ["a cat", "a dog", "a cat"])
     assert s.shape == (3,) and torch.all(s.abs() <= 1 + 1e-5)

@@ -14,7 +14,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 from glass_fast.integrations import diffusers as gd  # noqa: E402
 from glass_fast.integrations.rewards import CLIPScoreReward, LatentReward  # noqa: E402
-from diffusers_parts import DIM, SEQ, SIZE, pipeline, random_embeds  # noqa: E402
+from diffusers_parts import DIM, SEQ, SIZE, pipeline, random_embeds, tiny_clip  # noqa: E402
 
 FAST = dict(method="ode", transitions=2, inner_steps=1, height=SIZE, width=SIZE, output_type="latent")
 
@@ -133,22 +133,7 @@ def test_states_of_another_layout_are_named(flux, sd3):
 
 # --------------------------------------------------------------------------------------------------- rewards
 def _tiny_clip():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.CLIPConfig(
-        text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=8),
-        projection_dim=8)
-    torch.manual_seed(0)
-
-    def tokenize(texts, **_):
-        ids = [[b % 60 + 2 for b in t.encode()][:14] for t in texts]
-        n = max(map(len, ids))
-        return {"input_ids": torch.tensor([i + [1] * (n - len(i)) for i in ids]),
-                "attention_mask": torch.tensor([[1] * len(i) + [0] * (n - len(i)) for i in ids])}
-
-    return CLIPScoreReward(transformers.CLIPModel(cfg), tokenize)
+    return CLIPScoreReward(*tiny_clip())
 
 
 def test_clip_score_reward_refuses_a_bare_string_and_prompts_of_another_count():
