@@ -51,6 +51,21 @@ def _assert_same_images(ours, theirs, size: tuple):
         assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
 
 
+def _assert_reproduces(pipe, kw: dict, steps: int, seed: int, size: tuple, pipeline_only=None, sample_only=None):
+    """The ODE through ``sample`` (one call per step) equals the pipeline run with the same arguments ``kw``
+    (plus each side's own spelling of an option): final latents to ATOL, images up to 8-bit rounding at
+    ``size``. Returns (run arguments, our PIL images)."""
+    gen = torch.Generator().manual_seed(seed)
+    theirs, their_latents = _final_latents(pipe, num_inference_steps=steps, generator=gen,
+                                           **(pipeline_only or {}), **kw)
+    run = dict(method="ode", transitions=steps, inner_steps=1, **(sample_only or {}), **kw)
+    ours = gd.sample(pipe, output_type="latent", generator=torch.Generator().manual_seed(seed), **run)
+    torch.testing.assert_close(ours, their_latents, atol=ATOL, rtol=0)
+    images = gd.sample(pipe, output_type="pil", generator=torch.Generator().manual_seed(seed), **run)
+    _assert_same_images(images, theirs, size)
+    return run, images
+
+
 def _sd3_16_unshifted():
     """Tiny SD3 inpainting parts whose VAE has no shift_factor: StableDiffusion3InpaintPipeline subtracts the
     shift when encoding but does not add it back when decoding (glass_fast decodes with it, as SD3's other
@@ -78,13 +93,7 @@ def test_flux_inpaint_with_padding_mask_crop_reproduces_the_pipeline(flux, pad):
     assert box[0] > 0 and box[1] >= 0 and (box[2] - box[0]) * (box[3] - box[1]) < H * W / 2
     kw = dict(height=SIZE, width=SIZE, image=_image(1), mask_image=_mask(), strength=0.8, guidance_scale=3.5,
               padding_mask_crop=pad, **random_embeds(2, DIM, seed=2))
-    theirs, their_latents = _final_latents(pipe, num_inference_steps=5, generator=torch.Generator().manual_seed(3),
-                                           **kw)
-    run = dict(method="ode", transitions=5, inner_steps=1, **kw)
-    ours = gd.sample(pipe, output_type="latent", generator=torch.Generator().manual_seed(3), **run)
-    torch.testing.assert_close(ours, their_latents, atol=ATOL, rtol=0)
-    images = gd.sample(pipe, output_type="pil", generator=torch.Generator().manual_seed(3), **run)
-    _assert_same_images(images, theirs, (H, W))
+    run, images = _assert_reproduces(pipe, kw, 5, 3, (H, W))
     # "pt" and "np" are the same pasted images.
     pt = gd.sample(pipe, output_type="pt", generator=torch.Generator().manual_seed(3), **run)
     assert pt.shape == (2, 3, H, W)
@@ -97,13 +106,7 @@ def test_sd3_inpaint_with_padding_mask_crop_reproduces_the_pipeline():
     pipe = pipeline(_sd3_16_unshifted(), "StableDiffusion3InpaintPipeline")
     kw = dict(height=SIZE, width=SIZE, image=_image(4), mask_image=_mask(), strength=0.7, guidance_scale=4.0,
               padding_mask_crop=5, **random_embeds(2, 16, seed=5, negative=True))
-    theirs, their_latents = _final_latents(pipe, num_inference_steps=4, generator=torch.Generator().manual_seed(6),
-                                           **kw)
-    run = dict(method="ode", transitions=4, inner_steps=1, **kw)
-    ours = gd.sample(pipe, output_type="latent", generator=torch.Generator().manual_seed(6), **run)
-    torch.testing.assert_close(ours, their_latents, atol=ATOL, rtol=0)
-    _assert_same_images(gd.sample(pipe, output_type="pil", generator=torch.Generator().manual_seed(6), **run),
-                        theirs, (H, W))
+    _assert_reproduces(pipe, kw, 4, 6, (H, W))
 
 
 def test_flux2_klein_inpaint_with_padding_mask_crop_reproduces_the_pipeline(klein):
@@ -113,13 +116,7 @@ def test_flux2_klein_inpaint_with_padding_mask_crop_reproduces_the_pipeline(klei
     pipe = flux2_pipeline(klein, "Flux2KleinInpaintPipeline")
     kw = dict(image=_image(40), mask_image=_mask(), strength=0.9, guidance_scale=3.0, padding_mask_crop=2,
               **flux2_embeds(1, seed=41, negative=True))
-    theirs, their_latents = _final_latents(pipe, num_inference_steps=3, generator=torch.Generator().manual_seed(42),
-                                           **kw)
-    run = dict(method="ode", transitions=3, inner_steps=1, **kw)
-    ours = gd.sample(pipe, output_type="latent", generator=torch.Generator().manual_seed(42), **run)
-    torch.testing.assert_close(ours, their_latents, atol=ATOL, rtol=0)
-    _assert_same_images(gd.sample(pipe, output_type="pil", generator=torch.Generator().manual_seed(42), **run),
-                        theirs, (H, W))
+    _assert_reproduces(pipe, kw, 3, 42, (H, W))
 
 
 @pytest.mark.parametrize("reference", [False, True])
@@ -131,13 +128,8 @@ def test_flux_kontext_inpaint_with_padding_mask_crop_reproduces_the_pipeline(flu
               **random_embeds(1, DIM, seed=61))
     if reference:
         kw["image_reference"] = _image(62, size=(48, 64))
-    theirs, their_latents = _final_latents(pipe, num_inference_steps=4, generator=torch.Generator().manual_seed(63),
-                                           _auto_resize=False, **kw)
-    run = dict(method="ode", transitions=4, inner_steps=1, context_auto_resize=False, **kw)
-    ours = gd.sample(pipe, output_type="latent", generator=torch.Generator().manual_seed(63), **run)
-    torch.testing.assert_close(ours, their_latents, atol=ATOL, rtol=0)
-    _assert_same_images(gd.sample(pipe, output_type="pil", generator=torch.Generator().manual_seed(63), **run),
-                        theirs, (H // 4 * 4, W // 4 * 4))
+    _assert_reproduces(pipe, kw, 4, 63, (H // 4 * 4, W // 4 * 4), pipeline_only={"_auto_resize": False},
+                       sample_only={"context_auto_resize": False})
 
 
 def test_flux_controlnet_inpaint_with_padding_mask_crop_reproduces_the_pipeline(flux):
@@ -146,13 +138,7 @@ def test_flux_controlnet_inpaint_with_padding_mask_crop_reproduces_the_pipeline(
     pipe = pipeline(flux, "FluxControlNetInpaintPipeline", controlnet=tiny_flux_controlnet(seed=11))
     kw = dict(height=SIZE, width=SIZE, image=_image(12), mask_image=_mask(), control_image=random_image(13),
               strength=0.8, padding_mask_crop=3, **random_embeds(1, DIM, seed=14))
-    theirs, their_latents = _final_latents(pipe, num_inference_steps=4, generator=torch.Generator().manual_seed(15),
-                                           **kw)
-    run = dict(method="ode", transitions=4, inner_steps=1, **kw)
-    ours = gd.sample(pipe, output_type="latent", generator=torch.Generator().manual_seed(15), **run)
-    torch.testing.assert_close(ours, their_latents, atol=ATOL, rtol=0)
-    _assert_same_images(gd.sample(pipe, output_type="pil", generator=torch.Generator().manual_seed(15), **run),
-                        theirs, (SIZE, SIZE))
+    _assert_reproduces(pipe, kw, 4, 15, (SIZE, SIZE))
 
 
 def test_the_crop_and_the_overlay_change_the_result(flux):
