@@ -1,6 +1,7 @@
 // CUDA device kernels of glass_fast on raw pointers: no ATen here, so this header compiles with
-// nvcc alone (tests/cpp/cuda_kernels_compile.cu instantiates every kernel). The launchers in
-// ops.cu pick the types, the vector width and the grid, and run on the current stream.
+// nvcc alone (tests/cpp/cuda_kernels_compile.cu instantiates every kernel), and on the host with
+// the stand-in headers of tests/cpp/cuda_host (tests/cuda_host.py runs every kernel on the CPU).
+// The launchers in ops.cu pick the types and run on the current stream; launch.h holds the shapes.
 //
 //   fused_step:   new = k_base*base + k_stage*stage + k_xt*x_t + k_out*out ; y = n_xt*x_t + n_new*new
 //   normalize:    lw - logsumexp(lw) per row ; ess = 1 / sum exp(2 (lw - lse))
@@ -15,6 +16,8 @@
 
 #include <cassert>
 #include <cmath>
+
+#include "launch.h"
 
 namespace glass_fast::cuda {
 
@@ -113,13 +116,11 @@ __global__ void fused_step_kernel(const S* __restrict__ base, const O* __restric
 
 // ---------------------------------------------------------------- block reductions
 
-constexpr int kRowThreads = 256;  // threads per group in the particle kernels (power of two)
-
 template <typename Acc, bool MAX>
 __device__ Acc block_reduce(Acc v, Acc* smem) {
   smem[threadIdx.x] = v;
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+  for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
     if (threadIdx.x < s) {
       const Acc a = smem[threadIdx.x], b = smem[threadIdx.x + s];
       smem[threadIdx.x] = MAX ? (a > b ? a : b) : a + b;
@@ -275,7 +276,6 @@ __global__ void resample_kernel(const T* __restrict__ lw, const U* __restrict__ 
 // units of one row and a row holds `tiles_per_row` tiles; the launcher gives each tile its own block
 // (short blocks, many resident per SM, so one block's index load overlaps others' copies). Each
 // thread issues all its loads before its stores: several independent requests in flight per thread.
-constexpr int kGatherUnroll = 4;
 
 template <typename C>
 __global__ void gather_kernel(const C* __restrict__ x, const int64_t* __restrict__ idx,

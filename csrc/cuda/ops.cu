@@ -16,6 +16,7 @@
 #include "checks.h"
 #include "fused_step_entry.h"
 #include "cuda/kernels.cuh"
+#include "cuda/launch.h"
 
 namespace glass_fast::cuda {
 namespace {
@@ -41,16 +42,6 @@ const T* ptr(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr;
 }
 
-bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
-int blocks_for(int64_t work, int threads) {
-  // One block per `threads` packs, as the gather launches one per row tile: with a capped grid
-  // that strides, blocks finish unevenly and the last wave idles part of the device (the gather's
-  // uncapped grid ran 5-10% faster on an H200). Kernels still stride past the grid's size limit.
-  const int64_t need = (work + threads - 1) / threads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(need, std::numeric_limits<int32_t>::max())));
-}
-
 void fused_step_into(const at::Tensor& base, const at::Tensor& out, const at::Tensor& coef,
                      const std::optional<at::Tensor>& x_t, const std::optional<at::Tensor>& stage,
                      const at::Tensor& new_, const at::Tensor& y, int64_t rows) {
@@ -65,25 +56,24 @@ void fused_step_into(const at::Tensor& base, const at::Tensor& out, const at::Te
   const int64_t inner = n / rows;
   const bool per_sample = rows > 1;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  constexpr int kThreads = 256;
   dispatch_float(base.scalar_type(), [&](auto s_tag) {
     using S = decltype(s_tag);
     dispatch_float(out.scalar_type(), [&](auto o_tag) {
       using O = decltype(o_tag);
       using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
-      constexpr int V = 4;
-      const bool vec = (!per_sample || inner % V == 0) && aligned(b.const_data_ptr(), sizeof(S) * V) &&
-                       aligned(o.const_data_ptr(), sizeof(O) * V) &&
-                       aligned(new_.data_ptr(), sizeof(S) * V) && aligned(y.data_ptr(), sizeof(O) * V) &&
-                       (!xt.defined() || aligned(xt.const_data_ptr(), sizeof(S) * V)) &&
-                       (!st.defined() || aligned(st.const_data_ptr(), sizeof(S) * V));
+      constexpr int V = kStepVec;
+      const bool vec = step_vectorized(per_sample, inner,
+                                       {{b.const_data_ptr(), sizeof(S)}, {o.const_data_ptr(), sizeof(O)},
+                                        {new_.data_ptr(), sizeof(S)}, {y.data_ptr(), sizeof(O)},
+                                        {xt.defined() ? xt.const_data_ptr() : nullptr, sizeof(S)},
+                                        {st.defined() ? st.const_data_ptr() : nullptr, sizeof(S)}});
       const Acc* cp = reinterpret_cast<const Acc*>(c.const_data_ptr());
       if (vec) {
-        fused_step_kernel<S, O, Acc, V><<<blocks_for(n / V, kThreads), kThreads, 0, stream>>>(
+        fused_step_kernel<S, O, Acc, V><<<blocks_for(n / V, kStepThreads), kStepThreads, 0, stream>>>(
             ptr<S>(b), ptr<O>(o), ptr<S>(xt), ptr<S>(st), cp, reinterpret_cast<S*>(new_.data_ptr()),
             reinterpret_cast<O*>(y.data_ptr()), n, inner, per_sample);
       } else {
-        fused_step_kernel<S, O, Acc, 1><<<blocks_for(n, kThreads), kThreads, 0, stream>>>(
+        fused_step_kernel<S, O, Acc, 1><<<blocks_for(n, kStepThreads), kStepThreads, 0, stream>>>(
             ptr<S>(b), ptr<O>(o), ptr<S>(xt), ptr<S>(st), cp, reinterpret_cast<S*>(new_.data_ptr()),
             reinterpret_cast<O*>(y.data_ptr()), n, inner, per_sample);
       }
@@ -146,26 +136,22 @@ void gather_into(const at::Tensor& x, const at::Tensor& idx, const at::Tensor& r
   const void* src = xc.const_data_ptr();
   void* dst = res.data_ptr();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  auto launch = [&](auto chunk_tag) {
-    using C = decltype(chunk_tag);
-    const int64_t chunks = row_bytes / static_cast<int64_t>(sizeof(C));
-    const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, chunks)));
-    const int64_t tile = int64_t(threads) * kGatherUnroll;  // units one block moves per pass
-    const int64_t tiles_per_row = (chunks + tile - 1) / tile, tiles = rows * tiles_per_row;
-    // One block per tile (measured on an H200: ~10% more bandwidth than blocks striding over tiles).
-    const int64_t blocks = std::min<int64_t>(tiles, std::numeric_limits<int32_t>::max());
-    gather_kernel<C><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        reinterpret_cast<const C*>(src), ic.const_data_ptr<int64_t>(), reinterpret_cast<C*>(dst), k,
-        chunks, tiles_per_row, tiles);
+  const GatherLaunch g = gather_launch(rows, row_bytes, src, dst);
+  auto launch = [&](auto unit_tag) {
+    using C = decltype(unit_tag);
+    gather_kernel<C><<<g.blocks, g.threads, 0, stream>>>(reinterpret_cast<const C*>(src),
+                                                         ic.const_data_ptr<int64_t>(),
+                                                         reinterpret_cast<C*>(dst), k, g.chunks,
+                                                         g.tiles_per_row, g.tiles);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  // Widest unit that divides the row and keeps every row aligned.
-  auto fits = [&](size_t bytes) { return row_bytes % bytes == 0 && aligned(src, bytes) && aligned(dst, bytes); };
-  if (fits(16)) launch(uint4{});
-  else if (fits(8)) launch(uint2{});
-  else if (fits(4)) launch(static_cast<unsigned int>(0));
-  else if (fits(2)) launch(static_cast<unsigned short>(0));
-  else launch(static_cast<unsigned char>(0));
+  switch (g.unit_bytes) {
+    case 16: return launch(uint4{});
+    case 8: return launch(uint2{});
+    case 4: return launch(static_cast<unsigned int>(0));
+    case 2: return launch(static_cast<unsigned short>(0));
+    default: return launch(static_cast<unsigned char>(0));
+  }
 }
 
 at::Tensor gather_particles(const at::Tensor& x, const at::Tensor& idx) {
