@@ -108,7 +108,8 @@ def test_fused_step_vector_scalar_and_grid_stride_agree(host, dtype, path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_fused_step_in_place_on_its_inputs(host, dtype):
-    """ops.cu's in-place entry writes new into base and y_next into out itself (y_out = out)."""
+    """ops.cu's in-place entry writes new into base and y_next into out itself (y_out = out), or both
+    into base (y_out = base)."""
     g = torch.Generator().manual_seed(5)
     shape = (4, 3, 10)
     base, out, x_t, stage = (torch.randn(shape, generator=g).to(dtype) for _ in range(4))
@@ -116,6 +117,11 @@ def test_fused_step_in_place_on_its_inputs(host, dtype):
     want_new, want_y = host.fused_step(base, out, coef, x_t, stage)
     host.fused_step_into(base, out, coef, x_t, stage, base, out)
     assert torch.equal(base, want_new) and torch.equal(out, want_y)
+    # y_out = base: both results land in base, y_next last (the reference copies new, then y_next)
+    base = torch.randn(shape, generator=g).to(dtype)
+    _, want_y = host.fused_step(base, base, coef, x_t, stage)
+    host.fused_step_into(base, base, coef, x_t, stage, base, base)
+    assert torch.equal(base, want_y)
 
 
 # ------------------------------------------------------------------ particle ops
