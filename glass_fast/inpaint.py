@@ -54,8 +54,9 @@ class Inpaint:
                                           if noise.dim() > 2 else [])
         for name, value in (("image", image), ("mask", mask)):
             if not any(_broadcasts(value.shape, shape) for shape in layouts):
-                raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to the state "
-                                 f"{' or '.join(map(str, layouts))}")
+                rows = f" nor to its rows {layouts[1]}" if len(layouts) > 1 else ""
+                raise ValueError(f"{name} of shape {tuple(value.shape)} broadcasts neither to the noise "
+                                 f"{layouts[0]}{rows}")
         self.schedule, self.image, self.mask, self.noise = schedule, image, mask, noise
         self._order = None   # the noise row (and per-row image / mask) each state row descends from; None: its own
         self._placed: dict = {}   # (state shape, device, dtype) -> (noise, image, mask) there, made once

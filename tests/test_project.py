@@ -171,7 +171,7 @@ def test_bad_inpaint_arguments_are_named():
         gf.Inpaint(s, z, torch.tensor([float("nan"), 1.0]), noise)
     with pytest.raises(ValueError, match=r"mask must hold values in \[0, 1\].*got values in \[0, 2\]"):
         gf.Inpaint(s, z, torch.tensor([0.0, 2.0]), noise)
-    with pytest.raises(ValueError, match=r"image of shape \(3,\) does not broadcast to the state \(4, 2\)"):
+    with pytest.raises(ValueError, match=r"image of shape \(3,\) broadcasts neither to the noise \(4, 2\)$"):
         gf.Inpaint(s, torch.zeros(3), m, noise)
     with pytest.raises(ValueError, match=r"noise must be the run's start noise \[N, ...\]"):
         gf.Inpaint(s, z, m, torch.randn(2))
