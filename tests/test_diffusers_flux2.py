@@ -315,6 +315,68 @@ def test_reference_images_reproduce_the_pipelines(flux2, klein, cls):
         torch.testing.assert_close(same, ours, atol=0, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def klein_kv():
+    """Flux2KleinKVPipeline around its own tiny Klein parts (the pipeline swaps its transformer's attention
+    processors for cache-aware ones)."""
+    from diffusers_parts import tiny_flux2
+    return flux2_pipeline(tiny_flux2(guidance_embeds=False), "Flux2KleinKVPipeline")
+
+
+def test_klein_kv_pipeline_reproduced_with_cached_reference_keys_and_values(klein_kv):
+    """The reference images' keys and values, computed once, give every call what the pipeline's first-step
+    extraction and later cached calls give; without references the pipeline is plain (unguided) Klein."""
+    pipe, flow = klein_kv, gd.as_flow(klein_kv)
+    emb = flux2_embeds(2, seed=40)
+    refs = _references()
+    for image, size in ((refs[0], {}), (refs, {"height": SIZE, "width": SIZE}), (None, {"height": SIZE,
+                                                                                        "width": SIZE})):
+        kw = dict(num_images_per_prompt=2, **size, **emb)
+        theirs = pipe(image=image, num_inference_steps=3, generator=_seed(41), output_type="pt", **kw).images
+        ours = gd.sample(pipe, image=image, method="ode", transitions=3, inner_steps=1, generator=_seed(41),
+                         output_type="latent", max_batch=3, **kw)
+        h, w = theirs.shape[2:]
+        assert (h, w) == ((64, 80) if not size else (SIZE, SIZE))
+        torch.testing.assert_close(gd.postprocess(flow, ours, h, w, "pt"), theirs, atol=ATOL, rtol=0)
+    # the references reach every call: a Klein pipeline that joins their tokens to the state's instead (what
+    # the KV model was not trained for) samples something else
+    plain = flux2_pipeline(types.SimpleNamespace(transformer=pipe.transformer, scheduler=pipe.scheduler,
+                                                 vae=pipe.vae), "Flux2KleinPipeline", is_distilled=True)
+    kw = dict(image=refs, method="ode", transitions=3, inner_steps=1, generator=_seed(41), output_type="latent",
+              num_images_per_prompt=2, height=SIZE, width=SIZE, **emb)
+    assert (gd.sample(plain, **kw) - gd.sample(pipe, **kw)).abs().max() > 100 * ATOL
+    with pytest.raises(ValueError, match=r"guidance_scale=3.0: this FLUX.2 Klein pipeline is step-wise distilled"):
+        gd.sample(pipe, guidance_scale=3.0, height=SIZE, width=SIZE, **emb)
+
+
+def test_klein_kv_steering_and_glass_read_the_cache_at_every_batch_size(klein_kv):
+    """GLASS and FK steering call the transformer on other batch sizes and times than the pipeline; each call
+    equals a call that extracts the references' keys and values itself."""
+    flow = gd.as_flow(klein_kv)
+    emb = flux2_embeds(2, seed=42)
+    cond = gd.encode(flow, **emb)
+    tokens, ids, _ = gd.reference_tokens(flow, _references()[0])
+    cond.context, cond.context_ids = tokens.expand(2, -1, -1), ids
+    model = flow.flow_model(cond, 3, SIZE, SIZE, max_batch=4)
+    x, t = torch.randn(12, H2 * H2, 16, generator=_seed(43)), torch.rand(12, generator=_seed(44))
+    img_ids, txt_ids, _ = flow.packed_inputs(SIZE, SIZE, emb["prompt_embeds"].shape[1], None, x.device, x.dtype)
+    with torch.no_grad():
+        got = model.velocity(x, t)
+        rows = torch.arange(12) // 6     # prompt-major: two copies of each of the six rows
+        want = -flow.transformer(hidden_states=torch.cat([tokens.expand(12, -1, -1), x], dim=1), timestep=1 - t,
+                                 guidance=None, encoder_hidden_states=emb["prompt_embeds"][rows], txt_ids=txt_ids,
+                                 img_ids=torch.cat([ids, img_ids]), return_dict=False, kv_cache_mode="extract",
+                                 num_ref_tokens=tokens.shape[1])[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    imgs, res = gd.steer(klein_kv, None, lambda im, p: im.mean(dim=(1, 2, 3)), particles=3, transitions=2,
+                         inner_steps=2, image=_references()[0], generator=_seed(45), **emb)
+    assert imgs.shape == (2, 3, 64, 80) and torch.isfinite(res.rewards).all()
+    kw = dict(transitions=2, inner_steps=2, image=_references()[0], output_type="latent", **emb)
+    eager = gd.sample(klein_kv, generator=_seed(46), **kw)
+    compiled = gd.sample(klein_kv, generator=_seed(46), compile={"backend": "eager"}, **kw)
+    torch.testing.assert_close(compiled, eager, atol=ATOL, rtol=0)
+
+
 def test_steering_with_reference_images(klein):
     imgs, res = gd.steer(klein, None, lambda im, p: im.mean(dim=(1, 2, 3)), particles=2, transitions=2,
                          inner_steps=1, image=_references()[0], guidance_scale=2.0, generator=_seed(33),
@@ -427,11 +489,12 @@ def test_arguments_flux2_cannot_take_are_named(flux2, klein):
 
 
 def test_other_flux2_pipelines_are_rejected(flux2):
-    kv = type("Flux2KleinKVPipeline", (), dict(transformer=flux2.transformer, scheduler=flux2.scheduler,
-                                                vae=flux2.vae))()
-    with pytest.raises(TypeError, match="Flux2KleinKVPipeline is not supported: glass_fast reproduces the FLUX.2 "
-                                        "pipelines Flux2Pipeline, Flux2KleinPipeline and Flux2KleinInpaintPipeline"):
-        gd.sample(kv, height=SIZE, width=SIZE, **flux2_embeds(1))
+    other = type("Flux2OtherPipeline", (), dict(transformer=flux2.transformer, scheduler=flux2.scheduler,
+                                                 vae=flux2.vae))()
+    with pytest.raises(TypeError, match="Flux2OtherPipeline is not supported: glass_fast reproduces the FLUX.2 "
+                                        "pipelines Flux2Pipeline, Flux2KleinPipeline, Flux2KleinInpaintPipeline "
+                                        "and Flux2KleinKVPipeline"):
+        gd.sample(other, height=SIZE, width=SIZE, **flux2_embeds(1))
 
 
 def _flux1():

@@ -290,7 +290,8 @@ def sample(pipe, prompt=None, *, prompt_embeds=None, pooled_prompt_embeds=None, 
     """Generate images from a FLUX.1, FLUX.2 or SD3 pipeline with GLASS, ODE, SDE or plug-in transitions.
 
     Args:
-        pipe: FluxPipeline / Flux2Pipeline / Flux2KleinPipeline / StableDiffusion3Pipeline (and FLUX.1's
+        pipe: FluxPipeline / Flux2Pipeline / Flux2KleinPipeline (Flux2KleinKVPipeline too: its reference images'
+            keys and values are cached) / StableDiffusion3Pipeline (and FLUX.1's
             img2img, Kontext, Fill, Control and ControlNet pipelines (FluxControlNetImg2ImgPipeline too), SD3's
             img2img and ControlNet pipelines (StableDiffusion3ControlNetInpaintingPipeline too), the
             inpainting pipelines listed under ``mask_image``), an

@@ -39,7 +39,8 @@ from .diffusers_channels import check_features
 from .diffusers_checks import guidance_weight
 from .diffusers_conditioning import Conditioning, cfg_stack
 from .diffusers_controlnet import in_window, steps_window
-from .diffusers_flux import check_flux2_pipeline, flux2_guidance, flux2_mu, packed_image_ids, text_ids
+from .diffusers_flux import (ReferenceCache, caches_references, check_flux2_pipeline, flux2_guidance, flux2_mu,
+                             packed_image_ids, text_ids)
 
 KINDS = {"flux": FluxTransformer2DModel, "flux2": Flux2Transformer2DModel, "sd3": SD3Transformer2DModel}
 PACKED = ("flux", "flux2")   # kinds whose state is packed 2x2 latent patches
@@ -235,7 +236,8 @@ class DiffusersFlow:
                 height: int, width: int, guidance_scale: float | None = None,
                 attention_kwargs: dict | None = None, skip_layers: tuple[int, ...] | None = None,
                 context: tuple[torch.Tensor, torch.Tensor] | None = None,
-                channels: torch.Tensor | None = None, control=None, inputs: tuple | None = None) -> torch.Tensor:
+                channels: torch.Tensor | None = None, control=None, inputs: tuple | None = None,
+                references=None) -> torch.Tensor:
         """One transformer call, diffusers' convention: v = eps - z at noise level ``sigma``.
 
         Args:
@@ -253,6 +255,8 @@ class DiffusersFlow:
                 txt_ids, img_ids) -> the transformer's keyword arguments (``Conditioning.control_rows``).
             inputs: FLUX only: ``packed_inputs`` for this size, token count and guidance value (``flow_model``
                 builds them once); None: built here.
+            references: Flux2KleinKVPipeline: its reference images' cached keys and values for these rows
+                (``ReferenceCache.rows``), read in place of ``context`` tokens.
         Returns:
             [N, *state_shape] raw transformer output.
         """
@@ -272,6 +276,8 @@ class DiffusersFlow:
                 hidden = torch.cat([x, context[0].to(x.dtype)], dim=1)
                 img_ids = torch.cat([img_ids, context[1].to(img_ids.dtype)])
             pooled_kw = {} if self.kind == "flux2" else {"pooled_projections": pooled}
+            if references is not None:
+                pooled_kw.update(kv_cache=references, kv_cache_mode="cached")
             if control is not None:
                 pooled_kw.update(control(x, sigma.to(x.dtype), embeds, pooled, guidance, attention_kwargs, txt_ids,
                                          img_ids))
@@ -361,6 +367,10 @@ class DiffusersFlow:
         # Built once, not in every call: nothing in them changes between calls (and a CUDA graph replays them).
         inputs = None if self.kind not in PACKED else self.packed_inputs(
             height, width, cond.prompt_embeds.shape[1], guidance_scale, cond.prompt_embeds.device, self.dtype)
+        refs = None
+        if cond.context is not None and caches_references(self):
+            refs = ReferenceCache(self, cond.context, cond.context_ids, cond.prompt_embeds, inputs,
+                                  self.state_shape(height, width)[0], attention_kwargs)
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             n = x.shape[0]
@@ -377,8 +387,10 @@ class DiffusersFlow:
                 v = self.predict(cfg_stack(xc, use_cfg), cfg_stack(sc, use_cfg), _rows(*embeds, idx=idx),
                                  _rows(*pooled, idx=idx), height, width, guidance_scale,
                                  cond.attention_kwargs(self.kind, attention_kwargs, idx, use_cfg),
-                                 context=cond.context_rows(idx, use_cfg), channels=cond.channel_rows(idx, use_cfg),
-                                 control=cond.control_rows(idx, tc, use_cfg), inputs=inputs)
+                                 context=None if refs is not None else cond.context_rows(idx, use_cfg),
+                                 channels=cond.channel_rows(idx, use_cfg), control=cond.control_rows(idx, tc, use_cfg),
+                                 inputs=inputs,
+                                 references=None if refs is None else refs.rows(len(idx) * (2 if use_cfg else 1)))
                 if use_cfg:
                     unc, con = v.float().chunk(2)
                     v = unc + cfg_scale * (con - unc)

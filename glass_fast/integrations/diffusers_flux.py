@@ -59,8 +59,9 @@ def reference_latents(flow: DiffusersFlow, pixels: torch.Tensor, index: int) -> 
     return flow.encode_images(pixels, mean=True), packed_image_ids(flow.kind, h2, w2, flow.device, torch.float32, index)
 
 
-SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline")
-KLEIN = ("Flux2KleinPipeline", "Flux2KleinInpaintPipeline")   # guided as Klein: CFG weight, or distilled
+KV_PIPELINE = "Flux2KleinKVPipeline"   # reads its reference images through cached keys and values
+SUPPORTED_PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline", KV_PIPELINE)
+KLEIN = ("Flux2KleinPipeline", "Flux2KleinInpaintPipeline", KV_PIPELINE)   # guided as Klein: CFG, or distilled
 
 
 def _flux2_pipeline_classes(pipeline) -> set:
@@ -72,7 +73,7 @@ def _flux2_pipeline_classes(pipeline) -> set:
 
 def check_flux2_pipeline(pipeline) -> None:
     """TypeError for FLUX.2 pipeline classes whose sampling loop differs from the text-to-image (and
-    reference image, or latent-blending inpainting) loops reproduced here (cached reference keys and values)."""
+    reference image, or latent-blending inpainting) loops reproduced here."""
     classes = _flux2_pipeline_classes(pipeline)
     if classes and not classes & set(SUPPORTED_PIPELINES):
         raise TypeError(f"{type(pipeline).__name__} is not supported: glass_fast reproduces the FLUX.2 "
@@ -83,9 +84,12 @@ def flux2_guidance(flow: DiffusersFlow) -> str:
     """How a FLUX.2 model is guided, as its pipeline does it: "embedded" (Flux2Pipeline, FLUX.2 [dev]: the
     guidance value enters the guidance embedding), "cfg" (Flux2KleinPipeline, Flux2KleinInpaintPipeline: true
     classifier-free guidance with guidance_scale as its weight, the negative prompt "" by default) or
-    "distilled" (a step-wise distilled Klein, ``is_distilled``: no guidance at all). Without a FLUX.2
-    pipeline it follows the transformer: "embedded" when it has a guidance embedding, else "cfg"."""
+    "distilled" (a step-wise distilled Klein, ``is_distilled``, and Flux2KleinKVPipeline, whose loop has no
+    guidance: no guidance at all). Without a FLUX.2 pipeline it follows the transformer: "embedded" when it has
+    a guidance embedding, else "cfg"."""
     classes = _flux2_pipeline_classes(flow.pipeline)
+    if KV_PIPELINE in classes:
+        return "distilled"
     if classes & set(KLEIN):
         return "distilled" if flow.pipeline.config.get("is_distilled", False) else "cfg"
     if "Flux2Pipeline" in classes or flow.transformer.config.guidance_embeds:
@@ -194,3 +198,60 @@ def inpaint_references(flow: DiffusersFlow, image_reference, rows: int) -> tuple
     h2, w2 = height // flow.patch_pixels, width // flow.patch_pixels
     ids = torch.cat([packed_image_ids("flux2", h2, w2, flow.device, torch.float32, 20 + 10 * i) for i in range(count)])
     return tokens.reshape(1, -1, tokens.shape[-1]), ids
+
+
+def caches_references(flow: DiffusersFlow) -> bool:
+    """Whether the model reads its reference images through cached keys and values (Flux2KleinKVPipeline)."""
+    return flow.kind == "flux2" and KV_PIPELINE in _flux2_pipeline_classes(flow.pipeline)
+
+
+class ReferenceCache:
+    """Flux2KleinKVPipeline's reference images as the attention keys and values every call reads.
+
+    Its transformer lets reference tokens attend only to each other and modulates them at the fixed time 0,
+    so their keys and values at every layer depend on the reference images alone: not on the prompt, the
+    state or the time. They are computed once, by one transformer pass over one row (as the pipeline computes
+    them in its first step's call, with its ``kv_cache_mode="extract"``), and each call reads them expanded
+    to its rows (``kv_cache_mode="cached"``), without copies.
+
+    Args:
+        flow: a FLUX.2 adapter of a Flux2KleinKVPipeline.
+        tokens, ids: the reference tokens [1 or P, L, 4C] (the same for every prompt) and their position ids.
+        embeds: [P, S, D] prompt embeddings (one row is read: the result does not depend on it).
+        inputs: ``DiffusersFlow.packed_inputs`` of the size sampled (image and text ids, guidance).
+        state_tokens: tokens of a state; attention_kwargs: the calls' ``joint_attention_kwargs`` (a LoRA
+            scale changes the keys and values).
+    """
+
+    def __init__(self, flow: DiffusersFlow, tokens: torch.Tensor, ids: torch.Tensor, embeds: torch.Tensor,
+                 inputs: tuple, state_tokens: int, attention_kwargs: dict | None):
+        from diffusers.models.transformers.transformer_flux2 import Flux2KVCache
+        if tokens.shape[0] > 1 and not bool((tokens == tokens[:1]).all()):
+            raise ValueError("Flux2KleinKVPipeline's reference images are shared by every prompt; got different "
+                             "reference tokens per prompt")
+        tr, dtype = flow.transformer, flow.dtype
+        img_ids, txt_ids, _ = inputs
+        ref = tokens[:1].to(device=flow.device, dtype=dtype)
+        state = torch.zeros(1, state_tokens, ref.shape[-1], device=flow.device, dtype=dtype)
+        extra = None if attention_kwargs is None else dict(attention_kwargs)
+        with torch.no_grad():
+            _, cache = tr(hidden_states=torch.cat([ref, state], dim=1), timestep=torch.ones(1, device=flow.device,
+                          dtype=dtype), guidance=None, encoder_hidden_states=embeds[:1].to(dtype), txt_ids=txt_ids,
+                          img_ids=torch.cat([ids.to(img_ids), img_ids]), joint_attention_kwargs=extra,
+                          return_dict=False, kv_cache_mode="extract", num_ref_tokens=ref.shape[1])
+        self._make = Flux2KVCache
+        self.num_ref_tokens = ref.shape[1]
+        self._double = [c.get() for c in cache.double_block_caches]
+        self._single = [c.get() for c in cache.single_block_caches]
+        self._by_rows: dict = {}   # rows -> the cache expanded to them, made once per batch size
+
+    def rows(self, n: int):
+        """The cache (a Flux2KVCache) for a call on ``n`` rows."""
+        if n not in self._by_rows:
+            cache = self._make(num_double_layers=len(self._double), num_single_layers=len(self._single))
+            for layers, kv in ((cache.double_block_caches, self._double), (cache.single_block_caches, self._single)):
+                for layer, (k, v) in zip(layers, kv):
+                    layer.store(k.expand(n, *k.shape[1:]), v.expand(n, *v.shape[1:]))
+            cache.num_ref_tokens = self.num_ref_tokens
+            self._by_rows[n] = cache
+        return self._by_rows[n]
