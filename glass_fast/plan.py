@@ -110,13 +110,17 @@ def resolve_rho(rho, schedule, t: torch.Tensor, t_next: torch.Tensor) -> torch.T
         r = rho_ddpm(schedule, t, t_next, float(rho[1]))
     elif callable(rho):
         out = rho(t, t_next)
+        times = torch.broadcast_shapes(t.shape, t_next.shape)
         try:
-            r = torch.as_tensor(out, **_F64)
-            torch.broadcast_shapes(r.shape, torch.broadcast_shapes(t.shape, t_next.shape))
+            r = torch.as_tensor(out, **_F64).detach()   # rows are constants (as the times: as_times)
+            # At most one value per state: a [B, 1] broadcasts with times [B] too, to rows [B, B, 6].
+            ok = len(torch.broadcast_shapes(r.shape, times)) <= 1
         except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"rho: the callable must return a float or a float64 Tensor broadcastable to the "
-                             f"times' shape {tuple(torch.broadcast_shapes(t.shape, t_next.shape))}, got "
-                             f"{out!r}") from None
+            ok = False
+        if not ok:
+            got = f"a Tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else repr(out)
+            raise ValueError(f"rho: the callable must return a float or a float64 Tensor of shape [] or [B] (one "
+                             f"value per state) broadcastable with the times' shape {tuple(times)}, got {got}")
     else:
         r = float(rho)
     r = torch.as_tensor(r, **_F64)
@@ -317,7 +321,8 @@ def sde_plan(model: FlowModel, t, t_next, calls: int) -> Plan:
     nu2 = 2 * (da / a) * s * s - 2 * s * ds
     plug_here = ((sch.alpha(tau) == 0) | (tm != tau)).unsqueeze(-1)
     # Plug-in DDPM step: x' = gamma x + alpha_bar D + sigma_bar eps with rho_DDPM (finite at alpha = 0).
-    t1 = tau + h
+    # t + j h + h can round past t_next (1190 steps over [0, 1] end at 1 + 2e-16, where VP's sigma is NaN).
+    t1 = torch.minimum(tau + h, t_next)
     gamma, abar, sbar = kernel_coefficients(sch, tau, t1, rho_ddpm(sch, tau, t1))
 
     def rows(pred):
@@ -336,6 +341,8 @@ def sde_plan(model: FlowModel, t, t_next, calls: int) -> Plan:
 def as_times(t, name: str, batch: int) -> torch.Tensor:
     """Validate a time (float or Tensor[B]) and return it as float64 on the CPU, shape [] or [B]."""
     if isinstance(t, torch.Tensor):
+        if t.dtype == torch.bool or t.is_complex():   # read as 0 / 1, or without the imaginary part
+            raise TypeError(f"{name} must be a float or a Tensor of real times, got a Tensor of dtype {t.dtype}")
         if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != batch):
             raise ValueError(f"{name} must be a float or a Tensor[{batch}], got shape {tuple(t.shape)}")
         tt = t.detach().to(**_F64)

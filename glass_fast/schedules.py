@@ -19,6 +19,13 @@ def _lib(t):
     return torch if isinstance(t, torch.Tensor) else math
 
 
+def _snr_lib(snr):
+    """``_lib`` for an SNR; a negative float is refused (a tensor gives NaN there, as its square root does)."""
+    if not isinstance(snr, torch.Tensor) and snr < 0:
+        raise ValueError(f"snr must be >= 0 (alpha^2 / sigma^2), got {snr!r}")
+    return _lib(snr)
+
+
 class Schedule:
     """A Gaussian path. Subclasses give alpha, sigma and their derivatives; SNR and its inverse follow."""
 
@@ -61,6 +68,7 @@ def _bisect_time(schedule: Schedule, snr, iters: int = 64):
         hi = torch.where(below, hi, mid)
     t = 0.5 * (lo + hi)
     t = torch.where(torch.isinf(target), torch.ones_like(t), t)
+    t = torch.where(torch.isnan(target), target, t)   # not the bracket's end 0, a valid-looking time
     return t if isinstance(snr, torch.Tensor) else float(t)
 
 
@@ -81,7 +89,7 @@ class LinearSchedule(Schedule):
 
     def time_at_snr(self, snr):
         # t / (1 - t) = sqrt(snr)  =>  t = r / (1 + r); inf -> 1.
-        m = _lib(snr)
+        m = _snr_lib(snr)
         r = m.sqrt(snr)
         if isinstance(r, torch.Tensor):
             return torch.where(torch.isinf(r), torch.ones_like(r), r / (1 + r))
@@ -108,7 +116,7 @@ class CosineSchedule(Schedule):
         return -(math.pi / 2) * _lib(t).sin(math.pi * t / 2)
 
     def time_at_snr(self, snr):
-        m = _lib(snr)
+        m = _snr_lib(snr)
         return (2 / math.pi) * m.atan(m.sqrt(snr))
 
 
@@ -156,8 +164,9 @@ class VPSchedule(Schedule):
 
     def time_at_snr(self, snr):
         # alpha^2 = snr / (1 + snr) => T = log1p(1/snr); solve 0.5 d u^2 + beta_min u - T = 0 for u = 1 - t.
-        m = _lib(snr)
-        T = m.log1p(1 / snr) if not isinstance(snr, torch.Tensor) else torch.log1p(1 / snr)
+        m = _snr_lib(snr)
+        # SNR 0 (below VP's lowest): T = inf and t = 0 after the clamp, for a float as for a tensor.
+        T = m.log1p(1 / snr) if isinstance(snr, torch.Tensor) or snr != 0 else math.inf
         d = self.beta_max - self.beta_min
         if d == 0:
             u = T / self.beta_min

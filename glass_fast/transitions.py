@@ -256,7 +256,9 @@ def glass_transition(model: FlowModel, x: torch.Tensor, t, t_next, *, rho=0.4, i
         x: [B, ...] states at time t.
         t, t_next: floats or Tensor[B] with 0 <= t < t_next <= 1.
         rho: correlation of (x_t, x_t'): float in [-1, 1], "ddpm", ("ddpm", kappa) or callable(t, t_next).
-        inner_steps: model calls spent on the inner flow (a multiple of 2 for midpoint and heun).
+        inner_steps: model calls spent on the inner flow (a multiple of 2 for midpoint and heun). Where
+            sigma_bar = 0 (t_next = 1 or |rho| = 1) the inner velocity is singular at s = 1: heun's last step is
+            then an Euler step, one call fewer.
         solver: "euler" (the paper's), "midpoint" or "heun".
         generator: the only source of randomness (one N(0, I) draw per transition).
         sigmabar0: inner-path noise level at s = 0.
@@ -288,7 +290,8 @@ def plugin_transition(model: FlowModel, x: torch.Tensor, t, t_next, *, rho="ddpm
 
 def ode_transition(model: FlowModel, x: torch.Tensor, t, t_next, *, steps: int = 10, solver: str = "euler",
                    denoised: torch.Tensor | None = None) -> torch.Tensor:
-    """Integrate dX/dt = u_t(X) from t to t_next with ``steps`` model calls (deterministic)."""
+    """Integrate dX/dt = u_t(X) from t to t_next with ``steps`` model calls (deterministic). Heun's last step is
+    an Euler step (one call fewer) onto sigma = 0 for models other than velocity, whose u is singular there."""
     check_state(model, x, None)
     check_denoised(denoised, x)
     t, t_next = _interval(x, t, t_next)
