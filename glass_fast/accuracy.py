@@ -4,6 +4,8 @@ The table behind the README's solver comparison; ``python benchmarks/bench_accur
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .mixtures import GaussianMixture, ks_critical, ks_statistic, mixture_cdf, standard_mixture
@@ -48,8 +50,10 @@ def transition_ks(method: str, calls: int, t: float, t_next: float, *, n: int = 
 
 
 def accuracy_table(calls=(2, 4, 8, 16, 32), *, n: int = 20000, transitions: int = 5, rho=0.4,
-                   methods=METHODS) -> dict:
+                   methods=METHODS, seed: int = 0) -> dict:
     """KS per (method, calls), worst over the interior transitions of a ``transitions`` grid and at t' = 1.
+
+    ``seed`` picks the conditioning points and the noise (every method and call count gets the same ones).
 
     Returns:
         {"interior": {method: {calls: ks}}, "final": {...}, "critical": KS critical value at the 0.1% level}.
@@ -57,6 +61,11 @@ def accuracy_table(calls=(2, 4, 8, 16, 32), *, n: int = 20000, transitions: int 
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"methods must be drawn from {METHODS}, got {m!r}")
+    if isinstance(transitions, bool) or not isinstance(transitions, numbers.Integral) or transitions < 2:
+        raise ValueError(f"transitions must be an integer >= 2 (at least one interior transition), "
+                         f"got {transitions!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     grid = torch.linspace(0, 1, transitions + 1).tolist()
     out = {"interior": {}, "final": {}, "critical": ks_critical(n, 0.001), "n": n}
     for method in methods:
@@ -64,7 +73,9 @@ def accuracy_table(calls=(2, 4, 8, 16, 32), *, n: int = 20000, transitions: int 
         for c in calls:
             if method in ("glass-midpoint", "glass-heun") and c % 2:
                 continue
-            ks = [transition_ks(method, c, grid[k], grid[k + 1], n=n, rho=rho, seed=k) for k in range(transitions)]
+            # transition_ks uses seeds s and s + 1: a stride of transitions + 1 keeps seeds apart (seed 0: s = k)
+            ks = [transition_ks(method, c, grid[k], grid[k + 1], n=n, rho=rho, seed=seed * (transitions + 1) + k)
+                  for k in range(transitions)]
             out["interior"][method][c] = max(ks[:-1])
             out["final"][method][c] = ks[-1]
     return out

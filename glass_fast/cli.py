@@ -5,7 +5,8 @@
     glass-fast steer --digit 7 --method fks-glass --particles 8
     glass-fast bench --table all --out bench_out
 
-Bad arguments exit with status 2 and one line on stderr (no traceback).
+Bad arguments exit with status 2 and one line on stderr (no traceback); so do options that the chosen method or
+table would ignore. A run that fails (non-finite values, out of memory) exits with status 1 and one line.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import time
 
 import torch
 
+from .cli_args import (UsageError, digit, ks_samples, make_out, nonneg_float, positive, rho, seed,
+                       threads)
 from .plan import steps_per_call
 from .sampling import default_rho
 
@@ -25,8 +28,6 @@ COMMANDS = ("demo", "sample", "steer", "bench")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 SAMPLE_METHODS = ("glass", "ode", "sde", "plugin")
 STEER_METHODS = ("fks-glass", "fks-glass-guided", "fks-sde", "fks-ode", "bon-glass", "bon-sde", "bon-ode", "beam-glass")
-MAX_SEED = 2**63 - 2  # torch seeds are 64-bit; the sampler's generator uses seed + 1
-MIN_KS_SAMPLES = 100  # below this the asymptotic KS critical value is meaningless
 EXAMPLES = """examples:
   glass-fast                                    same as glass-fast demo
   glass-fast demo --digit 7                     steer toward a 7 with every method, write demo_out/demo.png
@@ -36,104 +37,41 @@ EXAMPLES = """examples:
   glass-fast COMMAND --help                     the options of one command"""
 
 
-class UsageError(Exception):
-    """A bad command-line value; reported as one line, exit status 2."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints the whole usage block; one line is enough
         raise UsageError(message)
 
 
 # ------------------------------------------------------------------------------------------- arguments
-def _positive(name):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 1, got {value}")
-        return value
-    return parse
-
-
-def _digit(text):
-    if text not in [str(d) for d in range(10)]:
-        raise argparse.ArgumentTypeError(f"--digit must be one of 0..9, got {text!r}")
-    return int(text)
-
-
-def _rho(text):
-    if text == "ddpm":
-        return "ddpm"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--rho must be 'ddpm' or a number in [-1, 1], got {text!r}") from None
-    if not -1.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"--rho must be 'ddpm' or a number in [-1, 1], got {value}")
-    return value
-
-
-def _nonneg_float(name):
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {text!r}") from None
-        if not 0 <= value < float("inf"):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {text}")
-        return value
-    return parse
-
-
-def _seed(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seed must be an integer in [0, {MAX_SEED}], got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"--seed must be an integer in [0, {MAX_SEED}], got {value}")
-    return value
-
-
-def _ks_samples(text):
-    value = _positive("--ks-samples")(text)
-    if value < MIN_KS_SAMPLES:
-        raise argparse.ArgumentTypeError(f"--ks-samples must be an integer >= {MIN_KS_SAMPLES}, got {value}")
-    return value
-
-
 def _common(p: argparse.ArgumentParser, *, out: str) -> None:
     g = p.add_argument_group("common options")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     g.add_argument("--dtype", default="float32", choices=DTYPES, help="sampler dtype (default: float32)")
-    g.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
-    g.add_argument("--transitions", type=_positive("--transitions"), default=5, help="transitions (default: 5)")
-    g.add_argument("--inner-steps", type=_positive("--inner-steps"), default=10,
+    g.add_argument("--seed", type=seed, default=0, help="random seed (default: 0)")
+    g.add_argument("--transitions", type=positive("--transitions"), default=5, help="transitions (default: 5)")
+    g.add_argument("--inner-steps", type=positive("--inner-steps"), default=10,
                    help="model calls per transition (default: 10)")
-    g.add_argument("--rho", type=_rho, default=None,
+    g.add_argument("--rho", type=rho, default=None,
                    help="GLASS correlation: a number in [-1, 1] or 'ddpm' (default: 0.4; 'ddpm' for --method plugin)")
     g.add_argument("--solver", default="euler", choices=("euler", "midpoint", "heun"),
                    help="GLASS inner solver / ODE solver (default: euler)")
     g.add_argument("--out", default=out, help=f"output folder (default: {out})")
     g.add_argument("--quiet", action="store_true", help="no progress bars, print only the results")
-    g.add_argument("--threads", type=_positive("--threads"), default=1,
+    g.add_argument("--threads", type=threads, default=1,
                    help="CPU threads for torch (default: 1; the digits model is so small that more threads "
                         "mostly add synchronisation)")
 
 
 def _particles(p):
-    p.add_argument("--particles", type=_positive("--particles"), default=8,
+    p.add_argument("--particles", type=positive("--particles"), default=8,
                    help="particles per group for best-of-N / FK steering / beam search (default: 8)")
 
 
 def _steer_options(p):
     _particles(p)
-    p.add_argument("--digit", type=_digit, default=3, help="target digit 0..9 (default: 3)")
-    p.add_argument("--groups", type=_positive("--groups"), default=16, help="outputs per method (default: 16)")
-    p.add_argument("--lmbda", type=_nonneg_float("--lmbda"), default=1.0,
+    p.add_argument("--digit", type=digit, default=3, help="target digit 0..9 (default: 3)")
+    p.add_argument("--groups", type=positive("--groups"), default=16, help="outputs per method (default: 16)")
+    p.add_argument("--lmbda", type=nonneg_float("--lmbda"), default=None,
                    help="FK reward temperature; 1 targets p(x | digit) exactly (default: 1)")
 
 
@@ -149,14 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="plain sampling; prints quality metrics, writes a grid")
     p.add_argument("--method", default="glass", choices=SAMPLE_METHODS, help="sampler (default: glass)")
-    p.add_argument("--n", type=_positive("--n"), default=64, help="number of samples (default: 64)")
+    p.add_argument("--n", type=positive("--n"), default=64, help="number of samples (default: 64)")
     _common(p, out="out")
 
     p = sub.add_parser("steer", help="one steering run; prints rewards, writes a grid")
     p.add_argument("--method", default="fks-glass", choices=STEER_METHODS,
                    help="fks-*: FK steering, bon-*: best-of-N, beam-glass: beam search, over GLASS / SDE / ODE "
                         "transitions; fks-glass-guided adds reward guidance (default: fks-glass)")
-    p.add_argument("--potential", default="diff", choices=("diff", "max", "add", "immediate"),
+    p.add_argument("--potential", default=None, choices=("diff", "max", "add", "immediate"),
                    help="FK potential (default: diff)")
     _steer_options(p)
     _common(p, out="out")
@@ -164,14 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="the miniature paper tables (markdown) and plots")
     p.add_argument("--table", default="all", choices=("quality", "steering", "accuracy", "all"),
                    help="which table (default: all)")
-    p.add_argument("--n", type=_positive("--n"), default=2000, help="samples per method, quality table (default: 2000)")
-    p.add_argument("--groups", type=_positive("--groups"), default=64,
+    p.add_argument("--n", type=positive("--n"), default=2000, help="samples per method, quality table (default: 2000)")
+    p.add_argument("--groups", type=positive("--groups"), default=64,
                    help="outputs per method and digit, steering table (default: 64)")
     p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9",
                    help="comma-separated target digits, steering table (default: 0,1,...,9)")
-    p.add_argument("--lmbda", type=_nonneg_float("--lmbda"), default=1.0, help="FK reward temperature (default: 1)")
+    p.add_argument("--lmbda", type=nonneg_float("--lmbda"), default=None,
+                   help="FK reward temperature, steering table (default: 1)")
     _particles(p)
-    p.add_argument("--ks-samples", type=_ks_samples, default=20000,
+    p.add_argument("--ks-samples", type=ks_samples, default=20000,
                    help="samples per KS estimate, accuracy table (default: 20000)")
     _common(p, out="bench_out")
     return parser
@@ -193,14 +132,19 @@ def _parse(argv) -> argparse.Namespace:
         raise
     args.argv = argv
     _check_device(args.device)
+    _check_unused(args)
     _check_inner_steps(args)
+    _check_table_sizes(args)
     if getattr(args, "digits", None) is not None:
         try:
-            args.digits = [_digit(d.strip()) for d in args.digits.split(",") if d.strip()]
+            args.digits = [digit(d.strip()) for d in args.digits.split(",") if d.strip()]
         except argparse.ArgumentTypeError as exc:
             raise UsageError(f"--digits: {exc}") from None
         if not args.digits:
             raise UsageError("--digits must list at least one digit 0..9")
+        twice = sorted({d for d in args.digits if args.digits.count(d) > 1})
+        if twice:   # a repeated digit would run twice and weigh twice in the means over digits
+            raise UsageError(f"--digits lists {', '.join(map(str, twice))} more than once; give each digit once")
     args.torch_dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     return args
@@ -217,6 +161,7 @@ def _check_device(name: str) -> None:
         raise UsageError(f"--device {name!r} is not available here (torch sees no CUDA device); use cpu")
     try:  # a device torch knows by name may still be missing (cuda:7 on one GPU, mps without Metal)
         torch.empty(1, device=device)
+        torch.Generator(device=device)  # the samplers draw their noise there (meta has no generator)
     except (RuntimeError, AssertionError) as exc:
         # torch's first sentence says why; the rest (dispatch-key lists) is noise on a command line
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:300]
@@ -233,6 +178,42 @@ def _uses_solver(args) -> bool:
     return args.command == "demo" or args.table in ("steering", "all")
 
 
+def _check_unused(args) -> None:
+    """Refuse an option given explicitly where this command ignores it: a run without it would look like one
+    with it. (The demo uses every option; for ``sample`` the library refuses rho and solvers a method lacks.)"""
+    if args.command == "steer":
+        where, no_rho, no_solver = f"--method {args.method}", "it has no GLASS transitions", "its steps are Euler"
+        uses_rho = "glass" in args.method
+    elif args.command == "bench":
+        where, no_rho = f"--table {args.table}", "its rows fix rho and the solver"
+        no_solver = no_rho if args.table == "quality" else "it compares every GLASS solver"
+        uses_rho = args.table != "quality"
+    else:
+        return
+    unused = []
+    if args.rho is not None and not uses_rho:
+        unused.append(("--rho", no_rho))
+    if args.solver != "euler" and not _uses_solver(args):
+        unused.append((f"--solver {args.solver}", no_solver))
+    if args.command == "steer" and not args.method.startswith("fks"):
+        unused += [(f"--{name}", "best-of-N and beam search keep the highest rewards")
+                   for name in ("potential", "lmbda") if getattr(args, name) is not None]
+    if unused:
+        option, why = unused[0]
+        raise UsageError(f"{option} does not apply to {where} ({why}); leave it out")
+
+
+def _check_table_sizes(args) -> None:
+    if args.command != "bench":
+        return
+    if args.table in ("quality", "all") and args.n < 2:
+        raise UsageError(f"--n must be at least 2 for the quality table (a Frechet distance needs two samples), "
+                         f"got {args.n}")
+    if args.table in ("accuracy", "all") and args.transitions < 2:
+        raise UsageError(f"--transitions must be at least 2 for the accuracy table (its interior transitions), "
+                         f"got {args.transitions}")
+
+
 def _check_inner_steps(args) -> None:
     solvers = [args.solver] if _uses_solver(args) else []
     if args.command == "bench" and args.table in ("quality", "all"):
@@ -245,26 +226,14 @@ def _check_inner_steps(args) -> None:
                              f"got {args.inner_steps}") from None
 
 
-def _make_out(path: str) -> None:
-    """Create the output folder before the run, so that a bad --out fails before minutes of sampling."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"--out {path!r} is a file; give a folder (created if missing)")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--out {path!r} cannot be created ({exc.strerror}); give a writable folder") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {path!r} is not writable; give a writable folder")
-
-
 # ------------------------------------------------------------------------------------------- commands
 def _settings(args, **overrides):
     from .zoo.experiments import Settings
 
     kw = dict(transitions=args.transitions, inner_steps=args.inner_steps,
               rho=default_rho("glass") if args.rho is None else args.rho, solver=args.solver,
-              particles=args.particles, lmbda=getattr(args, "lmbda", 1.0),
-              potential=getattr(args, "potential", "diff"))
+              particles=args.particles, lmbda=1.0 if getattr(args, "lmbda", None) is None else args.lmbda,
+              potential=getattr(args, "potential", None) or "diff")
     kw.update(overrides)
     return Settings(**kw)
 
@@ -421,8 +390,9 @@ def cmd_bench(args) -> None:
         except ImportError:
             parts.append("(accuracy-per-model-call table not available in this version)")
         else:
-            acc = accuracy_table(n=args.ks_samples)
-            parts.append("### Accuracy per model call (Gaussian mixture, KS to the exact transition)\n\n"
+            acc = accuracy_table(n=args.ks_samples, rho=settings.rho, transitions=args.transitions, seed=args.seed)
+            parts.append(f"### Accuracy per model call (Gaussian mixture, KS to the exact transition; rho = "
+                         f"{settings.rho}, {args.transitions} transitions)\n\n"
                          + format_table(acc))
             series = {m: (list(v), list(v.values())) for m, v in acc["interior"].items()}
             save_ks_vs_nfe(series, os.path.join(args.out, "ks_vs_nfe.png"),
@@ -447,7 +417,7 @@ def main(argv=None) -> int:
     try:
         args = _parse(argv)
         run = COMMAND_FUNCTIONS[args.command]
-        _make_out(args.out)
+        make_out(args.out)
         start = time.perf_counter()
         run(args)
         if not args.quiet:
@@ -460,6 +430,18 @@ def main(argv=None) -> int:
         # Library argument checks name the argument and what is allowed; show that line only.
         print(f"{PROG}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:
+        # A run that went non-finite (e.g. a huge --lmbda as the guidance scale): the library names where.
+        print(f"{PROG}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        # Too large a run for the machine: one line saying so (torch's CPU allocator raises a RuntimeError)
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        reason = reason[max(reason.find("can't allocate"), 0):].split(". ")[0]   # CUDA's: its first sentence
+        print(f"{PROG}: error: out of memory ({reason}); lower --n, --groups or --particles", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

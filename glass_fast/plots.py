@@ -44,6 +44,14 @@ def save_sample_grid(rows: Mapping[str, torch.Tensor], path: str, *, max_per_row
     """
     if not rows:
         raise ValueError("rows is empty; pass at least one name -> images entry")
+    for name, images in rows.items():   # reshaped to 8x8, [N, 3, 8, 8] would show as 3N images
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1:] != (1, 8, 8):
+            got = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"rows[{name!r}] has {got}; expected images [N, 1, 8, 8]")
+    if isinstance(max_per_row, bool) or not isinstance(max_per_row, int) or max_per_row < 1:
+        raise ValueError(f"max_per_row must be an integer >= 1, got {max_per_row!r}")
+    if not any(len(images) for images in rows.values()):
+        raise ValueError("rows hold no images; pass at least one image [1, 1, 8, 8]")
     plt = _pyplot()
     n_cols = min(max_per_row, max(int(v.shape[0]) for v in rows.values()))
     fig, axes = plt.subplots(len(rows), n_cols, figsize=(0.62 * n_cols + 1.9, 0.7 * len(rows) + 0.5),

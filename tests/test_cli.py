@@ -149,14 +149,17 @@ def test_bad_output_folder_is_a_usage_error(tmp_path, capsys, kind):
 
 
 def test_solver_checks_apply_only_where_the_solver_is_used():
-    from glass_fast.cli import _parse
+    from glass_fast.cli import UsageError, _parse
 
     # The SDE ignores --solver, and the accuracy table sets its own model calls: odd inner steps are fine.
     assert _parse(["sample", "--method", "sde", "--solver", "heun", "--inner-steps", "3"]).inner_steps == 3
     assert _parse(["bench", "--table", "accuracy", "--inner-steps", "3"]).inner_steps == 3
-    assert _parse(["steer", "--method", "bon-sde", "--solver", "midpoint", "--inner-steps", "1"]).solver == "midpoint"
-    # ODE proposals in steering always integrate with Euler, whatever --solver says.
-    assert _parse(["steer", "--method", "fks-ode", "--solver", "midpoint", "--inner-steps", "5"]).inner_steps == 5
+    assert _parse(["steer", "--method", "bon-sde", "--inner-steps", "1"]).inner_steps == 1
+    # ODE proposals in steering always integrate with Euler: another --solver is refused (it would be ignored),
+    # and odd inner steps are fine.
+    assert _parse(["steer", "--method", "fks-ode", "--inner-steps", "5"]).inner_steps == 5
+    with pytest.raises(UsageError, match="--solver midpoint does not apply to --method fks-ode"):
+        _parse(["steer", "--method", "fks-ode", "--solver", "midpoint", "--inner-steps", "5"])
 
 
 def test_sample_does_not_take_particles_but_steering_commands_do():

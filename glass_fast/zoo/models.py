@@ -94,6 +94,8 @@ def digit_log_probs(x: torch.Tensor, classifier: DigitClassifier | None = None) 
     """Class log-probabilities of images x [..., 1, 8, 8]. Returns [..., 10]."""
     if x.shape[-3:] != (1, 8, 8):
         raise ValueError(f"x has shape {tuple(x.shape)}; expected [..., 1, 8, 8]")
+    if not x.is_floating_point():   # else reported as a bad dtype= (the classifier's follows x's)
+        raise TypeError(f"x must be floating images in [-1, 1] (see to_model_range), got {x.dtype}")
     clf = classifier if classifier is not None else load_digit_classifier(x.device, x.dtype)
     lead = x.shape[:-3]
     return torch.log_softmax(clf(x.reshape(-1, 1, 8, 8)), dim=-1).reshape(*lead, 10)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from ..cli_args import UsageError, make_out, positive, seed, threads
 from .data import WEIGHTS_DIR, make_test_mask, to_model_range
 from .nets import DigitClassifier, DigitsVelocityNet
 
@@ -118,21 +119,38 @@ def _state(net) -> dict:
     return {k: v.detach().contiguous() for k, v in net.state_dict().items()}
 
 
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"--lr must be a finite number > 0, got {text!r}")
+    return value
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m glass_fast.zoo.train", description=__doc__.splitlines()[0])
     p.add_argument("--out", default=WEIGHTS_DIR,
                    help="output folder (default: the package's weights/, replacing the shipped files)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    # Checked while parsing, before any file is written: a bad count found later would fail after the
+    # classifier had replaced the shipped one.
+    p.add_argument("--seed", type=seed, default=0, help="random seed (default: 0)")
     # The shipped files were made with one thread; another count changes the last bits of the weights.
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1, as for the shipped files)")
-    p.add_argument("--flow-steps", type=int, default=16000, help="flow-matching steps (default: 16000)")
-    p.add_argument("--classifier-epochs", type=int, default=40, help="classifier epochs (default: 40)")
-    p.add_argument("--width", type=int, default=256, help="flow network width (default: 256)")
-    p.add_argument("--depth", type=int, default=4, help="flow network residual blocks (default: 4)")
-    p.add_argument("--lr", type=float, default=2e-3, help="flow model peak learning rate (default: 0.002)")
+    p.add_argument("--threads", type=threads, default=1, help="CPU threads (default: 1, as for the shipped files)")
+    p.add_argument("--flow-steps", type=positive("--flow-steps"), default=16000,
+                   help="flow-matching steps (default: 16000)")
+    p.add_argument("--classifier-epochs", type=positive("--classifier-epochs"), default=40,
+                   help="classifier epochs (default: 40)")
+    p.add_argument("--width", type=positive("--width"), default=256, help="flow network width (default: 256)")
+    p.add_argument("--depth", type=positive("--depth"), default=4, help="flow network residual blocks (default: 4)")
+    p.add_argument("--lr", type=_learning_rate, default=2e-3, help="flow model peak learning rate (default: 0.002)")
     args = p.parse_args(argv)
+    try:
+        make_out(args.out)
+    except UsageError as exc:
+        p.error(str(exc))
     torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
     start = time.time()
     raw = build_digits_file(os.path.join(args.out, "digits.safetensors"))
     train = ~raw["test_mask"].bool()
