@@ -138,6 +138,19 @@ def _check_host_times(t: torch.Tensor) -> None:
         raise ValueError(f"t must be times in [0, 1] (0 noise, 1 data), got {got}")
 
 
+def _row_times(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` as one time per row of x: [B] from a 0-d or one-element [1] tensor. Any other shape is refused: a
+    [B, 1] or [B, C] time would reach the network against its t [B] contract, and broadcast into per-element
+    coefficients of the conversion (a shape check only: nothing is read from the device)."""
+    n = x.shape[0]
+    if t.dim() == 0 or t.shape == (1,):
+        return t.reshape(()).expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"t must be a 0-d Tensor or a Tensor[{n}] (one time per row of x {list(x.shape)}), "
+                         f"got shape {tuple(t.shape)}")
+    return t
+
+
 class FlowModel:
     """A network fn(x, t) with its schedule and what it predicts.
 
@@ -153,6 +166,9 @@ class FlowModel:
 
     Example:
         >>> model = FlowModel(lambda x, t: -x, LinearSchedule(), prediction="velocity")
+        >>> # A network trained with sigma = 1 - t (t = 1 noise, as FLUX and SD3): its time is reversed and a
+        >>> # velocity changes sign (x0 and epsilon outputs do not).
+        >>> model = FlowModel(lambda x, t: -net(x, 1 - t), LinearSchedule(), prediction="velocity")
     """
 
     def __init__(self, fn: Callable, schedule: Schedule, prediction: str = "velocity", *,
@@ -197,17 +213,18 @@ class FlowModel:
         return self.dtype or x.dtype
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Raw network output at (x, t). ``t``: Tensor[B] or a 0-d tensor (broadcast to the batch)."""
+        """Raw network output at (x, t). ``t``: Tensor[B], or a 0-d or [1] tensor (broadcast to the batch)."""
         state, x = x, x.to(self.input_dtype(x))
-        t = t.to(device=x.device, dtype=torch.float32)
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
+        t = _row_times(t, x).to(device=x.device, dtype=torch.float32)
         # Where the network is handed the sampler's state itself (no dtype conversion, no copy), an in-place
         # edit of its input would silently corrupt the run: caught through the version counter (views share
         # it). A converted copy is the network's own to edit.
         version = None if torch.compiler.is_compiling() or x.is_inference() or x is not state else x._version
         if self.max_batch is not None and x.shape[0] > self.max_batch:
-            out = torch.cat([self.fn(xc, tc) for xc, tc in zip(x.split(self.max_batch), t.split(self.max_batch))])
+            outs = [self.fn(xc, tc) for xc, tc in zip(x.split(self.max_batch), t.split(self.max_batch))]
+            # A chunk that is not a Tensor (a tuple, a dict) reaches the check below, not torch.cat's own error.
+            bad = [o for o in outs if not isinstance(o, torch.Tensor)]
+            out = bad[0] if bad else torch.cat(outs)
         else:
             out = self.fn(x, t)
         if version is not None and x._version != version:
@@ -263,15 +280,32 @@ class FlowModel:
         if isinstance(t, torch.Tensor):
             if t.device.type == "cpu":
                 _check_host_times(t)
-            tc = self.clamp_time(t.to(device=x.device, dtype=torch.float64))
-            t_net = tc = tc.expand(x.shape[0]) if tc.dim() == 0 else tc
+            t_net = tc = self.clamp_time(_row_times(t, x).to(device=x.device, dtype=torch.float64))
         else:
             if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= float(t) <= 1.0:
                 raise ValueError(f"t must be a time in [0, 1] (0 noise, 1 data) or a Tensor, got {t!r}")
             tc = self.clamp_time(float(t))
             t_net = torch.full((x.shape[0],), tc, dtype=torch.float32, device=x.device)
             tc = torch.tensor(tc, dtype=torch.float64)  # CPU tensor: inf, not ZeroDivisionError, at singularities
-        return combine_output(coefficients(self.schedule, self.prediction, tc), x, self(x, t_net)).to(x.dtype)
+        c = coefficients(self.schedule, self.prediction, tc)
+        if tc.device.type == "cpu":
+            self._check_finite(c, tc, coefficients)
+        return combine_output(c, x, self(x, t_net)).to(x.dtype)
+
+    def _check_finite(self, c, tc: torch.Tensor, coefficients) -> None:
+        """Refuse host times where the conversion is singular (the velocity of a model that does not predict
+        it, at sigma = 0): its Inf / NaN would come back as if the network had returned them."""
+        tc, a_x, a_o = torch.broadcast_tensors(tc, *(torch.as_tensor(v, dtype=torch.float64) for v in c))
+        bad = ~(torch.isfinite(a_x) & torch.isfinite(a_o))
+        if bool(bad.any()):
+            t = tc[bad].reshape(-1)[0]
+            at = f"alpha_t={float(self.schedule.alpha(t)):.6g}, sigma_t={float(self.schedule.sigma(t)):.6g}"
+            if coefficients is velocity_coefficients:
+                raise ValueError(f"FlowModel.velocity: the velocity of a model with prediction={self.prediction!r} "
+                                 f"is singular at t={float(t):g} ({at}: u = (sigma_t'/sigma_t) x + ... divides by "
+                                 f"sigma_t; only prediction='velocity' is finite there): evaluate it where sigma_t > 0")
+            raise ValueError(f"FlowModel.denoise: the conversion of prediction={self.prediction!r} to the denoiser "
+                             f"is singular at t={float(t):g} ({at}): {_SINGULAR[self.prediction]}")
 
     def __repr__(self) -> str:
         return f"FlowModel({getattr(self.fn, '__name__', type(self.fn).__name__)}, {self.schedule!r}, prediction={self.prediction!r})"

@@ -24,7 +24,7 @@ import numbers
 
 import torch
 
-from ..model import FlowModel, coefficient_like, combine_output, denoiser_coefficients, solve_output
+from ..model import FlowModel, coefficient_like, combine_output, denoiser_coefficients, opmath_dtype, solve_output
 from .result import check_reward
 
 
@@ -43,7 +43,9 @@ class RewardGuidance:
     """Shift the denoiser along the reward gradient on a window of model times.
 
     Args:
-        reward: callable(x [N, ...]) -> Tensor[N], differentiable; larger is better.
+        reward: callable(x [N, ...]) -> Tensor[N], differentiable; larger is better. D reaches it in the
+            network's dtype, or in float32 for a network run in half precision by ``FlowModel(dtype=...)`` beside
+            a float32 state (as FK steering's scores do).
         scale: guidance strength (lmbda for flow / SDE guidance, beta for GLASS guidance), finite.
         window: (lo, hi) model times t in [0, 1] where guidance is on (the paper: (0.2, 0.7)).
         detach: True: gradient of r at D (no backward through the network); False: through the network.
@@ -84,20 +86,30 @@ class RewardGuidance:
 
     def _gradient(self, model: FlowModel, y: torch.Tensor, t_dev: torch.Tensor, t_host: torch.Tensor,
                   d: torch.Tensor) -> torch.Tensor:
+        if torch.is_inference_mode_enabled():   # enable_grad cannot lift it: every output would look detached
+            raise RuntimeError("RewardGuidance differentiates the reward: run the sampler outside "
+                               "torch.inference_mode (torch.no_grad is fine)")
         with torch.enable_grad():
             if self.detach:
                 leaf = d.detach().requires_grad_(True)
                 target = leaf
             else:
-                leaf = y.detach().requires_grad_(True)
+                # In d's dtype: the network casts its input to its own dtype, and D is formed in d's.
+                leaf = y.detach().to(d.dtype).requires_grad_(True)
                 c = denoiser_coefficients(model.schedule, model.prediction, t_host.to(torch.float64))
-                target = combine_output(c, leaf, model(leaf, t_dev))
+                target = combine_output(c, leaf, model(leaf, t_dev)).to(d.dtype)
             r = check_reward(self.reward(target), target, "in RewardGuidance")
             if not r.requires_grad:
                 raise TypeError("RewardGuidance: the reward's output has no gradient with respect to its input "
                                 "(it was detached, or computed by non-differentiable operations such as "
                                 "comparisons, argmax or .item()); guidance needs a differentiable reward")
-            (g,) = torch.autograd.grad(r.sum(), leaf)
+            # A reward model with trainable parameters has an output that requires grad even where the input
+            # was detached inside it: ask for the path to the input, not autograd's own error.
+            (g,) = torch.autograd.grad(r.sum(), leaf, allow_unused=True)
+            if g is None:
+                raise TypeError("RewardGuidance: the reward's output does not depend on its input through autograd "
+                                "(the input was detached, or went through NumPy or .item(), inside the reward); "
+                                "guidance needs a reward differentiable in its input")
         return g.detach()
 
     def shift(self, model: FlowModel, y: torch.Tensor, t_dev: torch.Tensor, t_host: torch.Tensor,
@@ -118,7 +130,10 @@ class RewardGuidance:
         if not self.active(t_host):
             return out
         c = denoiser_coefficients(model.schedule, model.prediction, t_host.to(torch.float64))
-        d = combine_output(c, y.to(out.dtype), out)
-        shift = self._coefficient(model, t_host, out) * self._gradient(model, y, t_dev, t_host, d)
+        # A network run in its own dtype (model.dtype: half precision) beside a float32 state: the reward sees D
+        # in float32, as it does in FK steering's scores and in ``shift``, and the output is rounded once.
+        work = out.dtype if model.dtype is None else opmath_dtype(out.dtype)
+        d = combine_output(c, y.to(work), out.to(work))
+        shift = self._coefficient(model, t_host, d) * self._gradient(model, y, t_dev, t_host, d)
         # solve_output: no shift of the output where it does not enter D (a_o = 0: velocity at sigma = 0).
-        return out + solve_output(c, None, shift).to(out.dtype)
+        return (out.to(work) + solve_output(c, None, shift)).to(out.dtype)

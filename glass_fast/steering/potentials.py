@@ -72,8 +72,9 @@ class PotentialState:
         elif self.kind == "add":
             log_g = score + self.runsum
             self.runsum = self.runsum + score
-        else:  # immediate
-            log_g = score
+        else:  # immediate: s_k enters no potential, but a non-finite s_0 must still zero the weight (as for
+            # the others; a later non-finite score already did at its own step)
+            log_g = torch.where(torch.isnan(self.prev), self.prev, score)
         self.prev = score
         log_g = self._zero_weight_if_nan(log_g)
         self.logg_sum = self.logg_sum + log_g

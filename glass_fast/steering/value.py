@@ -15,7 +15,7 @@ import torch
 from ..model import FlowModel
 from ..plan import check_calls, check_solver
 from ..sampling import Sampler
-from ..transitions import FiniteGuard, check_state
+from ..transitions import FiniteGuard, check_state, stage_labels
 from .result import check_reward, metered_sampler
 
 
@@ -40,6 +40,9 @@ class PosteriorValue:
         grid = torch.tensor([float(t), 1.0], dtype=torch.float64)
         self.sampler = Sampler(model, method="glass", inner_steps=inner_steps, rho=rho, solver=solver,
                                sigmabar0=sigmabar0, device=device, dtype=dtype, grid=grid)
+        # A non-finite model output is reported as the draws', not as "transition 0" of the caller's run.
+        self.sampler.labels = [stage_labels(self.sampler.plans[0], f"the value estimate's posterior draws "
+                                                                   f"(t={float(t):.4f} -> 1), ")]
 
     def __call__(self, x: torch.Tensor, score, *, denoised=None, generator=None, guard=None,
                  project=None) -> torch.Tensor:
@@ -108,6 +111,10 @@ def value_estimate(model: FlowModel, reward, x: torch.Tensor, t, *, samples: int
         t = float(t)
     if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= float(t) <= 1.0:
         raise ValueError(f"t must be a float in [0, 1], got {t!r}")
+    if denoised is not None and (not isinstance(denoised, torch.Tensor) or denoised.shape != x.shape):
+        # Checked here: past this point it is repeated per draw, and an error would quote the repeated shapes.
+        got = f"shape {tuple(denoised.shape)}" if isinstance(denoised, torch.Tensor) else type(denoised).__name__
+        raise ValueError(f"denoised must be None or D_t(x), a Tensor of x's shape {tuple(x.shape)}, got {got}")
     if float(t) == 1.0:
         return check_reward(reward(x), x, "value_estimate at t = 1").to(torch.float64)
     guard = FiniteGuard(x.device)
