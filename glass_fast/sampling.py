@@ -296,8 +296,12 @@ class Sampler:
             x_next = projected(project, k + 1, float(self.grid[k + 1]), x_next, guard)
         return x_next
 
+    @torch.no_grad()
     def run(self, x: torch.Tensor, *, generator=None, guidance=None, callback=None, project=None) -> torch.Tensor:
         """All transitions from ``x`` at grid[0]; returns the state at grid[-1].
+
+        Runs without autograd, as diffusers' pipelines do: a network whose parameters require gradients would
+        otherwise keep every call's activations alive until the run ends (reward guidance takes its own gradients).
 
         Args:
             generator: randomness of the stochastic transitions. guidance: reward guidance hook (eager only).

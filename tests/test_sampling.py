@@ -420,3 +420,21 @@ def test_max_batch_counts_on_the_users_model(method):
     m.calls = 0
     sampler.run(torch.randn(10, 2), generator=torch.Generator().manual_seed(0))
     assert m.calls == sampler.model.calls == sampler.calls == plain
+
+
+def test_runs_keep_no_graph_of_a_trainable_network():
+    """A network with trainable parameters, called outside torch.no_grad: the samples and steering results carry
+    no autograd graph (which would hold every call's activations until the run ends), on every runner; reward
+    guidance still takes its gradients."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 2))
+    model = gf.FlowModel(lambda x, t: net(torch.cat([x, t[:, None].to(x.dtype)], 1)), gf.LinearSchedule())
+    reward = lambda x: -x.pow(2).sum(-1)   # noqa: E731
+    kw = dict(transitions=2, inner_steps=2)
+    noise = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(0))
+    assert not gf.sample(model, noise[0], **kw).requires_grad
+    for run in (gf.fk_steering, gf.best_of_n, gf.beam_search):
+        res = run(model, reward, noise, **kw)
+        assert not res.samples.requires_grad and not res.rewards.requires_grad, run.__name__
+    guided = gf.sample(model, noise[0], guidance=gf.RewardGuidance(reward, scale=2.0, window=(0.2, 0.7)), **kw)
+    plain = gf.sample(model, noise[0], **kw)
+    assert not guided.requires_grad and reward(guided).mean() > reward(plain).mean()

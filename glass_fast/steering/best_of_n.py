@@ -52,6 +52,7 @@ class BestOfN:
             self._parts[key] = metered_sampler(self.model, device, dtype, timings=self.timings, **self.settings)
         return self._parts[key]
 
+    @torch.no_grad()   # as Sampler.run: no graph of the network calls is kept
     def __call__(self, noise: torch.Tensor, *, generator: torch.Generator | None = None,
                  progress: bool = False, project=None) -> SteeringResult:
         """Sample ``noise`` [B, K, ...] and keep the best of each group (see ``best_of_n``)."""

@@ -114,6 +114,7 @@ class FKSteering:
             self._parts[key] = (meter, sampler, due, values, times)
         return self._parts[key]
 
+    @torch.no_grad()   # as Sampler.run: no graph of the network calls is kept
     def __call__(self, noise: torch.Tensor, *, generator: torch.Generator | None = None,
                  progress: bool = False, project=None) -> SteeringResult:
         """Steer B groups of K particles from ``noise`` [B, K, ...] (draws of N(0, I)).

@@ -63,6 +63,7 @@ class BeamSearch:
             self._parts[key] = (meter, sampler, values, sampler.grid.to(device).unbind(0))
         return self._parts[key]
 
+    @torch.no_grad()   # as Sampler.run: no graph of the network calls is kept
     def __call__(self, noise: torch.Tensor, *, generator: torch.Generator | None = None,
                  progress: bool = False, project=None) -> SteeringResult:
         """Search from noise [B, K, ...] (K beams per group); see ``beam_search``."""
