@@ -279,11 +279,10 @@ def cmd_sample(args) -> None:
 
     from .plots import save_sample_grid
     from .zoo import class_diversity, confident_rate, digits_flow_model, frechet_to_real
+    from .zoo.experiments import make_noise
 
     model = digits_flow_model(args.device, args.torch_dtype)
-    gen = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn(args.n, 1, 8, 8, generator=gen).to(device=args.device, dtype=args.torch_dtype)
-    dev_gen = torch.Generator(device=args.device).manual_seed(args.seed + 1)
+    noise, dev_gen = make_noise((args.n, 1, 8, 8), args.seed, args.device, args.torch_dtype)
     start = time.perf_counter()
     x = glass_fast.sample(model, noise, method=args.method, transitions=args.transitions,
                           inner_steps=args.inner_steps, rho=args.rho, solver=args.solver, generator=dev_gen)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 
-MAX_SEED = 2**63 - 2  # torch seeds are 64-bit; the sampler's generator uses seed + 1
+MAX_SEED = 2**62 - 1  # torch seeds are 64-bit; a run uses torch seeds 2 seed and 2 seed + 1 (make_noise)
 MIN_KS_SAMPLES = 100  # below this the asymptotic KS critical value is meaningless
 
 

@@ -106,7 +106,7 @@ BAD_ARGUMENTS = [
     (["demo", "--threads", "0"], "--threads must be an integer >= 1, got 0"),
     (["demo", "--lmbda", "inf"], "--lmbda must be a finite number >= 0, got inf"),
     (["demo", "--lmbda", "-1"], "--lmbda must be a finite number >= 0, got -1"),
-    (["demo", "--seed", "-1"], "--seed must be an integer in [0, 9223372036854775806], got -1"),
+    (["demo", "--seed", "-1"], "--seed must be an integer in [0, 4611686018427387903], got -1"),
     (["demo", "--seed", str(2**70)], "--seed must be an integer in [0, "),
     (["bench", "--ks-samples", "5"], "--ks-samples must be an integer >= 100, got 5"),
     (["steer", "--solver", "heun", "--inner-steps", "3"], "--inner-steps must be even with the heun solver"),

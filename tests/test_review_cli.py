@@ -199,3 +199,19 @@ def test_train_names_an_output_folder_it_cannot_make(tmp_path, capsys):
         train.main(["--out", str(taken), "--flow-steps", "1", "--classifier-epochs", "1"])
     assert exc.value.code == 2
     assert f"--out {str(taken)!r} is a file" in capsys.readouterr().err
+
+
+def test_consecutive_seeds_draw_unrelated_streams():
+    """Seed s + 1's starting noise is not seed s's sampler noise (with torch seeds s and s + 1 it was); seed 0
+    keeps torch seeds 0 and 1."""
+    import torch
+    from glass_fast.zoo.experiments import make_noise
+    streams = []
+    for s in range(3):
+        noise, gen = make_noise((64,), s, "cpu", torch.float32)
+        streams += [noise, torch.randn(64, generator=gen)]
+    for i in range(len(streams)):
+        for j in range(i):
+            assert not torch.equal(streams[i], streams[j]), (i, j)
+    assert torch.equal(streams[0], torch.randn(64, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(streams[1], torch.randn(64, generator=torch.Generator().manual_seed(1)))

@@ -66,11 +66,16 @@ class Settings:
 
 
 def make_noise(shape, seed: int, device, dtype) -> tuple[torch.Tensor, torch.Generator]:
-    """Standard normal noise of ``shape`` and a generator for the sampler, both from ``seed``."""
+    """Standard normal noise of ``shape`` and a generator for the sampler, both from ``seed``.
+
+    The noise comes from torch seed 2 seed and the sampler's randomness from 2 seed + 1: every seed has streams
+    of its own (with seed and seed + 1, seed s + 1's starting noise was seed s's first transition noise, so runs
+    at consecutive seeds were not independent). Seed 0 keeps torch seeds 0 and 1.
+    """
     # Noise drawn on the CPU so a seed gives the same starting points on every device.
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(2 * seed)
     noise = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-    dev_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    dev_gen = torch.Generator(device=device).manual_seed(2 * seed + 1)
     return noise, dev_gen
 
 
