@@ -144,7 +144,7 @@ def _row_times(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     coefficients of the conversion (a shape check only: nothing is read from the device)."""
     n = x.shape[0]
     if t.dim() == 0 or t.shape == (1,):
-        return t.reshape(()).expand(n)
+        return t.expand(n)
     if t.shape != (n,):
         raise ValueError(f"t must be a 0-d Tensor or a Tensor[{n}] (one time per row of x {list(x.shape)}), "
                          f"got shape {tuple(t.shape)}")
@@ -215,7 +215,7 @@ class FlowModel:
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Raw network output at (x, t). ``t``: Tensor[B], or a 0-d or [1] tensor (broadcast to the batch)."""
         state, x = x, x.to(self.input_dtype(x))
-        t = _row_times(t, x).to(device=x.device, dtype=torch.float32)
+        t = _row_times(t.to(device=x.device, dtype=torch.float32), x)   # converted first: one element, not B
         # Where the network is handed the sampler's state itself (no dtype conversion, no copy), an in-place
         # edit of its input would silently corrupt the run: caught through the version counter (views share
         # it). A converted copy is the network's own to edit.
@@ -280,7 +280,7 @@ class FlowModel:
         if isinstance(t, torch.Tensor):
             if t.device.type == "cpu":
                 _check_host_times(t)
-            t_net = tc = self.clamp_time(_row_times(t, x).to(device=x.device, dtype=torch.float64))
+            t_net = tc = self.clamp_time(_row_times(t.to(device=x.device, dtype=torch.float64), x))
         else:
             if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= float(t) <= 1.0:
                 raise ValueError(f"t must be a time in [0, 1] (0 noise, 1 data) or a Tensor, got {t!r}")
