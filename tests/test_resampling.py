@@ -119,7 +119,7 @@ def test_adaptive_step_keeps_dead_groups_dead():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="resample must be one of"):
+    with pytest.raises(ValueError, match="scheme must be one of"):
         resample(torch.zeros(2, 3), "bogus")
     with pytest.raises(ValueError, match=r"log_weights must be a floating Tensor\[B, K\]"):
         resample(torch.zeros(3), "systematic")

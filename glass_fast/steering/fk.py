@@ -13,9 +13,10 @@ and transition for its posterior draws.)
 No host synchronisation in the loop: log-weights accumulate on the device, every group computes ancestors
 and keeps the identity unless its ESS fell below the threshold (``torch.where``), resetting only resampled
 groups to log(1/K). Which steps may resample (window on t, every n-th transition) is fixed before the loop.
-Failures are recorded on the device and raised once after the loop: non-finite model outputs, groups whose
-particles all have zero weight (named with the first transition where it happened), and a warning counting
-non-finite rewards (each gives its particle zero weight).
+Failures are recorded on the device and raised once after the loop: non-finite model outputs, scores lmbda r
+so large that the log-weights could overflow float64, groups whose particles all have zero weight (named with
+the first transition where it happened), and a warning counting non-finite rewards (each gives its particle
+zero weight).
 """
 from __future__ import annotations
 
@@ -106,7 +107,9 @@ class FKSteering:
                                                    self.value_samples if self.potential == "value" else None,
                                                    self.settings)
             grid, steps = sampler.grid, sampler.transitions
-            lo, hi = self.window
+            # The window is closed, and a grid time given as its edge must fall inside: the float64 grid
+            # rounds (11 / 20 is 0.5499999999999999), hence the slack, far below any grid spacing.
+            lo, hi = self.window[0] - 1e-9, self.window[1] + 1e-9
             due = [0 < k + 1 < steps and lo <= float(grid[k + 1]) <= hi and (k + 1) % self.resample_every == 0
                    for k in range(steps)]
             # Copied to the device once: a Python float would be copied host-to-device at every model call.
@@ -140,8 +143,19 @@ class FKSteering:
         guard = FiniteGuard(dev)
         guard.check_input(noise, "noise")
 
-        def score(z):  # lmbda r(z) in float64, shape [M]
-            return lmbda * meter.reward(self.reward, z, "in fk_steering", guard).to(torch.float64)
+        # Scores of magnitude <= bound keep every log-weight finite: a potential or log-weight sums at most
+        # (steps + 2)^2 of them. Beyond it (a huge lmbda) float64 overflows into NaN weights or spurious zero
+        # weights, recorded here and raised after the loop.
+        bound = torch.finfo(torch.float64).max / (steps + 2) ** 2
+        overflow = [torch.zeros((), dtype=torch.bool, device=dev)]
+
+        def scaled(r):  # lmbda r in float64
+            s = lmbda * r.to(torch.float64)
+            overflow[0] = overflow[0] | (torch.isfinite(r) & (s.abs() > bound)).any()
+            return s
+
+        def score(z):  # lmbda r(z), shape [M]
+            return scaled(meter.reward(self.reward, z, "in fk_steering", guard))
 
         def grouped(t):
             return t.reshape((b, k_part) + tuple(t.shape[1:]))
@@ -172,7 +186,7 @@ class FKSteering:
                 log_g = state.step(grouped(s))
             else:
                 r_final = meter.reward(self.reward, x, "in fk_steering at t = 1", guard)
-                log_g = state.final(grouped(lmbda * r_final.to(torch.float64)))
+                log_g = state.final(grouped(scaled(r_final)))
             log_w = log_w + log_g
             log_w = torch.where(torch.isnan(log_w), torch.full_like(log_w, -math.inf), log_w)
             dead = torch.isneginf(log_w).all(dim=-1)
@@ -184,8 +198,12 @@ class FKSteering:
                 state.gather(idx, gather)
                 if project is not None:   # a hook's per-row data (Inpaint's noise) follows the particles
                     project = follow(project, (idx + torch.arange(b, device=dev)[:, None] * k_part).reshape(-1))
-        # One host read for every record of the run (model outputs, dead groups, non-finite rewards).
-        dead_at, (bad,) = guard.read(dead_at, state.bad)
+        # One host read for every record of the run (model outputs, dead groups, non-finite rewards, overflow).
+        dead_at, (bad,), (overflowed,) = guard.read(dead_at, state.bad, overflow[0])
+        if overflowed:
+            raise FloatingPointError(f"fk_steering: |lmbda * reward| exceeded {bound:.3g} (lmbda={lmbda!r}): "
+                                     f"beyond it the log-weights of {steps} transitions can overflow float64; use a "
+                                     f"smaller lmbda")
         _raise_dead(dead_at, grid)
         if bad:
             warnings.warn(f"fk_steering: the reward was NaN or Inf for {bad} particle evaluations; those particles "
@@ -223,7 +241,8 @@ def fk_steering(model: FlowModel, reward, noise: torch.Tensor, *, method: str = 
         per group) or ``result.select()`` (one per group, drawn by weight); ``result.best`` is the argmax.
 
     Raises:
-        FloatingPointError: the model returned NaN / Inf.
+        FloatingPointError: the model returned NaN / Inf, or lmbda * reward is so large that the log-weights
+            would overflow float64.
         RuntimeError: every particle of a group reached zero weight (non-finite rewards).
 
     Example:
@@ -251,7 +270,7 @@ def _check_options(method, potential, lmbda, resample, ess_threshold, window, ev
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_potential(potential)
-    check_scheme(resample)
+    check_scheme(resample, "resample")
     if isinstance(lmbda, bool) or not isinstance(lmbda, numbers.Real) or not math.isfinite(lmbda) or lmbda < 0:
         raise ValueError(f"lmbda must be a finite number >= 0, got {lmbda!r}")
     if (isinstance(ess_threshold, bool) or not isinstance(ess_threshold, numbers.Real)

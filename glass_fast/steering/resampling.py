@@ -16,9 +16,10 @@ from ..ops import gather_particles, normalize_log_weights, resample_indices
 SCHEMES = ("multinomial", "stratified", "systematic", "residual")
 
 
-def check_scheme(scheme) -> str:
+def check_scheme(scheme, name: str = "scheme") -> str:
+    """``scheme`` if it is one of ``SCHEMES``; ``name``: the argument that took it, for the error."""
     if scheme not in SCHEMES:
-        raise ValueError(f"resample must be one of {SCHEMES}, got {scheme!r}")
+        raise ValueError(f"{name} must be one of {SCHEMES}, got {scheme!r}")
     return scheme
 
 

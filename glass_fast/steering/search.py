@@ -4,7 +4,8 @@ Groups of K beams x [B, K, ...]. At each transition every beam draws ``expansion
 stochastic kernel (GLASS by default) in one batched step; each child is scored by the reward of its
 x0-prediction r(D_{t_{k+1}}(child)) (at t = 1 by r(x_1)); each group keeps its K best children. The
 x0-prediction of a kept child is its next transition's first model call (handed in, as FK steering
-does), so a search costs expansions x transitions x inner_steps model calls per beam.
+does), so a search costs expansions x the plain sampler's model calls (transitions x inner_steps for GLASS)
+per beam, less expansions - 1: D_{t_0} is computed once and shared by a beam's first children.
 
 Unlike FK steering, search is greedy: the kept beams are not a weighted sample of p_r but high-reward
 points (the deterministic selection of MATH.md section 4's "value ... usable for search").
