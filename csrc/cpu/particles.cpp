@@ -102,6 +102,12 @@ void resample_row(const T* lw, const U* u, int64_t k, int scheme, int64_t* anc, 
   }
 }
 
+// Groups per parallel task: a group costs a few exp per particle (about 16 simple element ops each), so
+// groups are batched up to ATen's grain of element work. With a grain of one group, every call of a few
+// small groups woke the thread pool (milliseconds on a busy machine for microseconds of work).
+int64_t group_grain(int64_t k) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / (16 * std::max<int64_t>(k, 1)));
+}
 
 }  // namespace
 
@@ -117,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> normalize_log_weights(const at::Tensor& log_w
     const T* src = lw.const_data_ptr<T>();
     T* dst = norm.data_ptr<T>();
     T* e = ess.data_ptr<T>();
-    at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, b, group_grain(k), [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) {
         const T* x = src + r * k;
         Acc m = -std::numeric_limits<Acc>::infinity();
@@ -151,7 +157,7 @@ at::Tensor resample_indices(const at::Tensor& log_w, const at::Tensor& uniforms,
     using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
     dispatch_float(u.scalar_type(), [&](auto utag) {
       using U = decltype(utag);
-      at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
+      at::parallel_for(0, b, group_grain(k), [&](int64_t lo, int64_t hi) {
         std::vector<Acc> scratch(3 * k);  // w, cdf, residual cdf of one row
         for (int64_t r = lo; r < hi; ++r) {
           resample_row<Acc>(lw.const_data_ptr<T>() + r * k, u.const_data_ptr<U>() + r * k, k, code,
