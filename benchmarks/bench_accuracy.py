@@ -3,7 +3,7 @@
     python benchmarks/bench_accuracy.py            # prints the markdown table (n = 20,000)
     pytest benchmarks/bench_accuracy.py --benchmark-enable
 """
-import sys
+import argparse
 
 import pytest
 
@@ -17,5 +17,6 @@ def test_transition_accuracy(benchmark, method):
 
 
 if __name__ == "__main__":
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
-    print(format_table(accuracy_table(n=n)))
+    parser = argparse.ArgumentParser(description="Accuracy per model call: KS to the exact transition.")
+    parser.add_argument("n", nargs="?", type=int, default=20000, help="samples per KS estimate (default: 20000)")
+    print(format_table(accuracy_table(n=parser.parse_args().n)))

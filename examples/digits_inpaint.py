@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Inpainting with the shipped digits model: keep the top half of held-out digits, regenerate the bottom half.
 
-    python examples/digits_inpaint.py --out inpaint          # CPU, about a minute
+    python examples/digits_inpaint.py --out inpaint          # CPU, under 10 seconds
     python examples/digits_inpaint.py --per-digit 2 --out x  # seconds
 
 Every image's top four rows are kept (``glass_fast.Inpaint`` as the ``project`` hook blends them, noised to
@@ -91,13 +91,19 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="digits_inpaint", help="folder for the grid (default digits_inpaint)")
     args = p.parse_args(argv)
+    # Bad arguments end here in one line, before any sampling.
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out!r} is a file; give a folder for the grid")
+    try:
+        images, labels = held_out(args.per_digit)
+    except ValueError as exc:
+        p.error(f"--per-digit {args.per_digit}: {str(exc).split(': ', 1)[1]}")
     with torch.no_grad():
-        return run(args)
+        return run(args, images, labels)
 
 
-def run(args) -> int:
+def run(args, images: torch.Tensor, labels: torch.Tensor) -> int:
     model = digits_flow_model()
-    images, labels = held_out(args.per_digit)
     keep = generate_mask() == 0
     rows = {"original": images, "kept half": torch.where(keep, images, torch.full_like(images, -1.0))}
     table = [("held-out originals", *score(images, labels))]
