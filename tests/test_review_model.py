@@ -204,3 +204,11 @@ def test_guidance_under_inference_mode_names_it_not_the_reward(mixture, detach):
             gf.fk_steering(model, lambda z: z[:, 0], torch.randn(1, 4, 2), guidance=g)
     with torch.no_grad():
         assert bool(torch.isfinite(gf.sample(model, torch.randn(4, 2), guidance=g)).all())
+
+
+def test_guidance_window_edges_hold_at_rounded_grid_times():
+    """A window edge given as a grid time counts although the float64 grid rounds it (0.6000000000000001)."""
+    g = gf.RewardGuidance(lambda x: x.sum(-1), scale=1.0, window=(0.2, 0.6))
+    t = torch.tensor([3 * 0.2], dtype=torch.float64)   # 0.6000000000000001
+    assert float(t) != 0.6 and g.active(t)
+    assert not g.active(torch.tensor([0.61], dtype=torch.float64))

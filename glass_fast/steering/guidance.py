@@ -69,18 +69,22 @@ class RewardGuidance:
     def __repr__(self) -> str:
         return f"RewardGuidance(scale={self.scale}, window={self.window}, detach={self.detach})"
 
+    def _inside(self, t: torch.Tensor) -> torch.Tensor:
+        """t in the closed window; grid times given as its edges count although the float64 grid rounds
+        (3 * 0.2 is 0.6000000000000001), hence the slack, far below any step."""
+        lo, hi = self.window
+        return (t >= lo - 1e-9) & (t <= hi + 1e-9)
+
     def active(self, t_host: torch.Tensor) -> bool:
         """Whether any model time in ``t_host`` (host float64) lies in the window."""
-        lo, hi = self.window
-        return bool(torch.any((t_host >= lo) & (t_host <= hi)))
+        return bool(torch.any(self._inside(t_host)))
 
     def _coefficient(self, model: FlowModel, t_host: torch.Tensor, like: torch.Tensor):
         """scale * sigma^2 / alpha inside the window (0 outside or where alpha = 0), shaped for ``like``."""
-        lo, hi = self.window
         t = t_host.to(torch.float64)
         a, s = model.schedule.alpha(t), model.schedule.sigma(t)
         a, s = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(s, dtype=torch.float64)
-        on = (t >= lo) & (t <= hi) & (a > 0)
+        on = self._inside(t) & (a > 0)
         c = torch.where(on, self.scale * s * s / torch.where(a > 0, a, 1.0), 0.0)
         return coefficient_like(c, like)
 
