@@ -17,6 +17,7 @@ from __future__ import annotations
 import numbers
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from .diffusers_checks import pipeline_classes
@@ -207,9 +208,18 @@ def masked_image_latents(flow: DiffusersFlow, image, mask_image, prompts: int, h
     return flow.encode_images(pixels * (1 - mask), generator), mask
 
 
-def mask_pixels(flow: DiffusersFlow, mask_image, height: int, width: int) -> torch.Tensor:
+def mask_pixels(flow: DiffusersFlow, mask_image, height: int, width: int, name: str = "mask_image") -> torch.Tensor:
     """A mask as the inpainting pipelines' mask processor gives it: [N, 1, height, width], grayscale, resized,
-    binarised (white, >= 0.5, is 1: repainted)."""
+    binarised (white, >= 0.5, is 1: repainted). ``name``: the argument it came from, for errors."""
+    for m in mask_image if isinstance(mask_image, (list, tuple)) else [mask_image]:
+        # The processor keeps a Tensor's or array's dtype, and resizing is defined for floats and 8-bit values
+        # alone: a bool or wider integer mask would fail inside torch's interpolation.
+        dtype = m.dtype if isinstance(m, (torch.Tensor, np.ndarray)) else None
+        if dtype is not None and not (dtype in (torch.uint8, np.uint8) or
+                                      (m.is_floating_point() if isinstance(m, torch.Tensor) else dtype.kind == "f")):
+            raise ValueError(f"{name} must hold floats in [0, 1] or 8-bit values (white, >= 0.5, is repainted), got "
+                             f"{'a Tensor' if isinstance(m, torch.Tensor) else 'an array'} of {dtype} (e.g. "
+                             f"mask.astype(np.uint8) * 255 for a bool array, mask.float() for a Tensor)")
     processor = image_processor(flow, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
     return processor.preprocess(mask_image, height=height, width=width)
 

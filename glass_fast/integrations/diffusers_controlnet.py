@@ -196,6 +196,11 @@ class ControlNetArgs:
                                  f"({type(net).__name__}) is not a union one")
             if m is not None and (isinstance(m, bool) or not isinstance(m, int)):
                 raise ValueError(f"control_mode must be an int (or a list of them, one per control image), got {m!r}")
+            count = getattr(net.config, "num_mode", None) if union else None
+            if m is not None and count is not None and not 0 <= m < count:
+                # Caught here rather than as an index out of range in the net's mode embedding.
+                raise ValueError(f"control_mode={m} is not one of this union ControlNet's {count} control types "
+                                 f"(0 to {count - 1})")
 
     def check(self, flow: DiffusersFlow, image, channels, context_image, ip_adapter, skip_layers) -> None:
         """Before anything is encoded: TypeError for a ControlNet that cannot drive the transformer, ValueError
@@ -300,7 +305,7 @@ def _sd3_inpaint_condition(flow: DiffusersFlow, image, mask, prompts: int, heigh
         if mask.is_complex() or mask.dtype == torch.bool:
             raise TypeError(f"control_mask must be a real Tensor of values in [0, 1], got {mask.dtype}")
     else:
-        mask = mask_pixels(flow, mask, height, width)
+        mask = mask_pixels(flow, mask, height, width, "control_mask")
     check_images("control_mask", mask, prompts)
     if bool((mask < 0).any() or (mask > 1).any()):
         raise ValueError(f"control_mask must hold values in [0, 1], got values in [{float(mask.min())}, "

@@ -169,12 +169,13 @@ class InpaintArgs:
         if missing:
             raise ValueError(f"inpainting needs image= (the image to edit) and mask_image= (white where content is "
                              f"generated); missing: {', '.join(missing)}")
-        if self.name in REFERENCE_PIPELINES:
-            for name, value in (("image", image), ("image_reference", image_reference)):
-                value = value[0] if isinstance(value, list) and value else value
-                if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[1] != 3:
-                    raise ValueError(f"{name} must be images (PIL, arrays, or Tensors of 3 channels), got a Tensor "
-                                     f"of shape {tuple(value.shape)} ({self.name}'s latents are not taken)")
+        # Every one of these pipelines encodes image= through the VAE (none takes its latents), which would fail
+        # in its first convolution.
+        for name, value in (("image", image), ("image_reference", image_reference)):
+            value = value[0] if isinstance(value, list) and value else value
+            if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[1] != 3:
+                raise ValueError(f"{name} must be images (PIL, arrays, or Tensors of 3 channels), got a Tensor "
+                                 f"of shape {tuple(value.shape)} ({self.name}'s latents are not taken)")
 
     def strength(self, strength):
         """``strength``, or the pipeline's default where it is not image-to-image's (0.6)."""

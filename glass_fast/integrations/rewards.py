@@ -151,7 +151,8 @@ class CLIPScoreReward:
         model: a ``transformers`` CLIPModel (any size).
         tokenizer: callable(list[str], padding=True, truncation=True, return_tensors="pt") -> mapping with
             ``input_ids`` (and optionally ``attention_mask``), e.g. a CLIPTokenizer.
-        image_size: side the images are resized to (default: the model's vision config).
+        image_size: side of the square CLIP reads (default: the model's vision config): images are resized so
+            that their shorter side is image_size and cut to the centre square, as CLIP's image processor does.
 
     Called as reward(images [N, 3, H, W] in [0, 1], prompts: a list of N strings); images outside [0, 1] (within
     1e-3), a bare string or another number of prompts raise an error rather than being clamped or broadcast.
@@ -211,8 +212,13 @@ class CLIPScoreReward:
         if any(q is None for q in prompts):
             raise ValueError("CLIPScoreReward needs a prompt string for every image; pass prompt= to steer")
         p = self._param()
-        img = F.interpolate(images.float(), size=(self.image_size, self.image_size), mode="bicubic",
-                            align_corners=False, antialias=True).clamp(0, 1)
+        # As CLIP's image processor: the shorter side resized to image_size, then the centre square (squeezing a
+        # non-square image to a square would distort what CLIP sees).
+        s, (h, w) = self.image_size, images.shape[-2:]
+        size = (s, max(s, int(s * w / h))) if h <= w else (max(s, int(s * h / w)), s)
+        img = F.interpolate(images.float(), size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        top, left = (size[0] - s) // 2, (size[1] - s) // 2
+        img = img[..., top:top + s, left:left + s]
         mean = torch.tensor(CLIP_MEAN, device=img.device).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD, device=img.device).view(1, 3, 1, 1)
         # Under the caller's grad mode (differentiable for reward guidance); text features are cached constants.
