@@ -11,9 +11,10 @@ import torch
 
 from .capture import GraphedTransition, compile_transition
 from .model import FlowModel
+from .ops._checks import FLOAT_DTYPES
 from .plan import check_calls, check_rho_form, check_sigmabar0, check_solver, glass_plan, ode_plan, resolve_rho, sde_plan, steps_per_call
 from .transitions import (DevicePlan, FiniteGuard, check_denoised, check_rows, check_state, draw_noise, execute,
-                          guided_denoised, stage_labels)
+                          guided_denoised, stage_labels, state_overflow)
 
 METHODS = ("glass", "ode", "sde", "plugin")
 
@@ -156,6 +157,12 @@ def in_turn(*hooks):
     return None if not hooks else hooks[0] if len(hooks) == 1 else _InTurn(hooks)
 
 
+def _versions(*tensors: torch.Tensor) -> tuple:
+    """The tensors' version counters (bumped by every in-place edit; no host sync), to catch a hook editing
+    what it was only shown. Inference tensors keep none (None: not checked)."""
+    return tuple(None if t.is_inference() else t._version for t in tensors)
+
+
 class Sampler:
     """Every transition of one sampling run, planned once.
 
@@ -167,7 +174,9 @@ class Sampler:
         inner_steps: model calls per transition (the plug-in kernel always makes one).
         rho, solver, sigmabar0: GLASS settings (solver also applies to "ode"). rho None: 0.4 for "glass",
             "ddpm" for "plugin" (the one-step kernel samples the data only with rho_DDPM).
-        device, dtype: where the state lives and its dtype.
+        device, dtype: where the state lives and its dtype (float32, float64, float16 or bfloat16). ``run`` and
+            ``step`` also take the other dtypes planned alike: any but float64 for a non-float64 ``dtype`` (the
+            coefficients are float64 for float64 states, float32 for the rest).
         grid: optional Tensor[K+1] (or sequence) of increasing times in [0, 1], replacing the uniform grid; a
             grid starting after 0 continues from a partly noised state (see ``check_grid``).
         compile: None / False (eager), True, a torch.compile mode ("reduce-overhead",
@@ -191,8 +200,10 @@ class Sampler:
         inner_steps = int(inner_steps)   # NumPy integers pass the checks above
         if not isinstance(model, FlowModel):
             raise TypeError(f"model must be a glass_fast.FlowModel, got {type(model).__name__}")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating torch.dtype (the state's), got {dtype!r}")
+        # Float8 is floating too, but no sampler op takes it (check_state refuses such a state at run time).
+        if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be a floating torch.dtype (the state's): float32, float64, float16 or "
+                             f"bfloat16, got {dtype!r}")
         self.model = model if max_batch is None else model.with_max_batch(max_batch)
         self.method = method
         self.compiled = bool(compile)
@@ -215,8 +226,9 @@ class Sampler:
             else:
                 plan = sde_plan(model, t, tn, inner_steps)
             self.plans.append(DevicePlan(plan, self.device, dtype))
-        self.labels = [stage_labels(p, f"transition {k} (t={float(self.grid[k]):.4f} -> "
-                                       f"{float(self.grid[k + 1]):.4f}), ") for k, p in enumerate(self.plans)]
+        self.intervals = [f"transition {k} (t={float(self.grid[k]):.4f} -> {float(self.grid[k + 1]):.4f})"
+                          for k in range(len(self.plans))]
+        self.labels = [stage_labels(p, f"{span}, ") for p, span in zip(self.plans, self.intervals)]
 
     @property
     def transitions(self) -> int:
@@ -259,8 +271,12 @@ class Sampler:
         """Transition k: x at grid[k] -> a state at grid[k+1].
 
         Args:
-            x: [N, ...] states at grid[k]. denoised: D_{grid[k]}(x) if already known (saves one model call).
-            guard: a FiniteGuard collecting non-finite model outputs (checked by the caller after the loop).
+            x: [N, ...] states at grid[k]. denoised: D_{grid[k]}(x) if already known (saves one model call);
+                with ``guidance``, the guided one the first stage would use (``transitions.guided_denoised``):
+                it replaces that stage's model call and its guidance.
+            guard: a FiniteGuard collecting non-finite model outputs, a float16 state that overflowed and a
+                ``project`` result holding NaN or Inf (checked by the caller after the loop). Without one,
+                none of these is checked.
             guidance: reward guidance hook (eager only).
             project: optional fn(k + 1, grid[k+1], x_next) -> x_next applied to the state reached (see ``run``).
         """
@@ -292,6 +308,12 @@ class Sampler:
                 f"{label} (its output after guidance: the guidance's reward gradient may be the cause)"
                 for label in self.labels[k]]
             guard.extend(finite, labels)
+            # Finite model outputs can still leave a non-finite state: a float16 state is carried in float32
+            # and rounded back once, which overflows beyond 65504. Flagged after the model's flags, so a NaN
+            # the model returned is named first. States with float32's range (bfloat16 too) skip the extra
+            # pass, which shows in small-network overhead: the outputs would have to overflow float32 first.
+            if x_next.dtype == torch.float16:
+                guard.note(x_next, state_overflow(self.intervals[k], x_next))
         if project is not None:
             x_next = projected(project, k + 1, float(self.grid[k + 1]), x_next, guard)
         return x_next
@@ -307,7 +329,8 @@ class Sampler:
             generator: randomness of the stochastic transitions. guidance: reward guidance hook (eager only).
             callback: optional fn(k, t, x, x0) called at every grid time t = grid[k] before transition k, with
                 the state x and its x0-prediction x0 = D_t(x). That prediction is the transition's first model
-                call, handed in, so watching costs no model calls.
+                call, handed in, so watching costs no model calls. Both are the run's own tensors: copy them to
+                keep them, and edit neither in place (RuntimeError; map the state with ``project``).
             project: optional fn(k, t, x) -> x applied after every transition to the state x it reached at
                 t = grid[k] (k >= 1; not to the start state), returning the state to go on from, of the same
                 shape, dtype and device: a constraint such as inpainting's blending of known content, noised to
@@ -324,8 +347,15 @@ class Sampler:
             denoised = None
             if callback is not None:
                 d = self.model.denoise(x, times[k])
-                guard.check(d, f"the denoiser at t={float(self.grid[k]):.4f}")
+                guard.note(d, f"the x0-prediction for callback, the model's output at {self.labels[k][0]} "
+                              f"converted to D_t(x) in the state's dtype {x.dtype}, holds NaN or Inf")
+                before = _versions(x, d)
                 callback(k, float(self.grid[k]), x, d)
+                if _versions(x, d) != before:
+                    raise RuntimeError(f"callback modified x or x0 in place at grid index {k} "
+                                       f"(t={float(self.grid[k]):.4f}): they are the state the run goes on from and "
+                                       f"the transition's first model output, so the run would silently change; "
+                                       f"watch copies (x.clone(), x0.clone()), or map the state with project=")
                 denoised = guided_denoised(guidance, self.model, x, d, self.grid[k])
             x = self._step(k, x, generator, denoised, guard, guidance, project)
         guard.raise_if_bad()

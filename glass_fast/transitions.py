@@ -232,6 +232,13 @@ def check_rows(plan, x: torch.Tensor) -> None:
                          f"floats or have one entry per state")
 
 
+def state_overflow(where: str, x: torch.Tensor) -> str:
+    """The message for a state ``x`` that turned NaN or Inf in ``where`` while every model output was finite."""
+    return (f"the state became NaN or Inf in {where} although the model's outputs there were finite: it left "
+            f"{x.dtype}'s range (largest finite {torch.finfo(x.dtype).max:.4g}; run the state in a wider dtype) or "
+            f"the coefficients were not finite")
+
+
 def _run(model, plan: Plan, x, generator, denoised, label: str) -> torch.Tensor:
     check_rows(plan, x)
     dplan = DevicePlan(plan, x.device, x.dtype)
@@ -241,6 +248,7 @@ def _run(model, plan: Plan, x, generator, denoised, label: str) -> torch.Tensor:
         guard.check_input(denoised, "denoised")
     x_next, finite = execute(model, dplan, x, draw_noise(dplan, x, generator), denoised=denoised)
     guard.extend(finite, stage_labels(dplan, label))
+    guard.note(x_next, state_overflow(label.rstrip(", "), x_next))   # after the model's flags (see Sampler._step)
     guard.raise_if_bad()
     return x_next
 
