@@ -175,3 +175,16 @@ def test_beam_search_equals_a_per_group_reimplementation(mixture):
     torch.testing.assert_close(res.samples, torch.stack([torch.stack(g) for g in beams]), rtol=0, atol=0)
     torch.testing.assert_close(res.rewards, linear_reward(res.samples), rtol=0, atol=0)
     assert res.nfe == 1 + (steps * 3 - 1) * e   # D_{t_0} once per beam, then every call on e children
+
+
+@pytest.mark.parametrize("run", ["fk", "beam"])
+def test_a_nan_in_the_handed_in_x0_prediction_names_its_transition(run):
+    """D_t(x) at a grid time is the next transition's first model call, handed in: a NaN there is reported as
+    that transition's stage 0, as the sampler reports it (not only as a time)."""
+    def fn(x, t):
+        return torch.where(t[:, None] >= 0.15, torch.full_like(x, math.nan), -x)
+    model = gf.FlowModel(fn, gf.LinearSchedule(), prediction="x0")
+    noise = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(0))
+    call = fk_steering if run == "fk" else beam_search
+    with pytest.raises(FloatingPointError, match=r"transition 1 \(t=0\.2000 -> 0\.4000\), stage 0"):
+        call(model, lambda x: -x.pow(2).sum(-1), noise, method="sde", transitions=5, inner_steps=2)

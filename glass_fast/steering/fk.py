@@ -162,7 +162,7 @@ class FKSteering:
 
         x = noise.reshape((n,) + rest)
         d = m.denoise(x, times[0])
-        guard.check(d, f"the denoiser at t={float(grid[0]):.4f}")
+        guard.check(d, sampler.labels[0][0])   # D_t(x) is transition 0's first model call, handed in
         # At t_0 the value is the same constant for every particle when alpha_0 = 0 (the posterior is the
         # prior), so 0 is used; with alpha_0 > 0 the final correction removes the difference.
         score0 = torch.zeros(n, dtype=torch.float64, device=dev) if self.potential == "value" else score(d)
@@ -174,9 +174,8 @@ class FKSteering:
             x = sampler.step(k, x, generator=generator, denoised=guided_denoised(guidance, m, x, d, grid[k]), guard=guard,
                              guidance=guidance, project=project)
             if k + 1 < steps:
-                t_next = float(grid[k + 1])
                 d = m.denoise(x, times[k + 1])
-                guard.check(d, f"the denoiser at t={t_next:.4f}")
+                guard.check(d, sampler.labels[k + 1][0])
                 if values:
                     calls = m.calls
                     s = values[k + 1](x, score, denoised=d, generator=generator, guard=guard, project=project)

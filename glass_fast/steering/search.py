@@ -83,7 +83,7 @@ class BeamSearch:
 
         x = noise.reshape((n,) + rest)
         d = m.denoise(x, times[0])
-        guard.check(d, f"the denoiser at t={float(grid[0]):.4f}")
+        guard.check(d, sampler.labels[0][0])   # D_t(x) is transition 0's first model call, handed in
         scores, value_calls = None, 0
         # Non-finite scores on the device (no host read in the loop): their count, and per group the first
         # transition where every child's score was non-finite (-1: never).
@@ -97,7 +97,7 @@ class BeamSearch:
                                     project=project)
             if k + 1 < steps:
                 d_children = m.denoise(children, times[k + 1])
-                guard.check(d_children, f"the denoiser at t={float(grid[k + 1]):.4f}")
+                guard.check(d_children, sampler.labels[k + 1][0])
                 if values:
                     calls = m.calls
                     s = values[k + 1](children, score, denoised=d_children, generator=generator, guard=guard,
