@@ -30,7 +30,7 @@ from ..model import FlowModel
 from ..plan import check_calls
 from ..sampling import METHODS, check_eager_guidance, check_hooks, follow
 from ..transitions import FiniteGuard, guided_denoised
-from .guidance import time_window
+from .guidance import inside_window, time_window
 from .potentials import PotentialState, check_potential
 from .resampling import AdaptiveResampler, check_scheme, gather, normalize_log_weights
 from .result import (SteeringResult, best_of_groups, check_particles, check_timings, first_dead_group, progress_bar)
@@ -107,11 +107,8 @@ class FKSteering:
                                                    self.value_samples if self.potential == "value" else None,
                                                    self.settings)
             grid, steps = sampler.grid, sampler.transitions
-            # The window is closed, and a grid time given as its edge must fall inside: the float64 grid
-            # rounds (11 / 20 is 0.5499999999999999), hence the slack, far below any grid spacing.
-            lo, hi = self.window[0] - 1e-9, self.window[1] + 1e-9
-            due = [0 < k + 1 < steps and lo <= float(grid[k + 1]) <= hi and (k + 1) % self.resample_every == 0
-                   for k in range(steps)]
+            due = [0 < k + 1 < steps and inside_window(float(grid[k + 1]), self.window)
+                   and (k + 1) % self.resample_every == 0 for k in range(steps)]
             # Copied to the device once: a Python float would be copied host-to-device at every model call.
             times = grid.to(device).unbind(0)
             self._parts[key] = (meter, sampler, due, values, times)

@@ -39,6 +39,14 @@ def time_window(window, name: str) -> tuple[float, float]:
     return lo, hi
 
 
+def inside_window(t, window: tuple[float, float]):
+    """t (a float or a Tensor) in the closed window. A grid time given as an edge counts although the float64
+    grid rounds it (11 / 20 is 0.5499999999999999, 3 * 0.2 is 0.6000000000000001): hence the slack, far below
+    any step."""
+    lo, hi = window
+    return (t >= lo - 1e-9) & (t <= hi + 1e-9)
+
+
 class RewardGuidance:
     """Shift the denoiser along the reward gradient on a window of model times.
 
@@ -69,22 +77,16 @@ class RewardGuidance:
     def __repr__(self) -> str:
         return f"RewardGuidance(scale={self.scale}, window={self.window}, detach={self.detach})"
 
-    def _inside(self, t: torch.Tensor) -> torch.Tensor:
-        """t in the closed window; grid times given as its edges count although the float64 grid rounds
-        (3 * 0.2 is 0.6000000000000001), hence the slack, far below any step."""
-        lo, hi = self.window
-        return (t >= lo - 1e-9) & (t <= hi + 1e-9)
-
     def active(self, t_host: torch.Tensor) -> bool:
         """Whether any model time in ``t_host`` (host float64) lies in the window."""
-        return bool(torch.any(self._inside(t_host)))
+        return bool(torch.any(inside_window(t_host, self.window)))
 
     def _coefficient(self, model: FlowModel, t_host: torch.Tensor, like: torch.Tensor):
         """scale * sigma^2 / alpha inside the window (0 outside or where alpha = 0), shaped for ``like``."""
         t = t_host.to(torch.float64)
         a, s = model.schedule.alpha(t), model.schedule.sigma(t)
         a, s = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(s, dtype=torch.float64)
-        on = self._inside(t) & (a > 0)
+        on = inside_window(t, self.window) & (a > 0)
         c = torch.where(on, self.scale * s * s / torch.where(a > 0, a, 1.0), 0.0)
         return coefficient_like(c, like)
 
