@@ -37,10 +37,12 @@ def compile_transition(model, kinds: tuple[str, ...], signature=(), **compile_kw
     signature, stage kinds and compile arguments share compiled code across Samplers.
 
     Returns:
-        fn(plan, x, noise, denoised) -> (x_next, finite), with ``plan`` any DevicePlan of these kinds.
+        fn(plan, x, noise, denoised, first_output) -> (x_next, finite), with ``plan`` any DevicePlan of these
+        kinds and ``denoised`` / ``first_output`` as in ``execute``.
     """
-    def transition(x, noise, coefs, times, first_denoised, init, denoised):
-        return execute(model, _PlanView(kinds, coefs, times, first_denoised, init), x, noise, denoised=denoised)
+    def transition(x, noise, coefs, times, first_denoised, init, denoised, first_output):
+        return execute(model, _PlanView(kinds, coefs, times, first_denoised, init), x, noise, denoised=denoised,
+                       first_output=first_output)
 
     key = (tuple(kinds), signature, repr(sorted(compile_kwargs.items())))
     code = _CODE_BY_SIGNATURE.setdefault(key, transition.__code__.replace())
@@ -48,8 +50,8 @@ def compile_transition(model, kinds: tuple[str, ...], signature=(), **compile_kw
                                     transition.__closure__)
     compiled = torch.compile(transition, **{"dynamic": False, **compile_kwargs})
 
-    def run(plan, x, noise, denoised):
-        return compiled(x, noise, plan.coefs, plan.times, plan.first_denoised, plan.init, denoised)
+    def run(plan, x, noise, denoised, first_output):
+        return compiled(x, noise, plan.coefs, plan.times, plan.first_denoised, plan.init, denoised, first_output)
 
     return run
 
@@ -61,11 +63,12 @@ class GraphedTransition:
         model: the FlowModel (its network is captured too: it must be capturable, i.e. no host syncs).
         plan: a DevicePlan giving the stage kinds and buffer shapes.
         x: [B, ...] example state; noise: [draws, B, ...] example noise.
-        with_denoised: capture the variant whose first stage takes D_t(x) instead of calling the model.
+        handed: None, or what replaces the first stage's model call in the captured variant: "denoised"
+            (D_t(x), in x's dtype) or "output" (the call's raw output, in the network's dtype).
         pool: optional graph memory pool shared between graphs.
     """
 
-    def __init__(self, model, plan, x: torch.Tensor, noise: torch.Tensor, with_denoised: bool, pool=None,
+    def __init__(self, model, plan, x: torch.Tensor, noise: torch.Tensor, handed: str | None, pool=None,
                  warmup: int = 2):
         if x.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs CUDA tensors, got a state on {x.device}")
@@ -73,20 +76,22 @@ class GraphedTransition:
         self.buf = _PlanView(plan.kinds, plan.coefs.clone(), plan.times.clone(), plan.first_denoised.clone(),
                               None if plan.init is None else plan.init.clone())
         self.x, self.noise = x.clone(), noise.clone()
-        self.denoised = x.clone() if with_denoised else None
+        self.denoised = x.clone() if handed == "denoised" else None
+        self.first_output = x.to(model.input_dtype(x), copy=True) if handed == "output" else None
         calls = model.calls
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph: lazy inits, autotuning, allocator
             for _ in range(warmup):
-                execute(model, self.buf, self.x, self.noise, denoised=self.denoised)
+                execute(model, self.buf, self.x, self.noise, denoised=self.denoised, first_output=self.first_output)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.out, self.finite = execute(model, self.buf, self.x, self.noise, denoised=self.denoised)
+            self.out, self.finite = execute(model, self.buf, self.x, self.noise, denoised=self.denoised,
+                                            first_output=self.first_output)
         model.calls = calls  # warm-up and capture are not sampling calls
 
-    def __call__(self, plan, x, noise, denoised):
+    def __call__(self, plan, x, noise, denoised, first_output):
         self.buf.coefs.copy_(plan.coefs)
         self.buf.times.copy_(plan.times)
         self.buf.first_denoised.copy_(plan.first_denoised)
@@ -96,5 +101,7 @@ class GraphedTransition:
         self.noise.copy_(noise)
         if self.denoised is not None:
             self.denoised.copy_(denoised)
+        if self.first_output is not None:
+            self.first_output.copy_(first_output)
         self.graph.replay()
         return self.out.clone(), self.finite.clone()

@@ -287,10 +287,19 @@ class FlowModel:
             tc = self.clamp_time(float(t))
             t_net = torch.full((x.shape[0],), tc, dtype=torch.float32, device=x.device)
             tc = torch.tensor(tc, dtype=torch.float64)  # CPU tensor: inf, not ZeroDivisionError, at singularities
+        c = self._coefficients(tc, coefficients)
+        return combine_output(c, x, self(x, t_net)).to(x.dtype)
+
+    def denoised_from(self, x: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """D_t(x) from ``out``, the network's output at (x, t) already computed: ``denoise`` without its call.
+        ``t``: the model time(s) ``out`` was computed at, in float64 (0-d or [B])."""
+        return combine_output(self._coefficients(t, denoiser_coefficients), x, out).to(x.dtype)
+
+    def _coefficients(self, tc: torch.Tensor, coefficients):
         c = coefficients(self.schedule, self.prediction, tc)
         if tc.device.type == "cpu":
             self._check_finite(c, tc, coefficients)
-        return combine_output(c, x, self(x, t_net)).to(x.dtype)
+        return c
 
     def _check_finite(self, c, tc: torch.Tensor, coefficients) -> None:
         """Refuse host times where the conversion is singular (the velocity of a model that does not predict

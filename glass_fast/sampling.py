@@ -14,7 +14,7 @@ from .model import FlowModel
 from .ops._checks import FLOAT_DTYPES
 from .plan import check_calls, check_rho_form, check_sigmabar0, check_solver, glass_plan, ode_plan, resolve_rho, sde_plan, steps_per_call
 from .transitions import (DevicePlan, FiniteGuard, check_denoised, check_rows, check_state, draw_noise, execute,
-                          guided_denoised, stage_labels, state_overflow)
+                          stage_labels, state_overflow)
 
 METHODS = ("glass", "ode", "sde", "plugin")
 
@@ -239,14 +239,15 @@ class Sampler:
         """Model calls of a full run (per state)."""
         return sum(len(p.kinds) for p in self.plans)
 
-    def _runner(self, k: int, x: torch.Tensor, noise: torch.Tensor, denoised):
-        """The compiled or captured transition for plan k's shape (built on first use)."""
+    def _runner(self, k: int, x: torch.Tensor, noise: torch.Tensor, handed: str | None):
+        """The compiled or captured transition for plan k's shape (built on first use); ``handed``: what
+        replaces its first model call (see ``GraphedTransition``)."""
         plan = self.plans[k]
-        key = (plan.kinds, plan.init is None, denoised is not None, tuple(x.shape), x.dtype, x.device)
+        key = (plan.kinds, plan.init is None, handed, tuple(x.shape), x.dtype, x.device)
         if key not in self._runners:
             if self.cuda_graph:
                 pool = next(iter(self._runners.values())).graph.pool() if self._runners else None
-                self._runners[key] = GraphedTransition(self.model, plan, x, noise, denoised is not None, pool=pool)
+                self._runners[key] = GraphedTransition(self.model, plan, x, noise, handed, pool=pool)
             else:
                 self._runners[key] = compile_transition(self.model, plan.kinds, signature=key, **self.compile_kwargs)
         return self._runners[key]
@@ -287,22 +288,25 @@ class Sampler:
         check_rows(self.plans[k], x)
         return self._step(k, x, generator, denoised, guard, guidance, project)
 
-    def _step(self, k: int, x: torch.Tensor, generator, denoised, guard, guidance, project):
-        """``step`` on arguments already checked (``_check_state``, ``check_denoised``, ``check_rows``)."""
+    def _step(self, k: int, x: torch.Tensor, generator, denoised, guard, guidance, project, first_output=None):
+        """``step`` on arguments already checked (``_check_state``, ``check_denoised``, ``check_rows``);
+        ``first_output``: see ``execute``."""
         plan = self.plans[k]
         noise = draw_noise(plan, x, generator)
         if self.cuda_graph or self.compiled:
-            runner = self._runner(k, x, noise, denoised)
-            x_next, finite = runner(plan, x, noise, denoised)
+            handed = "denoised" if denoised is not None else "output" if first_output is not None else None
+            runner = self._runner(k, x, noise, handed)
+            x_next, finite = runner(plan, x, noise, denoised, first_output)
             # Replayed graphs and compiled code do not run the model's counter: one call per stage,
-            # less the first when D_t(x) was handed in.
-            self.model.calls += len(plan.kinds) - (denoised is not None)
+            # less the first when it was handed in.
+            self.model.calls += len(plan.kinds) - (handed is not None)
             if self.compiled:
                 # Compiled code may replay CUDA graphs ("reduce-overhead") whose outputs the next call
                 # overwrites; the state outlives the call, so it is copied out.
                 x_next, finite = x_next.clone(), finite.clone()
         else:
-            x_next, finite = execute(self.model, plan, x, noise, denoised=denoised, guidance=guidance)
+            x_next, finite = execute(self.model, plan, x, noise, denoised=denoised, guidance=guidance,
+                                     first_output=first_output)
         if guard is not None:
             labels = self.labels[k] if guidance is None else [
                 f"{label} (its output after guidance: the guidance's reward gradient may be the cause)"
@@ -342,22 +346,24 @@ class Sampler:
             check_rows(plan, x)
         guard = FiniteGuard(x.device)
         guard.check_input(x, "the initial state (noise)")
-        times = self.grid.to(x.device).unbind(0) if callback is not None else None  # copied once, not per call
-        for k in range(self.transitions):
-            denoised = None
+        for k, plan in enumerate(self.plans):
+            out = None
             if callback is not None:
-                d = self.model.denoise(x, times[k])
+                # The transition's first model call, made here and handed to it as the raw output: the stage
+                # (guidance included) then runs exactly as without a callback, so watching leaves the samples
+                # unchanged bit for bit, also where D_t(x) rounded to a half-precision state would not.
+                out = self.model(x, plan.times[0])
+                d = self.model.denoised_from(x, plan.host_times[0], out)
                 guard.note(d, f"the x0-prediction for callback, the model's output at {self.labels[k][0]} "
                               f"converted to D_t(x) in the state's dtype {x.dtype}, holds NaN or Inf")
-                before = _versions(x, d)
+                before = _versions(x, d, out)
                 callback(k, float(self.grid[k]), x, d)
-                if _versions(x, d) != before:
+                if _versions(x, d, out) != before:
                     raise RuntimeError(f"callback modified x or x0 in place at grid index {k} "
                                        f"(t={float(self.grid[k]):.4f}): they are the state the run goes on from and "
                                        f"the transition's first model output, so the run would silently change; "
                                        f"watch copies (x.clone(), x0.clone()), or map the state with project=")
-                denoised = guided_denoised(guidance, self.model, x, d, self.grid[k])
-            x = self._step(k, x, generator, denoised, guard, guidance, project)
+            x = self._step(k, x, generator, None, guard, guidance, project, first_output=out)
         guard.raise_if_bad()
         return x
 

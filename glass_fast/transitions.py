@@ -107,14 +107,17 @@ def stage_labels(plan, prefix: str = "") -> list[str]:
     return [f"{prefix}stage {i} (model time {_fmt(plan.host_times[i])})" for i in range(len(plan.kinds))]
 
 
-def execute(model: FlowModel, plan, x: torch.Tensor, noise: torch.Tensor, *, denoised=None, guidance=None):
+def execute(model: FlowModel, plan, x: torch.Tensor, noise: torch.Tensor, *, denoised=None, guidance=None,
+            first_output=None):
     """Run one transition's stages from state ``x``. Pure given its inputs, so it compiles and captures.
 
     Args:
         plan: a DevicePlan (or buffers with the same fields).
         x: [B, ...] state at the transition's start.
         noise: [draws, B, ...] standard normal noise (``draw_noise``).
-        denoised: D_t(x) if already known: replaces the first model call.
+        denoised: D_t(x) if already known: replaces the first model call (and its guidance).
+        first_output: the first model call's raw output ``model(x, plan.times[0])`` if already made (a
+            callback was shown its prediction): the stage then runs exactly as if it had made the call.
         guidance: optional hook guidance(model, y, t_dev, t_host, out) -> out after each model call.
     Returns:
         (x_next [B, ...] in x's dtype, finite [S] bool: whether each stage's model output was finite).
@@ -143,7 +146,7 @@ def execute(model: FlowModel, plan, x: torch.Tensor, noise: torch.Tensor, *, den
         if i == 0 and denoised is not None:
             out, coef = denoised, plan.first_denoised
         else:
-            out = model(y, times[i])
+            out = first_output if i == 0 and first_output is not None else model(y, times[i])
             if guidance is not None:
                 out = guidance(model, y.to(model.input_dtype(y)), times[i], plan.host_times[i], out)
             coef = coefs[i]

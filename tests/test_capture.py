@@ -18,13 +18,14 @@ def _fresh_compile_cache():
     yield
 
 
-def mlp_model(max_batch=None, device="cpu"):
+def mlp_model(max_batch=None, device="cpu", dtype=None):
+    """A small float32 network; ``dtype``: the FlowModel's (float32 to run it beside a half-precision state)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 64), torch.nn.SiLU(), torch.nn.Linear(64, 2)).to(device)
 
     def fn(x, t):
         return net(torch.cat([x, t[:, None].to(x.dtype)], 1))
-    return gf.FlowModel(fn, gf.LinearSchedule(), max_batch=max_batch)
+    return gf.FlowModel(fn, gf.LinearSchedule(), max_batch=max_batch, dtype=dtype)
 
 
 @pytest.mark.parametrize("method,solver", [("glass", "euler"), ("glass", "midpoint"), ("sde", "euler"), ("ode", "heun")])
@@ -42,6 +43,30 @@ def test_compiled_equals_eager(method, solver):
     # Reused for the next batch of the same shape, as in a serving loop.
     again = sampler.run(noise, generator=torch.Generator().manual_seed(1))
     assert torch.equal(again, compiled)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_compiled_run_with_a_callback_equals_the_eager_one(dtype):
+    # The callback's prediction is the transition's first call, made eagerly and handed to the compiled
+    # transition as the raw output (the captured variant whose first stage takes it).
+    m = mlp_model(dtype=torch.float32)
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)).to(dtype)
+    kw = dict(transitions=3, inner_steps=4)
+    seen, kept = [], []
+    eager = gf.sample(m, noise, generator=torch.Generator().manual_seed(1),
+                      callback=lambda k, t, x, x0: seen.append(x0.clone()), **kw)
+    sampler = gf.Sampler(m, compile={"backend": "eager", "fullgraph": True}, dtype=dtype, **kw)
+    calls = m.calls
+    compiled = sampler.run(noise, generator=torch.Generator().manual_seed(1),
+                           callback=lambda k, t, x, x0: kept.append(x0.clone()))
+    assert m.calls - calls == 12 and len(kept) == 3
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    for a, b in zip(kept, seen):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # A plain run of the same sampler takes the other variant (the first call inside the transition).
+    plain = sampler.run(noise, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(plain, eager, rtol=1e-6, atol=1e-6)
 
 
 @torch.no_grad()
@@ -225,6 +250,22 @@ def test_cuda_graph_with_an_inpainting_project_hook_equals_eager_and_never_syncs
         torch.cuda.set_sync_debug_mode(0)
     assert torch.all(x[:, 0] == 1.5)
     torch.testing.assert_close(x, eager, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+@pytest.mark.gpu
+@torch.no_grad()
+def test_cuda_graph_run_with_a_callback_equals_eager():
+    model = mlp_model(device="cuda", dtype=torch.float32)
+    noise = torch.randn(256, 2, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).to(torch.bfloat16)
+    kw = dict(transitions=4, inner_steps=6)
+    watch = lambda k, t, x, x0: None   # noqa: E731
+    eager = gf.sample(model, noise, generator=torch.Generator("cuda").manual_seed(1), callback=watch, **kw)
+    sampler = gf.Sampler(model, cuda_graph=True, device="cuda", dtype=torch.bfloat16, **kw)
+    calls = model.calls
+    graphed = sampler.run(noise, generator=torch.Generator("cuda").manual_seed(1), callback=watch)
+    assert model.calls - calls == 24
+    torch.testing.assert_close(graphed.float(), eager.float(), rtol=1e-2, atol=1e-2)
 
 
 @gpu
