@@ -13,8 +13,8 @@ from .capture import GraphedTransition, compile_transition
 from .model import FlowModel
 from .ops._checks import FLOAT_DTYPES
 from .plan import check_calls, check_rho_form, check_sigmabar0, check_solver, glass_plan, ode_plan, resolve_rho, sde_plan, steps_per_call
-from .transitions import (DevicePlan, FiniteGuard, check_denoised, check_rows, check_state, draw_noise, execute,
-                          stage_labels, state_overflow)
+from .transitions import (DevicePlan, FiniteGuard, check_denoised, check_first_output, check_rows, check_state,
+                          draw_noise, execute, stage_labels, state_overflow)
 
 METHODS = ("glass", "ode", "sde", "plugin")
 
@@ -267,14 +267,30 @@ class Sampler:
         check_hooks(guidance, None, project)
         check_eager_guidance(guidance, self.compiled, self.cuda_graph)
 
+    def predict(self, k: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transition k's first model call at the states x [N, ...] (at grid[k]), made ahead of the transition.
+
+        Returns:
+            (output, x0): the network's raw output, and the x0-prediction D_{grid[k]}(x) in x's dtype. Hand
+            the output to ``step(k, x, first_output=output)``: the transition then runs exactly as if it had
+            made the call (guidance included), so reading x0 on the way (a reward, a preview) costs no model
+            call and changes nothing.
+        """
+        plan = self.plans[k]
+        out = self.model(x, plan.times[0])
+        return out, self.model.denoised_from(x, plan.host_times[0], out)
+
     def step(self, k: int, x: torch.Tensor, *, generator=None, denoised=None, guard=None, guidance=None,
-             project=None):
+             project=None, first_output=None):
         """Transition k: x at grid[k] -> a state at grid[k+1].
 
         Args:
             x: [N, ...] states at grid[k]. denoised: D_{grid[k]}(x) if already known (saves one model call);
-                with ``guidance``, the guided one the first stage would use (``transitions.guided_denoised``):
-                it replaces that stage's model call and its guidance.
+                with ``guidance``, the guided one the first stage would use: it replaces that stage's model
+                call and its guidance.
+            first_output: the raw output of the first model call from ``predict(k, x)`` (saves that call; the
+                stage runs on it as on its own call, guidance included). At most one of denoised and
+                first_output.
             guard: a FiniteGuard collecting non-finite model outputs, a float16 state that overflowed and a
                 ``project`` result holding NaN or Inf (checked by the caller after the loop). Without one,
                 none of these is checked.
@@ -285,8 +301,9 @@ class Sampler:
             raise ValueError(f"k must be a transition index in [0, {self.transitions}), got {k!r}")
         self._check_state(x, generator, guidance, project)
         check_denoised(denoised, x)
+        check_first_output(first_output, denoised, x, self.model)
         check_rows(self.plans[k], x)
-        return self._step(k, x, generator, denoised, guard, guidance, project)
+        return self._step(k, x, generator, denoised, guard, guidance, project, first_output)
 
     def _step(self, k: int, x: torch.Tensor, generator, denoised, guard, guidance, project, first_output=None):
         """``step`` on arguments already checked (``_check_state``, ``check_denoised``, ``check_rows``);
@@ -346,14 +363,12 @@ class Sampler:
             check_rows(plan, x)
         guard = FiniteGuard(x.device)
         guard.check_input(x, "the initial state (noise)")
-        for k, plan in enumerate(self.plans):
+        for k in range(self.transitions):
             out = None
             if callback is not None:
-                # The transition's first model call, made here and handed to it as the raw output: the stage
-                # (guidance included) then runs exactly as without a callback, so watching leaves the samples
-                # unchanged bit for bit, also where D_t(x) rounded to a half-precision state would not.
-                out = self.model(x, plan.times[0])
-                d = self.model.denoised_from(x, plan.host_times[0], out)
+                # Handed to the transition as the raw output, the prediction leaves the samples unchanged bit
+                # for bit (handed in as D_t(x) rounded to a half-precision state, it would not).
+                out, d = self.predict(k, x)
                 guard.note(d, f"the x0-prediction for callback, the model's output at {self.labels[k][0]} "
                               f"converted to D_t(x) in the state's dtype {x.dtype}, holds NaN or Inf")
                 before = _versions(x, d, out)

@@ -10,7 +10,7 @@ import torch
 
 from . import ops
 from .ops._checks import FLOAT_DTYPES
-from .model import FlowModel, combine_output, denoiser_coefficients, opmath_dtype, solve_output
+from .model import FlowModel, opmath_dtype
 from .plan import (Plan, as_times, check_calls, check_interval, check_solver, glass_plan, ode_plan, resolve_rho, sde_plan,
                    steps_per_call)
 
@@ -160,22 +160,6 @@ def execute(model: FlowModel, plan, x: torch.Tensor, noise: torch.Tensor, *, den
     return base.to(x.dtype), torch.isfinite(torch.stack(extremes)).reshape(-1, 2).all(-1)
 
 
-def guided_denoised(guidance, model: FlowModel, x: torch.Tensor, d: torch.Tensor, t) -> torch.Tensor:
-    """D_t(x) = ``d`` as handed to a transition's first stage: with the guidance that stage's model call
-    would have received (``d`` itself without guidance)."""
-    if guidance is None:
-        return d
-    t_host = torch.as_tensor(model.clamp_time(float(t)), dtype=torch.float64)
-    t_dev = t_host.to(device=x.device, dtype=torch.float32)
-    y = x.to(model.input_dtype(x))
-    if hasattr(guidance, "shift"):
-        return guidance.shift(model, y, t_dev, t_host, d)
-    # A generic hook edits the raw output: convert D -> output -> hook -> D.
-    c = denoiser_coefficients(model.schedule, model.prediction, t_host)
-    out = solve_output(c, x, d).to(y.dtype)
-    return combine_output(c, x, guidance(model, y, t_dev, t_host, out)).to(d.dtype)
-
-
 def _fmt(t: torch.Tensor) -> str:
     return f"{float(t):.4f}" if t.dim() == 0 else f"{float(t.min()):.4f}..{float(t.max()):.4f}"
 
@@ -225,6 +209,21 @@ def check_denoised(denoised, x: torch.Tensor) -> None:
     if denoised.dtype != x.dtype:
         raise ValueError(f"denoised must have the state's dtype {x.dtype}, got {denoised.dtype}: "
                          f"pass denoised.to({x.dtype})")
+
+
+def check_first_output(out, denoised, x: torch.Tensor, model: FlowModel) -> None:
+    """``first_output`` (the first model call's raw output, handed in) is None or shaped, placed and typed like
+    the network's output for x; given with ``denoised``, one of them would be ignored."""
+    if out is None:
+        return
+    if denoised is not None:
+        raise ValueError("give at most one of denoised and first_output: both replace the first model call")
+    want = model.input_dtype(x)
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape or out.device != x.device or out.dtype != want:
+        got = (f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        raise ValueError(f"first_output must be the network's output for x ({tuple(x.shape)} {want} on "
+                         f"{x.device}; Sampler.predict gives it), got {got}")
 
 
 def check_rows(plan, x: torch.Tensor) -> None:

@@ -70,6 +70,36 @@ def test_watching_a_guided_run_leaves_it_bit_for_bit(mixture):
     assert torch.equal(watched, plain)
 
 
+@pytest.mark.parametrize("guided", [False, True])
+def test_a_step_handed_its_predicted_first_call_equals_the_plain_step(mixture, guided):
+    m = mixture.flow_model(gf.LinearSchedule(), "velocity")
+    s = gf.Sampler(m, transitions=3, inner_steps=4, solver="midpoint", dtype=torch.bfloat16)
+    g = gf.RewardGuidance(lambda x: x[:, 0], scale=0.5, window=(0.0, 1.0)) if guided else None
+    x = _noise(64).to(torch.bfloat16)
+    for k in range(s.transitions):
+        plain = s.step(k, x, generator=torch.Generator().manual_seed(k), guidance=g)
+        expected = m.denoise(x, float(s.grid[k]))
+        calls = m.calls
+        out, x0 = s.predict(k, x)
+        assert out.dtype == torch.bfloat16 and torch.equal(x0, expected)
+        handed = s.step(k, x, generator=torch.Generator().manual_seed(k), guidance=g, first_output=out)
+        assert torch.equal(handed, plain) and m.calls - calls == 1 + 3   # predict + the 3 calls left
+        x = plain
+
+
+def test_a_handed_first_output_is_checked(mixture):
+    m = mixture.flow_model(gf.LinearSchedule(), "velocity")
+    s = gf.Sampler(m, transitions=2, inner_steps=2)
+    x = _noise()
+    out, x0 = s.predict(0, x)
+    with pytest.raises(ValueError, match="give at most one of denoised and first_output"):
+        s.step(0, x, denoised=x0, first_output=out)
+    for bad in (out[:4], out.double(), out.tolist()):
+        with pytest.raises(ValueError, match=r"first_output must be the network's output for x \(\(8, 2\) "
+                                             r"torch.float32 on cpu; Sampler.predict gives it\), got"):
+            s.step(0, x, first_output=bad)
+
+
 def test_non_finite_callback_prediction_names_its_transition_and_stage(mixture):
     exact = _exact(mixture)
 

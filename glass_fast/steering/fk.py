@@ -29,7 +29,7 @@ import torch
 from ..model import FlowModel
 from ..plan import check_calls
 from ..sampling import METHODS, check_eager_guidance, check_hooks, follow
-from ..transitions import FiniteGuard, guided_denoised
+from ..transitions import FiniteGuard
 from .guidance import inside_window, time_window
 from .potentials import PotentialState, check_potential
 from .resampling import AdaptiveResampler, check_scheme, gather, normalize_log_weights
@@ -99,8 +99,7 @@ class FKSteering:
         self._parts: dict = {}
 
     def _build(self, device: torch.device, dtype: torch.dtype):
-        """(meter, sampler, resampling-due flags, value estimators, grid times on the device) for particles
-        of this device and dtype."""
+        """(meter, sampler, resampling-due flags, value estimators) for particles of this device and dtype."""
         key = (device, dtype)
         if key not in self._parts:
             meter, sampler, values = metered_parts(self.model, device, dtype, self.timings,
@@ -109,9 +108,7 @@ class FKSteering:
             grid, steps = sampler.grid, sampler.transitions
             due = [0 < k + 1 < steps and inside_window(float(grid[k + 1]), self.window)
                    and (k + 1) % self.resample_every == 0 for k in range(steps)]
-            # Copied to the device once: a Python float would be copied host-to-device at every model call.
-            times = grid.to(device).unbind(0)
-            self._parts[key] = (meter, sampler, due, values, times)
+            self._parts[key] = (meter, sampler, due, values)
         return self._parts[key]
 
     @torch.no_grad()   # as Sampler.run: no graph of the network calls is kept
@@ -132,7 +129,7 @@ class FKSteering:
         b, k_part = check_particles(self.model, self.reward, noise, generator)
         check_hooks(None, None, project)
         n, rest, dev = b * k_part, tuple(noise.shape[2:]), noise.device
-        meter, sampler, due, values, times = self._build(dev, noise.dtype)
+        meter, sampler, due, values = self._build(dev, noise.dtype)
         meter.begin()
         m, grid, steps, guidance, lmbda = meter.model, sampler.grid, sampler.transitions, self.guidance, self.lmbda
         resampler = (AdaptiveResampler(b, k_part, self.resample, self.ess_threshold, dev)
@@ -158,8 +155,8 @@ class FKSteering:
             return t.reshape((b, k_part) + tuple(t.shape[1:]))
 
         x = noise.reshape((n,) + rest)
-        d = m.denoise(x, times[0])
-        guard.check(d, sampler.labels[0][0])   # D_t(x) is transition 0's first model call, handed in
+        out, d = sampler.predict(0, x)   # transition 0's first model call, handed to it
+        guard.check(d, sampler.labels[0][0])
         # At t_0 the value is the same constant for every particle when alpha_0 = 0 (the posterior is the
         # prior), so 0 is used; with alpha_0 > 0 the final correction removes the difference.
         score0 = torch.zeros(n, dtype=torch.float64, device=dev) if self.potential == "value" else score(d)
@@ -168,10 +165,10 @@ class FKSteering:
         dead_at = torch.full((b,), -1, dtype=torch.int64, device=dev)
         r_final = None
         for k in progress_bar(range(steps), progress, "fk_steering"):
-            x = sampler.step(k, x, generator=generator, denoised=guided_denoised(guidance, m, x, d, grid[k]), guard=guard,
-                             guidance=guidance, project=project)
+            x = sampler.step(k, x, generator=generator, first_output=out, guard=guard, guidance=guidance,
+                             project=project)
             if k + 1 < steps:
-                d = m.denoise(x, times[k + 1])
+                out, d = sampler.predict(k + 1, x)
                 guard.check(d, sampler.labels[k + 1][0])
                 if values:
                     calls = m.calls
@@ -190,7 +187,7 @@ class FKSteering:
             if resampler is not None and due[k]:
                 idx, log_w = resampler(log_w, generator)
                 x = gather(grouped(x), idx).reshape((n,) + rest)
-                d = gather(grouped(d), idx).reshape((n,) + rest)
+                out = gather(grouped(out), idx).reshape((n,) + rest)
                 state.gather(idx, gather)
                 if project is not None:   # a hook's per-row data (Inpaint's noise) follows the particles
                     project = follow(project, (idx + torch.arange(b, device=dev)[:, None] * k_part).reshape(-1))

@@ -60,8 +60,7 @@ class BeamSearch:
         if key not in self._parts:
             meter, sampler, values = metered_parts(self.model, device, dtype, self.timings, self.value_samples,
                                                    self.settings)
-            # Copied to the device once: a Python float would be copied host-to-device at every model call.
-            self._parts[key] = (meter, sampler, values, sampler.grid.to(device).unbind(0))
+            self._parts[key] = (meter, sampler, values)
         return self._parts[key]
 
     @torch.no_grad()   # as Sampler.run: no graph of the network calls is kept
@@ -71,7 +70,7 @@ class BeamSearch:
         b, k_beams = check_particles(self.model, self.reward, noise, generator)
         check_hooks(None, None, project)
         n, rest, dev = b * k_beams, tuple(noise.shape[2:]), noise.device
-        meter, sampler, values, times = self._build(dev, noise.dtype)
+        meter, sampler, values = self._build(dev, noise.dtype)
         meter.begin()
         m, grid, steps = meter.model, sampler.grid, sampler.transitions
         reward, expansions, value_samples = self.reward, self.expansions, self.value_samples
@@ -82,8 +81,8 @@ class BeamSearch:
             return meter.reward(reward, z, "in beam_search", guard).to(torch.float64)
 
         x = noise.reshape((n,) + rest)
-        d = m.denoise(x, times[0])
-        guard.check(d, sampler.labels[0][0])   # D_t(x) is transition 0's first model call, handed in
+        out, d = sampler.predict(0, x)   # transition 0's first model call, handed to it
+        guard.check(d, sampler.labels[0][0])
         scores, value_calls = None, 0
         # Non-finite scores on the device (no host read in the loop): their count, and per group the first
         # transition where every child's score was non-finite (-1: never).
@@ -93,10 +92,10 @@ class BeamSearch:
             # Every beam's children in one batched transition, rows beam-major: beam i's children are
             # rows i * expansions ... (i + 1) * expansions - 1.
             children = sampler.step(k, x.repeat_interleave(expansions, dim=0), generator=generator,
-                                    denoised=d.repeat_interleave(expansions, dim=0), guard=guard,
+                                    first_output=out.repeat_interleave(expansions, dim=0), guard=guard,
                                     project=project)
             if k + 1 < steps:
-                d_children = m.denoise(children, times[k + 1])
+                out_children, d_children = sampler.predict(k + 1, children)
                 guard.check(d_children, sampler.labels[k + 1][0])
                 if values:
                     calls = m.calls
@@ -120,7 +119,7 @@ class BeamSearch:
             if project is not None:   # a hook's per-row data (Inpaint's noise) follows each beam's parent
                 project = follow(project, rows // expansions)
             if d_children is not None:
-                d = d_children[rows]
+                out = out_children[rows]
         # One host read for every record of the run (model outputs, non-finite scores).
         (bad_count,), dead_at = guard.read(bad_count, dead_at)
         check_selection_rewards(bad_count, dead_at, grid, "beam_search")
