@@ -188,3 +188,23 @@ def test_a_nan_in_the_handed_in_x0_prediction_names_its_transition(run):
     call = fk_steering if run == "fk" else beam_search
     with pytest.raises(FloatingPointError, match=r"transition 1 \(t=0\.2000 -> 0\.4000\), stage 0"):
         call(model, lambda x: -x.pow(2).sum(-1), noise, method="sde", transitions=5, inner_steps=2)
+
+
+def test_value_draws_handed_the_first_output_equal_their_own_call(mixture):
+    # FK steering and beam search hand a state's predicted first call to its value estimate's posterior
+    # draws: in bfloat16 too, the draws must be those the estimate would make on its own.
+    from glass_fast.steering.value import PosteriorValue
+    model = mixture.flow_model(gf.LinearSchedule(), "velocity")
+    value = PosteriorValue(model, 0.4, samples=3, inner_steps=4, rho=0.4, solver="euler", device="cpu",
+                           dtype=torch.bfloat16)
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    draws = []
+
+    def score(z):
+        draws.append(z)
+        return z[:, 0].double()
+
+    own = value(x, score, generator=torch.Generator().manual_seed(1))
+    out, _ = value.sampler.predict(0, x)
+    handed = value(x, score, first_output=out, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(draws[1], draws[0]) and torch.equal(handed, own)

@@ -172,7 +172,7 @@ class FKSteering:
                 guard.check(d, sampler.labels[k + 1][0])
                 if values:
                     calls = m.calls
-                    s = values[k + 1](x, score, denoised=d, generator=generator, guard=guard, project=project)
+                    s = values[k + 1](x, score, first_output=out, generator=generator, guard=guard, project=project)
                     meter.extra += (m.calls - calls) * (self.value_samples - 1)  # value_samples rows per particle
                 else:
                     s = score(d)

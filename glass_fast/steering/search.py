@@ -99,7 +99,7 @@ class BeamSearch:
                 guard.check(d_children, sampler.labels[k + 1][0])
                 if values:
                     calls = m.calls
-                    s = values[k + 1](children, score, denoised=d_children, generator=generator, guard=guard,
+                    s = values[k + 1](children, score, first_output=out_children, generator=generator, guard=guard,
                                       project=project)
                     value_calls += (m.calls - calls) * expansions * (value_samples - 1)  # rows beyond the copies
                 else:

@@ -44,16 +44,18 @@ class PosteriorValue:
         self.sampler.labels = [stage_labels(self.sampler.plans[0], f"the value estimate's posterior draws "
                                                                    f"(t={float(t):.4f} -> 1), ")]
 
-    def __call__(self, x: torch.Tensor, score, *, denoised=None, generator=None, guard=None,
+    def __call__(self, x: torch.Tensor, score, *, denoised=None, first_output=None, generator=None, guard=None,
                  project=None) -> torch.Tensor:
         """[N] logmeanexp of ``score(z)`` ([M] -> [M]) over ``samples`` posterior draws z of each x [N, ...].
-        ``project``: the run's hook, applied to the draws at t = 1 as the run applies it to its final states
-        (so that an inpainted region is scored as it will end)."""
+        ``denoised`` / ``first_output``: D_t(x) or the raw model output at (x, t), if already computed
+        (``Sampler.step``). ``project``: the run's hook, applied to the draws at t = 1 as the run applies it
+        to its final states (so that an inpainted region is scored as it will end)."""
         n = x.shape[0]
         xr = x.repeat_interleave(self.samples, dim=0)
-        dr = None if denoised is None else denoised.repeat_interleave(self.samples, dim=0)
+        dr, outr = (None if v is None else v.repeat_interleave(self.samples, dim=0) for v in (denoised, first_output))
         at_end = None if project is None else (lambda _k, t, z: project(self.final_index, t, z))
-        z = self.sampler.step(0, xr, generator=generator, denoised=dr, guard=guard, project=at_end)
+        z = self.sampler.step(0, xr, generator=generator, denoised=dr, first_output=outr, guard=guard,
+                              project=at_end)
         return logmeanexp(score(z).reshape(n, self.samples))
 
 
