@@ -8,8 +8,8 @@ import torch
 from ..model import FlowModel
 from ..sampling import check_eager_guidance, check_hooks
 from ..transitions import FiniteGuard
-from .result import (SteeringResult, best_of_groups, check_particles, check_selection_rewards, check_timings,
-                     metered_sampler, progress_bar)
+from .result import (SteeringResult, best_of_groups, check_model_and_reward, check_particles,
+                     check_selection_rewards, check_timings, metered_sampler, progress_bar)
 from .settings import sampler_settings
 
 
@@ -34,8 +34,7 @@ class BestOfN:
                  inner_steps: int = 10, rho=None, solver: str = "euler", sigmabar0: float = 1.0,
                  guidance=None, timings: bool | None = None, compile=None, cuda_graph: bool = False,
                  max_batch: int | None = None, grid: torch.Tensor | None = None):
-        if not callable(reward):
-            raise TypeError(f"reward must be callable(x [N, ...]) -> Tensor[N], got {type(reward).__name__}")
+        check_model_and_reward(model, reward)
         check_hooks(guidance, None)
         # Refused here, before any model call.
         self.settings = sampler_settings(method=method, transitions=transitions, inner_steps=inner_steps, rho=rho,
@@ -72,8 +71,10 @@ class BestOfN:
         bad = ~torch.isfinite(rewards)
         last = sampler.transitions - 1
         # One host read for every record of the run (model outputs, non-finite rewards), after the reward.
-        (bad,), dead_at = guard.read(bad.sum(), torch.where(bad.all(-1), last, -1))
-        check_selection_rewards(bad, dead_at, sampler.grid, "best_of_n")
+        # The first invalid reward's flat index (n: none), read with the rest to name it in the warning.
+        first = torch.where(bad.reshape(-1), torch.arange(n, device=bad.device), n).min()
+        (bad,), dead_at, (first,) = guard.read(bad.sum(), torch.where(bad.all(-1), last, -1), first)
+        check_selection_rewards(bad, dead_at, sampler.grid, "best_of_n", divmod(first, k) if bad else None)
         log_w = torch.full((b, k), -math.log(k), dtype=torch.float64, device=noise.device)
         return SteeringResult(samples=samples, log_weights=log_w, rewards=rewards,
                               best=best_of_groups(samples, rewards), nfe=nfe, reward_calls=reward_calls,
@@ -101,8 +102,8 @@ def best_of_n(model: FlowModel, reward, noise: torch.Tensor, *, method: str = "g
         rewards [B, K], best [B, ...] (the argmax over valid rewards), nfe, reward_calls (1), timings.
 
     Raises:
-        RuntimeError: every reward of a group was NaN or Inf (no best exists); fewer such rewards only warn
-        (they never win).
+        RuntimeError: every reward of a group was NaN or Inf (no best exists); fewer such rewards only warn,
+        naming the first (they never win). Also when the reward edits its input in place (the samples).
 
     Example:
         >>> res = best_of_n(model, lambda x: x[:, 0], torch.randn(4, 8, 2), method="ode")

@@ -33,7 +33,8 @@ from ..transitions import FiniteGuard
 from .guidance import inside_window, time_window
 from .potentials import PotentialState, check_potential
 from .resampling import AdaptiveResampler, check_scheme, gather, normalize_log_weights
-from .result import (SteeringResult, best_of_groups, check_particles, check_timings, first_dead_group, progress_bar)
+from .result import (SteeringResult, best_of_groups, caller_level, check_model_and_reward, check_particles,
+                     check_timings, first_dead_group, progress_bar)
 from .settings import sampler_settings
 from .value import metered_parts
 
@@ -82,8 +83,7 @@ class FKSteering:
                  final_correction: bool = True, guidance=None, value_samples: int = 4, timings: bool | None = None,
                  compile=None, cuda_graph: bool = False, max_batch: int | None = None,
                  grid: torch.Tensor | None = None):
-        if not callable(reward):
-            raise TypeError(f"reward must be callable(x [N, ...]) -> Tensor[N], got {type(reward).__name__}")
+        check_model_and_reward(model, reward)
         self.window = _check_options(method, potential, lmbda, resample, ess_threshold, resample_window,
                                      resample_every, value_samples, guidance, final_correction)
         # Refused here, before any particle is drawn.
@@ -200,7 +200,7 @@ class FKSteering:
         _raise_dead(dead_at, grid)
         if bad:
             warnings.warn(f"fk_steering: the reward was NaN or Inf for {bad} particle evaluations; those particles "
-                          f"were given zero weight", UserWarning, stacklevel=2)
+                          f"were given zero weight", UserWarning, stacklevel=caller_level())
         lw, _ = normalize_log_weights(log_w)
         nfe, reward_calls, secs = meter.close(n)
         samples, rewards = grouped(x), grouped(r_final)

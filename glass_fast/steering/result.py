@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,9 +26,13 @@ class SteeringResult:
         best: [B, ...] the highest-reward particle of each group.
         nfe: model evaluations per particle (batched model calls; a call on several copies of every
             particle, as in value estimates, counts once per copy).
-        reward_calls: reward evaluations per particle (rows the reward saw / (B * K)).
+        reward_calls: reward evaluations per particle (rows the reward saw / (B * K)); a guidance hook's own
+            reward calls are not among them.
         timings: seconds spent in the model, the reward and the sampler itself (everything else), and
-            their sum "total". NaN where not measured (CUDA without ``timings=True``; see ``Meter``).
+            their sum "total". "reward" is the reward calls of ``reward_calls``: a guidance hook's reward
+            gradients count in "sampler" (its network calls, with ``detach=False``, in "model"). NaN where
+            not measured (``timings=False``, or CUDA without ``timings=True``; "model" inside compiled or
+            captured transitions; see ``Meter``).
     """
 
     samples: torch.Tensor
@@ -119,10 +124,15 @@ class Meter:
         return time.perf_counter()
 
     def reward(self, reward, x: torch.Tensor, what: str, guard: FiniteGuard | None = None) -> torch.Tensor:
-        """reward(x) checked for shape, dtype and device; ``what`` names the call site in errors. If the reward
-        raises and ``guard`` recorded a non-finite model output, that is raised instead: the reward most likely
-        failed on the NaN states it caused (the guard is read only then)."""
+        """reward(x) checked for shape, dtype and device, and for leaving x unchanged (RuntimeError if it edited x
+        in place); ``what`` names the call site in errors. If the reward raises and ``guard`` recorded a
+        non-finite model output, that is raised instead: the reward most likely failed on the NaN states it
+        caused (the guard is read only then)."""
         self.reward_rows += x.shape[0]
+        # x is the particles or their x0-prediction, and at t = 1 the samples returned: an in-place edit by the
+        # reward (a rescale to a pixel range) would silently change them, so it is refused at every call site.
+        # Caught through the version counter, as the network's (inference tensors have none).
+        version = None if x.is_inference() else x._version
         start = self._now() if self.measure else 0.0
         try:
             r = reward(x)
@@ -132,6 +142,10 @@ class Meter:
             raise
         if self.measure:
             self.reward_s += self._now() - start
+        if version is not None and x._version != version:
+            raise RuntimeError(f"the reward modified its input x in place ({what}); x is the particles' state or "
+                               f"their x0-prediction (at t = 1 the samples returned), which that would change: "
+                               f"compute out of place (or work on x.clone() inside the reward)")
         # Weights and selections need the values only: a graph kept alive here would grow with every transition.
         return check_reward(r, x, what).detach()
 
@@ -195,9 +209,16 @@ def check_particles(model, reward, noise, generator) -> tuple[int, int]:
     if b < 1 or k < 1:
         raise ValueError(f"noise must hold B >= 1 groups of K >= 1 particles, got B={b}, K={k}")
     check_state(model, noise, generator, "noise")
+    check_model_and_reward(model, reward)
+    return b, k
+
+
+def check_model_and_reward(model, reward) -> None:
+    """The steering routines' model and reward, refused by name when an object is built (not at its first batch)."""
+    if not isinstance(model, FlowModel):
+        raise TypeError(f"model must be a glass_fast.FlowModel, got {type(model).__name__}")
     if not callable(reward):
         raise TypeError(f"reward must be callable(x [N, ...]) -> Tensor[N], got {type(reward).__name__}")
-    return b, k
 
 
 def first_dead_group(dead_at: list[int], grid) -> tuple[int, str] | None:
@@ -212,18 +233,30 @@ def first_dead_group(dead_at: list[int], grid) -> tuple[int, str] | None:
     return g, f"transition {k} (t={float(grid[k]):.4f} -> {float(grid[k + 1]):.4f}){more}"
 
 
-def check_selection_rewards(bad: int, dead_at: list[int], grid, who: str) -> None:
+def check_selection_rewards(bad: int, dead_at: list[int], grid, who: str, first: tuple[int, int] | None = None) -> None:
     """After a selection run (best-of-N, beam search), from host values (``FiniteGuard.read``): raise if every
     candidate of a group had a NaN or Inf reward (no best exists; ``dead_at[b]`` is the first transition
     where that happened, -1 never), and warn with the number ``bad`` of such rewards otherwise (they rank
-    below every finite one)."""
+    below every finite one), naming ``first`` = (group, candidate) of the first one when given."""
     dead = first_dead_group(dead_at, grid)
     if dead is not None:
         raise RuntimeError(f"{who}: the reward was NaN or Inf for every candidate of group {dead[0]} after "
                            f"{dead[1]}: no best candidate exists")
     if bad:
-        warnings.warn(f"{who}: the reward was NaN or Inf for {bad} candidate evaluations; those candidates ranked "
-                      f"below every candidate with a finite reward", UserWarning, stacklevel=3)
+        where = f" (the first: group {first[0]}, candidate {first[1]})" if first is not None else ""
+        warnings.warn(f"{who}: the reward was NaN or Inf for {bad} candidate evaluations{where}; those candidates "
+                      f"ranked below every candidate with a finite reward", UserWarning, stacklevel=caller_level())
+
+
+def caller_level() -> int:
+    """``stacklevel`` for a ``warnings.warn`` made by this function's caller that attributes the warning to the
+    first frame outside glass_fast and torch (the user's line). A fixed level lands in torch's ``no_grad``
+    wrapper, or in the library when the public function wraps a reusable object; and the default filter shows
+    a message once per location, so a message from several callers would show once."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("glass_fast", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def best_of_groups(samples: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,8 @@ from ..model import FlowModel
 from ..plan import check_calls
 from ..sampling import check_hooks, follow
 from ..transitions import FiniteGuard
-from .result import (SteeringResult, best_of_groups, check_particles, check_selection_rewards, check_timings,
-                     progress_bar)
+from .result import (SteeringResult, best_of_groups, check_model_and_reward, check_particles,
+                     check_selection_rewards, check_timings, progress_bar)
 from .settings import sampler_settings
 from .value import metered_parts
 
@@ -39,8 +39,7 @@ class BeamSearch:
                  sigmabar0: float = 1.0, timings: bool | None = None, max_batch: int | None = None,
                  grid: torch.Tensor | None = None, value_samples: int | None = None, compile=None,
                  cuda_graph: bool = False):
-        if not callable(reward):
-            raise TypeError(f"reward must be callable(x [N, ...]) -> Tensor[N], got {type(reward).__name__}")
+        check_model_and_reward(model, reward)
         self.expansions = check_calls(expansions, "expansions")
         self.value_samples = None if value_samples is None else check_calls(value_samples, "value_samples")
         if method == "ode":
