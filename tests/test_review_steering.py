@@ -126,7 +126,7 @@ def test_fk_steering_equals_a_particle_by_particle_reimplementation(mixture, pot
     torch.testing.assert_close(res.log_weights, lw_ref, rtol=0, atol=1e-10)
 
 
-def test_a_bad_scheme_is_named_by_the_argument_that_took_it():
+def test_a_bad_scheme_is_named_by_the_argument_that_took_it(mixture):
     # resample(..., scheme=) and SteeringResult.resample(scheme=) used to call it "resample", fk_steering's name.
     with pytest.raises(ValueError, match=r"^scheme must be one of .*got 'bogus'"):
         gf.resample(torch.zeros(2, 3), scheme="bogus")
@@ -135,7 +135,7 @@ def test_a_bad_scheme_is_named_by_the_argument_that_took_it():
     with pytest.raises(ValueError, match=r"^scheme must be one of .*got 'bogus'"):
         res.resample("bogus")
     with pytest.raises(ValueError, match=r"^resample must be one of .*got 'bogus'"):
-        fk_steering(None, linear_reward, _noise(1, 2), resample="bogus")
+        fk_steering(mixture.flow_model(gf.LinearSchedule(), "x0"), linear_reward, _noise(1, 2), resample="bogus")
 
 
 @pytest.mark.parametrize("t", [0.55, 0.3, 0.7])
