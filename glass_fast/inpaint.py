@@ -18,15 +18,16 @@ class Inpaint:
     Args:
         schedule: the model's schedule (its alpha_t, sigma_t noise the known data).
         image: the known data z, broadcastable to the state [N, ...] (e.g. [1, ...]: one image for all rows).
-        mask: 1 where content is generated, 0 where ``image`` is kept (values in [0, 1]: soft edges blend),
-            broadcastable to the state.
+        mask: 1 (True) where content is generated, 0 (False) where ``image`` is kept; bool, or floating with
+            values in [0, 1] (soft edges blend); broadcastable to the state.
         noise: the run's start noise, [N, ...] (or steering's [B, K, ...], read as [B * K, ...]): the known part
             follows the same noise path. A state of m x N rows (beam-search children: each row repeated m times
             in place) uses each noise row m times. With [B, K, ...] noise, one image (or mask) per group is
             [B, 1, ...]: a [B, ...] one broadcasts as for any tensor, against the K axis (one per particle index).
 
     The blend is a heuristic, not conditioning: it leaves the generated region's law exact only where it does not
-    depend on the known one. At t = 1 the known region is ``image`` exactly.
+    depend on the known one. At t = 1 (alpha_1 = 1, sigma_1 = 0) the known region is ``image`` exactly, in the
+    state's dtype.
 
     Example:
         >>> noise = torch.randn(8, 2)
@@ -37,12 +38,13 @@ class Inpaint:
     def __init__(self, schedule: Schedule, image: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor):
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a glass_fast Schedule (the model's), got {type(schedule).__name__}")
-        if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
-            mask = mask.float()
         for name, value in (("image", image), ("mask", mask), ("noise", noise)):
-            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            # A bool mask is kept as given (converted where it is placed), so that refilling it in place is seen.
+            allowed = "a floating or bool Tensor" if name == "mask" else "a floating Tensor"
+            if not isinstance(value, torch.Tensor) or not (value.is_floating_point()
+                                                           or name == "mask" and value.dtype == torch.bool):
                 got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
-                raise TypeError(f"{name} must be a floating Tensor, got {got}")
+                raise TypeError(f"{name} must be {allowed}, got {got}")
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"{name} holds NaN or Inf")
         if noise.dim() < 2 or noise.numel() == 0:
@@ -73,6 +75,9 @@ class Inpaint:
         return out
 
     def __call__(self, k: int, t: float, x: torch.Tensor) -> torch.Tensor:
+        # A time off the path would blend with alpha_t, sigma_t the schedule never takes (linear: sigma < 0 past 1).
+        if not 0.0 <= float(t) <= 1.0:
+            raise ValueError(f"Inpaint: t must be a time in [0, 1] (0 noise, 1 data), got {t!r}")
         # A state row holds one noise row ([N, ...]) or one of steering's [B, K, ...] particles, as many numbers in
         # any shape (a flat state of image noise): never parts of two noise rows.
         row, shape = math.prod(x.shape[1:]), self.noise.shape

@@ -44,13 +44,17 @@ def log_likelihood(model: FlowModel, x: torch.Tensor, *, steps: int = 100, solve
         probes: Rademacher probes per evaluation for "hutchinson".
         t_max: top of the integration; default 1 for velocity models, else 1 - 1e-3 (the velocity of other
             parameterizations is singular at sigma = 0); clamped to the model's time range. The result is
-            then the data density smoothed by sigma_{t_max}.
+            then the density of x_t = alpha_t z + sigma_t eps at t_max: the data scaled by alpha_{t_max} (a
+            shift of about -d log(alpha_{t_max}) nats for d dimensions per sample) and smoothed by sigma_{t_max}.
         generator: randomness of the Hutchinson probes.
     Returns:
         Tensor[B] float64 log-densities.
     Raises:
-        ValueError where the model's lowest time is not (nearly) pure noise, alpha > 1e-2 there (see above);
-        RuntimeError under torch.inference_mode or for a network whose output carries no gradient to x.
+        ValueError where the model's lowest time is not (nearly) pure noise, alpha > 1e-2 there (see above),
+        or for a t_max at sigma = 0 with a model that does not predict the velocity;
+        RuntimeError under torch.inference_mode or for a network whose output carries no gradient to x;
+        FloatingPointError naming the time and step where the velocity, its divergence or the state became
+        NaN or Inf.
 
     Example:
         >>> lp = log_likelihood(model, data[:256], steps=200)   # nats per sample
@@ -78,7 +82,12 @@ def log_likelihood(model: FlowModel, x: torch.Tensor, *, steps: int = 100, solve
     top = (1.0 if model.prediction == "velocity" else 1.0 - 1e-3) if t_max is None else float(t_max)
     if not lo < top <= 1.0:
         raise ValueError(f"t_max must lie in ({lo}, 1] (above the model's lowest time), got {t_max!r}")
-    grid = torch.linspace(min(top, hi), lo, steps + 1, dtype=torch.float64)
+    top = min(top, hi)
+    # Named here, not by FlowModel.velocity at the first step: the caller passed t_max, not a time.
+    if model.prediction != "velocity" and float(model.schedule.sigma(torch.tensor(top, dtype=torch.float64))) == 0:
+        raise ValueError(f"t_max={t_max!r}: a {model.prediction!r} model's velocity is singular at t={top:g} "
+                         f"(sigma_t = 0: u divides by it); pass a t_max below it (the default is 1 - 1e-3)")
+    grid = torch.linspace(top, lo, steps + 1, dtype=torch.float64)
     base_alpha = float(model.schedule.alpha(torch.tensor(lo, dtype=torch.float64)))
     if base_alpha > _BASE_ALPHA_TOL:
         raise ValueError(f"log_likelihood: at the model's lowest time t={lo} the path keeps alpha_t={base_alpha:.4g} "
