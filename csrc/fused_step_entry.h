@@ -54,8 +54,12 @@ void fused_step_in_place(const at::Tensor& base, const at::Tensor& out, const at
   // then y_next: the reference's order). Strided inputs are copied by `Into` before it writes.
   const bool hazard = overwrites_unread(base, base, out, x_t, stage) ||
                       overwrites_unread(y_out, base, out, x_t, stage);
-  const at::Tensor new_ = base.is_contiguous() && !hazard ? base : at::empty(base.sizes(), base.options());
-  const at::Tensor y = y_out.is_contiguous() && !hazard ? y_out : at::empty(base.sizes(), y_out.options());
+  const bool new_direct = base.is_contiguous() && !hazard;
+  // A new_ copied back after Into would overwrite the y_next Into wrote into a y_out that shares memory
+  // with base (a strided base): such a y_next is copied back too, after new.
+  const bool y_direct = y_out.is_contiguous() && !hazard && (new_direct || !y_out.is_alias_of(base));
+  const at::Tensor new_ = new_direct ? base : at::empty(base.sizes(), base.options());
+  const at::Tensor y = y_direct ? y_out : at::empty(base.sizes(), y_out.options());
   Into(base, out, coef, x_t, stage, new_, y, rows);
   if (!new_.is_same(base)) base.copy_(new_);
   if (!y.is_same(y_out)) y_out.copy_(y);

@@ -212,10 +212,13 @@ void gather_particles_(const at::Tensor& x, const at::Tensor& idx, const at::Ten
   check_scratch(scratch, x);
   check_indices(idx);
   if (x.numel() == 0) return;
-  // Staging needs scratch apart from x (a caller may pass x itself, or an overlapping view); like
-  // strided tensors, such calls gather into a new tensor, which gives the reference's result.
+  // Staging needs scratch apart from x (a caller may pass x itself, or an overlapping view), and idx
+  // apart from both (staging or the gather would change ancestors not yet read); like strided
+  // tensors, such calls gather into a new tensor, which gives the reference's result.
   if (!scratch.is_contiguous() || !x.is_contiguous() ||
-      at::get_overlap_status(scratch, x) != at::MemOverlapStatus::No) {
+      at::get_overlap_status(scratch, x) != at::MemOverlapStatus::No ||
+      at::get_overlap_status(scratch, idx) != at::MemOverlapStatus::No ||
+      at::get_overlap_status(x, idx) != at::MemOverlapStatus::No) {
     x.copy_(gather_particles(x, idx));
     return;
   }

@@ -165,10 +165,13 @@ void gather_particles_(const at::Tensor& x, const at::Tensor& idx, const at::Ten
   check_gather(x, idx);
   check_scratch(scratch, x);
   // Staging needs a contiguous scratch apart from x (it may be x itself, overlap it, or be an
-  // expanded view that cannot be written); otherwise, and for a strided x, gather into a new
-  // tensor, which gives the reference's result.
+  // expanded view that cannot be written), and idx apart from both (staging or the gather would
+  // change ancestors not yet read); otherwise, and for a strided x, gather into a new tensor, which
+  // gives the reference's result.
   if (x.is_contiguous() && scratch.is_contiguous() &&
-      at::get_overlap_status(scratch, x) == at::MemOverlapStatus::No) {
+      at::get_overlap_status(scratch, x) == at::MemOverlapStatus::No &&
+      at::get_overlap_status(scratch, idx) == at::MemOverlapStatus::No &&
+      at::get_overlap_status(x, idx) == at::MemOverlapStatus::No) {
     scratch.copy_(x);
     gather_into(scratch, idx, x);
   } else {

@@ -13,7 +13,8 @@ reference   plain PyTorch (``glass_fast.ops.reference``), any device
 ==========  ==================================================================================
 
 An explicitly requested backend that cannot run raises ``BackendUnavailableError`` saying why.
-``set_backend`` / ``use_backend`` override the variable (tests, notebooks).
+``set_backend`` / ``use_backend`` override the variable (tests, notebooks). The override is one per
+process, not per thread: a ``use_backend`` block in one thread changes the backend of the others too.
 
 The choice is made per call from the device *type* only, never from tensor values, and under
 ``torch.compile`` it is evaluated once while tracing (a compiled function keeps the backend it was
@@ -61,6 +62,9 @@ def set_backend(name: str | None) -> None:
         name: one of auto | cuda | triton | cpp | reference, or None.
     """
     global _override
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"backend={name!r} is not a backend name; allowed: None or one of "
+                        f"{', '.join(BACKENDS)}")
     if name is not None and name.strip().lower() not in BACKENDS:
         raise ValueError(f"backend={name!r} is not a backend; allowed: {', '.join(BACKENDS)}")
     _override = None if name is None else name.strip().lower()
@@ -175,7 +179,8 @@ def available_backends(device_type: str | None = None) -> list[str]:
         device_type: "cpu" or "cuda" to ask about one device type; None lists every backend that runs
             on some device here (cuda needs a visible GPU).
     Returns:
-        names in preference order, "reference" always included.
+        names in the order of ``BACKENDS`` (cuda, triton, cpp, reference; not auto's preference, which
+        on CPU tensors is cpp, then reference), "reference" always included.
     """
     if device_type is not None:
         return [b for b in BACKENDS[1:] if unavailable_reason(b, device_type) is None]

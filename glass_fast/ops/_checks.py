@@ -107,10 +107,22 @@ def gather(x, idx, scratch=None) -> None:
         _written(x, "x")
 
 
+# Argument names of the in-place ops, in the order their tensors reach no_gradient.
+_IN_PLACE_ARGS = {"fused_step_": ("base", "out", "coef", "x_t", "stage", "y_out"),
+                  "gather_particles_": ("x", "scratch")}
+
+
 def no_gradient(op: str, backend: str, *tensors) -> None:
     """The compiled in-place ops cannot record a gradient for what they overwrite (the out-of-place ops
     raise at backward instead): refuse inputs that need one rather than drop it silently."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise RuntimeError(f"{op} on the {backend!r} backend has no derivative, but an argument requires "
-                           "grad; call it under torch.no_grad(), detach the arguments, or use the "
-                           "'reference' backend (differentiable)")
+    if not torch.is_grad_enabled():
+        return
+    names = _IN_PLACE_ARGS.get(op, ())
+    needy = [names[i] if i < len(names) else f"argument {i}" for i, t in enumerate(tensors)
+             if t is not None and t.requires_grad]
+    if needy:
+        which = ", ".join(needy)
+        raise RuntimeError(f"{op} on the {backend!r} backend has no derivative, but {which} "
+                           f"{'has' if len(needy) == 1 else 'have'} requires_grad=True; call it under "
+                           f"torch.no_grad(), detach {which}, or use the 'reference' backend "
+                           "(differentiable)")

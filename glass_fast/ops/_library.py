@@ -128,8 +128,10 @@ def triton_fused_step_(base: Tensor, out: Tensor, coef: Tensor, x_t: Tensor | No
     direct = not (_overwrites_unread(base, inputs) or _overwrites_unread(y_out, inputs))
     new = base if base.is_contiguous() and direct else torch.empty(base.shape, dtype=base.dtype,
                                                                    device=base.device)
-    y = y_out if y_out.is_contiguous() and direct else torch.empty(base.shape, dtype=y_out.dtype,
-                                                                   device=base.device)
+    # A new copied back after the kernel would overwrite the y_next the kernel wrote into a y_out that
+    # shares memory with base (a strided base): such a y_next is copied back too, after new.
+    y_direct = direct and y_out.is_contiguous() and (new is base or not torch._C._overlaps(y_out, base))
+    y = y_out if y_direct else torch.empty(base.shape, dtype=y_out.dtype, device=base.device)
     fused_step_triton(base, out, coef, x_t, stage, new, y)
     if new is not base:
         base.copy_(new)
@@ -163,9 +165,11 @@ def triton_gather_particles_(x: Tensor, idx: Tensor, scratch: Tensor) -> None:
     _checks.gather(x, idx, scratch)
     gather_particles_triton = _kernels("gather").gather_particles_triton
     # Staging needs a contiguous scratch apart from x (it may be x itself, overlap it, or be an
-    # expanded view that cannot be written); otherwise, and for a strided x, gather into a new
-    # tensor, which gives the reference's result (as the C++ op does).
-    if x.is_contiguous() and scratch.is_contiguous() and not torch._C._overlaps(scratch, x):
+    # expanded view that cannot be written), and idx apart from both (staging or the gather would
+    # change ancestors not yet read); otherwise, and for a strided x, gather into a new tensor, which
+    # gives the reference's result (as the C++ op does).
+    if (x.is_contiguous() and scratch.is_contiguous() and not torch._C._overlaps(scratch, x)
+            and not torch._C._overlaps(scratch, idx) and not torch._C._overlaps(x, idx)):
         scratch.copy_(x)
         gather_particles_triton(scratch, idx, x)
     else:

@@ -6,12 +6,11 @@ tiny absolute floor that covers results the reference gets exactly right.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
-from ._backend import unavailable_reason
+from ._backend import _interpret, unavailable_reason
 
 # Floor per dtype (absolute, for O(1) data): a few float32 ulps; reduced precision adds nothing.
 FLOORS = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-6, torch.bfloat16: 1e-6}
@@ -21,13 +20,14 @@ INTERPRETER_BF16_ULPS = 1.0
 
 
 def triton_interpreter_active() -> bool:
-    """TRITON_INTERPRET=1 is set and was set when triton was imported.
+    """TRITON_INTERPRET is set (1, true, on or yes, as Triton reads it) and was set when triton was
+    imported.
 
     Triton decides per jitted function, at decoration, whether it is interpreted; its own library
     functions (tl.sum, tl.cumsum, ...) are decorated when triton is first imported, so setting the
     variable after that import leaves them compiled-only and CPU launches fail.
     """
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not _interpret():
         return False
     if "triton" not in sys.modules:
         return True
@@ -76,7 +76,7 @@ def backend_device_params():
 
 def interpreted(backend: str, device: str) -> bool:
     """True when Triton runs under its CPU interpreter."""
-    return backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return backend == "triton" and device == "cpu" and _interpret()
 
 
 def assert_within_reference_error(got: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor,
