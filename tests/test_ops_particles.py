@@ -483,3 +483,18 @@ def test_zero_weight_particles_are_never_drawn(backend, device, scheme):
         idx = ops.resample_indices(lw.to(device), u.to(device), scheme).cpu()
     drawn = lw.gather(1, idx)
     assert torch.isfinite(drawn).all(), f"{int((~torch.isfinite(drawn)).sum())} draws of zero weight"
+
+
+def test_triton_gather_rows_of_more_tiles_than_the_grid_holds():
+    """CUDA caps the grid's second dimension at 65535 tiles (rows past 67M elements at 1024 per tile): the
+    kernel then loops over the tiles beyond it. The loop is run here with a cap of 2 and 4-element tiles."""
+    if "triton" not in ops.available_backends():
+        pytest.skip("triton backend unavailable here")
+    from glass_fast.kernels.gather import gather_particles_triton
+    x = torch.randn(2, 3, 5, 19)   # rows of 95 elements: 24 tiles of 4
+    idx = torch.tensor([[2, 0, 2], [1, 1, 0]])
+    want = R.gather_particles(x, idx)
+    for cap in (1, 2, 5, 24, 100):
+        out = torch.full_like(x, math.nan)
+        gather_particles_triton(x, idx, out, block=4, grid_y_limit=cap)
+        assert torch.equal(out, want), cap
