@@ -276,9 +276,19 @@ class Sampler:
             made the call (guidance included), so reading x0 on the way (a reward, a preview) costs no model
             call and changes nothing.
         """
+        self._check_index(k)
+        self._check_state(x, None, None, None)
+        check_rows(self.plans[k], x)
+        return self._predict(k, x)
+
+    def _predict(self, k: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         plan = self.plans[k]
         out = self.model(x, plan.times[0])
         return out, self.model.denoised_from(x, plan.host_times[0], out)
+
+    def _check_index(self, k) -> None:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < self.transitions:
+            raise ValueError(f"k must be a transition index in [0, {self.transitions}), got {k!r}")
 
     def step(self, k: int, x: torch.Tensor, *, generator=None, denoised=None, guard=None, guidance=None,
              project=None, first_output=None):
@@ -297,8 +307,7 @@ class Sampler:
             guidance: reward guidance hook (eager only).
             project: optional fn(k + 1, grid[k+1], x_next) -> x_next applied to the state reached (see ``run``).
         """
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < self.transitions:
-            raise ValueError(f"k must be a transition index in [0, {self.transitions}), got {k!r}")
+        self._check_index(k)
         self._check_state(x, generator, guidance, project)
         check_denoised(denoised, x)
         check_first_output(first_output, denoised, x, self.model)
@@ -368,7 +377,7 @@ class Sampler:
             if callback is not None:
                 # Handed to the transition as the raw output, the prediction leaves the samples unchanged bit
                 # for bit (handed in as D_t(x) rounded to a half-precision state, it would not).
-                out, d = self.predict(k, x)
+                out, d = self._predict(k, x)
                 guard.note(d, f"the x0-prediction for callback, the model's output at {self.labels[k][0]} "
                               f"converted to D_t(x) in the state's dtype {x.dtype}, holds NaN or Inf")
                 before = _versions(x, d, out)

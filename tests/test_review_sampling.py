@@ -94,6 +94,10 @@ def test_a_handed_first_output_is_checked(mixture):
     out, x0 = s.predict(0, x)
     with pytest.raises(ValueError, match="give at most one of denoised and first_output"):
         s.step(0, x, denoised=x0, first_output=out)
+    with pytest.raises(ValueError, match=r"k must be a transition index in \[0, 2\), got 2"):
+        s.predict(2, x)
+    with pytest.raises(ValueError, match=r"x is torch.float64 on cpu but this Sampler was planned for torch.float32"):
+        s.predict(0, x.double())
     for bad in (out[:4], out.double(), out.tolist()):
         with pytest.raises(ValueError, match=r"first_output must be the network's output for x \(\(8, 2\) "
                                              r"torch.float32 on cpu; Sampler.predict gives it\), got"):
