@@ -36,7 +36,7 @@ from .resampling import AdaptiveResampler, check_scheme, gather, normalize_log_w
 from .result import (SteeringResult, best_of_groups, caller_level, check_model_and_reward, check_particles,
                      check_timings, first_dead_group, progress_bar)
 from .settings import sampler_settings
-from .value import metered_parts
+from .value import metered_parts, predicted_scores
 
 
 class FKSteering:
@@ -131,7 +131,7 @@ class FKSteering:
         n, rest, dev = b * k_part, tuple(noise.shape[2:]), noise.device
         meter, sampler, due, values = self._build(dev, noise.dtype)
         meter.begin()
-        m, grid, steps, guidance, lmbda = meter.model, sampler.grid, sampler.transitions, self.guidance, self.lmbda
+        grid, steps, guidance, lmbda = sampler.grid, sampler.transitions, self.guidance, self.lmbda
         resampler = (AdaptiveResampler(b, k_part, self.resample, self.ess_threshold, dev)
                      if self.ess_threshold > 0 else None)
         guard = FiniteGuard(dev)
@@ -168,14 +168,9 @@ class FKSteering:
             x = sampler.step(k, x, generator=generator, first_output=out, guard=guard, guidance=guidance,
                              project=project)
             if k + 1 < steps:
-                out, d = sampler.predict(k + 1, x)
-                guard.check(d, sampler.labels[k + 1][0])
-                if values:
-                    calls = m.calls
-                    s = values[k + 1](x, score, first_output=out, generator=generator, guard=guard, project=project)
-                    meter.extra += (m.calls - calls) * (self.value_samples - 1)  # value_samples rows per particle
-                else:
-                    s = score(d)
+                out, s, value_calls = predicted_scores(sampler, values, k + 1, x, score, generator=generator,
+                                                       guard=guard, project=project)
+                meter.extra += value_calls * (self.value_samples - 1)  # value_samples rows per particle
                 log_g = state.step(grouped(s))
             else:
                 r_final = meter.reward(self.reward, x, "in fk_steering at t = 1", guard)

@@ -23,7 +23,7 @@ from ..transitions import FiniteGuard
 from .result import (SteeringResult, best_of_groups, check_model_and_reward, check_particles,
                      check_selection_rewards, check_timings, progress_bar)
 from .settings import sampler_settings
-from .value import metered_parts
+from .value import metered_parts, predicted_scores
 
 
 class BeamSearch:
@@ -94,17 +94,12 @@ class BeamSearch:
                                     first_output=out.repeat_interleave(expansions, dim=0), guard=guard,
                                     project=project)
             if k + 1 < steps:
-                out_children, d_children = sampler.predict(k + 1, children)
-                guard.check(d_children, sampler.labels[k + 1][0])
+                out_children, s, calls = predicted_scores(sampler, values, k + 1, children, score,
+                                                          generator=generator, guard=guard, project=project)
                 if values:
-                    calls = m.calls
-                    s = values[k + 1](children, score, first_output=out_children, generator=generator, guard=guard,
-                                      project=project)
-                    value_calls += (m.calls - calls) * expansions * (value_samples - 1)  # rows beyond the copies
-                else:
-                    s = score(d_children)
+                    value_calls += calls * expansions * (value_samples - 1)  # rows beyond the copies
             else:
-                d_children = None
+                out_children = None
                 s = meter.reward(reward, children, "in beam_search at t = 1", guard).to(torch.float64)
             # K best of each group's K x expansions children (NaN rewards never win), best first.
             s = s.reshape(b, k_beams * expansions)
@@ -117,7 +112,7 @@ class BeamSearch:
             x = children[rows]
             if project is not None:   # a hook's per-row data (Inpaint's noise) follows each beam's parent
                 project = follow(project, rows // expansions)
-            if d_children is not None:
+            if out_children is not None:
                 out = out_children[rows]
         # One host read for every record of the run (model outputs, non-finite scores).
         (bad_count,), dead_at = guard.read(bad_count, dead_at)

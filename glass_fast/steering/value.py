@@ -68,6 +68,25 @@ def values_on_grid(model: FlowModel, grid: torch.Tensor, samples: int, inner_ste
             for k in range(1, len(grid) - 1)}
 
 
+def predicted_scores(sampler: Sampler, values: dict, k: int, x: torch.Tensor, score, *, generator, guard,
+                     project) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Score states x at interior grid time k: transition k's first model call, made ahead (``Sampler.predict``),
+    then the value estimate of each state (``values[k]``, its draws reusing that call) or, without value
+    estimates, the reward of its x0-prediction.
+
+    Returns:
+        (the call's raw output, to hand to ``sampler.step(k, x, first_output=)``; scores [N]; model calls
+        the value draws made, batched: the caller counts the rows beyond one per state).
+    """
+    out, d = sampler.predict(k, x)
+    guard.check(d, sampler.labels[k][0])
+    if not values:
+        return out, score(d), 0
+    calls = sampler.model.calls
+    s = values[k](x, score, first_output=out, generator=generator, guard=guard, project=project)
+    return out, s, sampler.model.calls - calls
+
+
 def metered_parts(model: FlowModel, device, dtype, timings, value_samples: int | None, settings: dict) -> tuple:
     """(meter, sampler, value estimators by grid index; {} when ``value_samples`` is None): what a steering or
     search object builds once per device and dtype and reuses across batches. ``settings``: the checked
