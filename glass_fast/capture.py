@@ -12,6 +12,7 @@ import types
 
 import torch
 
+from . import ops
 from .transitions import execute
 
 
@@ -25,8 +26,19 @@ class _PlanView:
 
 # dynamo keeps compiled code, and its recompile limit (8 by default), per code object. Sharing one code object
 # among all transitions would let a serving loop's ninth batch shape fall back to eager silently; one per
-# call site would recompile for every new Sampler. So: one code object per transition signature.
+# call site would recompile for every new Sampler. So: code objects per transition signature, a list of them,
+# newest last: models that trace differently (a constant in the network, another architecture) share one
+# until it is full, then the next model starts a new one (see ``run``).
 _CODE_BY_SIGNATURE: dict = {}
+
+
+def _full(code) -> bool:
+    """Whether dynamo keeps as many compiled variants of ``code`` as its recompile limit allows."""
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as entries
+    except ImportError:   # a torch without it: never full, so no new code object (only the count is fixed)
+        return False
+    return len(entries(code)) >= torch._dynamo.config.recompile_limit
 
 
 def compile_transition(model, kinds: tuple[str, ...], signature=(), **compile_kwargs):
@@ -34,24 +46,74 @@ def compile_transition(model, kinds: tuple[str, ...], signature=(), **compile_kw
 
     ``compile_kwargs`` go to torch.compile (mode, backend, fullgraph, ...); shapes are static.
     ``signature``: hashable description of the inputs (shapes, dtype, device); transitions with the same
-    signature, stage kinds and compile arguments share compiled code across Samplers.
+    signature, stage kinds and compile arguments share compiled code across Samplers (and models: dynamo's
+    guards tell them apart).
 
     Returns:
         fn(plan, x, noise, denoised, first_output) -> (x_next, finite), with ``plan`` any DevicePlan of these
-        kinds and ``denoised`` / ``first_output`` as in ``execute``.
+        kinds and ``denoised`` / ``first_output`` as in ``execute``. It leaves ``model.calls`` as it was (the
+        caller counts the transition's calls) and runs without autograd unless the ops are the reference
+        ones, the only differentiable ones.
     """
     def transition(x, noise, coefs, times, first_denoised, init, denoised, first_output):
         return execute(model, _PlanView(kinds, coefs, times, first_denoised, init), x, noise, denoised=denoised,
                        first_output=first_output)
 
+    def compiled_on(code):
+        fn = types.FunctionType(code, transition.__globals__, transition.__name__, transition.__defaults__,
+                                transition.__closure__)
+        return code, torch.compile(fn, **{"dynamic": False, **compile_kwargs})
+
+    # Imported here, not with the module: ``import glass_fast`` does not load the compiler stack.
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
     key = (tuple(kinds), signature, repr(sorted(compile_kwargs.items())))
-    code = _CODE_BY_SIGNATURE.setdefault(key, transition.__code__.replace())
-    transition = types.FunctionType(code, transition.__globals__, transition.__name__, transition.__defaults__,
-                                    transition.__closure__)
-    compiled = torch.compile(transition, **{"dynamic": False, **compile_kwargs})
+    codes = _CODE_BY_SIGNATURE.setdefault(key, [transition.__code__.replace()])
+    current = [compiled_on(codes[-1])]
+
+    def newer_code() -> bool:
+        """Move to the newest code object (starting one if this one is full); False if already there."""
+        code = current[0][0]
+        if code is codes[-1] and _full(code):
+            codes.append(transition.__code__.replace())
+        if code is codes[-1]:
+            return False
+        current[0] = compiled_on(codes[-1])
+        return True
+
+    def call(args):
+        try:
+            return current[0][1](*args)
+        except FailOnRecompileLimitHit:
+            # fullgraph=True: raised, before any of the transition ran, where dynamo would otherwise run it
+            # eagerly (see ``run``). A full code object is this sharing's limit, not the caller's: compile anew.
+            if not newer_code():
+                raise
+            return current[0][1](*args)
 
     def run(plan, x, noise, denoised, first_output):
-        return compiled(x, noise, plan.coefs, plan.times, plan.first_denoised, plan.init, denoised, first_output)
+        args = (x, noise, plan.coefs, plan.times, plan.first_denoised, plan.init, denoised, first_output)
+        calls, version = model.calls, None if x.is_inference() else x._version
+        if torch.is_grad_enabled() and ops.resolve_backend(x.device.type) != "reference":
+            # Only the reference ops have derivatives: autograd traced through the others fails to compile
+            # (eagerly they run forward, and only a backward raises), so the transition runs without it.
+            with torch.no_grad():
+                x_next, finite = call(args)
+        else:
+            x_next, finite = call(args)
+        if model.calls != calls:
+            # A model call ran outside compiled code (only there does FlowModel count itself): dynamo ran part
+            # or all of the transition eagerly, as it does, with a logged warning only, for a code object
+            # holding recompile_limit variants (this one, or a frame of the network's after a graph break).
+            # The caller counts every call of the transition: undo the model's count.
+            model.calls = calls
+            newer_code()   # compiled again from the next call on, where this code object was full
+        if version is not None and x._version != version:
+            # What FlowModel checks eagerly on the state's version counter, which traced code cannot read: a
+            # network editing its input in place, here the caller's state (a converted copy is the network's).
+            raise RuntimeError("the network modified its input x in place; it is the sampler's state, which that "
+                               "corrupts: compute out of place (or work on x.clone() inside the network)")
+        return x_next, finite
 
     return run
 
@@ -72,6 +134,12 @@ class GraphedTransition:
                  warmup: int = 2):
         if x.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs CUDA tensors, got a state on {x.device}")
+        # On x's device (its side stream and graph: the current device may be another GPU), and without
+        # autograd: a captured graph replays forward only, and recorded history would keep its activations.
+        with torch.cuda.device(x.device), torch.no_grad():
+            self._capture(model, plan, x, noise, handed, pool, warmup)
+
+    def _capture(self, model, plan, x, noise, handed, pool, warmup):
         self.kinds = plan.kinds
         self.buf = _PlanView(plan.kinds, plan.coefs.clone(), plan.times.clone(), plan.first_denoised.clone(),
                               None if plan.init is None else plan.init.clone())

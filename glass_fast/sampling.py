@@ -243,7 +243,9 @@ class Sampler:
         """The compiled or captured transition for plan k's shape (built on first use); ``handed``: what
         replaces its first model call (see ``GraphedTransition``)."""
         plan = self.plans[k]
-        key = (plan.kinds, plan.init is None, handed, tuple(x.shape), x.dtype, x.device)
+        # The rows' shape too: a grid may mix shared rows [S, 6] and per-sample ones [S, B, 6] (a rho callable
+        # returning a float for some transitions), which a captured graph's static buffers cannot both take.
+        key = (plan.kinds, tuple(plan.coefs.shape), plan.init is None, handed, tuple(x.shape), x.dtype, x.device)
         if key not in self._runners:
             if self.cuda_graph:
                 pool = next(iter(self._runners.values())).graph.pool() if self._runners else None
