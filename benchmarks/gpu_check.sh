@@ -26,6 +26,9 @@ $PY -c "import torch, glass_fast.ops as o; print('torch', torch.__version__, 'ba
 step "GPU tests"
 timeout 200 $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/test_ops.py tests/test_ops_particles.py \
   tests/test_ops_backend.py tests/test_capture.py 2>&1 | tail -12
+timeout 120 $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/test_review_ops.py \
+  tests/test_review_capture.py::test_cuda_graph_with_shared_and_per_sample_rows_in_one_grid_equals_eager \
+  tests/test_review_best_of_n.py::test_cuda_timings_need_asking_and_the_reward_must_stay_on_the_device 2>&1 | tail -8
 
 step "op bandwidth"
 [ -f benchmarks/gpu_ops.py ] && timeout 100 $PY benchmarks/gpu_ops.py --json "$LOG_DIR/gpu_ops.json"
