@@ -46,7 +46,7 @@ class Schedule:
         a, s = self.alpha(t), self.sigma(t)
         if isinstance(s, torch.Tensor):
             return torch.where(s == 0, torch.full_like(s, math.inf), a * a / torch.where(s == 0, 1.0, s * s))
-        return math.inf if s == 0 else a * a / (s * s)
+        return math.inf if s * s == 0 else a * a / (s * s)   # s * s, not s: it may underflow, as a tensor's gives inf
 
     def time_at_snr(self, snr):
         """The t with SNR(t) = snr, by a bracketed bisection in float64 (monotone SNR assumed)."""
@@ -56,19 +56,29 @@ class Schedule:
         return f"{type(self).__name__}()"
 
 
-def _bisect_time(schedule: Schedule, snr, iters: int = 64):
-    """Invert a monotone SNR on [0, 1] in float64. 64 halvings reach float64 resolution."""
+_ONE_BITS = 0x3FF0000000000000   # the int64 bit pattern of the float64 1.0
+
+
+def _bisect_time(schedule: Schedule, snr):
+    """Invert a monotone SNR on [0, 1] in float64, to one ulp of the time (near t = 0 as near t = 1).
+
+    Non-negative float64 numbers are ordered as their int64 bit patterns, so the bisection halves the patterns
+    between 0.0 and 1.0: 62 halvings reach adjacent floats. Halving [0, 1] in value instead leaves an absolute
+    error of 2^-64, all of the digits of a time like 1e-20 (tiny SNRs, which are well conditioned)."""
+    _snr_lib(snr)
     target = torch.as_tensor(snr, dtype=torch.float64)
-    lo = torch.zeros_like(target)
-    hi = torch.ones_like(target)
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        below = schedule.snr(mid) < target
+    lo = torch.zeros(target.shape, dtype=torch.int64, device=target.device)
+    hi = torch.full_like(lo, _ONE_BITS)
+    for _ in range(_ONE_BITS.bit_length()):
+        mid = (lo + hi) // 2
+        below = schedule.snr(mid.view(torch.float64)) < target
         lo = torch.where(below, mid, lo)
         hi = torch.where(below, hi, mid)
-    t = 0.5 * (lo + hi)
+    t_lo, t_hi = lo.view(torch.float64), hi.view(torch.float64)
+    # The end whose SNR is nearer the target (lo = 0 where the target is at or below SNR_0).
+    t = torch.where(target - schedule.snr(t_lo) <= schedule.snr(t_hi) - target, t_lo, t_hi)
     t = torch.where(torch.isinf(target), torch.ones_like(t), t)
-    t = torch.where(torch.isnan(target), target, t)   # not the bracket's end 0, a valid-looking time
+    t = torch.where(torch.isnan(target) | (target < 0), torch.full_like(t, math.nan), t)   # not a valid-looking time
     return t if isinstance(snr, torch.Tensor) else float(t)
 
 
@@ -103,14 +113,13 @@ class CosineSchedule(Schedule):
         return _lib(t).sin(math.pi * t / 2)
 
     def sigma(self, t):
-        # cos(pi/2) is 6e-17 in floating point; the path must end exactly at sigma = 0.
-        s = _lib(t).cos(math.pi * t / 2)
-        if isinstance(t, torch.Tensor):
-            return torch.where(t >= 1, torch.zeros_like(s), s)
-        return 0.0 if t >= 1 else s
+        # cos(pi t / 2) = sin(pi (1 - t) / 2), where 1 - t is exact near the data end: cos of the rounded
+        # pi t / 2 is off by 6e-17 there (6e-17, not 0, at t = 1; 60% off one ulp below). Past 1, sigma is 0.
+        u = (1 - t).clamp(min=0) if isinstance(t, torch.Tensor) else max(1 - t, 0.0)
+        return _lib(t).sin(math.pi * u / 2)
 
     def d_alpha(self, t):
-        return (math.pi / 2) * _lib(t).cos(math.pi * t / 2)
+        return (math.pi / 2) * self.sigma(t)
 
     def d_sigma(self, t):
         return -(math.pi / 2) * _lib(t).sin(math.pi * t / 2)
@@ -174,7 +183,9 @@ class VPSchedule(Schedule):
             u = (m.sqrt(self.beta_min ** 2 + 2 * d * T) - self.beta_min) / d
         t = 1 - u
         if isinstance(t, torch.Tensor):
-            return t.clamp(0.0, 1.0)
+            # A negative SNR gives NaN, as the other schedules' square root does (here T < 0 or -inf could
+            # come out as a time past 1, clamped to a valid-looking 1).
+            return torch.where(snr < 0, math.nan, t.clamp(0.0, 1.0))
         return min(max(t, 0.0), 1.0)
 
     def __repr__(self) -> str:
@@ -184,10 +195,13 @@ class VPSchedule(Schedule):
 class CustomSchedule(Schedule):
     """A schedule from user callables. time_at_snr falls back to a float64 bisection.
 
-    Each callable takes a float64 Tensor of times (and a float) and returns values of the same shape. Checked
-    once on a grid of interior times, since a wrong schedule would sample silently wrong: alpha >= 0 and
-    sigma >= 0 finite, SNR strictly increasing (the bisection inverts it), and d_alpha / d_sigma equal to
-    the derivatives of alpha / sigma (central differences).
+    Each callable takes a float64 Tensor of times and returns values of the same shape; a float time is handed
+    to it as a 0-d float64 Tensor and its value returned as a float. Checked once, since a wrong schedule would
+    sample silently wrong: on [0, 1], ends included, alpha and sigma finite and >= 0, sigma_0 > 0, alpha_1 > 0
+    and the SNR strictly increasing (the bisection inverts it); d_alpha / d_sigma equal to the derivatives of
+    alpha / sigma inside (central differences) and not NaN at the ends (an infinite limit, as VP's sigma' at
+    t = 1, is allowed). The convention's alpha_0 = 0, sigma_0 = 1, alpha_1 = 1, sigma_1 = 0 is not enforced (a
+    discrete schedule's last knot may keep a little noise): samples at t = 1 are alpha_1 z + sigma_1 eps.
     """
 
     def __init__(self, alpha: Callable, sigma: Callable, d_alpha: Callable, d_sigma: Callable):
@@ -197,30 +211,55 @@ class CustomSchedule(Schedule):
         self._a, self._s, self._da, self._ds = alpha, sigma, d_alpha, d_sigma
         self._validate()
 
+    def _evaluate(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        try:
+            v = torch.as_tensor(getattr(self, name)(t), dtype=torch.float64)
+        except Exception as e:   # a callable written for floats only
+            raise TypeError(f"CustomSchedule: {name} must accept a float64 Tensor of times and return a Tensor "
+                            f"of the same shape ({type(e).__name__}: {e})") from None
+        if v.shape != t.shape:
+            raise TypeError(f"CustomSchedule: {name} must return one value per time, got shape "
+                            f"{tuple(v.shape)} for times of shape {tuple(t.shape)}")
+        return v
+
     def _validate(self, points: int = 199, h: float = 1e-3) -> None:
+        # Values and the SNR on all of [0, 1]: NaN or a falling SNR near an end reaches the sampler (and the
+        # bisection of time_at_snr) as silently as inside. Derivatives inside, and not NaN at the ends.
+        full = torch.linspace(0, 1, 1001, dtype=torch.float64)
+        on_grid = {}
+        for name in ("alpha", "sigma"):
+            v = self._evaluate(name, full)
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"CustomSchedule: {name} is not finite at t={float(full[~torch.isfinite(v)][0]):g}")
+            if bool((v < 0).any()):
+                i = int((v < 0).nonzero()[0, 0])
+                raise ValueError(f"CustomSchedule: {name} must be >= 0, got {float(v[i]):.6g} at t={float(full[i]):g}")
+            on_grid[name] = v
+        a, s = on_grid["alpha"], on_grid["sigma"]
+        if not float(s[0]) > 0:
+            raise ValueError(f"CustomSchedule: sigma must be > 0 at t=0 (noise), got {float(s[0])!r}")
+        snr = torch.where(s == 0, math.inf, a * a / torch.where(s == 0, 1.0, s * s))
+        if not bool(torch.all(snr[1:] > snr[:-1])):
+            i = int((snr[1:] <= snr[:-1]).nonzero()[0, 0])
+            raise ValueError(f"CustomSchedule: the SNR alpha^2 / sigma^2 must increase strictly with t (t = 0 noise, "
+                             f"t = 1 data), but it does not between t={float(full[i]):.4f} and "
+                             f"t={float(full[i + 1]):.4f}")
+        if not float(a[-1]) > 0:
+            raise ValueError(f"CustomSchedule: alpha must be > 0 at t=1 (data), got {float(a[-1])!r}")
+        for name in ("d_alpha", "d_sigma"):
+            v = self._evaluate(name, full[[0, -1]])
+            if bool(torch.isnan(v).any()):
+                t_bad = float(full[[0, -1]][torch.isnan(v)][0])
+                raise ValueError(f"CustomSchedule: {name} is NaN at t={t_bad:g} (an infinite limit, as VP's sigma' "
+                                 f"at t = 1, may be given as inf)")
         t = torch.linspace(0.005, 0.995, points, dtype=torch.float64)
         vals = {}
         for name, tt in (("alpha", t), ("sigma", t), ("d_alpha", t), ("d_sigma", t),
                          ("alpha", t + h), ("alpha", t - h), ("sigma", t + h), ("sigma", t - h)):
-            try:
-                v = torch.as_tensor(getattr(self, name)(tt), dtype=torch.float64)
-            except Exception as e:   # a callable written for floats only
-                raise TypeError(f"CustomSchedule: {name} must accept a float64 Tensor of times and return a Tensor "
-                                f"of the same shape ({type(e).__name__}: {e})") from None
-            if v.shape != tt.shape:
-                raise TypeError(f"CustomSchedule: {name} must return one value per time, got shape "
-                                f"{tuple(v.shape)} for times of shape {tuple(tt.shape)}")
+            v = self._evaluate(name, tt)
             if not bool(torch.isfinite(v).all()):
-                raise ValueError(f"CustomSchedule: {name} is not finite inside (0, 1)")
+                raise ValueError(f"CustomSchedule: {name} is not finite at t={float(tt[~torch.isfinite(v)][0]):g}")
             vals.setdefault(name, []).append(v)
-        a, s = vals["alpha"][0], vals["sigma"][0]
-        if not bool(torch.all(a >= 0) & torch.all(s > 0)):
-            raise ValueError("CustomSchedule: alpha must be >= 0 and sigma > 0 inside (0, 1)")
-        snr = a * a / (s * s)
-        if not bool(torch.all(snr[1:] > snr[:-1])):
-            i = int((snr[1:] <= snr[:-1]).nonzero()[0, 0])
-            raise ValueError(f"CustomSchedule: the SNR alpha^2 / sigma^2 must increase strictly with t (t = 0 noise, "
-                             f"t = 1 data), but it does not between t={float(t[i]):.4f} and t={float(t[i + 1]):.4f}")
         for d_name, f_name in (("d_alpha", "alpha"), ("d_sigma", "sigma")):
             f, up, down = vals[f_name]
             left, right = (f - down) / h, (up - f) / h
@@ -237,14 +276,20 @@ class CustomSchedule(Schedule):
                                  f"it is {float(d[i]):.6g}, the one-sided differences are {float(left[i]):.6g} and "
                                  f"{float(right[i]):.6g}")
 
+    @staticmethod
+    def _call(f: Callable, t):
+        if isinstance(t, torch.Tensor):
+            return f(t)
+        return float(f(torch.tensor(float(t), dtype=torch.float64)))
+
     def alpha(self, t):
-        return self._a(t)
+        return self._call(self._a, t)
 
     def sigma(self, t):
-        return self._s(t)
+        return self._call(self._s, t)
 
     def d_alpha(self, t):
-        return self._da(t)
+        return self._call(self._da, t)
 
     def d_sigma(self, t):
-        return self._ds(t)
+        return self._call(self._ds, t)
