@@ -160,8 +160,8 @@ class _Inner:
         # The parts of the table that do not depend on s, computed once.
         self.w1_num, self.neg_gamma = self.sigma_bar - sigmabar0, -self.gamma
         self.cx_t = self.a_t / s_t2
-        # Where sigma_bar = 0 the model input's precision at s = 1 is infinite: no call can follow there.
-        self.singular_end = bool(torch.any(self.sigma_bar == 0))
+        # Rows where sigma_bar = 0: the model input's precision at s = 1 is infinite, no call can follow there.
+        self.singular_end = self.sigma_bar == 0
 
     def table(self, svals: list[float]) -> tuple:
         """(tm, c_x, c_b, w1, w2, w3, a_x, a_o) at the inner times ``svals`` (leading dimension): the model
@@ -210,8 +210,12 @@ def glass_plan(model: FlowModel, t, t_next, rho, calls: int, solver: str, sigmab
     n, _ = steps_per_call(calls, solver)
     h = 1.0 / n
     # Each stage: (kind, inner time of its velocity, step scale, inner time of the next model input). Heun's
-    # corrector evaluates at s + h; at s = 1 with sigma_bar = 0 the inner velocity is singular.
-    heun_last_euler = solver == "heun" and inner.singular_end
+    # corrector evaluates at s + h; at s = 1 with sigma_bar = 0 the inner velocity is singular: where every row
+    # ends there, the last step is Euler's; where only some do, those rows' last corrector keeps the predictor
+    # (``heun_rows_ending_singular``), so the other rows keep Heun's.
+    singular = inner.singular_end
+    every, some = bool(torch.all(singular)), bool(torch.any(singular))
+    heun_last_euler = solver == "heun" and every
     stages = []
     for j in range(n):
         s = j * h
@@ -225,9 +229,11 @@ def glass_plan(model: FlowModel, t, t_next, rho, calls: int, solver: str, sigmab
     S = len(stages)
     # One table for the stages' inner times and their next inputs' (a time repeated costs nothing extra).
     # The next input is zero where no call can follow (s = 1 with sigma_bar = 0).
-    no_input = [inner.singular_end and v >= 1.0 for v in s_in]
-    # (Inner time 0 stands in for an input that is zero: any time would do, its values are not used.)
-    tm, c_x, c_b, w1, w2, w3, a_x, a_o = inner.table(svals + [0.0 if z else v for v, z in zip(s_in, no_input)])
+    no_input = [some and v >= 1.0 for v in s_in]
+    # (Inner time 0 stands in for an input that is zero in every row: any time would do, its values are not
+    # used. In rows that need it, the input at s = 1 is evaluated and zeroed where sigma_bar = 0.)
+    tm, c_x, c_b, w1, w2, w3, a_x, a_o = inner.table(svals + [0.0 if z and every else v
+                                                             for v, z in zip(s_in, no_input)])
     cols = w1.dim() - 1
     scale = torch.tensor(scales + scales, **_F64).reshape((-1,) + (1,) * cols)
     # scale * u_s(state, out) = A state + X x_t + O out at every stage.
@@ -235,9 +241,9 @@ def glass_plan(model: FlowModel, t, t_next, rho, calls: int, solver: str, sigmab
     A, X, O = scale * (w1 + w2a * c_b), scale * (w3 + w2a * c_x), scale * w2 * a_o
     n_xt, n_new = c_x[S:], c_b[S:]
     if any(no_input):
-        skip = torch.tensor(no_input).reshape((-1,) + (1,) * cols)
+        skip = torch.tensor(no_input).reshape((-1,) + (1,) * cols) & singular
         n_xt, n_new = torch.where(skip, 0.0, n_xt), torch.where(skip, 0.0, n_new)
-    A = A[:S]
+    A, X, O = A[:S], X[:S], O[:S]
     if solver == "euler":
         k_base, k_stage = _ONE + A, _ZERO
     else:
@@ -245,7 +251,9 @@ def glass_plan(model: FlowModel, t, t_next, rho, calls: int, solver: str, sigmab
         corrects = torch.tensor([k == "correct" for k in kinds]).reshape((-1,) + (1,) * cols)
         k_base = torch.where(corrects, 1.0 if solver == "midpoint" else 0.5, _ONE + A)
         k_stage = torch.where(corrects, A if solver == "midpoint" else 0.5 + A, _ZERO)
-    coefs = torch.stack(torch.broadcast_tensors(k_base, k_stage, X[:S], O[:S], n_xt, n_new), dim=-1)
+        if solver == "heun" and some and not every:
+            k_base, k_stage, X, O = heun_rows_ending_singular(k_base, k_stage, X, O, singular)
+    coefs = torch.stack(torch.broadcast_tensors(k_base, k_stage, X, O, n_xt, n_new), dim=-1)
     # The first stage with D_t(x_t) handed in (reused from a reward evaluation) instead of the raw output:
     # the denoiser's coefficients (0, 1) at inner time 0, the first stage's.
     sc, w2_0 = scale[0], w2[0]
@@ -258,6 +266,17 @@ def glass_plan(model: FlowModel, t, t_next, rho, calls: int, solver: str, sigmab
     return _plan(coefs, tm[:S], kinds, first, init)
 
 
+def heun_rows_ending_singular(k_base, k_stage, X, O, singular):
+    """Heun's rows [S, ...] with the last corrector keeping its predictor (new = tmp: the Euler step) in the
+    rows where ``singular``: the velocity at the step's end is singular there (its model call still runs, on
+    whatever input, for the other rows of the batch, and its output is not used)."""
+    last = torch.zeros((k_base.shape[0],) + (1,) * (k_base.dim() - 1), dtype=torch.bool)
+    last[-1] = True
+    last = last & singular
+    return (torch.where(last, _ZERO, k_base), torch.where(last, _ONE, k_stage), torch.where(last, _ZERO, X),
+            torch.where(last, _ZERO, O))
+
+
 # ---------------------------------------------------------------------------------------------------- ODE
 def ode_plan(model: FlowModel, t, t_next, calls: int, solver: str) -> Plan:
     """Stages of ``calls`` model calls of an ODE solver from t to t_next (all stages' times evaluated at once,
@@ -265,7 +284,10 @@ def ode_plan(model: FlowModel, t, t_next, calls: int, solver: str) -> Plan:
     n, _ = steps_per_call(calls, solver)
     h = (t_next - t) / n
     sch, pred = model.schedule, model.prediction
-    last_singular = pred != "velocity" and bool(torch.any(sch.sigma(t_next) == 0))
+    # Rows whose end is at sigma = 0, where the velocity of a non-velocity model is singular: Heun's last
+    # corrector there keeps its predictor (Euler's step), in every row (one call fewer) or in those rows only.
+    singular = (sch.sigma(t_next) == 0) if pred != "velocity" else torch.zeros((), dtype=torch.bool)
+    last_singular = bool(torch.all(singular))
     # Each stage: (kind, its step j, offset of its time from t + j h: 0, h / 2 or h, its scale: h or h / 2).
     stages = []
     for j in range(n):
@@ -295,6 +317,8 @@ def ode_plan(model: FlowModel, t, t_next, calls: int, solver: str) -> Plan:
         corrects = torch.tensor([k == "correct" for k in kinds]).reshape(col)
         k_base = torch.where(corrects, 1.0 if solver == "midpoint" else 0.5, _ONE + A)
         k_stage = torch.where(corrects, A if solver == "midpoint" else 0.5 + A, _ZERO)
+        if solver == "heun" and bool(torch.any(singular)) and not last_singular:
+            k_base, k_stage, _, O = heun_rows_ending_singular(k_base, k_stage, _ZERO, O, singular)
     coefs = torch.stack(torch.broadcast_tensors(k_base, k_stage, _ZERO, O, _ZERO, _ONE), dim=-1)
     # The first stage with D_t(x_t) handed in: the x0 coefficients at t.
     tm0 = model.clamp_time(t)
