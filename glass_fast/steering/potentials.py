@@ -13,6 +13,10 @@ or, for the "value" potential, s_k = V_{t_k}(x_k) = log E[exp(lmbda r(z)) | x_{t
 Final correction (on by default): at t = 1 the log-potential is lmbda r(x_1) minus the summed
 log-potentials of the particle's ancestry, so the product along every path is exp(lmbda r(x_1)) and the
 weighted particles target p_r for every potential; intermediate potentials only decide where particles go.
+That holds as K grows; at a given K the potentials differ: "add" (and less so "max" and "immediate") weights
+intermediate particles far more steeply than the target, so after resampling the correction rests on a few
+particles (measured on the test mixture, ODE proposal: the mean of x off by 0.30 at K = 64, 0.11 at K = 4096
+with "add"; "diff" within the statistical error of 128 groups at K = 64: tests/test_review_steering_stat.py).
 Without it, "diff" and "value" still target p_r (up to the score at t = 0, the same for every particle
 when alpha_0 = 0), while "max", "add" and "immediate" target p(x_{0:1}) times the product of their
 potentials: path-dependent heuristics, not p_r.
