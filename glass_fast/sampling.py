@@ -360,9 +360,10 @@ class Sampler:
         Args:
             generator: randomness of the stochastic transitions. guidance: reward guidance hook (eager only).
             callback: optional fn(k, t, x, x0) called at every grid time t = grid[k] before transition k, with
-                the state x and its x0-prediction x0 = D_t(x). That prediction is the transition's first model
-                call, handed in, so watching costs no model calls. Both are the run's own tensors: copy them to
-                keep them, and edit neither in place (RuntimeError; map the state with ``project``).
+                the state x and its x0-prediction x0 = D_t(x). That prediction comes from the transition's first
+                model call, handed in, so watching costs no model calls. x is the run's own state: copy it to keep
+                it and do not edit it in place (RuntimeError; map the state with ``project``); x0 is the
+                callback's to keep or edit.
             project: optional fn(k, t, x) -> x applied after every transition to the state x it reached at
                 t = grid[k] (k >= 1; not to the start state), returning the state to go on from, of the same
                 shape, dtype and device: a constraint such as inpainting's blending of known content, noised to
@@ -382,13 +383,14 @@ class Sampler:
                 out, d = self._predict(k, x)
                 guard.note(d, f"the x0-prediction for callback, the model's output at {self.labels[k][0]} "
                               f"converted to D_t(x) in the state's dtype {x.dtype}, holds NaN or Inf")
-                before = _versions(x, d, out)
+                # x0 is a conversion of the output handed on, not the output itself: only x needs guarding.
+                before = _versions(x)
                 callback(k, float(self.grid[k]), x, d)
-                if _versions(x, d, out) != before:
-                    raise RuntimeError(f"callback modified x or x0 in place at grid index {k} "
-                                       f"(t={float(self.grid[k]):.4f}): they are the state the run goes on from and "
-                                       f"the transition's first model output, so the run would silently change; "
-                                       f"watch copies (x.clone(), x0.clone()), or map the state with project=")
+                if _versions(x) != before:
+                    raise RuntimeError(f"callback modified x in place at grid index {k} "
+                                       f"(t={float(self.grid[k]):.4f}): it is the state the run goes on from, so "
+                                       f"the run would silently change; watch a copy (x.clone()), or map the "
+                                       f"state with project=")
             x = self._step(k, x, generator, None, guard, guidance, project, first_output=out)
         guard.raise_if_bad()
         return x
