@@ -38,6 +38,21 @@ def test_readme_example_runs(capsys):
     assert capsys.readouterr().out.count("\n") == 2
 
 
+def test_readme_own_loop_equals_the_sampler_run(capsys):
+    """The loop of predict / step after the example: what it prints is x0's reward, at no extra model calls,
+    and it ends where Sampler.run ends from the same seed."""
+    scope: dict = {}
+    exec(compile(code_blocks(section("Example (runs on CPU)"), "python")[0], "README.md example", "exec"), scope)
+    capsys.readouterr()
+    loop = code_blocks(section("Example (runs on CPU)"), "python")[1]
+    calls = scope["model"].calls
+    exec(compile(loop, "README.md own loop", "exec"), scope)
+    sampler, noise = scope["sampler"], scope["noise"]
+    assert scope["model"].calls - calls == sampler.calls
+    assert torch.equal(scope["x"], sampler.run(noise, generator=torch.Generator().manual_seed(3)))
+    assert capsys.readouterr().out.count("\n") == sampler.transitions
+
+
 def test_flux_example_runs_on_tiny_weights(tmp_path, capsys):
     """examples/flux_fk_glass.py end to end with --tiny (random FLUX-shaped parts, no weights on disk)."""
     import importlib.util
