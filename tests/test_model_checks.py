@@ -1,5 +1,4 @@
 """FlowModel's checks of its arguments and inputs, and its call accounting."""
-import math
 
 import pytest
 import torch
