@@ -116,8 +116,8 @@ def execute(model: FlowModel, plan, x: torch.Tensor, noise: torch.Tensor, *, den
         x: [B, ...] state at the transition's start.
         noise: [draws, B, ...] standard normal noise (``draw_noise``).
         denoised: D_t(x) if already known: replaces the first model call (and its guidance).
-        first_output: the first model call's raw output ``model(x, plan.times[0])`` if already made (a
-            callback was shown its prediction): the stage then runs exactly as if it had made the call.
+        first_output: the first model call's raw output ``model(x, plan.times[0])`` if already made
+            (``Sampler.predict``): the stage then runs exactly as if it had made the call.
         guidance: optional hook guidance(model, y, t_dev, t_host, out) -> out after each model call.
     Returns:
         (x_next [B, ...] in x's dtype, finite [S] bool: whether each stage's model output was finite).
